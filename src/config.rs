@@ -1,0 +1,297 @@
+//! Every option of the server: its flag, its `SOCKET_*` environment variable, its default, and
+//! the validation that turns the raw command line into a [`Config`] once, at start.
+//!
+//! The binary parses [`Cli`]; tests build a [`Config`] with [`Config::from_args`] (the same
+//! parser, so a test exercises exactly what a user can type) or [`Config::default`].
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+use crate::auth::{AuthError, PasswordHash};
+
+/// The command line. `-h` is the host, as in the original relay, so clap's own `-h` is turned
+/// off and help is `--help` only.
+#[derive(Debug, Parser)]
+#[command(
+    name = "jssocket",
+    version,
+    about = "WebSocket relay server for Jaseci: backends push notifications to browser connections",
+    disable_help_flag = true
+)]
+pub struct Cli {
+    /// Print help.
+    #[arg(long, action = ArgAction::Help, global = true)]
+    help: Option<bool>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub options: Options,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read a password (stdin, or a prompt on a terminal) and print the hex bcrypt hash to put
+    /// in SOCKET_AUTH.
+    Hash,
+}
+
+/// Who a client (a non-admin connection) may notify; see SPEC §7.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientSend {
+    /// Any connection id or group, as the original relay.
+    Any,
+    /// Only itself and its own group.
+    Own,
+    /// Nobody: only admins notify.
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+/// The raw options as typed. [`Config::from_options`] validates them.
+#[derive(Debug, Clone, Args)]
+pub struct Options {
+    /// Address to listen on.
+    #[arg(short = 'h', long, env = "SOCKET_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    /// Port to listen on.
+    #[arg(short = 'p', long, env = "SOCKET_PORT", default_value_t = 80)]
+    pub port: u16,
+
+    /// Admin password hash: hex of a bcrypt hash (as `jssocket hash` prints), or a raw
+    /// $2a$/$2b$/$2y$ hash. Unset: the original relay's default (password 12345678).
+    #[arg(long, env = "SOCKET_AUTH", hide_env_values = true)]
+    pub auth: Option<String>,
+
+    /// Largest inbound message in bytes; one byte more closes the connection with 1009.
+    #[arg(long, env = "SOCKET_MAX_MESSAGE_SIZE", default_value_t = 1024 * 1024)]
+    pub max_message_size: usize,
+
+    /// Whom acknowledged clients may notify: any id or group, only their own, or none.
+    #[arg(long, env = "SOCKET_CLIENT_SEND", value_enum, default_value = "any")]
+    pub client_send: ClientSend,
+
+    /// Comma-separated Origins allowed to open a WebSocket (others get 403). Empty: all.
+    #[arg(long, env = "SOCKET_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "SOCKET_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Redis URL for running several nodes as one relay (not yet supported).
+    #[arg(long, env = "SOCKET_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Seconds between keepalive pings.
+    #[arg(long, env = "SOCKET_PING_INTERVAL", default_value_t = 20)]
+    pub ping_interval: u64,
+
+    /// Seconds to wait for any frame after a ping before closing the connection.
+    #[arg(long, env = "SOCKET_PING_TIMEOUT", default_value_t = 20)]
+    pub ping_timeout: u64,
+
+    /// Most WebSocket connections at once (503 beyond); 0 means no limit but the OS's.
+    #[arg(long, env = "SOCKET_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Per-connection outbound queue in bytes; a connection that lets it overflow is closed
+    /// with 1008 "slow consumer".
+    #[arg(long, env = "SOCKET_MAX_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_queue_bytes: usize,
+
+    /// Most client_connect messages queued while no server is connected.
+    #[arg(long, env = "SOCKET_PENDING_CONNECTS", default_value_t = 10_000)]
+    pub pending_connects: usize,
+
+    /// Seconds a queued client_connect waits for a server before the client gets an error.
+    #[arg(long, env = "SOCKET_PENDING_TIMEOUT", default_value_t = 30)]
+    pub pending_timeout: u64,
+
+    /// Bad messages a connection may send per minute before it is closed with 1008.
+    #[arg(long, env = "SOCKET_BAD_INPUT_LIMIT", default_value_t = 30)]
+    pub bad_input_limit: u32,
+
+    /// Serve the web console at /console.
+    #[arg(long, env = "SOCKET_CONSOLE", value_enum, default_value = "on")]
+    pub console: Switch,
+
+    /// Seconds a new connection has to send its HTTP request head.
+    #[arg(long, env = "SOCKET_HANDSHAKE_TIMEOUT", default_value_t = 10)]
+    pub handshake_timeout: u64,
+
+    /// Largest HTTP request head in bytes (at least 8192).
+    #[arg(long, env = "SOCKET_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Seconds to wait for connections to close on SIGTERM/SIGINT before exiting anyway.
+    #[arg(long, env = "SOCKET_SHUTDOWN_TIMEOUT", default_value_t = 5)]
+    pub shutdown_timeout: u64,
+}
+
+/// Validated configuration, shared read-only by every task.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    /// The admin password hash to verify `auth` headers against.
+    pub auth: PasswordHash,
+    /// True when `auth` is the built-in default, so the server can warn loudly.
+    pub auth_is_default: bool,
+    pub max_message_size: usize,
+    pub client_send: ClientSend,
+    /// Empty means every Origin (and none) is allowed.
+    pub allowed_origins: Vec<String>,
+    pub log_format: LogFormat,
+    pub redis_url: Option<String>,
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    /// `None`: no limit but the OS's.
+    pub max_connections: Option<usize>,
+    pub max_queue_bytes: usize,
+    pub pending_connects: usize,
+    pub pending_timeout: Duration,
+    pub bad_input_limit: u32,
+    pub console: bool,
+    pub handshake_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Args(String),
+    #[error("SOCKET_AUTH: {0}")]
+    Auth(#[from] AuthError),
+    #[error("{0} must be greater than 0")]
+    Zero(&'static str),
+    #[error("--max-header-bytes must be at least 8192")]
+    HeaderBytes,
+    #[error("--redis-url is not supported yet: clustering is not implemented in this version")]
+    RedisUnsupported,
+}
+
+impl Config {
+    /// Parse a command line (first item is the program name) exactly as the binary does,
+    /// environment variables included, and validate it.
+    pub fn from_args<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args).map_err(|e| ConfigError::Args(first_line(&e)))?;
+        Config::from_options(cli.options)
+    }
+
+    pub fn from_options(o: Options) -> Result<Config, ConfigError> {
+        let (auth, auth_is_default) = match o.auth.as_deref() {
+            None => (PasswordHash::default_hash(), true),
+            Some(text) => (PasswordHash::parse(text)?, false),
+        };
+        for (name, value) in [
+            ("--max-message-size", o.max_message_size as u64),
+            ("--ping-interval", o.ping_interval),
+            ("--ping-timeout", o.ping_timeout),
+            ("--max-queue-bytes", o.max_queue_bytes as u64),
+            ("--pending-timeout", o.pending_timeout),
+            ("--bad-input-limit", u64::from(o.bad_input_limit)),
+            ("--handshake-timeout", o.handshake_timeout),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if o.max_header_bytes < 8192 {
+            return Err(ConfigError::HeaderBytes);
+        }
+        if o.redis_url.is_some() {
+            return Err(ConfigError::RedisUnsupported);
+        }
+        let allowed_origins = o
+            .allowed_origins
+            .iter()
+            .map(|s| s.trim().trim_end_matches('/').to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        Ok(Config {
+            host: o.host,
+            port: o.port,
+            auth,
+            auth_is_default,
+            max_message_size: o.max_message_size,
+            client_send: o.client_send,
+            allowed_origins,
+            log_format: o.log_format,
+            redis_url: o.redis_url,
+            ping_interval: Duration::from_secs(o.ping_interval),
+            ping_timeout: Duration::from_secs(o.ping_timeout),
+            max_connections: (o.max_connections > 0).then_some(o.max_connections),
+            max_queue_bytes: o.max_queue_bytes,
+            pending_connects: o.pending_connects,
+            pending_timeout: Duration::from_secs(o.pending_timeout),
+            bad_input_limit: o.bad_input_limit,
+            console: o.console == Switch::On,
+            handshake_timeout: Duration::from_secs(o.handshake_timeout),
+            max_header_bytes: o.max_header_bytes,
+            shutdown_timeout: Duration::from_secs(o.shutdown_timeout),
+        })
+    }
+}
+
+impl Default for Config {
+    /// Every option at its default, ignoring the environment; for tests and embedding.
+    fn default() -> Config {
+        let options = Options {
+            host: "127.0.0.1".into(),
+            port: 0,
+            auth: None,
+            max_message_size: 1024 * 1024,
+            client_send: ClientSend::Any,
+            allowed_origins: Vec::new(),
+            log_format: LogFormat::Text,
+            redis_url: None,
+            ping_interval: 20,
+            ping_timeout: 20,
+            max_connections: 0,
+            max_queue_bytes: 4 * 1024 * 1024,
+            pending_connects: 10_000,
+            pending_timeout: 30,
+            bad_input_limit: 30,
+            console: Switch::On,
+            handshake_timeout: 10,
+            max_header_bytes: 16 * 1024,
+            shutdown_timeout: 5,
+        };
+        match Config::from_options(options) {
+            Ok(config) => config,
+            // The defaults above are constants that pass validation.
+            Err(e) => unreachable!("default configuration is invalid: {e}"),
+        }
+    }
+}
+
+/// clap renders an error over several lines (usage, a hint); users get the reason alone.
+pub fn first_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim()
+        .to_string()
+}

@@ -1,0 +1,249 @@
+//! One WebSocket connection: a single task running a reader and a writer side by side.
+//!
+//! The reader parses each inbound message and applies it (`events::handle`); the writer drains
+//! the connection's bounded outbound queue into the socket and sends keepalive pings. They run
+//! as two futures of one task (`select!`), so a connection costs one task, and a peer that
+//! stops reading blocks only its own writer: senders never wait for it, and when its queue
+//! overflows the hub asks it to close.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio::time::{Duration, sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
+use tracing::{Instrument, debug, info_span};
+
+use crate::events::{self, Flow, Session};
+use crate::hub::{Close, Outgoing, Peer};
+use crate::server::Shared;
+
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+type Sink = SplitSink<Socket, Message>;
+type Stream = SplitStream<Socket>;
+
+/// How long the closing handshake may take before the socket is simply dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Most bytes read and thrown away after closing for an oversized message, so the peer sees
+/// our close frame instead of a reset.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+/// How the connection ended, and so what is left to do with the socket.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// The peer closed, or the socket failed: nothing more to send.
+    Gone,
+    /// We close: flush what is queued (if `flush`), then send the close frame.
+    Close { close: Close, flush: bool },
+    /// We close because of what the peer sent; its unread bytes are drained, not parsed.
+    Reject(Close),
+}
+
+/// What the upgrade request told us about the peer.
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    /// The `auth` header's password, if any.
+    pub password: Option<String>,
+}
+
+/// Serves one upgraded WebSocket until it closes, then removes it from the hub.
+pub async fn serve(socket: Socket, shared: Arc<Shared>, info: PeerInfo) {
+    let (peer, outbox) = Peer::new(shared.config.max_queue_bytes);
+    let span = info_span!("conn", conn_id = %peer.target, addr = %info.addr);
+    run(socket, shared, info, peer, outbox)
+        .instrument(span)
+        .await;
+}
+
+async fn run(
+    socket: Socket,
+    shared: Arc<Shared>,
+    info: PeerInfo,
+    peer: Arc<Peer>,
+    mut outbox: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    debug!("connected");
+    let mut session = Session::new(Arc::clone(&peer), Arc::clone(&shared), info.addr);
+    if let Some(password) = info.password {
+        session.check_password(&password).await;
+    }
+    let (mut sink, mut stream) = socket.split();
+    // Set by the reader on every inbound frame, cleared by the writer when it pings.
+    let alive = AtomicBool::new(true);
+    let end = tokio::select! {
+        biased;
+        _ = shared.shutdown.cancelled() => End::Close { close: Close::SHUTDOWN, flush: false },
+        close = peer.closed() => End::Close { close, flush: close != Close::SLOW_CONSUMER },
+        end = read_loop(&mut stream, &mut session, &alive) => end,
+        end = write_loop(&mut sink, &mut outbox, &peer, &shared, &alive) => end,
+    };
+    // Out of every table first, so nothing more is queued for it.
+    shared.hub.remove(&peer);
+    let mut unsent = Vec::new();
+    while let Ok(item) = outbox.try_recv() {
+        unsent.push(item);
+    }
+    if let End::Close { flush: true, .. } = end {
+        unsent = flush(&mut sink, unsent).await;
+    }
+    shared.hub.reforward(unsent);
+    finish(sink, stream, end).await;
+    debug!(?end, "disconnected");
+}
+
+async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBool) -> End {
+    loop {
+        let message = match stream.next().await {
+            None => return End::Gone,
+            Some(Ok(message)) => message,
+            Some(Err(WsError::Utf8(_))) => return End::Reject(Close::INVALID_UTF8),
+            Some(Err(WsError::Capacity(_))) => return End::Reject(Close::TOO_BIG),
+            Some(Err(e)) => {
+                debug!(error = %e, "read failed");
+                return End::Gone;
+            }
+        };
+        alive.store(true, Ordering::Relaxed);
+        let payload: Bytes = match message {
+            Message::Text(text) => text.into(),
+            Message::Binary(bytes) => bytes,
+            Message::Close(_) => return End::Gone,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+        };
+        if let Flow::Close(close) = events::handle(session, &payload).await {
+            return End::Close { close, flush: true };
+        }
+    }
+}
+
+async fn write_loop(
+    sink: &mut Sink,
+    outbox: &mut mpsc::UnboundedReceiver<Outgoing>,
+    peer: &Peer,
+    shared: &Shared,
+    alive: &AtomicBool,
+) -> End {
+    let interval = shared.config.ping_interval;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut pong_deadline: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            item = outbox.recv() => {
+                let Some(item) = item else { return End::Gone };
+                if write_batch(sink, outbox, peer, item).await.is_err() {
+                    return End::Gone;
+                }
+            }
+            _ = ping.tick(), if pong_deadline.is_none() => {
+                alive.store(false, Ordering::Relaxed);
+                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return End::Gone;
+                }
+                pong_deadline = Some(tokio::time::Instant::now() + shared.config.ping_timeout);
+            }
+            _ = sleep_until(pong_deadline.unwrap_or_else(tokio::time::Instant::now)), if pong_deadline.is_some() => {
+                if !alive.load(Ordering::Relaxed) {
+                    return End::Close { close: Close::PING_TIMEOUT, flush: false };
+                }
+                pong_deadline = None;
+                ping.reset();
+            }
+        }
+    }
+}
+
+/// Writes `first` and whatever else is already queued, then flushes once.
+async fn write_batch(
+    sink: &mut Sink,
+    outbox: &mut mpsc::UnboundedReceiver<Outgoing>,
+    peer: &Peer,
+    first: Outgoing,
+) -> Result<(), WsError> {
+    let mut item = first;
+    for _ in 0..64 {
+        let frame = match item {
+            Outgoing::Text(frame) | Outgoing::Forward { frame, .. } => frame,
+        };
+        let len = frame.len();
+        sink.feed(Message::Text(frame)).await?;
+        peer.written(len);
+        match outbox.try_recv() {
+            Ok(next) => item = next,
+            Err(_) => break,
+        }
+    }
+    sink.flush().await
+}
+
+/// Writes the frames still queued when the connection decided to close (the answer to the
+/// request that closed it, for instance); returns those it could not write.
+async fn flush(sink: &mut Sink, mut items: Vec<Outgoing>) -> Vec<Outgoing> {
+    let deadline = Instant::now() + CLOSE_GRACE;
+    while !items.is_empty() {
+        let item = items.remove(0);
+        let frame = item.frame().clone();
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, sink.feed(Message::Text(frame))).await {
+            Ok(Ok(())) => {}
+            _ => {
+                items.insert(0, item);
+                return items;
+            }
+        }
+    }
+    let _ = timeout(CLOSE_GRACE, sink.flush()).await;
+    items
+}
+
+/// Sends the close frame (if we are the one closing) and waits, bounded, for the peer's.
+async fn finish(mut sink: Sink, mut stream: Stream, end: End) {
+    let close = match end {
+        End::Gone => {
+            let _ = timeout(CLOSE_GRACE, sink.close()).await;
+            return;
+        }
+        End::Close { close, .. } | End::Reject(close) => close,
+    };
+    let frame = CloseFrame {
+        code: CloseCode::from(close.code),
+        reason: close.reason.into(),
+    };
+    let _ = timeout(CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
+    match end {
+        End::Reject(_) => {
+            // The rest of the offending message is still unread; tungstenite can't parse past
+            // it, so read raw bytes until the peer closes (bounded), lest our close frame be
+            // lost to a TCP reset.
+            if let Ok(mut socket) = sink.reunite(stream) {
+                let io = socket.get_mut();
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut drained = 0usize;
+                let _ = timeout(CLOSE_GRACE, async {
+                    while drained < DRAIN_LIMIT {
+                        match io.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => drained += n,
+                        }
+                    }
+                })
+                .await;
+            }
+        }
+        _ => {
+            let _ = timeout(CLOSE_GRACE, async {
+                while stream.next().await.is_some() {}
+            })
+            .await;
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! `client_connect`: a connection registers as a client and asks a server (round robin over
+//! the pool) to authenticate it. `data` is forwarded with `target` set to the connection's id,
+//! every other key (the token, say) kept in order.
+
+use std::borrow::Cow;
+
+use indexmap::IndexMap;
+use serde_json::value::RawValue;
+
+use super::{Flow, Session};
+use crate::protocol::{Data, ProtocolError, event_frame, object_text, raw_string};
+
+#[derive(Debug)]
+pub struct ClientConnect<'a> {
+    data: IndexMap<Cow<'a, str>, &'a RawValue>,
+}
+
+impl<'a> ClientConnect<'a> {
+    pub fn parse(data: Data<'a>) -> Result<ClientConnect<'a>, ProtocolError> {
+        Ok(ClientConnect {
+            data: data.object()?,
+        })
+    }
+
+    pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
+        let target = raw_string(&session.peer.target);
+        let mut data = self.data;
+        // Replaces a `target` the client sent in place, else appends it (as a Python dict).
+        data.insert(Cow::Borrowed("target"), &target);
+        let frame = event_frame("client_connect", &object_text(&data));
+        let hub = &session.shared.hub;
+        hub.register_client(&session.peer);
+        hub.forward_connect(&session.peer, frame)?;
+        Ok(Flow::Continue)
+    }
+}

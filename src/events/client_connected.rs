@@ -1,0 +1,66 @@
+//! `client_connected`: an admin acknowledges a client after authenticating its token. The
+//! client joins the group named by `user` (leaving its previous one), its `roles` and
+//! `groups` are remembered for publish filters, and it receives `data` without `user`.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+use serde_json::value::RawValue;
+
+use super::{Flow, Session};
+use crate::hub::Acknowledgement;
+use crate::protocol::{
+    Data, ProtocolError, event_frame, is_falsy, object_text, opt_string, opt_strings,
+};
+
+/// The group of a client acknowledged without a user.
+pub const PUBLIC_GROUP: &str = "public";
+
+#[derive(Debug)]
+pub struct ClientConnected<'a> {
+    target: String,
+    ack: Acknowledgement,
+    /// What the client receives: `data` less `user`.
+    rest: IndexMap<Cow<'a, str>, &'a RawValue>,
+}
+
+impl<'a> ClientConnected<'a> {
+    pub fn parse(data: Data<'a>) -> Result<ClientConnected<'a>, ProtocolError> {
+        let mut rest = data.object()?;
+        let target = opt_string(rest.get("target").copied(), "target")?
+            .ok_or(ProtocolError::MissingField("target"))?;
+        let group = match rest.shift_remove("user") {
+            Some(user) if !is_falsy(user) => {
+                opt_string(Some(user), "user")?.unwrap_or_else(|| PUBLIC_GROUP.to_string())
+            }
+            _ => PUBLIC_GROUP.to_string(),
+        };
+        let roles = opt_strings(rest.get("roles").copied(), "roles")?;
+        let groups = opt_strings(rest.get("groups").copied(), "groups")?;
+        Ok(ClientConnected {
+            target,
+            ack: Acknowledgement {
+                group: Arc::from(group),
+                roles,
+                groups,
+            },
+            rest,
+        })
+    }
+
+    pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
+        if !session.admin {
+            return Err(ProtocolError::Forbidden(
+                "client_connected needs an admin connection",
+            ));
+        }
+        let client = session
+            .shared
+            .hub
+            .acknowledge(&self.target, self.ack)
+            .ok_or(ProtocolError::UnknownTarget(self.target))?;
+        client.send(event_frame("client_connected", &object_text(&self.rest)));
+        Ok(Flow::Continue)
+    }
+}

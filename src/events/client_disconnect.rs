@@ -1,0 +1,8 @@
+//! `client_disconnect`: the sender leaves; it is removed from everything and closed with 1000.
+
+use super::Flow;
+use crate::hub::Close;
+
+pub fn apply() -> Flow {
+    Flow::Close(Close::NORMAL)
+}

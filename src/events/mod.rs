@@ -1,0 +1,174 @@
+//! The events a connection can send, one file each. Every event parses its own `data`
+//! (`parse`) and applies itself to the hub (`apply`); adding an event is adding a file and a
+//! match arm in [`handle`].
+
+mod client_connect;
+mod client_connected;
+mod client_disconnect;
+mod notify_all;
+mod notify_client;
+mod notify_group;
+mod server_connect;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tracing::{debug, warn};
+
+use crate::auth::Verdict;
+use crate::config::ClientSend;
+use crate::hub::{Close, Peer};
+use crate::protocol::{Envelope, ProtocolError, compact, event_frame, is_falsy};
+use crate::server::Shared;
+
+pub use client_connect::ClientConnect;
+pub use client_connected::ClientConnected;
+pub use notify_all::NotifyAll;
+pub use notify_client::NotifyClient;
+pub use notify_group::NotifyGroup;
+pub use server_connect::ServerConnect;
+
+/// What the connection does after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Close the connection (after writing what is already queued for it).
+    Close(Close),
+}
+
+/// Window over which bad input is counted for `--bad-input-limit`.
+const BAD_INPUT_WINDOW: Duration = Duration::from_secs(60);
+
+/// What one connection's task knows about itself while it handles its events.
+pub struct Session {
+    pub peer: Arc<Peer>,
+    pub shared: Arc<Shared>,
+    pub addr: SocketAddr,
+    /// The connection presented the admin password.
+    pub admin: bool,
+    /// bcrypt already ran for this connection; it runs at most once.
+    password_checked: bool,
+    /// Joined the server pool with `server_connect`.
+    pub in_pool: bool,
+    /// Bad messages in the current window, and when the window started.
+    bad_input: (u32, Instant),
+}
+
+impl Session {
+    pub fn new(peer: Arc<Peer>, shared: Arc<Shared>, addr: SocketAddr) -> Session {
+        Session {
+            peer,
+            shared,
+            addr,
+            admin: false,
+            password_checked: false,
+            in_pool: false,
+            bad_input: (0, Instant::now()),
+        }
+    }
+
+    /// Verifies an admin password, at most once per connection.
+    pub async fn check_password(&mut self, password: &str) {
+        if self.password_checked || self.admin {
+            return;
+        }
+        self.password_checked = true;
+        match self.shared.auth.verify(password, self.addr.ip()).await {
+            Verdict::Admin => {
+                debug!("admin authenticated");
+                self.admin = true;
+            }
+            verdict => warn!(?verdict, "admin authentication failed"),
+        }
+    }
+
+    /// Queues a frame for this connection.
+    pub fn send(&self, frame: Utf8Bytes) {
+        self.peer.send(frame);
+    }
+
+    /// May this connection send `notify_client` / `notify_group`?
+    fn may_notify(&self, event: &'static str) -> Result<(), ProtocolError> {
+        if self.admin || self.peer.is_acknowledged() {
+            return Ok(());
+        }
+        Err(ProtocolError::Forbidden(match event {
+            "notify_group" => "notify_group needs an admin or an acknowledged client",
+            _ => "notify_client needs an admin or an acknowledged client",
+        }))
+    }
+
+    /// The `--client-send` policy for a client notifying `target_is_own`.
+    fn policy_allows(&self, own: bool) -> Result<(), ProtocolError> {
+        if self.admin {
+            return Ok(());
+        }
+        match self.shared.config.client_send {
+            ClientSend::Any => Ok(()),
+            ClientSend::Own if own => Ok(()),
+            ClientSend::Own => Err(ProtocolError::PolicyDenied(
+                "clients may only notify themselves and their own group (--client-send own)",
+            )),
+            ClientSend::None => Err(ProtocolError::PolicyDenied(
+                "only admins may notify (--client-send none)",
+            )),
+        }
+    }
+
+    /// Acks `callback` to the sender when it is truthy (also when nothing was delivered).
+    fn ack_callback(&self, callback: Option<&serde_json::value::RawValue>) {
+        if let Some(callback) = callback.filter(|c| !is_falsy(c)) {
+            self.send(event_frame("callback", &compact(callback.get())));
+        }
+    }
+
+    /// Answers bad input with an error event and closes a peer that keeps sending it.
+    fn reject(&mut self, error: &ProtocolError, event: Option<&str>) -> Flow {
+        debug!(code = error.code(), event, "rejected: {error}");
+        self.send(error.to_frame(event));
+        if !error.is_bad_input() {
+            return Flow::Continue;
+        }
+        let (count, since) = &mut self.bad_input;
+        if since.elapsed() >= BAD_INPUT_WINDOW {
+            *count = 0;
+            *since = Instant::now();
+        }
+        *count += 1;
+        if *count > self.shared.config.bad_input_limit {
+            return Flow::Close(Close::BAD_INPUT);
+        }
+        Flow::Continue
+    }
+}
+
+/// Parses and applies one inbound message.
+pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
+    let envelope = match Envelope::parse(message) {
+        Ok(envelope) => envelope,
+        Err(error) => return session.reject(&error, None),
+    };
+    let data = envelope.data;
+    let result = match &*envelope.kind {
+        "server_connect" => match ServerConnect::parse(data) {
+            Ok(event) => event.apply(session).await,
+            Err(e) => Err(e),
+        },
+        "client_connect" => ClientConnect::parse(data).and_then(|e| e.apply(session)),
+        "client_connected" => ClientConnected::parse(data).and_then(|e| e.apply(session)),
+        "client_disconnect" => Ok(client_disconnect::apply()),
+        "notify_client" => NotifyClient::parse(data).and_then(|e| e.apply(session)),
+        "notify_group" => NotifyGroup::parse(data).and_then(|e| e.apply(session)),
+        "notify_all" => NotifyAll::parse(data).and_then(|e| e.apply(session)),
+        _ => {
+            debug!(kind = %envelope.kind, "unknown event ignored");
+            Ok(Flow::Continue)
+        }
+    };
+    match result {
+        Ok(flow) => flow,
+        Err(error) => session.reject(&error, Some(&envelope.kind)),
+    }
+}

@@ -1,0 +1,33 @@
+//! `notify_all`: an admin delivers the bare `data` to every registered client, acknowledged
+//! or not.
+
+use super::{Flow, Session};
+use crate::hub::Hub;
+use crate::protocol::{Data, ProtocolError, bare_frame};
+
+#[derive(Debug)]
+pub struct NotifyAll<'a> {
+    payload: Data<'a>,
+}
+
+impl<'a> NotifyAll<'a> {
+    /// Any JSON value is a payload; falsy ones are sent as `{}`.
+    pub fn parse(data: Data<'a>) -> Result<NotifyAll<'a>, ProtocolError> {
+        Ok(NotifyAll { payload: data })
+    }
+
+    /// Delivers without checks (admins, the HTTP API); returns how many got it.
+    pub fn deliver(&self, hub: &Hub) -> usize {
+        hub.notify_all(&bare_frame(&self.payload.relay_text()))
+    }
+
+    pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
+        if !session.admin {
+            return Err(ProtocolError::Forbidden(
+                "notify_all needs an admin connection",
+            ));
+        }
+        self.deliver(&session.shared.hub);
+        Ok(Flow::Continue)
+    }
+}

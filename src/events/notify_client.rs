@@ -1,0 +1,56 @@
+//! `notify_client`: delivers the bare `data.data` to one connection (by default the sender),
+//! then acks `data.callback` to the sender, also when the target does not exist.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{Flow, Session};
+use crate::hub::Hub;
+use crate::protocol::{Data, ProtocolError, bare_frame, opt_string};
+
+#[derive(Debug)]
+pub struct NotifyClient<'a> {
+    /// `None`: the sender itself.
+    target: Option<String>,
+    payload: Data<'a>,
+    callback: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    target: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    callback: Option<&'a RawValue>,
+}
+
+impl<'a> NotifyClient<'a> {
+    pub fn parse(data: Data<'a>) -> Result<NotifyClient<'a>, ProtocolError> {
+        let fields: Fields<'a> = data.fields()?;
+        Ok(NotifyClient {
+            target: opt_string(fields.target, "target")?,
+            payload: Data(fields.data),
+            callback: fields.callback,
+        })
+    }
+
+    /// Delivers without checks (admins, the HTTP API); returns how many got it.
+    pub fn deliver(&self, hub: &Hub, default_target: &str) -> usize {
+        let target = self.target.as_deref().unwrap_or(default_target);
+        hub.notify_client(target, bare_frame(&self.payload.relay_text()))
+    }
+
+    pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
+        session.may_notify("notify_client")?;
+        let own = self
+            .target
+            .as_deref()
+            .is_none_or(|t| t == &*session.peer.target);
+        session.policy_allows(own)?;
+        self.deliver(&session.shared.hub, &session.peer.target);
+        session.ack_callback(self.callback);
+        Ok(Flow::Continue)
+    }
+}

@@ -1,0 +1,60 @@
+//! `notify_group`: delivers the bare `data.data` to every member of a group, named directly
+//! or through a member's connection id (default `public`), then acks the outer
+//! `data.callback` to the sender.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::client_connected::PUBLIC_GROUP;
+use super::{Flow, Session};
+use crate::hub::Hub;
+use crate::protocol::{Data, ProtocolError, bare_frame, opt_string};
+
+#[derive(Debug)]
+pub struct NotifyGroup<'a> {
+    /// A group name or a connection id; `None`: `public`.
+    target: Option<String>,
+    payload: Data<'a>,
+    callback: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    target: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    callback: Option<&'a RawValue>,
+}
+
+impl<'a> NotifyGroup<'a> {
+    pub fn parse(data: Data<'a>) -> Result<NotifyGroup<'a>, ProtocolError> {
+        let fields: Fields<'a> = data.fields()?;
+        Ok(NotifyGroup {
+            target: opt_string(fields.target, "target")?,
+            payload: Data(fields.data),
+            callback: fields.callback,
+        })
+    }
+
+    fn group(&self, hub: &Hub) -> std::sync::Arc<str> {
+        hub.resolve_group(self.target.as_deref().unwrap_or(PUBLIC_GROUP))
+    }
+
+    /// Delivers without checks (admins, the HTTP API); returns how many got it.
+    pub fn deliver(&self, hub: &Hub) -> usize {
+        let group = self.group(hub);
+        hub.notify_group(&group, &bare_frame(&self.payload.relay_text()))
+    }
+
+    pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
+        session.may_notify("notify_group")?;
+        let hub = &session.shared.hub;
+        let own = session.peer.group().is_some_and(|g| g == self.group(hub));
+        session.policy_allows(own)?;
+        self.deliver(hub);
+        session.ack_callback(self.callback);
+        Ok(Flow::Continue)
+    }
+}

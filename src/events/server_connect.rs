@@ -1,0 +1,46 @@
+//! `server_connect`: an admin joins the server pool and starts receiving client connects.
+//! Anyone else is answered `false` and closed with 1008.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{Flow, Session};
+use crate::hub::Close;
+use crate::protocol::{Data, ProtocolError, event_frame, opt_string};
+
+#[derive(Debug)]
+pub struct ServerConnect {
+    /// The old protocol's way to authenticate: `{"auth": "<password>"}` in `data`.
+    password: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    auth: Option<&'a RawValue>,
+}
+
+impl ServerConnect {
+    pub fn parse(data: Data<'_>) -> Result<ServerConnect, ProtocolError> {
+        let fields: Fields = data.fields()?;
+        Ok(ServerConnect {
+            password: opt_string(fields.auth, "auth")?,
+        })
+    }
+
+    pub async fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
+        if let Some(password) = &self.password {
+            session.check_password(password).await;
+        }
+        if !session.admin {
+            session.send(event_frame("server_connect", "false"));
+            return Ok(Flow::Close(Close::NOT_ADMIN));
+        }
+        // Joining twice would double this server's round-robin share.
+        if !session.in_pool {
+            session.in_pool = session.shared.hub.join_pool(&session.peer);
+        }
+        session.send(event_frame("server_connect", "true"));
+        Ok(Flow::Continue)
+    }
+}

@@ -1,0 +1,491 @@
+//! Who is connected: the client table, the groups, the server pool and the client connects
+//! waiting for a server. Every event and the HTTP API act through these methods.
+//!
+//! The tables are concurrent maps (`DashMap`), so connections on different cores don't wait on
+//! one global lock; the server pool is one small `Mutex` because round robin needs a single
+//! cursor and it is touched only by `client_connect` and by servers coming and going.
+//!
+//! Lock order, to stay deadlock-free: a peer's `state` mutex may be held while a `groups`
+//! shard is locked, never the other way round; nothing is awaited while any lock is held.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use uuid::Uuid;
+
+use crate::protocol::ProtocolError;
+
+/// Why the server closes a connection, as sent in the close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Close {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+impl Close {
+    pub const NORMAL: Close = Close {
+        code: 1000,
+        reason: "",
+    };
+    pub const SHUTDOWN: Close = Close {
+        code: 1001,
+        reason: "server shutting down",
+    };
+    pub const PING_TIMEOUT: Close = Close {
+        code: 1001,
+        reason: "ping timeout",
+    };
+    pub const INVALID_UTF8: Close = Close {
+        code: 1007,
+        reason: "invalid UTF-8 in text frame",
+    };
+    pub const NOT_ADMIN: Close = Close {
+        code: 1008,
+        reason: "not an admin",
+    };
+    pub const SLOW_CONSUMER: Close = Close {
+        code: 1008,
+        reason: "slow consumer",
+    };
+    pub const BAD_INPUT: Close = Close {
+        code: 1008,
+        reason: "too much bad input",
+    };
+    pub const TOO_BIG: Close = Close {
+        code: 1009,
+        reason: "message too big",
+    };
+}
+
+/// One entry of a connection's outbound queue.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A frame for this connection.
+    Text(Utf8Bytes),
+    /// A `client_connect` forwarded to this server on behalf of `client`; if this server
+    /// closes before writing it, it is forwarded again instead of being lost.
+    Forward {
+        frame: Utf8Bytes,
+        client: Weak<Peer>,
+    },
+}
+
+impl Outgoing {
+    pub fn frame(&self) -> &Utf8Bytes {
+        match self {
+            Outgoing::Text(frame) | Outgoing::Forward { frame, .. } => frame,
+        }
+    }
+}
+
+/// What the hub knows of a connection; set by its own task and by admins' events.
+#[derive(Debug, Default)]
+pub struct PeerState {
+    /// Sent `client_connect`: receives `notify_all` and id-targeted `notify_client`.
+    pub registered: bool,
+    /// Acknowledged by an admin's `client_connected`: may notify.
+    pub acknowledged: bool,
+    /// The group it is a member of (its `user` at acknowledgement).
+    pub group: Option<Arc<str>>,
+    /// Roles and groups given at acknowledgement, for publish filters.
+    pub roles: Vec<String>,
+    pub groups: Vec<String>,
+    /// Removed from the hub; late events must not add it back.
+    pub closed: bool,
+}
+
+/// The shared handle of one connection: its id, its outbound queue and its hub state. The
+/// connection's own task holds the receiving end of the queue.
+#[derive(Debug)]
+pub struct Peer {
+    pub id: Uuid,
+    /// The id as text: the connection's `target`.
+    pub target: Box<str>,
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    /// Bytes queued and not yet written; bounded by `max_queue` so a slow reader costs
+    /// bounded memory and never makes a sender wait.
+    queued: AtomicUsize,
+    max_queue: usize,
+    /// Set once when something decides to close this connection; `kill` wakes its task.
+    closing: OnceLock<Close>,
+    kill: Notify,
+    state: Mutex<PeerState>,
+}
+
+impl Peer {
+    pub fn new(max_queue: usize) -> (Arc<Peer>, mpsc::UnboundedReceiver<Outgoing>) {
+        let (outbox, rx) = mpsc::unbounded_channel();
+        let id = Uuid::new_v4();
+        let peer = Peer {
+            id,
+            target: id.hyphenated().to_string().into_boxed_str(),
+            outbox,
+            queued: AtomicUsize::new(0),
+            max_queue,
+            closing: OnceLock::new(),
+            kill: Notify::new(),
+            state: Mutex::new(PeerState::default()),
+        };
+        (Arc::new(peer), rx)
+    }
+
+    /// Queues a frame without waiting. A queue over its byte limit closes the connection
+    /// (slow consumer) and the frame is dropped. Returns whether it was queued.
+    pub fn send(&self, frame: Utf8Bytes) -> bool {
+        self.enqueue(Outgoing::Text(frame))
+    }
+
+    fn enqueue(&self, item: Outgoing) -> bool {
+        let len = item.frame().len();
+        let queued = self.queued.fetch_add(len, Ordering::Relaxed) + len;
+        if queued > self.max_queue {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.close(Close::SLOW_CONSUMER);
+            return false;
+        }
+        self.outbox.send(item).is_ok()
+    }
+
+    /// Called by the writer once a frame has left the queue.
+    pub fn written(&self, len: usize) {
+        self.queued.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// Asks this connection's task to close it; the first reason wins.
+    pub fn close(&self, close: Close) {
+        if self.closing.set(close).is_ok() {
+            self.kill.notify_one();
+        }
+    }
+
+    /// Resolves when [`Peer::close`] was called, with its reason.
+    pub async fn closed(&self) -> Close {
+        loop {
+            if let Some(close) = self.closing.get() {
+                return *close;
+            }
+            self.kill.notified().await;
+        }
+    }
+
+    /// The hub state, tolerating a poisoned lock (a panic elsewhere must not spread).
+    pub fn state(&self) -> MutexGuard<'_, PeerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_acknowledged(&self) -> bool {
+        self.state().acknowledged
+    }
+
+    pub fn group(&self) -> Option<Arc<str>> {
+        self.state().group.clone()
+    }
+}
+
+/// What an admin's `client_connected` sets on a client.
+#[derive(Debug)]
+pub struct Acknowledgement {
+    pub group: Arc<str>,
+    pub roles: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+/// What became of a `client_connect`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forwarded {
+    /// Written to a server's queue.
+    Sent,
+    /// No server: queued until one joins or it expires.
+    Queued,
+}
+
+struct PendingConnect {
+    client: Weak<Peer>,
+    frame: Utf8Bytes,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct ServerPool {
+    servers: Vec<Arc<Peer>>,
+    /// Index of the server that gets the next `client_connect`.
+    next: usize,
+    pending: VecDeque<PendingConnect>,
+}
+
+impl ServerPool {
+    fn pick(&mut self) -> Option<&Arc<Peer>> {
+        if self.servers.is_empty() {
+            return None;
+        }
+        let i = self.next % self.servers.len();
+        self.next = i + 1;
+        self.servers.get(i)
+    }
+}
+
+pub struct Hub {
+    /// Registered clients by id.
+    clients: DashMap<Uuid, Arc<Peer>>,
+    /// Group name → its members.
+    groups: DashMap<Arc<str>, HashMap<Uuid, Arc<Peer>>>,
+    pool: Mutex<ServerPool>,
+    pending_limit: usize,
+    pending_timeout: Duration,
+}
+
+impl Hub {
+    pub fn new(pending_limit: usize, pending_timeout: Duration) -> Hub {
+        Hub {
+            clients: DashMap::new(),
+            groups: DashMap::new(),
+            pool: Mutex::new(ServerPool::default()),
+            pending_limit,
+            pending_timeout,
+        }
+    }
+
+    fn pool(&self) -> MutexGuard<'_, ServerPool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A registered client by its target text (the exact lowercase hyphenated id).
+    pub fn client(&self, target: &str) -> Option<Arc<Peer>> {
+        let id = parse_target(target)?;
+        self.clients.get(&id).map(|entry| Arc::clone(entry.value()))
+    }
+
+    pub fn register_client(&self, peer: &Arc<Peer>) {
+        let mut state = peer.state();
+        if state.closed {
+            return;
+        }
+        state.registered = true;
+        self.clients.insert(peer.id, Arc::clone(peer));
+    }
+
+    /// Acknowledges the client named by `target`: moves it to `ack.group` (leaving its
+    /// previous group) and remembers its roles and groups. Returns the client.
+    pub fn acknowledge(&self, target: &str, ack: Acknowledgement) -> Option<Arc<Peer>> {
+        let client = self.client(target)?;
+        let mut state = client.state();
+        if state.closed || !state.registered {
+            return None;
+        }
+        if let Some(old) = state.group.take()
+            && old != ack.group
+        {
+            self.leave_group(&old, client.id);
+        }
+        self.groups
+            .entry(Arc::clone(&ack.group))
+            .or_default()
+            .insert(client.id, Arc::clone(&client));
+        state.group = Some(ack.group);
+        state.roles = ack.roles;
+        state.groups = ack.groups;
+        state.acknowledged = true;
+        drop(state);
+        Some(client)
+    }
+
+    fn leave_group(&self, group: &str, id: Uuid) {
+        self.groups.remove_if_mut(group, |_, members| {
+            members.remove(&id);
+            members.is_empty()
+        });
+    }
+
+    /// The group a `notify_group` target means: the group of the client with that id, else
+    /// the group of that name.
+    pub fn resolve_group(&self, target: &str) -> Arc<str> {
+        self.client(target)
+            .and_then(|client| client.group())
+            .unwrap_or_else(|| Arc::from(target))
+    }
+
+    /// Delivers `frame` to the client `target`; returns how many got it (0 or 1).
+    pub fn notify_client(&self, target: &str, frame: Utf8Bytes) -> usize {
+        match self.client(target) {
+            Some(client) => usize::from(client.send(frame)),
+            None => 0,
+        }
+    }
+
+    /// Delivers `frame` to every member of `group`.
+    pub fn notify_group(&self, group: &str, frame: &Utf8Bytes) -> usize {
+        match self.groups.get(group) {
+            Some(members) => members
+                .values()
+                .filter(|peer| peer.send(frame.clone()))
+                .count(),
+            None => 0,
+        }
+    }
+
+    /// Delivers `frame` to every registered client.
+    pub fn notify_all(&self, frame: &Utf8Bytes) -> usize {
+        self.clients
+            .iter()
+            .filter(|entry| entry.value().send(frame.clone()))
+            .count()
+    }
+
+    /// Adds a server to the pool (once) and hands it the client connects that were waiting.
+    /// Returns false if it was already in the pool.
+    pub fn join_pool(&self, server: &Arc<Peer>) -> bool {
+        if server.state().closed {
+            return false;
+        }
+        let mut pool = self.pool();
+        if pool.servers.iter().any(|s| s.id == server.id) {
+            return false;
+        }
+        pool.servers.push(Arc::clone(server));
+        let waiting: Vec<PendingConnect> = pool.pending.drain(..).collect();
+        for pending in waiting {
+            if let Some(client) = pending.client.upgrade() {
+                forward(&mut pool, &client, pending.frame);
+            }
+        }
+        true
+    }
+
+    /// Forwards a client's `client_connect` to one server, round robin, or queues it while
+    /// there is none.
+    pub fn forward_connect(
+        &self,
+        client: &Arc<Peer>,
+        frame: Utf8Bytes,
+    ) -> Result<Forwarded, ProtocolError> {
+        let mut pool = self.pool();
+        if forward(&mut pool, client, frame.clone()) {
+            return Ok(Forwarded::Sent);
+        }
+        // A client that asks again replaces its waiting request.
+        pool.pending
+            .retain(|p| p.client.upgrade().is_some_and(|c| c.id != client.id));
+        if pool.pending.len() >= self.pending_limit {
+            return Err(ProtocolError::NoServer(
+                "no server is connected and the queue of waiting client connects is full",
+            ));
+        }
+        pool.pending.push_back(PendingConnect {
+            client: Arc::downgrade(client),
+            frame,
+            since: Instant::now(),
+        });
+        Ok(Forwarded::Queued)
+    }
+
+    /// Answers the client connects that waited longer than the pending timeout with an
+    /// error. Called periodically.
+    pub fn expire_pending(&self) {
+        let mut pool = self.pool();
+        while let Some(first) = pool.pending.front() {
+            if first.since.elapsed() < self.pending_timeout {
+                break;
+            }
+            if let Some(pending) = pool.pending.pop_front()
+                && let Some(client) = pending.client.upgrade()
+            {
+                let error = ProtocolError::NoServer(
+                    "no server connected in time to authenticate this client_connect",
+                );
+                client.send(error.to_frame(Some("client_connect")));
+            }
+        }
+    }
+
+    /// Removes a closed connection from everything at once: client table, group, server
+    /// pool, waiting client connects.
+    pub fn remove(&self, peer: &Arc<Peer>) {
+        self.clients.remove(&peer.id);
+        {
+            let mut state = peer.state();
+            state.closed = true;
+            state.registered = false;
+            state.acknowledged = false;
+            if let Some(group) = state.group.take() {
+                self.leave_group(&group, peer.id);
+            }
+        }
+        let mut pool = self.pool();
+        if let Some(i) = pool.servers.iter().position(|s| s.id == peer.id) {
+            pool.servers.remove(i);
+            if i < pool.next {
+                pool.next -= 1;
+            }
+        }
+        pool.pending
+            .retain(|p| p.client.upgrade().is_some_and(|c| c.id != peer.id));
+    }
+
+    /// Sends the `client_connect` forwards a closed server never wrote to another server (or
+    /// back to the waiting queue), so a server closing never loses a client's request.
+    pub fn reforward(&self, unsent: Vec<Outgoing>) {
+        let mut pool = self.pool();
+        for item in unsent {
+            if let Outgoing::Forward { frame, client } = item
+                && let Some(client) = client.upgrade()
+                && !forward(&mut pool, &client, frame.clone())
+            {
+                pool.pending.push_back(PendingConnect {
+                    client: Arc::downgrade(&client),
+                    frame,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// Counts for logs, metrics and tests.
+    pub fn stats(&self) -> HubStats {
+        let pool = self.pool();
+        HubStats {
+            clients: self.clients.len(),
+            groups: self.groups.len(),
+            servers: pool.servers.len(),
+            pending: pool.pending.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubStats {
+    pub clients: usize,
+    pub groups: usize,
+    pub servers: usize,
+    pub pending: usize,
+}
+
+/// Sends a forward to the next live server; false if the pool is empty.
+fn forward(pool: &mut ServerPool, client: &Arc<Peer>, frame: Utf8Bytes) -> bool {
+    while let Some(server) = pool.pick() {
+        let item = Outgoing::Forward {
+            frame: frame.clone(),
+            client: Arc::downgrade(client),
+        };
+        if server.enqueue(item) {
+            return true;
+        }
+        // That server's queue overflowed and it is closing: drop it from the pool now.
+        let id = server.id;
+        pool.servers.retain(|s| s.id != id);
+    }
+    false
+}
+
+/// Ids are matched as the original relay did, as exact strings: only the lowercase
+/// hyphenated form names a connection.
+fn parse_target(target: &str) -> Option<Uuid> {
+    if target.len() != 36 || target.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    Uuid::try_parse(target).ok()
+}

@@ -1,0 +1,21 @@
+//! jssocket: a WebSocket relay server. Backends (admins) push notifications to browser
+//! connections (clients) by connection id, by group, or to everyone; servers in a pool
+//! authenticate clients' tokens. A drop-in replacement for Jaseci's Python relay.
+//!
+//! Layout:
+//! - [`config`]: every option, its `SOCKET_*` variable and default, validated once.
+//! - [`server`]: listener, HTTP routes, WebSocket upgrade, shutdown; [`server::run`] is the
+//!   entry point for the binary and for tests.
+//! - [`connection`]: one WebSocket: reader, bounded outbound queue, keepalive.
+//! - [`protocol`]: the envelope, the outbound frames, the error codes.
+//! - [`events`]: one file per event type.
+//! - [`hub`]: who is connected: clients, groups, server pool.
+//! - [`auth`]: `SOCKET_AUTH` and bcrypt verification off the runtime.
+
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod events;
+pub mod hub;
+pub mod protocol;
+pub mod server;

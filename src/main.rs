@@ -1,0 +1,108 @@
+//! The `jssocket` binary: parses the command line and runs the server (or `jssocket hash`).
+
+use std::io::{IsTerminal, Read};
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use jssocket::config::{Cli, Command, Config, LogFormat, first_line};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(&first_line(&e)),
+    };
+    if let Some(Command::Hash) = cli.command {
+        return hash();
+    }
+    let config = match Config::from_options(cli.options) {
+        Ok(config) => config,
+        Err(e) => return fail(&format!("error: {e}")),
+    };
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(&format!("error: cannot start the runtime: {e}")),
+    };
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = match TcpListener::bind(&addr).await {
+        Ok(listener) => listener,
+        Err(e) => return fail(&format!("error: cannot listen on {addr}: {e}")),
+    };
+    match jssocket::server::run(listener, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("error: {e}")),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// `jssocket hash`: password from stdin (or a prompt on a terminal) → hex bcrypt hash.
+fn hash() -> ExitCode {
+    let password = if std::io::stdin().is_terminal() {
+        match rpassword::prompt_password("Password: ") {
+            Ok(p) => p,
+            Err(e) => return fail(&format!("error: cannot read the password: {e}")),
+        }
+    } else {
+        let mut input = String::new();
+        if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+            return fail(&format!("error: cannot read the password from stdin: {e}"));
+        }
+        input.trim_end_matches(['\r', '\n']).to_string()
+    };
+    if password.is_empty() {
+        return fail("error: the password is empty");
+    }
+    match jssocket::auth::hash_password(&password) {
+        Ok(hex) => {
+            println!("{hex}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("error: cannot hash the password: {e}")),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("{message}");
+    ExitCode::from(2)
+}

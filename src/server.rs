@@ -1,0 +1,297 @@
+//! The listener: accepts TCP connections, serves HTTP on them (`/healthz`, and a WebSocket
+//! upgrade on every other path), spawns one task per WebSocket, and shuts everything down
+//! in bounded time.
+//!
+//! The accept loop is ours rather than `axum::serve` so that the HTTP layer's limits (request
+//! head size, handshake timeout) are set here and the shutdown can wait for every WebSocket
+//! task to send its close frame.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::{debug, error, info, warn};
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::connection::{self, PeerInfo};
+use crate::hub::Hub;
+
+/// What every task shares: configuration, the hub, the authenticator, the shutdown signal.
+pub struct Shared {
+    pub config: Config,
+    pub hub: Hub,
+    pub auth: Authenticator,
+    /// Cancelled when the server shuts down; every connection task watches it.
+    pub shutdown: CancellationToken,
+    /// Tracks WebSocket tasks so shutdown can wait for their close frames.
+    tracker: TaskTracker,
+    /// Open WebSocket connections, for `--max-connections`.
+    connections: AtomicUsize,
+}
+
+/// Serves on `listener` until `shutdown` resolves, then closes every connection with 1001
+/// and returns (within `--shutdown-timeout`).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    if config.auth_is_default {
+        warn!(
+            "SOCKET_AUTH is not set: using the well-known default admin password 12345678. \
+             Anyone who can reach this port can act as a backend. Set SOCKET_AUTH to the \
+             output of `jssocket hash`."
+        );
+    }
+    let shared = Arc::new(Shared {
+        hub: Hub::new(config.pending_connects, config.pending_timeout),
+        auth: Authenticator::new(config.auth.clone()),
+        shutdown: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        connections: AtomicUsize::new(0),
+        config,
+    });
+    info!(addr = %listener.local_addr()?, "listening");
+    tokio::spawn(expire_pending(Arc::clone(&shared)));
+    let router = router(Arc::clone(&shared));
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    tokio::spawn(serve_http(stream, addr, router.clone(), Arc::clone(&shared)));
+                }
+                Err(e) => {
+                    // Out of file descriptors, usually: back off instead of spinning.
+                    error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+
+    info!("shutting down");
+    drop(listener);
+    shared.shutdown.cancel();
+    shared.tracker.close();
+    if tokio::time::timeout(shared.config.shutdown_timeout, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("shutdown timeout: some connections did not close in time");
+    }
+    Ok(())
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .fallback(upgrade)
+        .with_state(shared)
+}
+
+/// Serves HTTP/1.1 on one TCP connection, with upgrades.
+async fn serve_http(stream: TcpStream, addr: SocketAddr, router: Router, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(addr));
+        let router = router.clone();
+        async move { Ok::<_, Infallible>(router.oneshot(request.map(Body::new)).await.into_response()) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.handshake_timeout)
+        .max_buf_size(shared.config.max_header_bytes)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::select! {
+        result = connection => {
+            if let Err(e) = result {
+                debug!(%addr, error = %e, "HTTP connection ended");
+            }
+        }
+        _ = shared.shutdown.cancelled() => {}
+    }
+}
+
+async fn healthz() -> &'static str {
+    "OK\n"
+}
+
+/// Every path but the HTTP routes: a WebSocket upgrade, or a clear refusal.
+async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    mut request: Request,
+) -> Response {
+    let headers = request.headers();
+    if !is_websocket_upgrade(headers) {
+        return if request.method() == Method::GET {
+            (
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::UPGRADE, "websocket")],
+                "426 Upgrade Required: this path accepts WebSocket connections only \
+                 (health check: GET /healthz)\n",
+            )
+                .into_response()
+        } else {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "405 Method Not Allowed: open a WebSocket with GET and Upgrade: websocket\n",
+            )
+                .into_response()
+        };
+    }
+    if request.method() != Method::GET {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405: a WebSocket upgrade must use GET\n",
+        )
+            .into_response();
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return (
+            StatusCode::BAD_REQUEST,
+            [(header::SEC_WEBSOCKET_VERSION, "13")],
+            "400 Bad Request: unsupported Sec-WebSocket-Version (13 is supported)\n",
+        )
+            .into_response();
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: Sec-WebSocket-Key is missing\n",
+        )
+            .into_response();
+    };
+    if !origin_allowed(&shared.config.allowed_origins, headers) {
+        return (StatusCode::FORBIDDEN, "403 Forbidden: Origin not allowed\n").into_response();
+    }
+    if shared.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "503: shutting down\n").into_response();
+    }
+    let Some(slot) = Slot::take(&shared) else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 Service Unavailable: connection limit reached\n",
+        )
+            .into_response();
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let password = headers
+        .get("auth")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let info = PeerInfo { addr, password };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let token = shared.tracker.token();
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(shared.config.max_message_size))
+        .max_frame_size(Some(shared.config.max_message_size))
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0);
+    let shared = Arc::clone(&shared);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let _token = token;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(ws_config),
+                )
+                .await;
+                connection::serve(socket, shared, info).await;
+            }
+            Err(e) => debug!(%addr, error = %e, "upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
+}
+
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|origin| {
+            let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+            allowed.contains(&origin)
+        })
+}
+
+/// One counted WebSocket connection; the count drops with it.
+struct Slot(Arc<Shared>);
+
+impl Slot {
+    fn take(shared: &Arc<Shared>) -> Option<Slot> {
+        let open = shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        if shared.config.max_connections.is_some_and(|max| open > max) {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(Arc::clone(shared)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Answers waiting client connects that no server took in time.
+async fn expire_pending(shared: Arc<Shared>) {
+    let period = (shared.config.pending_timeout / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.hub.expire_pending(),
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
