@@ -20,9 +20,11 @@ use tokio::sync::Semaphore;
 /// The original relay's default `SOCKET_AUTH`: hex of a bcrypt hash of `12345678`.
 pub const DEFAULT_AUTH_HEX: &str = "24326224313224682e6b576f5762714d43745633516c554e5573645265764142693753473043784b574b355a733033757159323834796c3757425a71";
 
-/// bcrypt verifications allowed to run at once; more wait, so a flood of wrong passwords
-/// occupies at most this many blocking threads.
-const MAX_CONCURRENT_VERIFICATIONS: usize = 2;
+/// bcrypt verifications allowed to run at once: half the cores (at least one), so a flood of
+/// wrong passwords leaves the other half to the relay itself.
+fn max_concurrent_verifications() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
 /// Failed verifications one address may cause per [`FAILURE_WINDOW`] before it is refused
 /// without bcrypt until the window ends.
 const MAX_FAILURES_PER_WINDOW: u32 = 10;
@@ -133,7 +135,7 @@ impl Authenticator {
         }
         Authenticator {
             hash: Arc::new(hash),
-            permits: Semaphore::new(MAX_CONCURRENT_VERIFICATIONS),
+            permits: Semaphore::new(max_concurrent_verifications()),
             key,
             remembered: Mutex::new(HashSet::new()),
             failures: DashMap::new(),

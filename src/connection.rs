@@ -34,6 +34,8 @@ type Stream = SplitStream<Socket>;
 
 /// How long the closing handshake may take before the socket is simply dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Most frames written before one flush.
+const WRITE_BATCH: usize = 64;
 /// Most bytes read and thrown away after closing for an oversized message, so the peer sees
 /// our close frame instead of a reset.
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
@@ -140,8 +142,13 @@ async fn write_loop(
         tokio::select! {
             item = outbox.recv() => {
                 let Some(item) = item else { return End::Gone };
-                if write_batch(sink, outbox, peer, item).await.is_err() {
-                    return End::Gone;
+                // A peer that accepts no bytes for this long is as dead as one that doesn't
+                // answer pings (which can't be sent while this write is stuck).
+                let stuck = shared.config.ping_interval + shared.config.ping_timeout;
+                match timeout(stuck, write_batch(sink, outbox, peer, item)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return End::Gone,
+                    Err(_) => return End::Close { close: Close::PING_TIMEOUT, flush: false },
                 }
             }
             _ = ping.tick(), if pong_deadline.is_none() => {
@@ -169,17 +176,19 @@ async fn write_batch(
     peer: &Peer,
     first: Outgoing,
 ) -> Result<(), WsError> {
-    let mut item = first;
-    for _ in 0..64 {
+    let mut next = Some(first);
+    let mut written = 0;
+    while let Some(item) = next.take() {
         let frame = match item {
             Outgoing::Text(frame) | Outgoing::Forward { frame, .. } => frame,
         };
         let len = frame.len();
         sink.feed(Message::Text(frame)).await?;
         peer.written(len);
-        match outbox.try_recv() {
-            Ok(next) => item = next,
-            Err(_) => break,
+        written += 1;
+        // Bounded, so a busy connection still answers pings between batches.
+        if written < WRITE_BATCH {
+            next = outbox.try_recv().ok();
         }
     }
     sink.flush().await

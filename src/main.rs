@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use clap::error::ErrorKind;
 use jssocket::config::{Cli, Command, Config, LogFormat, first_line};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> ExitCode {
     let addr = format!("{}:{}", config.host, config.port);
-    let listener = match TcpListener::bind(&addr).await {
+    let listener = match listen(&addr).await {
         Ok(listener) => listener,
         Err(e) => return fail(&format!("error: cannot listen on {addr}: {e}")),
     };
@@ -43,6 +43,25 @@ async fn serve(config: Config) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&format!("error: {e}")),
     }
+}
+
+/// Binds with a deep accept backlog: the default 128 overflows when thousands of clients
+/// reconnect at once (after a deploy), and each overflow costs a client a 1 s SYN retry.
+async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address");
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(4096)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -69,7 +88,9 @@ async fn shutdown_signal() {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

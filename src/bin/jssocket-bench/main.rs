@@ -1,0 +1,398 @@
+//! `jssocket-bench`: a load generator for WebSocket relays speaking the jssocket protocol
+//! (see BENCHMARKS.md). It talks to any server at `--url`, but only on loopback addresses.
+//!
+//! Every scenario prints human-readable lines and then exactly one line of JSON with all its
+//! figures; it is bounded by `--timeout`, after which it reports what it has and exits 1.
+
+mod admin;
+mod baseline;
+mod churn;
+mod client;
+mod common;
+mod connect;
+mod fanout;
+mod p2p;
+mod stats;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::common::{Ctx, Target};
+
+#[derive(Parser)]
+#[command(
+    name = "jssocket-bench",
+    about = "Benchmarks a jssocket-protocol WebSocket relay on loopback",
+    version
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct Global {
+    /// WebSocket URL of the server under test (loopback hosts only).
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_URL",
+        default_value = "ws://127.0.0.1:80/ws"
+    )]
+    url: String,
+    /// Admin password, sent as the `auth` upgrade header.
+    #[arg(
+        long,
+        global = true,
+        env = "BENCH_AUTH",
+        default_value = "12345678",
+        hide_env_values = true
+    )]
+    auth: String,
+    /// Pid of the server: report its RSS growth and CPU seconds (from /proc).
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    /// Whole-run bound in seconds: afterwards the scenario reports what it has and exits 1.
+    #[arg(long, global = true, default_value_t = 120.0, value_parser = positive_secs)]
+    timeout: f64,
+    /// Handshakes (TCP + upgrade + client_connect + ack) in flight at once.
+    #[arg(long, global = true, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    concurrency: u64,
+    /// Client sockets per source address (127.0.0.2, 127.0.0.3, …).
+    #[arg(long, global = true, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=28_000))]
+    per_source: u64,
+    /// Seconds a client waits for its client_connected acknowledgement.
+    #[arg(long, global = true, default_value_t = 10.0, value_parser = positive_secs)]
+    ack_timeout: f64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Connect and acknowledge N clients, hold them: connect rate, failures, server memory.
+    Connect {
+        /// Clients to connect and acknowledge.
+        #[arg(long, default_value_t = 1000, value_parser = clients_range())]
+        clients: u64,
+        /// Seconds to hold the clients once all are acknowledged.
+        #[arg(long, default_value_t = 5.0, value_parser = secs_range)]
+        hold: f64,
+        /// Groups the admin spreads the clients over (round robin).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        groups: u32,
+    },
+    /// Admin notify_all to N clients: deliveries/s, latency, loss/dup/order.
+    Fanout(FanoutArgs),
+    /// Admin notify_group round robin over G groups.
+    Group {
+        #[command(flatten)]
+        f: FanoutArgs,
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        groups: u32,
+    },
+    /// Clients notify_client random other clients at an aggregate rate.
+    P2p {
+        /// Acknowledged clients (senders and receivers).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+        clients: u64,
+        /// Aggregate messages per second.
+        #[arg(long, default_value_t = 1000.0, value_parser = rate_range)]
+        rate: f64,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 10.0, value_parser = secs_range)]
+        duration: f64,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 256, value_parser = size_range())]
+        size: u64,
+        /// Seconds to wait for the last deliveries.
+        #[arg(long, default_value_t = 5.0, value_parser = secs_range)]
+        drain: f64,
+    },
+    /// Keep ~N clients while disconnecting/connecting at a rate; admin broadcasts meanwhile.
+    Churn {
+        /// Clients kept connected.
+        #[arg(long, default_value_t = 1000, value_parser = clients_range())]
+        clients: u64,
+        /// Seconds of churn.
+        #[arg(long, default_value_t = 10.0, value_parser = secs_range)]
+        duration: f64,
+        /// Disconnects (and new connects) per second.
+        #[arg(long, default_value_t = 50.0, value_parser = rate_range)]
+        rate: f64,
+        /// notify_all broadcasts per second.
+        #[arg(long, default_value_t = 10.0, value_parser = rate_range)]
+        broadcast_rate: f64,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 256, value_parser = size_range())]
+        size: u64,
+        /// A client owes a broadcast only if it stayed connected this long after it was sent.
+        #[arg(long, default_value_t = 1.0, value_parser = secs_range)]
+        grace: f64,
+    },
+    /// Run the minimal reference relay (tokio + tokio-tungstenite) until killed.
+    BaselineServer {
+        /// Port to listen on.
+        #[arg(long)]
+        port: u16,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Exit when the parent process goes away.
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
+    },
+    /// fanout against a fresh baseline-server, then against --url; prints the ratio.
+    Baseline(FanoutArgs),
+}
+
+#[derive(Args, Clone)]
+struct FanoutArgs {
+    /// Receiving clients (acknowledged, checked for exactly-once in-order delivery).
+    #[arg(long, default_value_t = 1000, value_parser = clients_range())]
+    clients: u64,
+    /// Messages the admin sends.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    messages: u64,
+    /// Payload size in bytes (a JSON object with seq, ts and padding).
+    #[arg(long, default_value_t = 256, value_parser = size_range())]
+    size: u64,
+    /// Messages per second (default: as fast as the window allows).
+    #[arg(long, value_parser = rate_range)]
+    rate: Option<f64>,
+    /// Messages in flight per receiver on average (default: ~256 KiB worth, at most 256;
+    /// 0 = unlimited).
+    #[arg(long)]
+    window: Option<u64>,
+    /// Extra clients that are acknowledged and then never read.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    slow_clients: u64,
+    /// Seconds to wait for the last deliveries after the last send.
+    #[arg(long, default_value_t = 10.0, value_parser = secs_range)]
+    drain: f64,
+}
+
+impl FanoutArgs {
+    fn params(&self, groups: Option<u32>) -> fanout::Params {
+        fanout::Params {
+            clients: self.clients as usize,
+            messages: self.messages,
+            size: self.size as usize,
+            rate: self.rate,
+            window: self.window,
+            slow_clients: self.slow_clients as usize,
+            drain: Duration::from_secs_f64(self.drain),
+            groups,
+        }
+    }
+}
+
+fn clients_range() -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(1..=1_000_000)
+}
+
+fn size_range() -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(1..=1_000_000)
+}
+
+fn parse_f64(s: &str, lo: f64, hi: f64) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(v.is_finite() && v >= lo && v <= hi) {
+        return Err(format!("must be between {lo} and {hi}"));
+    }
+    Ok(v)
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    parse_f64(s, 0.001, 86_400.0)
+}
+
+fn secs_range(s: &str) -> Result<f64, String> {
+    parse_f64(s, 0.0, 86_400.0)
+}
+
+fn rate_range(s: &str) -> Result<f64, String> {
+    parse_f64(s, 0.001, 10_000_000.0)
+}
+
+impl Cmd {
+    fn name(&self) -> &'static str {
+        match self {
+            Cmd::Connect { .. } => "connect",
+            Cmd::Fanout(_) => "fanout",
+            Cmd::Group { .. } => "group",
+            Cmd::P2p { .. } => "p2p",
+            Cmd::Churn { .. } => "churn",
+            Cmd::BaselineServer { .. } => "baseline-server",
+            Cmd::Baseline(_) => "baseline",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    common::init_clock();
+    let cli = Cli::parse();
+    let nofile = common::raise_nofile_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Cmd::BaselineServer {
+        port,
+        host,
+        exit_with_parent,
+    } = &cli.cmd
+    {
+        return match runtime.block_on(baseline::serve(
+            host,
+            *port,
+            cli.global.auth.clone(),
+            *exit_with_parent,
+        )) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let name = cli.cmd.name();
+    let code = runtime.block_on(run(cli, nofile));
+    // Do not wait for tasks still blocked on sockets.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    match code {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            println!("error: {e:#}");
+            println!("{}", json!({"scenario": name, "error": format!("{e:#}")}));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs the scenario; Ok(false) when it finished but timed out or hit errors.
+async fn run(cli: Cli, nofile: u64) -> Result<bool> {
+    let g = &cli.global;
+    let target = Target::resolve(&g.url).await?;
+    if let Some(pid) = g.server_pid {
+        stats::proc_sample(pid)?;
+    }
+    let wanted = match &cli.cmd {
+        Cmd::Connect { clients, .. } | Cmd::P2p { clients, .. } | Cmd::Churn { clients, .. } => {
+            *clients
+        }
+        Cmd::Fanout(f) | Cmd::Group { f, .. } | Cmd::Baseline(f) => f.clients + f.slow_clients,
+        Cmd::BaselineServer { .. } => 0,
+    };
+    if wanted + 64 > nofile {
+        bail!(
+            "{wanted} clients need more file descriptors than RLIMIT_NOFILE allows ({nofile}); \
+             raise the hard limit (ulimit -Hn) first"
+        );
+    }
+    let ctx = Arc::new(Ctx::new(
+        target,
+        g.auth.clone(),
+        g.server_pid,
+        g.concurrency as usize,
+        g.per_source as usize,
+        Duration::from_secs_f64(g.ack_timeout),
+    ));
+    let timeout = Duration::from_secs_f64(g.timeout);
+    {
+        let stop = ctx.stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            stop.cancel();
+        });
+    }
+    let name = cli.cmd.name();
+    println!(
+        "jssocket-bench {name}: {} (RLIMIT_NOFILE {nofile}, timeout {:.0} s)",
+        ctx.target.url,
+        timeout.as_secs_f64()
+    );
+    let scenario = async {
+        match &cli.cmd {
+            Cmd::Connect {
+                clients,
+                hold,
+                groups,
+            } => {
+                let p = connect::Params {
+                    clients: *clients as usize,
+                    hold: Duration::from_secs_f64(*hold),
+                    groups: *groups,
+                };
+                connect::run(&ctx, &p).await
+            }
+            Cmd::Fanout(f) => fanout_json(fanout::run(&ctx, &f.params(None), "fanout").await),
+            Cmd::Group { f, groups } => {
+                fanout_json(fanout::run(&ctx, &f.params(Some(*groups)), "group").await)
+            }
+            Cmd::P2p {
+                clients,
+                rate,
+                duration,
+                size,
+                drain,
+            } => {
+                let p = p2p::Params {
+                    clients: *clients as usize,
+                    rate: *rate,
+                    duration: Duration::from_secs_f64(*duration),
+                    size: *size as usize,
+                    drain: Duration::from_secs_f64(*drain),
+                };
+                p2p::run(&ctx, &p).await
+            }
+            Cmd::Churn {
+                clients,
+                duration,
+                rate,
+                broadcast_rate,
+                size,
+                grace,
+            } => {
+                let p = churn::Params {
+                    clients: *clients as usize,
+                    duration: Duration::from_secs_f64(*duration),
+                    rate: *rate,
+                    broadcast_rate: *broadcast_rate,
+                    size: *size as usize,
+                    grace: Duration::from_secs_f64(*grace),
+                };
+                churn::run(&ctx, &p).await
+            }
+            Cmd::Baseline(f) => baseline::compare(&ctx, &f.params(None)).await,
+            Cmd::BaselineServer { .. } => bail!("baseline-server is not a scenario"),
+        }
+    };
+    // The scenarios watch `stop` themselves; this is the backstop if one does not return.
+    let hard = timeout + Duration::from_secs(30);
+    let (json, ok) = tokio::select! {
+        r = scenario => r?,
+        _ = tokio::time::sleep(hard) => {
+            println!("{name}: did not finish within --timeout + 30 s; giving up");
+            (json!({"scenario": name, "error": "hard timeout", "timed_out": true}), false)
+        }
+    };
+    println!("{json}");
+    Ok(ok)
+}
+
+fn fanout_json(r: Result<fanout::Outcome>) -> Result<(Value, bool)> {
+    r.map(|o| (o.json, o.ok))
+}

@@ -1,0 +1,242 @@
+//! Prometheus metrics, served as text at `GET /metrics`, every name prefixed `jssocket_`.
+//!
+//! Counters on the message path are cloned handles (an `Arc` around an atomic) looked up once
+//! per event type at start, so counting costs an atomic add, not a label-map lookup. Gauges
+//! that mirror the hub's tables (clients, groups, channels, servers) are read from the hub
+//! when scraped instead of being kept in step on every change.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::hub::HubStats;
+
+/// Event types counted under their own label; anything else is counted as `other`.
+pub const EVENT_TYPES: &[&str] = &[
+    "server_connect",
+    "client_connect",
+    "client_connected",
+    "client_disconnect",
+    "notify_client",
+    "notify_group",
+    "notify_all",
+    "subscribe",
+    "unsubscribe",
+    "publish",
+];
+
+/// Kinds of frame sent out, for `messages_sent_total{type}`.
+pub const SENT_TYPES: &[&str] = &[
+    "server_connect",
+    "client_connect",
+    "client_connected",
+    "notify_client",
+    "notify_group",
+    "notify_all",
+    "publish",
+    "subscribed",
+    "unsubscribed",
+    "callback",
+    "error",
+];
+
+/// Error codes, for `errors_total{code}`.
+pub const ERROR_CODES: &[&str] = &[
+    "invalid_json",
+    "not_an_object",
+    "missing_type",
+    "invalid_type",
+    "invalid_data",
+    "missing_field",
+    "invalid_field",
+    "forbidden",
+    "policy_denied",
+    "unknown_target",
+    "no_server",
+    "invalid_channel",
+    "too_many_subscriptions",
+    "other",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    r#type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabel {
+    role: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    received: HashMap<&'static str, Counter>,
+    sent: HashMap<&'static str, Counter>,
+    errors: HashMap<&'static str, Counter>,
+    pub bytes_received: Counter,
+    pub bytes_sent: Counter,
+    pub slow_consumer_closes: Counter,
+    pub auth_failures: Counter,
+    /// Open WebSocket connections.
+    pub connections: Gauge,
+    /// Connections that proved the admin password.
+    pub admins: Gauge,
+    /// Time from an event's arrival to its payload being queued for every recipient.
+    pub fanout_seconds: Histogram,
+    by_role: Family<RoleLabel, Gauge<i64, AtomicI64>>,
+}
+
+type AtomicI64 = std::sync::atomic::AtomicI64;
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("jssocket");
+        let received_family = Family::<TypeLabel, Counter>::default();
+        let sent_family = Family::<TypeLabel, Counter>::default();
+        let errors_family = Family::<CodeLabel, Counter>::default();
+        registry.register(
+            "messages_received",
+            "Messages received, by event type",
+            received_family.clone(),
+        );
+        registry.register(
+            "messages_sent",
+            "Frames queued to connections, by kind",
+            sent_family.clone(),
+        );
+        registry.register("errors", "Error events sent, by code", errors_family.clone());
+        let received = labelled(&received_family, EVENT_TYPES, |t| TypeLabel { r#type: t });
+        let sent = labelled(&sent_family, SENT_TYPES, |t| TypeLabel { r#type: t });
+        let errors = labelled(&errors_family, ERROR_CODES, |c| CodeLabel { code: c });
+
+        let bytes_received = Counter::default();
+        registry.register("bytes_received", "Bytes of messages received", bytes_received.clone());
+        let bytes_sent = Counter::default();
+        registry.register("bytes_sent", "Bytes of frames queued to connections", bytes_sent.clone());
+        let slow_consumer_closes = Counter::default();
+        registry.register(
+            "slow_consumer_closes",
+            "Connections closed because their outbound queue overflowed",
+            slow_consumer_closes.clone(),
+        );
+        let auth_failures = Counter::default();
+        registry.register(
+            "auth_failures",
+            "Admin password verifications that failed or were rate limited",
+            auth_failures.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register("connections", "Open WebSocket connections", connections.clone());
+        let admins = Gauge::default();
+        registry.register("admins", "Open admin connections", admins.clone());
+        let by_role = Family::<RoleLabel, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "hub",
+            "Hub tables: registered clients, acknowledged clients, servers, groups, channels, pending client connects",
+            by_role.clone(),
+        );
+        let fanout_seconds = Histogram::new(exponential_buckets(0.000_01, 4.0, 10));
+        registry.register(
+            "fanout_seconds",
+            "Time from an event's arrival to its payload being queued for every recipient",
+            fanout_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            received,
+            sent,
+            errors,
+            bytes_received,
+            bytes_sent,
+            slow_consumer_closes,
+            auth_failures,
+            connections,
+            admins,
+            fanout_seconds,
+            by_role,
+        }
+    }
+
+    pub fn received(&self, kind: &str, bytes: usize) {
+        count(&self.received, kind);
+        self.bytes_received.inc_by(bytes as u64);
+    }
+
+    /// Counts `n` frames of `bytes` each queued as `kind`.
+    pub fn sent(&self, kind: &str, n: usize, bytes: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Some(counter) = self.sent.get(kind).or_else(|| self.sent.get("error")) {
+            counter.inc_by(n as u64);
+        }
+        self.bytes_sent.inc_by((n * bytes) as u64);
+    }
+
+    pub fn error(&self, code: &str) {
+        count(&self.errors, code);
+    }
+
+    /// The Prometheus text exposition, with the hub's current table sizes.
+    pub fn render(&self, stats: HubStats) -> String {
+        for (role, value) in [
+            ("clients", stats.clients),
+            ("acknowledged", stats.acknowledged),
+            ("servers", stats.servers),
+            ("groups", stats.groups),
+            ("channels", stats.channels),
+            ("pending_connects", stats.pending),
+        ] {
+            self.by_role
+                .get_or_create(&RoleLabel { role })
+                .set(value as i64);
+        }
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn labelled<L, F>(family: &Family<L, Counter>, names: &[&'static str], label: F) -> HashMap<&'static str, Counter>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+    F: Fn(&'static str) -> L,
+{
+    let mut map: HashMap<&'static str, Counter> = names
+        .iter()
+        .map(|name| (*name, family.get_or_create_owned(&label(name))))
+        .collect();
+    map.insert("other", family.get_or_create_owned(&label("other")));
+    map
+}
+
+fn count(counters: &HashMap<&'static str, Counter>, name: &str) {
+    if let Some(counter) = counters.get(name).or_else(|| counters.get("other")) {
+        counter.inc();
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_counter_is_u64(c: &Counter<u64, AtomicU64>) -> &Counter {
+    c
+}
