@@ -4,6 +4,7 @@
 # exits non-zero if any failed. Run from anywhere: `bash scripts/test.sh`.
 #
 # Extra arguments are passed to `cargo test` (e.g. `bash scripts/test.sh --test cli`).
+# TEST_TIMEOUT (seconds, default 900) bounds how long the tests may run once built.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -64,6 +65,7 @@ ensure_tools() {
     ensure_rust_component clippy clippy
     # A C compiler and linker, for crates with build scripts.
     ensure_pkg cc build-essential
+    ensure_pkg timeout coreutils
     # Later steps add their needs here, for example:
     #   ensure_pkg redis-server
     #   ensure_pkg chromium
@@ -71,31 +73,58 @@ ensure_tools() {
 }
 
 FAILED=()
-# step NAME COMMAND...: runs one check, records its failure and carries on, so one run
-# reports every broken check; the script still exits non-zero at the end.
+# step NAME COMMAND...: runs one check and records a failure, so one run reports every broken
+# check (callers go on with `|| true`); the script still exits non-zero at the end.
 step() {
-    local name="$1"
+    local name="$1" status=0
     shift
     log "$name"
-    if ! "$@"; then
+    "$@" || status=$?
+    if [ "$status" -ne 0 ]; then
         FAILED+=("$name")
         printf '\n==> FAILED: %s\n' "$name" >&2
     fi
+    return "$status"
+}
+
+# Seconds the tests may run. libtest has no per-test timeout, so a test that hangs would hang
+# CI; this bounds it. The build is not counted: `cargo test --no-run` runs first, unbounded.
+TEST_TIMEOUT="${TEST_TIMEOUT:-900}"
+
+# bounded COMMAND...: runs the tests under `timeout`, which puts
+# them in a process group of its own. When they end (or time runs out) whatever is left in
+# that group — a server a killed test could not stop — is killed too.
+bounded() {
+    local status=0 pid
+    timeout --kill-after=30 "$TEST_TIMEOUT" "$@" </dev/null &
+    pid=$!
+    trap 'kill -TERM -- "-$pid" 2>/dev/null' INT TERM
+    wait "$pid" || status=$?
+    trap - INT TERM
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+        printf 'error: tests still running after %ss (TEST_TIMEOUT): a test hangs\n' "$TEST_TIMEOUT" >&2
+    fi
+    return "$status"
 }
 
 main() {
     ensure_tools
 
-    step "cargo fmt --check" cargo fmt --all -- --check
+    step "cargo fmt --check" cargo fmt --all -- --check || true
     step "cargo clippy --all-targets -- -D warnings" \
-        cargo clippy --all-targets --locked -- -D warnings
+        cargo clippy --all-targets --locked -- -D warnings || true
     if [ "$#" -gt 0 ]; then
-        step "cargo test $*" cargo test --locked "$@"
+        # `--no-run` right after `cargo test`, before any `--` that starts the binary's args.
+        step "build tests" cargo test --locked --no-run "$@" &&
+            step "cargo test $*" bounded cargo test --locked "$@" || true
     else
         # --no-fail-fast: every test binary runs even when an earlier one fails.
-        step "cargo test --all-targets" cargo test --all-targets --locked --no-fail-fast
+        step "build tests" cargo test --all-targets --locked --no-run &&
+            step "cargo test --all-targets" \
+                bounded cargo test --all-targets --locked --no-fail-fast || true
         # --all-targets leaves out doctests; they run here.
-        step "cargo test --doc" cargo test --doc --locked
+        step "cargo test --doc" bounded cargo test --doc --locked || true
     fi
 
     if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -183,9 +183,10 @@ impl Authenticator {
             *entry = (0, Instant::now());
         }
         entry.0 += 1;
+        // The entry holds a shard lock and `len` takes every shard's: release it first.
+        drop(entry);
         // Keep the table from growing without bound under a spread-out flood.
         if self.failures.len() > 100_000 {
-            drop(entry);
             self.failures
                 .retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
         }

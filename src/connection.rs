@@ -16,7 +16,6 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
 use tokio::time::{Duration, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -60,24 +59,17 @@ pub struct PeerInfo {
 
 /// Serves one upgraded WebSocket until it closes, then removes it from the hub.
 pub async fn serve(socket: Socket, shared: Arc<Shared>, info: PeerInfo) {
-    let (peer, outbox) = Peer::new(shared.config.max_queue_bytes);
-    let span = info_span!("conn", conn_id = %peer.target, addr = %info.addr);
-    run(socket, shared, info, peer, outbox)
-        .instrument(span)
-        .await;
+    let peer = Peer::new(shared.config.max_queue_bytes);
+    let span = info_span!("conn", conn_id = %peer.target);
+    run(socket, shared, info, peer).instrument(span).await;
 }
 
-async fn run(
-    socket: Socket,
-    shared: Arc<Shared>,
-    info: PeerInfo,
-    peer: Arc<Peer>,
-    mut outbox: mpsc::UnboundedReceiver<Outgoing>,
-) {
-    debug!("connected");
+async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer>) {
+    debug!(addr = %info.addr, "connected");
     let mut session = Session::new(Arc::clone(&peer), Arc::clone(&shared), info.addr);
     if let Some(password) = info.password {
-        session.check_password(&password).await;
+        // Boxed: bcrypt's future is large and needed once, not for the connection's life.
+        Box::pin(session.check_password(&password)).await;
     }
     let (mut sink, mut stream) = socket.split();
     // Set by the reader on every inbound frame, cleared by the writer when it pings.
@@ -87,19 +79,16 @@ async fn run(
         _ = shared.shutdown.cancelled() => End::Close { close: Close::SHUTDOWN, flush: false },
         close = peer.closed() => End::Close { close, flush: close != Close::SLOW_CONSUMER },
         end = read_loop(&mut stream, &mut session, &alive) => end,
-        end = write_loop(&mut sink, &mut outbox, &peer, &shared, &alive) => end,
+        end = write_loop(&mut sink, &peer, &shared, &alive) => end,
     };
     // Out of every table first, so nothing more is queued for it.
     shared.hub.remove(&peer);
-    let mut unsent = Vec::new();
-    while let Ok(item) = outbox.try_recv() {
-        unsent.push(item);
-    }
+    let mut unsent = peer.outbox.close();
     if let End::Close { flush: true, .. } = end {
-        unsent = flush(&mut sink, unsent).await;
+        unsent = Box::pin(flush(&mut sink, unsent)).await;
     }
     shared.hub.reforward(unsent);
-    finish(sink, stream, end).await;
+    Box::pin(finish(sink, stream, end)).await;
     debug!(?end, "disconnected");
 }
 
@@ -128,29 +117,29 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
     }
 }
 
-async fn write_loop(
-    sink: &mut Sink,
-    outbox: &mut mpsc::UnboundedReceiver<Outgoing>,
-    peer: &Peer,
-    shared: &Shared,
-    alive: &AtomicBool,
-) -> End {
+async fn write_loop(sink: &mut Sink, peer: &Peer, shared: &Shared, alive: &AtomicBool) -> End {
     let interval = shared.config.ping_interval;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     let mut pong_deadline: Option<tokio::time::Instant> = None;
+    // A peer that accepts no bytes for this long is as dead as one that doesn't answer pings
+    // (which can't be sent while a write is stuck).
+    let stuck = shared.config.ping_interval + shared.config.ping_timeout;
     loop {
-        tokio::select! {
-            item = outbox.recv() => {
-                let Some(item) = item else { return End::Gone };
-                // A peer that accepts no bytes for this long is as dead as one that doesn't
-                // answer pings (which can't be sent while this write is stuck).
-                let stuck = shared.config.ping_interval + shared.config.ping_timeout;
-                match timeout(stuck, write_batch(sink, outbox, peer, item)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return End::Gone,
-                    Err(_) => return End::Close { close: Close::PING_TIMEOUT, flush: false },
+        if !peer.outbox.is_empty() {
+            match timeout(stuck, write_batch(sink, peer)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return End::Gone,
+                Err(_) => {
+                    return End::Close {
+                        close: Close::PING_TIMEOUT,
+                        flush: false,
+                    };
                 }
             }
+            continue;
+        }
+        tokio::select! {
+            _ = peer.outbox.ready() => {}
             _ = ping.tick(), if pong_deadline.is_none() => {
                 alive.store(false, Ordering::Relaxed);
                 if sink.send(Message::Ping(Bytes::new())).await.is_err() {
@@ -169,27 +158,17 @@ async fn write_loop(
     }
 }
 
-/// Writes `first` and whatever else is already queued, then flushes once.
-async fn write_batch(
-    sink: &mut Sink,
-    outbox: &mut mpsc::UnboundedReceiver<Outgoing>,
-    peer: &Peer,
-    first: Outgoing,
-) -> Result<(), WsError> {
-    let mut next = Some(first);
+/// Writes up to a batch of queued frames, then flushes once.
+async fn write_batch(sink: &mut Sink, peer: &Peer) -> Result<(), WsError> {
     let mut written = 0;
-    while let Some(item) = next.take() {
+    // Bounded, so a busy connection still answers pings between batches.
+    while written < WRITE_BATCH {
+        let Some(item) = peer.outbox.pop() else { break };
         let frame = match item {
             Outgoing::Text(frame) | Outgoing::Forward { frame, .. } => frame,
         };
-        let len = frame.len();
         sink.feed(Message::Text(frame)).await?;
-        peer.written(len);
         written += 1;
-        // Bounded, so a busy connection still answers pings between batches.
-        if written < WRITE_BATCH {
-            next = outbox.try_recv().ok();
-        }
     }
     sink.flush().await
 }

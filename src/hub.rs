@@ -9,15 +9,15 @@
 //! shard is locked, never the other way round; nothing is awaited while any lock is held.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
+use crate::outbox::{Outbox, Push};
 use crate::protocol::ProtocolError;
 
 /// Why the server closes a connection, as sent in the close frame.
@@ -100,17 +100,15 @@ pub struct PeerState {
 }
 
 /// The shared handle of one connection: its id, its outbound queue and its hub state. The
-/// connection's own task holds the receiving end of the queue.
+/// connection's own task drains the queue into the socket.
 #[derive(Debug)]
 pub struct Peer {
     pub id: Uuid,
     /// The id as text: the connection's `target`.
     pub target: Box<str>,
-    outbox: mpsc::UnboundedSender<Outgoing>,
-    /// Bytes queued and not yet written; bounded by `max_queue` so a slow reader costs
-    /// bounded memory and never makes a sender wait.
-    queued: AtomicUsize,
-    max_queue: usize,
+    /// Frames waiting to be written, bounded in bytes so a slow reader costs bounded memory
+    /// and never makes a sender wait.
+    pub outbox: Outbox,
     /// Set once when something decides to close this connection; `kill` wakes its task.
     closing: OnceLock<Close>,
     kill: Notify,
@@ -118,20 +116,17 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(max_queue: usize) -> (Arc<Peer>, mpsc::UnboundedReceiver<Outgoing>) {
-        let (outbox, rx) = mpsc::unbounded_channel();
+    pub fn new(max_queue: usize) -> Arc<Peer> {
         let id = Uuid::new_v4();
         let peer = Peer {
             id,
             target: id.hyphenated().to_string().into_boxed_str(),
-            outbox,
-            queued: AtomicUsize::new(0),
-            max_queue,
+            outbox: Outbox::new(max_queue),
             closing: OnceLock::new(),
             kill: Notify::new(),
             state: Mutex::new(PeerState::default()),
         };
-        (Arc::new(peer), rx)
+        Arc::new(peer)
     }
 
     /// Queues a frame without waiting. A queue over its byte limit closes the connection
@@ -141,19 +136,14 @@ impl Peer {
     }
 
     fn enqueue(&self, item: Outgoing) -> bool {
-        let len = item.frame().len();
-        let queued = self.queued.fetch_add(len, Ordering::Relaxed) + len;
-        if queued > self.max_queue {
-            self.queued.fetch_sub(len, Ordering::Relaxed);
-            self.close(Close::SLOW_CONSUMER);
-            return false;
+        match self.outbox.push(item) {
+            Push::Queued => true,
+            Push::Full => {
+                self.close(Close::SLOW_CONSUMER);
+                false
+            }
+            Push::Closed => false,
         }
-        self.outbox.send(item).is_ok()
-    }
-
-    /// Called by the writer once a frame has left the queue.
-    pub fn written(&self, len: usize) {
-        self.queued.fetch_sub(len, Ordering::Relaxed);
     }
 
     /// Asks this connection's task to close it; the first reason wins.

@@ -10,6 +10,7 @@
 //! - [`protocol`]: the envelope, the outbound frames, the error codes.
 //! - [`events`]: one file per event type.
 //! - [`hub`]: who is connected: clients, groups, server pool.
+//! - [`outbox`]: a connection's bounded outbound queue.
 //! - [`auth`]: `SOCKET_AUTH` and bcrypt verification off the runtime.
 
 pub mod auth;
@@ -17,5 +18,6 @@ pub mod config;
 pub mod connection;
 pub mod events;
 pub mod hub;
+pub mod outbox;
 pub mod protocol;
 pub mod server;

@@ -10,13 +10,17 @@ use tokio::net::{TcpListener, TcpSocket};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // `hash` needs none of the server's options; don't let a bad SOCKET_* stop it.
+    if std::env::args().nth(1).as_deref() == Some("hash") {
+        return hash();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => return fail(&first_line(&e)),
+        Err(e) => return fail(&with_env_source(first_line(&e))),
     };
     if let Some(Command::Hash) = cli.command {
         return hash();
@@ -120,6 +124,25 @@ fn hash() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => fail(&format!("error: cannot hash the password: {e}")),
+    }
+}
+
+/// clap names the flag even when the bad value came from its environment variable; say so.
+fn with_env_source(message: String) -> String {
+    let Some(flag) = message
+        .split("'--")
+        .nth(1)
+        .and_then(|rest| rest.split([' ', '\'']).next())
+    else {
+        return message;
+    };
+    let on_command_line =
+        std::env::args().any(|a| a == format!("--{flag}") || a.starts_with(&format!("--{flag}=")));
+    let var = format!("SOCKET_{}", flag.replace('-', "_").to_ascii_uppercase());
+    if !on_command_line && std::env::var_os(&var).is_some() {
+        format!("{message} (from {var})")
+    } else {
+        message
     }
 }
 

@@ -36,6 +36,10 @@ use crate::config::Config;
 use crate::connection::{self, PeerInfo};
 use crate::hub::Hub;
 
+/// Initial read buffer of a WebSocket. Most inbound messages are small (a token, a notify);
+/// larger ones grow it as needed. It is memory every idle connection keeps.
+const READ_BUFFER: usize = 1024;
+
 /// What every task shares: configuration, the hub, the authenticator, the shutdown signal.
 pub struct Shared {
     pub config: Config,
@@ -212,7 +216,7 @@ async fn upgrade(
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(shared.config.max_message_size))
         .max_frame_size(Some(shared.config.max_message_size))
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0);
     let shared = Arc::clone(&shared);
     tokio::spawn(async move {
@@ -226,7 +230,9 @@ async fn upgrade(
                     Some(ws_config),
                 )
                 .await;
-                connection::serve(socket, shared, info).await;
+                // Boxed so the task holds only the connection's own state, not also the
+                // (larger, finished) upgrade state beside it.
+                Box::pin(connection::serve(socket, shared, info)).await;
             }
             Err(e) => debug!(%addr, error = %e, "upgrade failed"),
         }

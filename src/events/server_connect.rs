@@ -30,7 +30,8 @@ impl ServerConnect {
 
     pub async fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
         if let Some(password) = &self.password {
-            session.check_password(password).await;
+            // Boxed: bcrypt's future is large and rare; it must not size every connection.
+            Box::pin(session.check_password(password)).await;
         }
         if !session.admin {
             session.send(event_frame("server_connect", "false"));

@@ -315,7 +315,12 @@ impl Conn {
     /// frame comes first or the connection ends without one.
     pub async fn expect_close(&mut self) -> (u16, String) {
         match self.next_event(RECV_TIMEOUT).await {
-            Some(Event::Close(Some(close))) => close,
+            Some(Event::Close(Some(close))) => {
+                // Send the queued answering close frame now, completing the handshake as a
+                // well-behaved peer does, so the server need not wait for it.
+                let _ = timeout(SILENCE, self.ws.flush()).await;
+                close
+            }
             None => panic!("{}: no close frame within {RECV_TIMEOUT:?}", self.name),
             Some(other) => panic!("{}: expected a close frame, got {other:?}", self.name),
         }
