@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(&format!("error: {e}")),
     };
     init_logging(config.log_format);
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => return fail(&format!("error: cannot start the runtime: {e}")),
@@ -66,6 +67,15 @@ async fn listen(addr: &str) -> std::io::Result<TcpListener> {
         }
     }
     Err(last)
+}
+
+/// Every connection is a file descriptor; the usual soft limit (1024) would cap the server far
+/// below what the OS allows, so raise it to the hard limit.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

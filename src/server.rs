@@ -40,6 +40,10 @@ use crate::hub::Hub;
 /// larger ones grow it as needed. It is memory every idle connection keeps.
 const READ_BUFFER: usize = 1024;
 
+/// Frames are gathered up to this many bytes before a write to the socket, so a batch of
+/// queued frames costs one syscall instead of one each. A flush writes whatever is gathered.
+const WRITE_BUFFER: usize = 4 * 1024;
+
 /// What every task shares: configuration, the hub, the authenticator, the shutdown signal.
 pub struct Shared {
     pub config: Config,
@@ -217,7 +221,7 @@ async fn upgrade(
         .max_message_size(Some(shared.config.max_message_size))
         .max_frame_size(Some(shared.config.max_message_size))
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0);
+        .write_buffer_size(WRITE_BUFFER);
     let shared = Arc::clone(&shared);
     tokio::spawn(async move {
         let _slot = slot;
