@@ -13,26 +13,27 @@ use std::time::Instant;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tokio::time::{Duration, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info, info_span};
 
 use crate::events::{self, Flow, Session};
 use crate::hub::{Close, Outgoing, Peer};
 use crate::server::Shared;
 
-pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
+pub type Socket = WebSocketStream<TcpStream>;
 type Sink = SplitSink<Socket, Message>;
 type Stream = SplitStream<Socket>;
 
 /// How long the closing handshake may take before the socket is simply dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a peer that stopped reading gets to take our close frame before a reset.
+const ABORT_GRACE: Duration = Duration::from_millis(100);
 /// Most frames written before one flush.
 const WRITE_BATCH: usize = 64;
 /// Most bytes read and thrown away after closing for an oversized message, so the peer sees
@@ -89,7 +90,12 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
     }
     shared.hub.reforward(unsent);
     Box::pin(finish(sink, stream, end)).await;
-    debug!(?end, "disconnected");
+    match end {
+        End::Close { close, .. } if close == Close::SLOW_CONSUMER => {
+            info!(conn_id = %peer.target, "closed: slow consumer (outbound queue overflowed)");
+        }
+        _ => debug!(?end, "disconnected"),
+    }
 }
 
 async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBool) -> End {
@@ -206,6 +212,16 @@ async fn finish(mut sink: Sink, mut stream: Stream, end: End) {
         code: CloseCode::from(close.code),
         reason: close.reason.into(),
     };
+    if close == Close::SLOW_CONSUMER || close == Close::PING_TIMEOUT {
+        // The peer isn't taking bytes: a close frame would sit behind megabytes in the
+        // kernel's send buffer. Offer it briefly, then reset the connection so the kernel
+        // frees that buffer now rather than retrying for minutes.
+        let _ = timeout(ABORT_GRACE, sink.send(Message::Close(Some(frame)))).await;
+        if let Ok(socket) = sink.reunite(stream) {
+            let _ = socket.get_ref().set_zero_linger();
+        }
+        return;
+    }
     let _ = timeout(CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
     match end {
         End::Reject(_) => {

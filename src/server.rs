@@ -226,20 +226,26 @@ async fn upgrade(
     tokio::spawn(async move {
         let _slot = slot;
         let _token = token;
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let socket = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(ws_config),
-                )
-                .await;
-                // Boxed so the task holds only the connection's own state, not also the
-                // (larger, finished) upgrade state beside it.
-                Box::pin(connection::serve(socket, shared, info)).await;
-            }
-            Err(e) => debug!(%addr, error = %e, "upgrade failed"),
-        }
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => return debug!(%addr, error = %e, "upgrade failed"),
+        };
+        // Back to the plain TcpStream we gave hyper: no boxed trait object per connection,
+        // and the socket itself stays reachable (a slow consumer is reset, not lingered on).
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            return error!(%addr, "upgraded connection is not a TCP stream");
+        };
+        let stream = parts.io.into_inner();
+        let socket = if parts.read_buf.is_empty() {
+            WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config)).await
+        } else {
+            // Frames the client sent before it saw our 101.
+            let early = parts.read_buf.to_vec();
+            WebSocketStream::from_partially_read(stream, early, Role::Server, Some(ws_config)).await
+        };
+        // Boxed so the task holds only the connection's own state, not also the
+        // (larger, finished) upgrade state beside it.
+        Box::pin(connection::serve(socket, shared, info)).await;
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)

@@ -184,20 +184,38 @@ async fn reader(
     r
 }
 
-/// What a slow (never reading) client turned out to be after the run.
-async fn drain_slow(mut ws: Ws, stop: CancellationToken) -> (u64, Option<String>) {
+/// Sets SO_RCVBUF to its minimum on a slow client's socket.
+fn shrink_receive_buffer(stream: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 4096;
+    // SAFETY: a valid socket fd and a pointer to a c_int of the stated size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// What a slow (never reading) client turned out to be after the run: it reads what the
+/// server left for it (bounded in time) to find the close frame, or the reset that replaced
+/// it when the server gave up on a full socket.
+async fn drain_slow(mut ws: Ws, _stop: CancellationToken) -> (u64, Option<String>) {
     let mut frames = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let next = tokio::select! {
-            r = tokio::time::timeout(Duration::from_secs(2), ws.next()) => r,
-            _ = stop.cancelled() => return (frames, None),
+        let next = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(next) => next,
+            Err(_) => return (frames, None),
         };
         match next {
-            Err(_) => return (frames, None),
-            Ok(None) => return (frames, Some("connection ended (no close frame)".into())),
-            Ok(Some(Err(e))) => return (frames, Some(format!("error: {e}"))),
-            Ok(Some(Ok(Message::Close(f)))) => return (frames, Some(close_desc(f.as_ref()))),
-            Ok(Some(Ok(_))) => frames += 1,
+            None => return (frames, Some("connection ended (no close frame)".into())),
+            Some(Err(e)) => return (frames, Some(format!("error: {e}"))),
+            Some(Ok(Message::Close(f))) => return (frames, Some(close_desc(f.as_ref()))),
+            Some(Ok(_)) => frames += 1,
         }
     }
 }
@@ -266,6 +284,11 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
         readers.spawn(reader(c.ws, c.idx, exp, sh.clone(), done.clone()));
     }
     let slow: Vec<Acked> = slow_batch.map(|b| b.clients).unwrap_or_default();
+    // A slow reader on a real network has a small receive window; on loopback the kernel
+    // would otherwise buffer megabytes for it before the server's queue sees any pressure.
+    for c in &slow {
+        shrink_receive_buffer(c.ws.get_ref());
+    }
 
     // Send.
     let window = p.window();
