@@ -57,6 +57,21 @@ pub struct Shared {
     connections: AtomicUsize,
 }
 
+impl Shared {
+    /// The state of a server that has not started listening: empty hub, fresh authenticator.
+    /// `run` makes one; a fuzz target or an embedding can drive events against it directly.
+    pub fn new(config: Config) -> Shared {
+        Shared {
+            hub: Hub::new(config.pending_connects, config.pending_timeout),
+            auth: Authenticator::new(config.auth.clone()),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            connections: AtomicUsize::new(0),
+            config,
+        }
+    }
+}
+
 /// Serves on `listener` until `shutdown` resolves, then closes every connection with 1001
 /// and returns (within `--shutdown-timeout`).
 pub async fn run(
@@ -71,14 +86,7 @@ pub async fn run(
              output of `jssocket hash`."
         );
     }
-    let shared = Arc::new(Shared {
-        hub: Hub::new(config.pending_connects, config.pending_timeout),
-        auth: Authenticator::new(config.auth.clone()),
-        shutdown: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        connections: AtomicUsize::new(0),
-        config,
-    });
+    let shared = Arc::new(Shared::new(config));
     info!(addr = %listener.local_addr()?, "listening");
     tokio::spawn(expire_pending(Arc::clone(&shared)));
     let router = router(Arc::clone(&shared));
@@ -236,12 +244,17 @@ async fn upgrade(
             return error!(%addr, "upgraded connection is not a TCP stream");
         };
         let stream = parts.io.into_inner();
-        let socket = if parts.read_buf.is_empty() {
-            WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config)).await
-        } else {
+        // `read_buf` may share hyper's whole request buffer: copy out what we need and let it
+        // go now, not at the end of the connection.
+        let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
+        drop(parts.read_buf);
+        let socket = match early {
+            None => WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config)).await,
             // Frames the client sent before it saw our 101.
-            let early = parts.read_buf.to_vec();
-            WebSocketStream::from_partially_read(stream, early, Role::Server, Some(ws_config)).await
+            Some(early) => {
+                WebSocketStream::from_partially_read(stream, early, Role::Server, Some(ws_config))
+                    .await
+            }
         };
         // Boxed so the task holds only the connection's own state, not also the
         // (larger, finished) upgrade state beside it.

@@ -80,7 +80,12 @@ impl Session {
                 debug!("admin authenticated");
                 self.admin = true;
             }
-            verdict => warn!(?verdict, "admin authentication failed"),
+            verdict => warn!(
+                conn_id = %self.peer.target,
+                addr = %self.addr,
+                ?verdict,
+                "admin authentication failed"
+            ),
         }
     }
 
