@@ -94,6 +94,7 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
     Box::pin(finish(sink, stream, end)).await;
     match end {
         End::Close { close, .. } if close == Close::SLOW_CONSUMER => {
+            shared.metrics.slow_consumer_closes.inc();
             info!(conn_id = %peer.target, "closed: slow consumer (outbound queue overflowed)");
         }
         _ => debug!(?end, "disconnected"),

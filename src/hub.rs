@@ -1,14 +1,15 @@
-//! Who is connected: the client table, the groups, the server pool and the client connects
-//! waiting for a server. Every event and the HTTP API act through these methods.
+//! Who is connected: the client table, the groups, the channels' subscribers, the server pool
+//! and the client connects waiting for a server. Every event and the HTTP API act through these methods.
 //!
 //! The tables are concurrent maps (`DashMap`), so connections on different cores don't wait on
 //! one global lock; the server pool is one small `Mutex` because round robin needs a single
 //! cursor and it is touched only by `client_connect` and by servers coming and going.
 //!
-//! Lock order, to stay deadlock-free: a peer's `state` mutex may be held while a `groups`
-//! shard is locked, never the other way round; nothing is awaited while any lock is held.
+//! Lock order, to stay deadlock-free: a peer's `state` mutex may be held while a `groups` or
+//! `channels` shard is locked, never the other way round; nothing is awaited while any lock is held.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -92,9 +93,13 @@ pub struct PeerState {
     pub acknowledged: bool,
     /// The group it is a member of (its `user` at acknowledgement).
     pub group: Option<Arc<str>>,
+    /// The `user` given at acknowledgement (`None` when it was missing), for `users` filters.
+    pub user: Option<Arc<str>>,
     /// Roles and groups given at acknowledgement, for publish filters.
     pub roles: Vec<String>,
     pub groups: Vec<String>,
+    /// Channels it subscribed to, so closing removes it from each at once.
+    pub subscriptions: Vec<Arc<str>>,
     /// Removed from the hub; late events must not add it back.
     pub closed: bool,
 }
@@ -181,9 +186,42 @@ impl Peer {
 #[derive(Debug)]
 pub struct Acknowledgement {
     pub group: Arc<str>,
+    /// The `user` as given; `None` when missing or empty (the group is then `public`).
+    pub user: Option<Arc<str>>,
     pub roles: Vec<String>,
     pub groups: Vec<String>,
 }
+
+/// Who of a channel's subscribers a `publish` reaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    /// Every subscriber.
+    All,
+    /// Subscribers with one of these roles.
+    Roles(Vec<String>),
+    /// Subscribers in one of these groups.
+    Groups(Vec<String>),
+    /// Subscribers whose `user` is one of these.
+    Users(Vec<String>),
+}
+
+impl Filter {
+    fn admits(&self, state: &PeerState) -> bool {
+        let any_of = |wanted: &[String], have: &[String]| wanted.iter().any(|w| have.contains(w));
+        match self {
+            Filter::All => true,
+            Filter::Roles(roles) => any_of(roles, &state.roles),
+            Filter::Groups(groups) => any_of(groups, &state.groups),
+            Filter::Users(users) => state
+                .user
+                .as_deref()
+                .is_some_and(|user| users.iter().any(|u| u == user)),
+        }
+    }
+}
+
+/// Most channels one connection may subscribe to.
+pub const MAX_SUBSCRIPTIONS: usize = 256;
 
 /// What became of a `client_connect`.
 #[derive(Debug, PartialEq, Eq)]
@@ -224,6 +262,10 @@ pub struct Hub {
     clients: DashMap<Uuid, Arc<Peer>>,
     /// Group name → its members.
     groups: DashMap<Arc<str>, HashMap<Uuid, Arc<Peer>>>,
+    /// Channel name → its subscribers.
+    channels: DashMap<Arc<str>, HashMap<Uuid, Arc<Peer>>>,
+    /// Clients acknowledged and still open, for metrics.
+    acknowledged: AtomicUsize,
     pool: Mutex<ServerPool>,
     pending_limit: usize,
     pending_timeout: Duration,
@@ -234,6 +276,8 @@ impl Hub {
         Hub {
             clients: DashMap::new(),
             groups: DashMap::new(),
+            channels: DashMap::new(),
+            acknowledged: AtomicUsize::new(0),
             pool: Mutex::new(ServerPool::default()),
             pending_limit,
             pending_timeout,
@@ -277,9 +321,13 @@ impl Hub {
             .or_default()
             .insert(client.id, Arc::clone(&client));
         state.group = Some(ack.group);
+        state.user = ack.user;
         state.roles = ack.roles;
         state.groups = ack.groups;
-        state.acknowledged = true;
+        if !state.acknowledged {
+            state.acknowledged = true;
+            self.acknowledged.fetch_add(1, Ordering::Relaxed);
+        }
         drop(state);
         Some(client)
     }
@@ -400,9 +448,15 @@ impl Hub {
             let mut state = peer.state();
             state.closed = true;
             state.registered = false;
-            state.acknowledged = false;
+            if state.acknowledged {
+                state.acknowledged = false;
+                self.acknowledged.fetch_sub(1, Ordering::Relaxed);
+            }
             if let Some(group) = state.group.take() {
                 self.leave_group(&group, peer.id);
+            }
+            for channel in std::mem::take(&mut state.subscriptions) {
+                self.leave_channel(&channel, peer.id);
             }
         }
         let mut pool = self.pool();
@@ -434,12 +488,68 @@ impl Hub {
         }
     }
 
+    /// Subscribes a registered client to a channel (once).
+    pub fn subscribe(&self, peer: &Arc<Peer>, channel: &str) -> Result<(), ProtocolError> {
+        let mut state = peer.state();
+        if state.closed || !state.registered {
+            return Err(ProtocolError::Forbidden(
+                "subscribe needs a registered client: send client_connect first",
+            ));
+        }
+        if state.subscriptions.iter().any(|c| &**c == channel) {
+            return Ok(());
+        }
+        if state.subscriptions.len() >= MAX_SUBSCRIPTIONS {
+            return Err(ProtocolError::TooManySubscriptions(MAX_SUBSCRIPTIONS));
+        }
+        let channel: Arc<str> = Arc::from(channel);
+        self.channels
+            .entry(Arc::clone(&channel))
+            .or_default()
+            .insert(peer.id, Arc::clone(peer));
+        state.subscriptions.push(channel);
+        Ok(())
+    }
+
+    /// Unsubscribes; unsubscribing from a channel one is not in is not an error.
+    pub fn unsubscribe(&self, peer: &Arc<Peer>, channel: &str) {
+        let mut state = peer.state();
+        if let Some(i) = state.subscriptions.iter().position(|c| &**c == channel) {
+            state.subscriptions.swap_remove(i);
+            self.leave_channel(channel, peer.id);
+        }
+    }
+
+    fn leave_channel(&self, channel: &str, id: Uuid) {
+        self.channels.remove_if_mut(channel, |_, members| {
+            members.remove(&id);
+            members.is_empty()
+        });
+    }
+
+    /// Delivers `frame` to the subscribers of `channel` that `filter` admits.
+    pub fn publish(&self, channel: &str, filter: &Filter, frame: &Utf8Bytes) -> usize {
+        // Snapshot the subscribers first: a filter reads each one's state, and a peer's state
+        // lock must never be taken while a channel shard is held (see the lock order above).
+        let subscribers: Vec<Arc<Peer>> = match self.channels.get(channel) {
+            Some(members) => members.values().cloned().collect(),
+            None => return 0,
+        };
+        subscribers
+            .iter()
+            .filter(|peer| filter.admits(&peer.state()))
+            .filter(|peer| peer.send(frame.clone()))
+            .count()
+    }
+
     /// Counts for logs, metrics and tests.
     pub fn stats(&self) -> HubStats {
         let pool = self.pool();
         HubStats {
             clients: self.clients.len(),
+            acknowledged: self.acknowledged.load(Ordering::Relaxed),
             groups: self.groups.len(),
+            channels: self.channels.len(),
             servers: pool.servers.len(),
             pending: pool.pending.len(),
         }
@@ -449,7 +559,9 @@ impl Hub {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HubStats {
     pub clients: usize,
+    pub acknowledged: usize,
     pub groups: usize,
+    pub channels: usize,
     pub servers: usize,
     pub pending: usize,
 }

@@ -12,12 +12,16 @@
 //! - [`hub`]: who is connected: clients, groups, server pool.
 //! - [`outbox`]: a connection's bounded outbound queue.
 //! - [`auth`]: `SOCKET_AUTH` and bcrypt verification off the runtime.
+//! - [`api`]: the HTTP publish API (`POST /api/…`).
+//! - [`metrics`]: Prometheus metrics at `GET /metrics`.
 
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod events;
 pub mod hub;
+pub mod metrics;
 pub mod outbox;
 pub mod protocol;
 pub mod server;

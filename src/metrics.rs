@@ -6,7 +6,6 @@
 //! when scraped instead of being kept in step on every change.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -62,6 +61,8 @@ pub const ERROR_CODES: &[&str] = &[
     "no_server",
     "invalid_channel",
     "too_many_subscriptions",
+    "conflicting_filters",
+    "unauthorized",
     "other",
 ];
 
@@ -73,11 +74,6 @@ struct TypeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {
     code: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RoleLabel {
-    role: &'static str,
 }
 
 pub struct Metrics {
@@ -95,10 +91,14 @@ pub struct Metrics {
     pub admins: Gauge,
     /// Time from an event's arrival to its payload being queued for every recipient.
     pub fanout_seconds: Histogram,
-    by_role: Family<RoleLabel, Gauge<i64, AtomicI64>>,
+    /// Mirrors of the hub's tables, set when scraped.
+    clients: Gauge,
+    acknowledged: Gauge,
+    servers: Gauge,
+    groups: Gauge,
+    channels: Gauge,
+    pending_connects: Gauge,
 }
-
-type AtomicI64 = std::sync::atomic::AtomicI64;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -122,15 +122,27 @@ impl Metrics {
             "Frames queued to connections, by kind",
             sent_family.clone(),
         );
-        registry.register("errors", "Error events sent, by code", errors_family.clone());
+        registry.register(
+            "errors",
+            "Error events sent, by code",
+            errors_family.clone(),
+        );
         let received = labelled(&received_family, EVENT_TYPES, |t| TypeLabel { r#type: t });
         let sent = labelled(&sent_family, SENT_TYPES, |t| TypeLabel { r#type: t });
         let errors = labelled(&errors_family, ERROR_CODES, |c| CodeLabel { code: c });
 
         let bytes_received = Counter::default();
-        registry.register("bytes_received", "Bytes of messages received", bytes_received.clone());
+        registry.register(
+            "bytes_received",
+            "Bytes of messages received",
+            bytes_received.clone(),
+        );
         let bytes_sent = Counter::default();
-        registry.register("bytes_sent", "Bytes of frames queued to connections", bytes_sent.clone());
+        registry.register(
+            "bytes_sent",
+            "Bytes of frames queued to connections",
+            bytes_sent.clone(),
+        );
         let slow_consumer_closes = Counter::default();
         registry.register(
             "slow_consumer_closes",
@@ -144,14 +156,26 @@ impl Metrics {
             auth_failures.clone(),
         );
         let connections = Gauge::default();
-        registry.register("connections", "Open WebSocket connections", connections.clone());
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            connections.clone(),
+        );
         let admins = Gauge::default();
         registry.register("admins", "Open admin connections", admins.clone());
-        let by_role = Family::<RoleLabel, Gauge<i64, AtomicI64>>::default();
-        registry.register(
-            "hub",
-            "Hub tables: registered clients, acknowledged clients, servers, groups, channels, pending client connects",
-            by_role.clone(),
+        let mut gauge = |name: &str, help: &str| {
+            let gauge = Gauge::default();
+            registry.register(name, help, gauge.clone());
+            gauge
+        };
+        let clients = gauge("clients", "Registered clients (sent client_connect)");
+        let acknowledged = gauge("acknowledged_clients", "Clients acknowledged by a server");
+        let servers = gauge("servers", "Admin connections in the server pool");
+        let groups = gauge("groups", "Groups with at least one member");
+        let channels = gauge("channels", "Channels with at least one subscriber");
+        let pending_connects = gauge(
+            "pending_connects",
+            "client_connect messages waiting for a server",
         );
         let fanout_seconds = Histogram::new(exponential_buckets(0.000_01, 4.0, 10));
         registry.register(
@@ -171,7 +195,12 @@ impl Metrics {
             connections,
             admins,
             fanout_seconds,
-            by_role,
+            clients,
+            acknowledged,
+            servers,
+            groups,
+            channels,
+            pending_connects,
         }
     }
 
@@ -197,17 +226,15 @@ impl Metrics {
 
     /// The Prometheus text exposition, with the hub's current table sizes.
     pub fn render(&self, stats: HubStats) -> String {
-        for (role, value) in [
-            ("clients", stats.clients),
-            ("acknowledged", stats.acknowledged),
-            ("servers", stats.servers),
-            ("groups", stats.groups),
-            ("channels", stats.channels),
-            ("pending_connects", stats.pending),
+        for (gauge, value) in [
+            (&self.clients, stats.clients),
+            (&self.acknowledged, stats.acknowledged),
+            (&self.servers, stats.servers),
+            (&self.groups, stats.groups),
+            (&self.channels, stats.channels),
+            (&self.pending_connects, stats.pending),
         ] {
-            self.by_role
-                .get_or_create(&RoleLabel { role })
-                .set(value as i64);
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
@@ -217,7 +244,11 @@ impl Metrics {
     }
 }
 
-fn labelled<L, F>(family: &Family<L, Counter>, names: &[&'static str], label: F) -> HashMap<&'static str, Counter>
+fn labelled<L, F>(
+    family: &Family<L, Counter>,
+    names: &[&'static str],
+    label: F,
+) -> HashMap<&'static str, Counter>
 where
     L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
     F: Fn(&'static str) -> L,
@@ -234,9 +265,4 @@ fn count(counters: &HashMap<&'static str, Counter>, name: &str) {
     if let Some(counter) = counters.get(name).or_else(|| counters.get("other")) {
         counter.inc();
     }
-}
-
-#[allow(dead_code)]
-fn _assert_counter_is_u64(c: &Counter<u64, AtomicU64>) -> &Counter {
-    c
 }

@@ -38,6 +38,31 @@ pub enum ProtocolError {
     UnknownTarget(String),
     #[error("{0}")]
     NoServer(&'static str),
+    #[error("channel name must be 1 to {max} characters of A-Z a-z 0-9 . _ - : /", max = MAX_CHANNEL_LEN)]
+    InvalidChannel,
+    #[error("a connection may subscribe to at most {0} channels")]
+    TooManySubscriptions(usize),
+    #[error("publish takes at most one of roles, groups, users")]
+    ConflictingFilters,
+    #[error("admin password missing or wrong")]
+    Unauthorized,
+}
+
+/// Longest channel name.
+pub const MAX_CHANNEL_LEN: usize = 200;
+
+/// Checks a channel name: short, and characters that need no escaping anywhere.
+pub fn validate_channel(name: &str) -> Result<(), ProtocolError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_CHANNEL_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::InvalidChannel)
+    }
 }
 
 impl ProtocolError {
@@ -55,6 +80,10 @@ impl ProtocolError {
             ProtocolError::PolicyDenied(_) => "policy_denied",
             ProtocolError::UnknownTarget(_) => "unknown_target",
             ProtocolError::NoServer(_) => "no_server",
+            ProtocolError::InvalidChannel => "invalid_channel",
+            ProtocolError::TooManySubscriptions(_) => "too_many_subscriptions",
+            ProtocolError::ConflictingFilters => "conflicting_filters",
+            ProtocolError::Unauthorized => "unauthorized",
         }
     }
 
@@ -67,6 +96,8 @@ impl ProtocolError {
                 | ProtocolError::PolicyDenied(_)
                 | ProtocolError::UnknownTarget(_)
                 | ProtocolError::NoServer(_)
+                | ProtocolError::TooManySubscriptions(_)
+                | ProtocolError::Unauthorized
         )
     }
 

@@ -19,7 +19,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,10 +31,12 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{debug, error, info, warn};
 
+use crate::api;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::connection::{self, PeerInfo};
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 
 /// Initial read buffer of a WebSocket. Most inbound messages are small (a token, a notify);
 /// larger ones grow it as needed. It is memory every idle connection keeps.
@@ -49,6 +51,7 @@ pub struct Shared {
     pub config: Config,
     pub hub: Hub,
     pub auth: Authenticator,
+    pub metrics: Metrics,
     /// Cancelled when the server shuts down; every connection task watches it.
     pub shutdown: CancellationToken,
     /// Tracks WebSocket tasks so shutdown can wait for their close frames.
@@ -64,6 +67,7 @@ impl Shared {
         Shared {
             hub: Hub::new(config.pending_connects, config.pending_timeout),
             auth: Authenticator::new(config.auth.clone()),
+            metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             connections: AtomicUsize::new(0),
@@ -124,6 +128,8 @@ pub async fn run(
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/{event}", post(api::handle))
         .fallback(upgrade)
         .with_state(shared)
 }
@@ -154,6 +160,18 @@ async fn serve_http(stream: TcpStream, addr: SocketAddr, router: Router, shared:
 
 async fn healthz() -> &'static str {
     "OK\n"
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let body = shared.metrics.render(shared.hub.stats());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Every path but the HTTP routes: a WebSocket upgrade, or a clear refusal.
@@ -302,6 +320,7 @@ impl Slot {
             shared.connections.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
+        shared.metrics.connections.inc();
         Some(Slot(Arc::clone(shared)))
     }
 }
@@ -309,6 +328,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.connections.dec();
     }
 }
 

@@ -30,7 +30,9 @@ impl<'a> ClientConnect<'a> {
         let frame = event_frame("client_connect", &object_text(&data));
         let hub = &session.shared.hub;
         hub.register_client(&session.peer);
+        let len = frame.len();
         hub.forward_connect(&session.peer, frame)?;
+        session.shared.metrics.sent("client_connect", 1, len);
         Ok(Flow::Continue)
     }
 }

@@ -30,18 +30,18 @@ impl<'a> ClientConnected<'a> {
         let mut rest = data.object()?;
         let target = opt_string(rest.get("target").copied(), "target")?
             .ok_or(ProtocolError::MissingField("target"))?;
-        let group = match rest.shift_remove("user") {
-            Some(user) if !is_falsy(user) => {
-                opt_string(Some(user), "user")?.unwrap_or_else(|| PUBLIC_GROUP.to_string())
-            }
-            _ => PUBLIC_GROUP.to_string(),
+        let user: Option<Arc<str>> = match rest.shift_remove("user") {
+            Some(user) if !is_falsy(user) => opt_string(Some(user), "user")?.map(Arc::from),
+            _ => None,
         };
+        let group = user.clone().unwrap_or_else(|| Arc::from(PUBLIC_GROUP));
         let roles = opt_strings(rest.get("roles").copied(), "roles")?;
         let groups = opt_strings(rest.get("groups").copied(), "groups")?;
         Ok(ClientConnected {
             target,
             ack: Acknowledgement {
-                group: Arc::from(group),
+                group,
+                user,
                 roles,
                 groups,
             },
@@ -60,7 +60,12 @@ impl<'a> ClientConnected<'a> {
             .hub
             .acknowledge(&self.target, self.ack)
             .ok_or(ProtocolError::UnknownTarget(self.target))?;
-        client.send(event_frame("client_connected", &object_text(&self.rest)));
+        let frame = event_frame("client_connected", &object_text(&self.rest));
+        session
+            .shared
+            .metrics
+            .sent("client_connected", 1, frame.len());
+        client.send(frame);
         Ok(Flow::Continue)
     }
 }

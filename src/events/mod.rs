@@ -8,7 +8,9 @@ mod client_disconnect;
 mod notify_all;
 mod notify_client;
 mod notify_group;
+mod publish;
 mod server_connect;
+mod subscribe;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +30,9 @@ pub use client_connected::ClientConnected;
 pub use notify_all::NotifyAll;
 pub use notify_client::NotifyClient;
 pub use notify_group::NotifyGroup;
+pub use publish::Publish;
 pub use server_connect::ServerConnect;
+pub use subscribe::Subscribe;
 
 /// What the connection does after an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,18 +83,23 @@ impl Session {
             Verdict::Admin => {
                 debug!("admin authenticated");
                 self.admin = true;
+                self.shared.metrics.admins.inc();
             }
-            verdict => warn!(
-                conn_id = %self.peer.target,
-                addr = %self.addr,
-                ?verdict,
-                "admin authentication failed"
-            ),
+            verdict => {
+                self.shared.metrics.auth_failures.inc();
+                warn!(
+                    conn_id = %self.peer.target,
+                    addr = %self.addr,
+                    ?verdict,
+                    "admin authentication failed"
+                )
+            }
         }
     }
 
-    /// Queues a frame for this connection.
-    pub fn send(&self, frame: Utf8Bytes) {
+    /// Queues a reply of kind `kind` for this connection, counting it.
+    pub fn send_counted(&self, kind: &str, frame: Utf8Bytes) {
+        self.shared.metrics.sent(kind, 1, frame.len());
         self.peer.send(frame);
     }
 
@@ -125,14 +134,18 @@ impl Session {
     /// Acks `callback` to the sender when it is truthy (also when nothing was delivered).
     fn ack_callback(&self, callback: Option<&serde_json::value::RawValue>) {
         if let Some(callback) = callback.filter(|c| !is_falsy(c)) {
-            self.send(event_frame("callback", &compact(callback.get())));
+            self.send_counted(
+                "callback",
+                event_frame("callback", &compact(callback.get())),
+            );
         }
     }
 
     /// Answers bad input with an error event and closes a peer that keeps sending it.
     fn reject(&mut self, error: &ProtocolError, event: Option<&str>) -> Flow {
         debug!(code = error.code(), event, "rejected: {error}");
-        self.send(error.to_frame(event));
+        self.shared.metrics.error(error.code());
+        self.send_counted("error", error.to_frame(event));
         if !error.is_bad_input() {
             return Flow::Continue;
         }
@@ -149,12 +162,28 @@ impl Session {
     }
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        if self.admin {
+            self.shared.metrics.admins.dec();
+        }
+    }
+}
+
 /// Parses and applies one inbound message.
 pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
+    let started = Instant::now();
     let envelope = match Envelope::parse(message) {
         Ok(envelope) => envelope,
-        Err(error) => return session.reject(&error, None),
+        Err(error) => {
+            session.shared.metrics.received("other", message.len());
+            return session.reject(&error, None);
+        }
     };
+    session
+        .shared
+        .metrics
+        .received(&envelope.kind, message.len());
     let data = envelope.data;
     let result = match &*envelope.kind {
         "server_connect" => match ServerConnect::parse(data) {
@@ -167,11 +196,23 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         "notify_client" => NotifyClient::parse(data).and_then(|e| e.apply(session)),
         "notify_group" => NotifyGroup::parse(data).and_then(|e| e.apply(session)),
         "notify_all" => NotifyAll::parse(data).and_then(|e| e.apply(session)),
+        "subscribe" => Subscribe::parse(data, false).and_then(|e| e.apply(session)),
+        "unsubscribe" => Subscribe::parse(data, true).and_then(|e| e.apply(session)),
+        "publish" => Publish::parse(data).and_then(|e| e.apply(session)),
         _ => {
             debug!(kind = %envelope.kind, "unknown event ignored");
             Ok(Flow::Continue)
         }
     };
+    if matches!(
+        &*envelope.kind,
+        "notify_client" | "notify_group" | "notify_all" | "publish"
+    ) {
+        let metrics = &session.shared.metrics;
+        metrics
+            .fanout_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
     match result {
         Ok(flow) => flow,
         Err(error) => session.reject(&error, Some(&envelope.kind)),

@@ -2,8 +2,8 @@
 //! or not.
 
 use super::{Flow, Session};
-use crate::hub::Hub;
 use crate::protocol::{Data, ProtocolError, bare_frame};
+use crate::server::Shared;
 
 #[derive(Debug)]
 pub struct NotifyAll<'a> {
@@ -17,8 +17,11 @@ impl<'a> NotifyAll<'a> {
     }
 
     /// Delivers without checks (admins, the HTTP API); returns how many got it.
-    pub fn deliver(&self, hub: &Hub) -> usize {
-        hub.notify_all(&bare_frame(&self.payload.relay_text()))
+    pub fn deliver(&self, shared: &Shared) -> usize {
+        let frame = bare_frame(&self.payload.relay_text());
+        let n = shared.hub.notify_all(&frame);
+        shared.metrics.sent("notify_all", n, frame.len());
+        n
     }
 
     pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
@@ -27,7 +30,7 @@ impl<'a> NotifyAll<'a> {
                 "notify_all needs an admin connection",
             ));
         }
-        self.deliver(&session.shared.hub);
+        self.deliver(&session.shared);
         Ok(Flow::Continue)
     }
 }

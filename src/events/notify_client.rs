@@ -5,8 +5,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{Flow, Session};
-use crate::hub::Hub;
 use crate::protocol::{Data, ProtocolError, bare_frame, opt_string};
+use crate::server::Shared;
 
 #[derive(Debug)]
 pub struct NotifyClient<'a> {
@@ -37,9 +37,18 @@ impl<'a> NotifyClient<'a> {
     }
 
     /// Delivers without checks (admins, the HTTP API); returns how many got it.
-    pub fn deliver(&self, hub: &Hub, default_target: &str) -> usize {
+    pub fn deliver(&self, shared: &Shared, default_target: &str) -> usize {
         let target = self.target.as_deref().unwrap_or(default_target);
-        hub.notify_client(target, bare_frame(&self.payload.relay_text()))
+        let frame = bare_frame(&self.payload.relay_text());
+        let len = frame.len();
+        let n = shared.hub.notify_client(target, frame);
+        shared.metrics.sent("notify_client", n, len);
+        n
+    }
+
+    /// The HTTP API has no sender to default to: the target is required there.
+    pub fn has_target(&self) -> bool {
+        self.target.is_some()
     }
 
     pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
@@ -49,7 +58,7 @@ impl<'a> NotifyClient<'a> {
             .as_deref()
             .is_none_or(|t| t == &*session.peer.target);
         session.policy_allows(own)?;
-        self.deliver(&session.shared.hub, &session.peer.target);
+        self.deliver(&session.shared, &session.peer.target);
         session.ack_callback(self.callback);
         Ok(Flow::Continue)
     }

@@ -9,6 +9,7 @@ use super::client_connected::PUBLIC_GROUP;
 use super::{Flow, Session};
 use crate::hub::Hub;
 use crate::protocol::{Data, ProtocolError, bare_frame, opt_string};
+use crate::server::Shared;
 
 #[derive(Debug)]
 pub struct NotifyGroup<'a> {
@@ -43,9 +44,12 @@ impl<'a> NotifyGroup<'a> {
     }
 
     /// Delivers without checks (admins, the HTTP API); returns how many got it.
-    pub fn deliver(&self, hub: &Hub) -> usize {
-        let group = self.group(hub);
-        hub.notify_group(&group, &bare_frame(&self.payload.relay_text()))
+    pub fn deliver(&self, shared: &Shared) -> usize {
+        let group = self.group(&shared.hub);
+        let frame = bare_frame(&self.payload.relay_text());
+        let n = shared.hub.notify_group(&group, &frame);
+        shared.metrics.sent("notify_group", n, frame.len());
+        n
     }
 
     pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
@@ -53,7 +57,7 @@ impl<'a> NotifyGroup<'a> {
         let hub = &session.shared.hub;
         let own = session.peer.group().is_some_and(|g| g == self.group(hub));
         session.policy_allows(own)?;
-        self.deliver(hub);
+        self.deliver(&session.shared);
         session.ack_callback(self.callback);
         Ok(Flow::Continue)
     }

@@ -34,14 +34,14 @@ impl ServerConnect {
             Box::pin(session.check_password(password)).await;
         }
         if !session.admin {
-            session.send(event_frame("server_connect", "false"));
+            session.send_counted("server_connect", event_frame("server_connect", "false"));
             return Ok(Flow::Close(Close::NOT_ADMIN));
         }
         // Joining twice would double this server's round-robin share.
         if !session.in_pool {
             session.in_pool = session.shared.hub.join_pool(&session.peer);
         }
-        session.send(event_frame("server_connect", "true"));
+        session.send_counted("server_connect", event_frame("server_connect", "true"));
         Ok(Flow::Continue)
     }
 }

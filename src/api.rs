@@ -1,0 +1,134 @@
+//! The HTTP publish API, for backends that would rather not hold a socket:
+//! `POST /api/notify_client`, `/api/notify_group`, `/api/notify_all`, `/api/publish`, with the
+//! event's `data` as the JSON body. Authorised by the admin password in `Authorization: Bearer`
+//! or `auth:`; answers `{"delivered": N}`. The events' own parse and deliver code does the
+//! work, so a notification sent here is exactly one sent over a WebSocket.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::{Body, to_bytes};
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::value::RawValue;
+use tracing::warn;
+
+use crate::auth::Verdict;
+use crate::events::{NotifyAll, NotifyClient, NotifyGroup, Publish};
+use crate::protocol::{Data, ProtocolError};
+use crate::server::Shared;
+
+pub async fn handle(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    Path(event): Path<String>,
+    request: Request,
+) -> Response {
+    let event: &'static str = match event.as_str() {
+        "notify_client" => "notify_client",
+        "notify_group" => "notify_group",
+        "notify_all" => "notify_all",
+        "publish" => "publish",
+        _ => {
+            return (
+                StatusCode::NOT_FOUND,
+                "404: the API has notify_client, notify_group, notify_all and publish\n",
+            )
+                .into_response();
+        }
+    };
+    let Some(password) = password(request.headers()) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            &ProtocolError::Unauthorized,
+            event,
+        );
+    };
+    if shared.auth.verify(&password, addr.ip()).await != Verdict::Admin {
+        shared.metrics.auth_failures.inc();
+        warn!(%addr, "HTTP API: wrong admin password");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            &ProtocolError::Unauthorized,
+            event,
+        );
+    }
+    let limit = shared.config.max_message_size;
+    let body = match to_bytes(Body::new(request.into_body()), limit).await {
+        Ok(body) => body,
+        Err(_) => {
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("413: the body is over --max-message-size ({limit} bytes)\n"),
+            )
+                .into_response();
+        }
+    };
+    shared.metrics.received(event, body.len());
+    let started = std::time::Instant::now();
+    let delivered = deliver(&shared, event, &body);
+    shared
+        .metrics
+        .fanout_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match delivered {
+        Ok(delivered) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            format!("{{\"delivered\":{delivered}}}"),
+        )
+            .into_response(),
+        Err(e) => {
+            shared.metrics.error(e.code());
+            error(StatusCode::BAD_REQUEST, &e, event)
+        }
+    }
+}
+
+fn deliver(shared: &Shared, event: &str, body: &[u8]) -> Result<usize, ProtocolError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ProtocolError::InvalidJson("body is not UTF-8".into()))?;
+    let raw: &RawValue =
+        serde_json::from_str(text).map_err(|e| ProtocolError::InvalidJson(e.to_string()))?;
+    let data = Data(Some(raw));
+    match event {
+        "notify_client" => {
+            let event = NotifyClient::parse(data)?;
+            if !event.has_target() {
+                return Err(ProtocolError::MissingField("target"));
+            }
+            Ok(event.deliver(shared, ""))
+        }
+        "notify_group" => Ok(NotifyGroup::parse(data)?.deliver(shared)),
+        "notify_all" => Ok(NotifyAll::parse(data)?.deliver(shared)),
+        _ => Ok(Publish::parse(data)?.deliver(shared)),
+    }
+}
+
+/// The password from `Authorization: Bearer <password>` or `auth: <password>`.
+fn password(headers: &HeaderMap) -> Option<String> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string());
+    }
+    headers
+        .get("auth")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+/// `{"error":{"code":…,"message":…,"event":…}}` with the given status.
+fn error(status: StatusCode, error: &ProtocolError, event: &str) -> Response {
+    let frame = error.to_frame(Some(event));
+    // The WebSocket error event is {"type":"error","data":{…}}; the API answers {"error":{…}}.
+    let body = frame
+        .as_str()
+        .strip_prefix("{\"type\":\"error\",\"data\":")
+        .and_then(|rest| rest.strip_suffix('}'))
+        .map(|data| format!("{{\"error\":{data}}}"))
+        .unwrap_or_else(|| "{\"error\":{}}".to_string());
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}

@@ -1,0 +1,88 @@
+//! `publish`: an admin sends a payload to a channel's subscribers, all of them or only those
+//! with one of the given `roles`, in one of the `groups`, or whose `user` is listed. They
+//! receive `{"type":"publish","data":{"name":…,"data":…}}`.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{Flow, Session};
+use crate::hub::Filter;
+use crate::protocol::{
+    Data, ProtocolError, compact, event_frame, opt_string, opt_strings, push_json_string,
+    validate_channel,
+};
+use crate::server::Shared;
+
+#[derive(Debug)]
+pub struct Publish<'a> {
+    name: String,
+    payload: Option<&'a RawValue>,
+    filter: Filter,
+}
+
+#[derive(Deserialize, Default)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    roles: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    groups: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    users: Option<&'a RawValue>,
+}
+
+impl<'a> Publish<'a> {
+    pub fn parse(data: Data<'a>) -> Result<Publish<'a>, ProtocolError> {
+        let fields: Fields<'a> = data.fields()?;
+        let name = opt_string(fields.name, "name")?.ok_or(ProtocolError::MissingField("name"))?;
+        validate_channel(&name)?;
+        let present = |raw: Option<&RawValue>| raw.is_some_and(|r| r.get() != "null");
+        let filters = [fields.roles, fields.groups, fields.users]
+            .into_iter()
+            .filter(|f| present(*f))
+            .count();
+        if filters > 1 {
+            return Err(ProtocolError::ConflictingFilters);
+        }
+        let filter = if present(fields.roles) {
+            Filter::Roles(opt_strings(fields.roles, "roles")?)
+        } else if present(fields.groups) {
+            Filter::Groups(opt_strings(fields.groups, "groups")?)
+        } else if present(fields.users) {
+            Filter::Users(opt_strings(fields.users, "users")?)
+        } else {
+            Filter::All
+        };
+        Ok(Publish {
+            name,
+            payload: fields.data,
+            filter,
+        })
+    }
+
+    /// Delivers without checks (admins, the HTTP API); returns how many got it.
+    pub fn deliver(&self, shared: &Shared) -> usize {
+        let mut data = String::from("{\"name\":");
+        push_json_string(&mut data, &self.name);
+        data.push_str(",\"data\":");
+        data.push_str(&self.payload.map_or("null".into(), |p| compact(p.get())));
+        data.push('}');
+        let frame = event_frame("publish", &data);
+        let n = shared.hub.publish(&self.name, &self.filter, &frame);
+        shared.metrics.sent("publish", n, frame.len());
+        n
+    }
+
+    pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
+        if !session.admin {
+            return Err(ProtocolError::Forbidden(
+                "publish needs an admin connection",
+            ));
+        }
+        self.deliver(&session.shared);
+        Ok(Flow::Continue)
+    }
+}
