@@ -94,7 +94,7 @@ pub struct Options {
     #[arg(long, env = "SOCKET_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Redis URL for running several nodes as one relay (not yet supported).
+    /// Redis URL (redis://host:port/db): run as one node of a cluster of jssocket nodes.
     #[arg(long, env = "SOCKET_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -183,8 +183,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("--max-header-bytes must be at least 8192")]
     HeaderBytes,
-    #[error("--redis-url is not supported yet: clustering is not implemented in this version")]
-    RedisUnsupported,
+    #[error("--redis-url: {0}")]
+    RedisUrl(String),
 }
 
 impl Config {
@@ -220,8 +220,8 @@ impl Config {
         if o.max_header_bytes < 8192 {
             return Err(ConfigError::HeaderBytes);
         }
-        if o.redis_url.is_some() {
-            return Err(ConfigError::RedisUnsupported);
+        if let Some(url) = &o.redis_url {
+            redis::Client::open(url.as_str()).map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
         }
         let allowed_origins = o
             .allowed_origins

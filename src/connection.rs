@@ -91,6 +91,12 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
         unsent = Box::pin(flush(&mut sink, unsent)).await;
     }
     shared.hub.reforward(unsent);
+    if session.in_pool
+        && let Some(cluster) = &shared.cluster
+    {
+        // The other nodes must stop forwarding to this server now, not at the next heartbeat.
+        cluster.announce(&shared);
+    }
     Box::pin(finish(sink, stream, end)).await;
     match end {
         End::Close { close, .. } if close == Close::SLOW_CONSUMER => {

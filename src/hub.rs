@@ -193,7 +193,8 @@ pub struct Acknowledgement {
 }
 
 /// Who of a channel's subscribers a `publish` reaches.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Filter {
     /// Every subscriber.
     All,
@@ -394,15 +395,16 @@ impl Hub {
         true
     }
 
-    /// Forwards a client's `client_connect` to one server, round robin, or queues it while
-    /// there is none.
+    /// Forwards a client's `client_connect` to one local server, round robin; else to a
+    /// server elsewhere (`remote`, in a cluster); else queues it until a server joins.
     pub fn forward_connect(
         &self,
         client: &Arc<Peer>,
         frame: Utf8Bytes,
+        remote: impl FnOnce(&Arc<Peer>, Utf8Bytes) -> bool,
     ) -> Result<Forwarded, ProtocolError> {
         let mut pool = self.pool();
-        if forward(&mut pool, client, frame.clone()) {
+        if forward(&mut pool, client, frame.clone()) || remote(client, frame.clone()) {
             return Ok(Forwarded::Sent);
         }
         // A client that asks again replaces its waiting request.
@@ -419,6 +421,33 @@ impl Hub {
             since: Instant::now(),
         });
         Ok(Forwarded::Queued)
+    }
+
+    /// Takes every waiting client connect (a server joined elsewhere in the cluster).
+    pub fn take_pending(&self) -> Vec<(Arc<Peer>, Utf8Bytes)> {
+        let mut pool = self.pool();
+        pool.pending
+            .drain(..)
+            .filter_map(|p| Some((p.client.upgrade()?, p.frame)))
+            .collect()
+    }
+
+    /// The ids of this node's servers, for the cluster's heartbeat.
+    pub fn local_servers(&self) -> Vec<String> {
+        self.pool()
+            .servers
+            .iter()
+            .map(|s| s.target.to_string())
+            .collect()
+    }
+
+    /// One of this node's servers by id.
+    pub fn local_server(&self, target: &str) -> Option<Arc<Peer>> {
+        self.pool()
+            .servers
+            .iter()
+            .find(|s| &*s.target == target)
+            .cloned()
     }
 
     /// Answers the client connects that waited longer than the pending timeout with an
@@ -581,6 +610,11 @@ fn forward(pool: &mut ServerPool, client: &Arc<Peer>, frame: Utf8Bytes) -> bool 
         pool.servers.retain(|s| s.id != id);
     }
     false
+}
+
+/// Whether `target` has the form of a connection id (it may still name no connection).
+pub fn looks_like_id(target: &str) -> bool {
+    parse_target(target).is_some()
 }
 
 /// Ids are matched as the original relay did, as exact strings: only the lowercase

@@ -14,11 +14,15 @@
 //! - [`auth`]: `SOCKET_AUTH` and bcrypt verification off the runtime.
 //! - [`api`]: the HTTP publish API (`POST /api/…`).
 //! - [`metrics`]: Prometheus metrics at `GET /metrics`.
+//! - [`console`]: the built-in web console at `GET /console` (`--console on|off`).
+//! - [`cluster`]: the Redis backplane that makes several nodes one relay.
 
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod connection;
+pub mod console;
 pub mod events;
 pub mod hub;
 pub mod metrics;

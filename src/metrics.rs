@@ -91,6 +91,13 @@ pub struct Metrics {
     pub admins: Gauge,
     /// Time from an event's arrival to its payload being queued for every recipient.
     pub fanout_seconds: Histogram,
+    /// Cluster: subscribed to Redis (1) or not (0); live nodes including this one; messages
+    /// published to / applied from other nodes; messages dropped on a full backlog.
+    pub cluster_connected: Gauge,
+    pub cluster_nodes: Gauge,
+    pub cluster_published: Counter,
+    pub cluster_received: Counter,
+    pub cluster_dropped: Counter,
     /// Mirrors of the hub's tables, set when scraped.
     clients: Gauge,
     acknowledged: Gauge,
@@ -173,9 +180,32 @@ impl Metrics {
         let servers = gauge("servers", "Admin connections in the server pool");
         let groups = gauge("groups", "Groups with at least one member");
         let channels = gauge("channels", "Channels with at least one subscriber");
+        let cluster_connected = gauge(
+            "cluster_connected",
+            "1 when subscribed to Redis (cluster mode)",
+        );
+        let cluster_nodes = gauge("cluster_nodes", "Live cluster nodes, this one included");
         let pending_connects = gauge(
             "pending_connects",
             "client_connect messages waiting for a server",
+        );
+        let cluster_published = Counter::default();
+        registry.register(
+            "cluster_published",
+            "Messages published to the other nodes",
+            cluster_published.clone(),
+        );
+        let cluster_received = Counter::default();
+        registry.register(
+            "cluster_received",
+            "Messages from other nodes applied here",
+            cluster_received.clone(),
+        );
+        let cluster_dropped = Counter::default();
+        registry.register(
+            "cluster_dropped",
+            "Messages for other nodes dropped because the backlog was full during a Redis outage",
+            cluster_dropped.clone(),
         );
         let fanout_seconds = Histogram::new(exponential_buckets(0.000_01, 4.0, 10));
         registry.register(
@@ -195,6 +225,11 @@ impl Metrics {
             connections,
             admins,
             fanout_seconds,
+            cluster_connected,
+            cluster_nodes,
+            cluster_published,
+            cluster_received,
+            cluster_dropped,
             clients,
             acknowledged,
             servers,

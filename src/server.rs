@@ -33,8 +33,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::api;
 use crate::auth::Authenticator;
+use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::connection::{self, PeerInfo};
+use crate::console;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -52,6 +54,8 @@ pub struct Shared {
     pub hub: Hub,
     pub auth: Authenticator,
     pub metrics: Metrics,
+    /// The Redis backplane, with `--redis-url`; `None`: everything stays in this process.
+    pub cluster: Option<Arc<Cluster>>,
     /// Cancelled when the server shuts down; every connection task watches it.
     pub shutdown: CancellationToken,
     /// Tracks WebSocket tasks so shutdown can wait for their close frames.
@@ -68,6 +72,11 @@ impl Shared {
             hub: Hub::new(config.pending_connects, config.pending_timeout),
             auth: Authenticator::new(config.auth.clone()),
             metrics: Metrics::new(),
+            cluster: config
+                .redis_url
+                .as_deref()
+                .and_then(|url| Cluster::new(url).ok())
+                .map(Arc::new),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             connections: AtomicUsize::new(0),
@@ -93,6 +102,7 @@ pub async fn run(
     let shared = Arc::new(Shared::new(config));
     info!(addr = %listener.local_addr()?, "listening");
     tokio::spawn(expire_pending(Arc::clone(&shared)));
+    cluster::start(Arc::clone(&shared));
     let router = router(Arc::clone(&shared));
 
     tokio::pin!(shutdown);
@@ -130,6 +140,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/{event}", post(api::handle))
+        .merge(console::router())
         .fallback(upgrade)
         .with_state(shared)
 }

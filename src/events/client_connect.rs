@@ -31,7 +31,14 @@ impl<'a> ClientConnect<'a> {
         let hub = &session.shared.hub;
         hub.register_client(&session.peer);
         let len = frame.len();
-        hub.forward_connect(&session.peer, frame)?;
+        let shared = &session.shared;
+        // In a cluster, a node with no server of its own forwards to another node's.
+        hub.forward_connect(&session.peer, frame, |client, frame| {
+            shared
+                .cluster
+                .as_ref()
+                .is_some_and(|cluster| cluster.forward_remote(shared, client, frame))
+        })?;
         session.shared.metrics.sent("client_connect", 1, len);
         Ok(Flow::Continue)
     }

@@ -2,6 +2,7 @@
 //! or not.
 
 use super::{Flow, Session};
+use crate::cluster::Op;
 use crate::protocol::{Data, ProtocolError, bare_frame};
 use crate::server::Shared;
 
@@ -21,6 +22,10 @@ impl<'a> NotifyAll<'a> {
         let frame = bare_frame(&self.payload.relay_text());
         let n = shared.hub.notify_all(&frame);
         shared.metrics.sent("notify_all", n, frame.len());
+        if let Some(cluster) = &shared.cluster {
+            let frame = frame.as_str().to_string();
+            cluster.publish(shared, Op::NotifyAll { frame });
+        }
         n
     }
 

@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{Flow, Session};
+use crate::cluster::Op;
 use crate::protocol::{Data, ProtocolError, bare_frame, opt_string};
 use crate::server::Shared;
 
@@ -41,8 +42,16 @@ impl<'a> NotifyClient<'a> {
         let target = self.target.as_deref().unwrap_or(default_target);
         let frame = bare_frame(&self.payload.relay_text());
         let len = frame.len();
+        let cluster_frame = shared.cluster.as_ref().map(|_| frame.as_str().to_string());
         let n = shared.hub.notify_client(target, frame);
         shared.metrics.sent("notify_client", n, len);
+        // Not here: the node that has it (if any) delivers.
+        if n == 0
+            && let (Some(cluster), Some(frame)) = (&shared.cluster, cluster_frame)
+        {
+            let target = target.to_string();
+            cluster.publish(shared, Op::NotifyClient { target, frame });
+        }
         n
     }
 

@@ -7,7 +7,8 @@ use serde_json::value::RawValue;
 
 use super::client_connected::PUBLIC_GROUP;
 use super::{Flow, Session};
-use crate::hub::Hub;
+use crate::cluster::Op;
+use crate::hub::{Hub, looks_like_id};
 use crate::protocol::{Data, ProtocolError, bare_frame, opt_string};
 use crate::server::Shared;
 
@@ -43,12 +44,32 @@ impl<'a> NotifyGroup<'a> {
         hub.resolve_group(self.target.as_deref().unwrap_or(PUBLIC_GROUP))
     }
 
-    /// Delivers without checks (admins, the HTTP API); returns how many got it.
+    /// Delivers without checks (admins, the HTTP API); returns how many got it on this node.
     pub fn deliver(&self, shared: &Shared) -> usize {
-        let group = self.group(&shared.hub);
+        let target = self.target.as_deref().unwrap_or(PUBLIC_GROUP);
+        let local_group = shared.hub.client(target).and_then(|c| c.group());
+        let group = local_group
+            .clone()
+            .unwrap_or_else(|| std::sync::Arc::from(target));
         let frame = bare_frame(&self.payload.relay_text());
         let n = shared.hub.notify_group(&group, &frame);
         shared.metrics.sent("notify_group", n, frame.len());
+        if let Some(cluster) = &shared.cluster {
+            let frame = frame.as_str().to_string();
+            // An id of a connection on another node: only that node knows its group.
+            let op = if local_group.is_none() && looks_like_id(target) {
+                Op::NotifyGroupOf {
+                    target: target.to_string(),
+                    frame,
+                }
+            } else {
+                Op::NotifyGroup {
+                    group: group.to_string(),
+                    frame,
+                }
+            };
+            cluster.publish(shared, op);
+        }
         n
     }
 

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{Flow, Session};
+use crate::cluster::Op;
 use crate::hub::Filter;
 use crate::protocol::{
     Data, ProtocolError, compact, event_frame, opt_string, opt_strings, push_json_string,
@@ -73,6 +74,14 @@ impl<'a> Publish<'a> {
         let frame = event_frame("publish", &data);
         let n = shared.hub.publish(&self.name, &self.filter, &frame);
         shared.metrics.sent("publish", n, frame.len());
+        if let Some(cluster) = &shared.cluster {
+            let op = Op::Publish {
+                channel: self.name.clone(),
+                filter: self.filter.clone(),
+                frame: frame.as_str().to_string(),
+            };
+            cluster.publish(shared, op);
+        }
         n
     }
 

@@ -40,6 +40,9 @@ impl ServerConnect {
         // Joining twice would double this server's round-robin share.
         if !session.in_pool {
             session.in_pool = session.shared.hub.join_pool(&session.peer);
+            if let Some(cluster) = &session.shared.cluster {
+                cluster.announce(&session.shared);
+            }
         }
         session.send_counted("server_connect", event_frame("server_connect", "true"));
         Ok(Flow::Continue)

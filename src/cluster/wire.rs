@@ -1,0 +1,72 @@
+//! What nodes say to each other over Redis: one JSON object per message, tagged by `op`,
+//! carrying frames already encoded for the recipients.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hub::Filter;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Wire {
+    /// The sending node; a node ignores its own messages.
+    pub from: String,
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    NotifyAll {
+        frame: String,
+    },
+    NotifyClient {
+        target: String,
+        frame: String,
+    },
+    NotifyGroup {
+        group: String,
+        frame: String,
+    },
+    /// To the group of connection `target`, which only its own node knows.
+    NotifyGroupOf {
+        target: String,
+        frame: String,
+    },
+    Publish {
+        channel: String,
+        filter: Filter,
+        frame: String,
+    },
+    /// `client_connected` for a client on another node; `frame` is what the client receives.
+    Acknowledge {
+        target: String,
+        group: String,
+        user: Option<String>,
+        roles: Vec<String>,
+        groups: Vec<String>,
+        frame: String,
+    },
+    /// A `client_connect` for server `server` on node `node`.
+    Forward {
+        node: String,
+        server: String,
+        client: String,
+        frame: String,
+    },
+    /// Heartbeat: the sender is alive and has these servers.
+    Servers {
+        servers: Vec<String>,
+    },
+    /// The sender is shutting down.
+    Leaving,
+}
+
+impl Wire {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Wire> {
+        serde_json::from_slice(bytes).ok()
+    }
+}

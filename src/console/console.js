@@ -1,0 +1,693 @@
+// jssocket web console. Plain script, no framework, nothing loaded from elsewhere.
+//
+// The page is a client of this server's own WebSocket (/ws): it sends client_connect, can
+// subscribe to channels, and lists every frame that arrives. The admin panel sends publish and
+// notify_* through the HTTP API with the admin password, which lives only in the password
+// field (never stored, never put in a URL).
+//
+// Payloads are shown and sent as their raw JSON text (checked with JSON.parse, never
+// re-serialized), so key order and big numbers are exactly what the server relays.
+'use strict';
+
+(function () {
+  const CHANNEL = /^[A-Za-z0-9._:\/-]{1,200}$/;
+  const CHANNEL_RULE = 'A channel name is 1 to 200 characters of A-Z a-z 0-9 . _ - : /';
+  const MAX_MESSAGES = 1000;
+  const MAX_BACKOFF_MS = 15000;
+  // Envelopes the server itself sends to a client; anything else is a bare notify payload.
+  const SERVER_EVENTS = new Set([
+    'publish', 'subscribed', 'unsubscribed', 'client_connected', 'error', 'callback',
+  ]);
+
+  const $ = (id) => document.getElementById(id);
+
+  const state = {
+    ws: null,
+    backoff: 1000,
+    retryTimer: null,
+    registered: false,
+    acknowledged: false,
+    id: null,
+    roles: null,
+    groups: null,
+    ackNote: null,
+    // channel name -> 'pending' (sent, or waiting for the socket) | 'active' | 'leaving'
+    subscriptions: new Map(),
+    // names of subscribe/unsubscribe requests awaiting their answer, in order: the server
+    // answers one connection's requests in order, so an error matches the oldest one.
+    inflight: [],
+    messages: [], // { element, search }
+    seq: 0,
+  };
+
+  // ---------- raw JSON helpers ----------
+
+  function skipWs(s, i) {
+    while (i < s.length && (s[i] === ' ' || s[i] === '\n' || s[i] === '\r' || s[i] === '\t')) i++;
+    return i;
+  }
+
+  function skipString(s, i) {
+    i++;
+    while (i < s.length && s[i] !== '"') i += s[i] === '\\' ? 2 : 1;
+    return i + 1;
+  }
+
+  function skipValue(s, i) {
+    i = skipWs(s, i);
+    const c = s[i];
+    if (c === '"') return skipString(s, i);
+    if (c === '{' || c === '[') {
+      let depth = 0;
+      while (i < s.length) {
+        const d = s[i];
+        if (d === '"') { i = skipString(s, i); continue; }
+        if (d === '{' || d === '[') depth++;
+        else if (d === '}' || d === ']') { depth--; if (depth === 0) return i + 1; }
+        i++;
+      }
+      return i;
+    }
+    while (i < s.length && !' \n\r\t,}]'.includes(s[i])) i++;
+    return i;
+  }
+
+  // The raw text of member `key` of the JSON object text `s` (the last one, as JSON.parse).
+  function member(s, key) {
+    if (s === undefined) return undefined;
+    let i = skipWs(s, 0);
+    if (s[i] !== '{') return undefined;
+    i++;
+    let found;
+    while (i < s.length) {
+      i = skipWs(s, i);
+      if (s[i] === '}') break;
+      if (s[i] === ',') { i++; continue; }
+      const start = i;
+      i = skipString(s, i);
+      const name = JSON.parse(s.slice(start, i));
+      i = skipWs(s, i) + 1; // the ':'
+      const valueStart = skipWs(s, i);
+      i = skipValue(s, valueStart);
+      if (name === key) found = s.slice(valueStart, i);
+    }
+    return found;
+  }
+
+  // Re-indents valid JSON text without parsing its values.
+  function pretty(raw) {
+    let out = '';
+    let indent = 0;
+    let i = 0;
+    const newline = () => '\n' + '  '.repeat(indent);
+    while (i < raw.length) {
+      const c = raw[i];
+      if (c === '"') {
+        const end = skipString(raw, i);
+        out += raw.slice(i, end);
+        i = end;
+      } else if (c === ' ' || c === '\n' || c === '\r' || c === '\t') {
+        i++;
+      } else if (c === '{' || c === '[') {
+        const next = skipWs(raw, i + 1);
+        if (raw[next] === (c === '{' ? '}' : ']')) {
+          out += c + raw[next];
+          i = next + 1;
+        } else {
+          indent++;
+          out += c + newline();
+          i++;
+        }
+      } else if (c === '}' || c === ']') {
+        indent--;
+        out += newline() + c;
+        i++;
+      } else if (c === ',') {
+        out += ',' + newline();
+        i++;
+      } else if (c === ':') {
+        out += ': ';
+        i++;
+      } else {
+        let j = i;
+        while (j < raw.length && !' \n\r\t,:{}[]"'.includes(raw[j])) j++;
+        out += raw.slice(i, j);
+        i = j;
+      }
+    }
+    return out;
+  }
+
+  // ---------- connection panel ----------
+
+  function socketUrl() {
+    const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    return scheme + '//' + location.host + '/ws';
+  }
+
+  function setText(id, text, dataState) {
+    const el = $(id);
+    el.textContent = text;
+    if (dataState !== undefined) el.dataset.state = dataState;
+  }
+
+  function renderConnection() {
+    const ws = state.ws;
+    const open = ws && ws.readyState === WebSocket.OPEN;
+    if (!open) {
+      setText('registered', 'no: not connected', 'no');
+    } else if (state.registered) {
+      setText('registered', 'yes: client_connect sent', 'yes');
+    } else {
+      setText('registered', 'no: client_connect not sent yet', 'no');
+    }
+    if (state.acknowledged) {
+      setText('acknowledged', 'yes: a backend answered with client_connected', 'yes');
+      setText('connection-id', state.id || '(the answer named no target)');
+    } else if (open && state.registered) {
+      setText('acknowledged', 'no: registered but not acknowledged (no backend has answered)', 'waiting');
+      setText('connection-id', 'not acknowledged yet');
+    } else {
+      setText('acknowledged', 'no', 'no');
+      setText('connection-id', 'not acknowledged yet');
+    }
+    setText('roles', listText(state.roles));
+    setText('groups', listText(state.groups));
+    const note = $('ack-note');
+    if (state.ackNote) {
+      note.textContent = state.ackNote;
+      note.dataset.state = 'error';
+    } else {
+      note.textContent = note.dataset.default;
+      delete note.dataset.state;
+    }
+  }
+
+  function listText(value) {
+    if (!Array.isArray(value)) return '–';
+    return value.length ? value.join(', ') : '(none)';
+  }
+
+  function setStatus(text, stateName) {
+    setText('socket-status', text, stateName);
+  }
+
+  function connect() {
+    clearTimeout(state.retryTimer);
+    state.retryTimer = null;
+    if (state.ws) {
+      state.ws.onclose = null;
+      state.ws.close(1000);
+    }
+    resetSession();
+    const url = socketUrl();
+    $('ws-url').textContent = url;
+    setStatus('Connecting…', 'connecting');
+    let ws;
+    try {
+      ws = new WebSocket(url);
+    } catch (e) {
+      setStatus('Cannot open the WebSocket: ' + e.message, 'closed');
+      scheduleReconnect();
+      return;
+    }
+    state.ws = ws;
+    ws.onopen = () => {
+      state.backoff = 1000;
+      setStatus('Connected', 'open');
+      sendClientConnect();
+      for (const name of state.subscriptions.keys()) sendSubscribe(name, false);
+      renderSubscriptions();
+    };
+    ws.onmessage = (event) => {
+      if (typeof event.data === 'string') receive(event.data);
+      else event.data.text().then(receive);
+    };
+    ws.onclose = (event) => {
+      if (state.ws !== ws) return;
+      const reason = event.reason ? ' ' + event.reason : '';
+      resetSession();
+      scheduleReconnect('Disconnected (' + event.code + reason + ')');
+    };
+    renderConnection();
+  }
+
+  // Forgets what belonged to the old connection (its id, its acknowledgement). Subscriptions
+  // are kept and sent again when the next connection opens.
+  function resetSession() {
+    state.registered = false;
+    state.acknowledged = false;
+    state.id = null;
+    state.roles = null;
+    state.groups = null;
+    state.ackNote = null;
+    state.inflight = [];
+    for (const [name, s] of state.subscriptions) {
+      if (s === 'leaving') state.subscriptions.delete(name);
+      else state.subscriptions.set(name, 'pending');
+    }
+    renderConnection();
+    renderSubscriptions();
+  }
+
+  function scheduleReconnect(why) {
+    const delay = state.backoff;
+    state.backoff = Math.min(state.backoff * 2, MAX_BACKOFF_MS);
+    setStatus((why || 'Disconnected') + ': reconnecting in ' + Math.round(delay / 1000) + ' s', 'closed');
+    state.retryTimer = setTimeout(connect, delay);
+  }
+
+  function send(type, data) {
+    const ws = state.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    ws.send(JSON.stringify({ type: type, data: data }));
+    return true;
+  }
+
+  function sendClientConnect() {
+    const token = $('token').value;
+    if (send('client_connect', token ? { token: token } : {})) {
+      state.registered = true;
+      state.ackNote = null;
+    }
+    renderConnection();
+  }
+
+  // ---------- subscriptions ----------
+
+  function sendSubscribe(name, leave) {
+    if (send(leave ? 'unsubscribe' : 'subscribe', { name: name })) {
+      state.inflight.push(name);
+    }
+  }
+
+  function renderSubscriptions() {
+    const list = $('subscriptions');
+    list.replaceChildren();
+    for (const [name, s] of state.subscriptions) {
+      const item = document.createElement('li');
+      item.dataset.channel = name;
+      item.dataset.state = s;
+      const label = document.createElement('span');
+      label.className = 'channel mono';
+      label.textContent = name;
+      const badge = document.createElement('span');
+      badge.className = 'state';
+      badge.textContent = s === 'active' ? 'subscribed' : s === 'leaving' ? 'leaving…' : 'pending…';
+      const button = document.createElement('button');
+      button.type = 'button';
+      button.className = 'secondary small';
+      button.textContent = 'Unsubscribe';
+      button.setAttribute('aria-label', 'Unsubscribe from ' + name);
+      button.addEventListener('click', () => unsubscribe(name));
+      item.append(label, badge, button);
+      list.append(item);
+    }
+    $('no-subscriptions').hidden = state.subscriptions.size > 0;
+  }
+
+  function subscribe(event) {
+    event.preventDefault();
+    const input = $('channel');
+    const name = input.value.trim();
+    clearError(input);
+    if (!CHANNEL.test(name)) {
+      showError(input, name ? CHANNEL_RULE + '.' : 'Enter a channel name, e.g. foo.bar.');
+      return;
+    }
+    if (state.subscriptions.has(name) && state.subscriptions.get(name) !== 'leaving') {
+      showError(input, 'Already subscribed to ' + name + '.');
+      return;
+    }
+    state.subscriptions.set(name, 'pending');
+    sendSubscribe(name, false);
+    input.value = '';
+    renderSubscriptions();
+  }
+
+  function unsubscribe(name) {
+    const ws = state.ws;
+    if (ws && ws.readyState === WebSocket.OPEN) {
+      state.subscriptions.set(name, 'leaving');
+      sendSubscribe(name, true);
+    } else {
+      state.subscriptions.delete(name);
+    }
+    renderSubscriptions();
+    $('channel').focus();
+  }
+
+  // ---------- messages ----------
+
+  function receive(text) {
+    let value;
+    try {
+      value = JSON.parse(text);
+    } catch (e) {
+      addMessage('text', null, text, false);
+      return;
+    }
+    const isEvent = value !== null && typeof value === 'object' && !Array.isArray(value) &&
+      typeof value.type === 'string' && SERVER_EVENTS.has(value.type);
+    if (!isEvent) {
+      // notify_client / notify_group / notify_all deliver the bare payload.
+      addMessage('notify', null, text, true);
+      return;
+    }
+    const data = value.data;
+    const rawData = member(text, 'data');
+    switch (value.type) {
+      case 'publish': {
+        const name = data && typeof data.name === 'string' ? data.name : '?';
+        addMessage('publish', name, member(rawData, 'data') || 'null', true);
+        return;
+      }
+      case 'subscribed':
+      case 'unsubscribed': {
+        state.inflight.shift();
+        const name = data && data.name;
+        if (value.type === 'subscribed' && state.subscriptions.has(name)) {
+          state.subscriptions.set(name, 'active');
+        } else if (value.type === 'unsubscribed' && state.subscriptions.get(name) === 'leaving') {
+          state.subscriptions.delete(name);
+        }
+        renderSubscriptions();
+        break;
+      }
+      case 'client_connected':
+        state.acknowledged = true;
+        state.ackNote = null;
+        if (data && typeof data.target === 'string') state.id = data.target;
+        state.roles = data && Array.isArray(data.roles) ? data.roles : [];
+        state.groups = data && Array.isArray(data.groups) ? data.groups : [];
+        renderConnection();
+        break;
+      case 'error':
+        onError(data || {});
+        break;
+      default:
+        break;
+    }
+    addMessage(value.type, null, rawData === undefined ? 'null' : rawData, true);
+  }
+
+  function onError(error) {
+    const event = error.event;
+    if (event === 'subscribe' || event === 'unsubscribe') {
+      const name = state.inflight.shift();
+      if (name !== undefined) {
+        if (event === 'subscribe') state.subscriptions.delete(name);
+        else state.subscriptions.set(name, 'active');
+        renderSubscriptions();
+        showError($('channel'), (event === 'subscribe' ? 'Could not subscribe to ' : 'Could not unsubscribe from ') +
+          name + ': ' + error.message);
+      }
+    } else if (event === 'client_connect') {
+      state.ackNote = 'The server answered client_connect with ' + error.code + ': ' + error.message;
+      renderConnection();
+    }
+  }
+
+  function two(n) { return String(n).padStart(2, '0'); }
+
+  function clock(date) {
+    return two(date.getHours()) + ':' + two(date.getMinutes()) + ':' + two(date.getSeconds()) +
+      '.' + String(date.getMilliseconds()).padStart(3, '0');
+  }
+
+  function addMessage(kind, channel, raw, isJson) {
+    const now = new Date();
+    const body = isJson ? pretty(raw) : raw;
+    const item = document.createElement('li');
+    item.className = 'message';
+    item.dataset.kind = kind;
+    item.dataset.seq = String(++state.seq);
+    if (channel !== null) item.dataset.channel = channel;
+
+    const head = document.createElement('div');
+    head.className = 'message-head';
+    const time = document.createElement('time');
+    time.dateTime = now.toISOString();
+    time.textContent = clock(now);
+    const badge = document.createElement('span');
+    badge.className = 'kind';
+    badge.textContent = kind;
+    head.append(time, badge);
+    if (channel !== null) {
+      const name = document.createElement('span');
+      name.className = 'channel mono';
+      name.textContent = channel;
+      head.append(name);
+    }
+    const pre = document.createElement('pre');
+    pre.className = 'payload';
+    pre.textContent = body;
+    item.append(head, pre);
+
+    const entry = { element: item, search: (kind + ' ' + (channel || '') + ' ' + body).toLowerCase() };
+    state.messages.push(entry);
+    item.hidden = !matches(entry, filterText());
+    $('messages').prepend(item);
+    while (state.messages.length > MAX_MESSAGES) state.messages.shift().element.remove();
+    renderCount();
+  }
+
+  function filterText() {
+    return $('message-filter').value.trim().toLowerCase();
+  }
+
+  function matches(entry, filter) {
+    return !filter || entry.search.includes(filter);
+  }
+
+  function applyFilter() {
+    const filter = filterText();
+    for (const entry of state.messages) entry.element.hidden = !matches(entry, filter);
+    renderCount();
+  }
+
+  function renderCount() {
+    const total = state.messages.length;
+    const shown = state.messages.filter((m) => !m.element.hidden).length;
+    $('message-count').textContent = total === 0 ? '' :
+      shown === total ? '(' + total + ')' : '(' + shown + ' of ' + total + ' shown)';
+    const empty = $('no-messages');
+    empty.hidden = shown > 0;
+    empty.textContent = total === 0 ?
+      'No messages yet. Subscribe to a channel, then publish to it.' :
+      'No message matches the filter.';
+  }
+
+  function clearMessages() {
+    for (const entry of state.messages) entry.element.remove();
+    state.messages = [];
+    renderCount();
+  }
+
+  // ---------- field errors ----------
+
+  function showError(field, message) {
+    const error = $(field.id + '-error');
+    error.textContent = message;
+    error.hidden = false;
+    field.setAttribute('aria-invalid', 'true');
+  }
+
+  function clearError(field) {
+    const error = $(field.id + '-error');
+    if (error) {
+      error.textContent = '';
+      error.hidden = true;
+    }
+    field.removeAttribute('aria-invalid');
+  }
+
+  // Checks a payload box: returns its raw JSON text, or null after showing why not.
+  function payloadOf(field) {
+    const raw = field.value.trim();
+    if (!raw) {
+      showError(field, 'The payload is empty: enter JSON, for example {} or "text". Nothing was sent.');
+      return null;
+    }
+    try {
+      JSON.parse(raw);
+    } catch (e) {
+      showError(field, 'Not valid JSON (' + e.message + '). Nothing was sent.');
+      return null;
+    }
+    return raw;
+  }
+
+  function commaList(field) {
+    return field.value.split(',').map((s) => s.trim()).filter((s) => s.length > 0);
+  }
+
+  // ---------- admin panel ----------
+
+  // Builds the request body of an admin form: { body } or { invalid: [fields] }.
+  function buildBody(form) {
+    const invalid = [];
+    const check = (ok, field) => { if (!ok) invalid.push(field); };
+    switch (form.dataset.event) {
+      case 'publish': {
+        const nameField = $('publish-name');
+        const name = nameField.value.trim();
+        if (!CHANNEL.test(name)) {
+          showError(nameField, name ? CHANNEL_RULE + '.' : 'Enter the channel to publish to.');
+          invalid.push(nameField);
+        }
+        const payloadField = $('publish-payload');
+        const payload = payloadOf(payloadField);
+        check(payload !== null, payloadField);
+        const filters = ['roles', 'groups', 'users']
+          .map((key) => [key, commaList($('publish-' + key))])
+          .filter(([, list]) => list.length > 0);
+        if (filters.length > 1) {
+          const fieldset = form.querySelector('.filters');
+          $('publish-filter-error').textContent =
+            'Fill at most one filter: the server takes one of roles, groups or users.';
+          $('publish-filter-error').hidden = false;
+          invalid.push($('publish-' + filters[0][0]));
+          fieldset.dataset.invalid = 'true';
+        }
+        if (invalid.length) return { invalid: invalid };
+        let body = '{"name":' + JSON.stringify(name) + ',"data":' + payload;
+        for (const [key, list] of filters) body += ',' + JSON.stringify(key) + ':' + JSON.stringify(list);
+        return { body: body + '}' };
+      }
+      case 'notify_client': {
+        const targetField = $('notify-client-target');
+        const target = targetField.value.trim();
+        if (!target) {
+          showError(targetField, 'Enter the connection id to notify.');
+          invalid.push(targetField);
+        }
+        const payloadField = $('notify-client-payload');
+        const payload = payloadOf(payloadField);
+        check(payload !== null, payloadField);
+        if (invalid.length) return { invalid: invalid };
+        return { body: '{"target":' + JSON.stringify(target) + ',"data":' + payload + '}' };
+      }
+      case 'notify_group': {
+        const target = $('notify-group-target').value.trim();
+        const payloadField = $('notify-group-payload');
+        const payload = payloadOf(payloadField);
+        if (payload === null) return { invalid: [payloadField] };
+        const targetPart = target ? '"target":' + JSON.stringify(target) + ',' : '';
+        return { body: '{' + targetPart + '"data":' + payload + '}' };
+      }
+      default: {
+        const payloadField = $('notify-all-payload');
+        const payload = payloadOf(payloadField);
+        if (payload === null) return { invalid: [payloadField] };
+        return { body: payload };
+      }
+    }
+  }
+
+  function resetFormErrors(form) {
+    for (const field of form.querySelectorAll('input, textarea')) clearError(field);
+    const filterError = $('publish-filter-error');
+    if (form.contains(filterError)) {
+      filterError.hidden = true;
+      delete form.querySelector('.filters').dataset.invalid;
+    }
+  }
+
+  function showResult(form, text, kind) {
+    const output = form.querySelector('output');
+    output.textContent = text;
+    output.dataset.state = kind;
+  }
+
+  async function submitAdmin(event) {
+    event.preventDefault();
+    const form = event.currentTarget;
+    const event_ = form.dataset.event;
+    resetFormErrors(form);
+    clearError($('password'));
+    showResult(form, '', 'idle');
+    const built = buildBody(form);
+    const password = $('password').value;
+    if (!built.invalid && !password) {
+      showError($('password'), 'Enter the admin password first. Nothing was sent.');
+      built.invalid = [$('password')];
+    }
+    if (built.invalid) {
+      showResult(form, 'Not sent: fix the marked field.', 'error');
+      built.invalid[0].focus();
+      return;
+    }
+    const button = form.querySelector('button[type=submit]');
+    button.disabled = true;
+    showResult(form, 'Sending…', 'pending');
+    try {
+      const response = await fetch('/api/' + event_, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json', 'Authorization': 'Bearer ' + password },
+        body: built.body,
+        cache: 'no-store',
+        credentials: 'omit',
+        redirect: 'error',
+      });
+      const text = await response.text();
+      let answer = null;
+      try { answer = JSON.parse(text); } catch (e) { /* a plain-text answer */ }
+      if (response.ok && answer && typeof answer.delivered === 'number') {
+        const n = answer.delivered;
+        showResult(form, 'Delivered to ' + n + (n === 1 ? ' connection' : ' connections') +
+          ' (HTTP ' + response.status + ')', 'ok');
+      } else if (answer && answer.error) {
+        showResult(form, 'HTTP ' + response.status + ' ' + answer.error.code + ': ' + answer.error.message, 'error');
+      } else {
+        showResult(form, 'HTTP ' + response.status + ': ' + text.trim(), response.ok ? 'ok' : 'error');
+      }
+    } catch (e) {
+      showResult(form, 'Not sent: ' + e.message, 'error');
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // ---------- wiring ----------
+
+  function init() {
+    const note = $('ack-note');
+    note.dataset.default = note.textContent.replace(/\s+/g, ' ').trim();
+
+    $('connect-form').addEventListener('submit', (event) => {
+      event.preventDefault();
+      if (state.ws && state.ws.readyState === WebSocket.OPEN) sendClientConnect();
+      else connect();
+    });
+    $('reconnect').addEventListener('click', () => { state.backoff = 1000; connect(); });
+    $('subscribe-form').addEventListener('submit', subscribe);
+    $('channel').addEventListener('input', () => clearError($('channel')));
+    $('forget-password').addEventListener('click', () => {
+      $('password').value = '';
+      $('password').focus();
+    });
+    $('password').addEventListener('input', () => clearError($('password')));
+    for (const form of document.querySelectorAll('form.admin-form')) {
+      form.addEventListener('submit', submitAdmin);
+      for (const field of form.querySelectorAll('input, textarea')) {
+        field.addEventListener('input', () => clearError(field));
+      }
+      for (const area of form.querySelectorAll('textarea')) {
+        area.addEventListener('keydown', (event) => {
+          if (event.key === 'Enter' && (event.ctrlKey || event.metaKey)) {
+            event.preventDefault();
+            form.requestSubmit();
+          }
+        });
+      }
+    }
+    $('message-filter').addEventListener('input', applyFilter);
+    $('clear-messages').addEventListener('click', clearMessages);
+    renderSubscriptions();
+    renderCount();
+    connect();
+  }
+
+  init();
+})();
