@@ -127,6 +127,9 @@ pub struct Ctx {
     pub per_source: usize,
     pub ack_timeout: Duration,
     next_conn: AtomicUsize,
+    /// Other servers clients are spread over, beside `target` (`--client-url`).
+    pub client_targets: Vec<Target>,
+    next_client: AtomicUsize,
 }
 
 impl Ctx {
@@ -147,6 +150,17 @@ impl Ctx {
             per_source: per_source.max(1),
             ack_timeout,
             next_conn: AtomicUsize::new(0),
+            client_targets: Vec::new(),
+            next_client: AtomicUsize::new(0),
+        }
+    }
+
+    /// Where the next client connects: `target` and the `--client-url`s in turn.
+    fn client_target(&self) -> &Target {
+        let n = self.client_targets.len() + 1;
+        match self.next_client.fetch_add(1, Ordering::Relaxed) % n {
+            0 => &self.target,
+            i => &self.client_targets[i - 1],
         }
     }
 
@@ -161,6 +175,8 @@ impl Ctx {
             per_source: self.per_source,
             ack_timeout: self.ack_timeout,
             next_conn: AtomicUsize::new(0),
+            client_targets: Vec::new(),
+            next_client: AtomicUsize::new(0),
         }
     }
 
@@ -252,7 +268,12 @@ fn bind_address_no_port(sock: &TcpSocket) {
 
 /// Opens a WebSocket to the target from the next source address; with `auth`, as an admin.
 pub async fn open_ws(ctx: &Ctx, auth: Option<&str>) -> Result<Ws, ConnErr> {
-    let sock = if ctx.target.addr.is_ipv4() {
+    let target = if auth.is_some() {
+        &ctx.target
+    } else {
+        ctx.client_target()
+    };
+    let sock = if target.addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
         TcpSocket::new_v6()
@@ -262,10 +283,9 @@ pub async fn open_ws(ctx: &Ctx, auth: Option<&str>) -> Result<Ws, ConnErr> {
         bind_address_no_port(&sock);
         sock.bind(src).map_err(ConnErr::Tcp)?;
     }
-    let stream = sock.connect(ctx.target.addr).await.map_err(ConnErr::Tcp)?;
+    let stream = sock.connect(target.addr).await.map_err(ConnErr::Tcp)?;
     stream.set_nodelay(true).map_err(ConnErr::Tcp)?;
-    let mut request = ctx
-        .target
+    let mut request = target
         .url
         .as_str()
         .into_client_request()

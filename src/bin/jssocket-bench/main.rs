@@ -47,6 +47,10 @@ struct Global {
         default_value = "ws://127.0.0.1:80/ws"
     )]
     url: String,
+    /// More servers for the clients (repeatable): clients are spread round robin over
+    /// `--url` and these, while the admin stays on `--url` (a cluster's nodes, say).
+    #[arg(long = "client-url", global = true)]
+    client_urls: Vec<String>,
     /// Admin password, sent as the `auth` upgrade header.
     #[arg(
         long,
@@ -302,14 +306,20 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
              raise the hard limit (ulimit -Hn) first"
         );
     }
-    let ctx = Arc::new(Ctx::new(
+    let mut client_targets = Vec::new();
+    for url in &g.client_urls {
+        client_targets.push(Target::resolve(url).await?);
+    }
+    let mut ctx = Ctx::new(
         target,
         g.auth.clone(),
         g.server_pid,
         g.concurrency as usize,
         g.per_source as usize,
         Duration::from_secs_f64(g.ack_timeout),
-    ));
+    );
+    ctx.client_targets = client_targets;
+    let ctx = Arc::new(ctx);
     let timeout = Duration::from_secs_f64(g.timeout);
     {
         let stop = ctx.stop.clone();
