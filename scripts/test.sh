@@ -68,8 +68,33 @@ ensure_tools() {
     ensure_pkg timeout coreutils
     # Later steps add their needs here, for example:
     #   ensure_pkg redis-server
-    #   ensure_pkg chromium
-    #   ensure_pkg npm nodejs npm && (cd web && npm ci)
+    # (chromium, node and npm: console_test ensures them, so that only its step fails.)
+}
+
+# console_test: the web console's end-to-end test (tests/console): the built binary, Debian's
+# chromium driven by playwright-core from npm (no browser download). Installs what it needs;
+# when it cannot, the step fails saying what to install (it never skips).
+console_test() {
+    (ensure_pkg node nodejs && ensure_pkg npm npm) || {
+        printf 'error: the console test needs Node.js 20+ and npm: install nodejs and npm\n' >&2
+        return 1
+    }
+    local major
+    major="$(node -p 'process.versions.node.split(".")[0]')"
+    if [ "${major:-0}" -lt 20 ]; then
+        printf 'error: the console test needs Node.js 20+ (found %s): install nodejs 20 or newer\n' \
+            "$(node --version)" >&2
+        return 1
+    fi
+    (ensure_pkg chromium) || {
+        printf 'error: the console test needs a browser: install the chromium package (apt-get install chromium)\n' >&2
+        return 1
+    }
+    if [ ! -d tests/console/node_modules/playwright-core ]; then
+        npm ci --prefix tests/console --no-audit --no-fund </dev/null || return 1
+    fi
+    cargo build --locked --bin jssocket || return 1
+    CHROMIUM="$(command -v chromium)" bounded node --test tests/console/console.test.mjs
 }
 
 FAILED=()
@@ -125,6 +150,7 @@ main() {
                 bounded cargo test --all-targets --locked --no-fail-fast || true
         # --all-targets leaves out doctests; they run here.
         step "cargo test --doc" bounded cargo test --doc --locked || true
+        step "console browser test (node --test tests/console)" console_test || true
     fi
 
     if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -88,14 +88,16 @@ mod tests {
     use tower::ServiceExt;
 
     async fn get(console: bool, path: &str) -> Response {
-        let mut config = Config::default();
-        config.console = console;
+        let config = Config {
+            console,
+            ..Config::default()
+        };
         let app = router().with_state(Arc::new(Shared::new(config)));
         let request = Request::get(path).body(Body::empty()).unwrap();
         app.oneshot(request).await.unwrap()
     }
 
-    fn header<'a>(response: &'a Response, name: header::HeaderName) -> &'a str {
+    fn header(response: &Response, name: header::HeaderName) -> &str {
         response.headers()[name].to_str().unwrap()
     }
 

@@ -162,10 +162,10 @@
       setText('registered', 'no: client_connect not sent yet', 'no');
     }
     if (state.acknowledged) {
-      setText('acknowledged', 'yes: a backend answered with client_connected', 'yes');
+      setText('acknowledged', 'yes: client_connected received', 'yes');
       setText('connection-id', state.id || '(the answer named no target)');
     } else if (open && state.registered) {
-      setText('acknowledged', 'no: registered but not acknowledged (no backend has answered)', 'waiting');
+      setText('acknowledged', 'not yet: no backend has answered', 'waiting');
       setText('connection-id', 'not acknowledged yet');
     } else {
       setText('acknowledged', 'no', 'no');
@@ -197,6 +197,7 @@
     state.retryTimer = null;
     if (state.ws) {
       state.ws.onclose = null;
+      state.ws.onmessage = null;
       state.ws.close(1000);
     }
     resetSession();
@@ -283,6 +284,9 @@
 
   function renderSubscriptions() {
     const list = $('subscriptions');
+    // Re-rendering replaces the buttons: keep keyboard focus on the same channel's button.
+    const focused = list.contains(document.activeElement) ?
+      document.activeElement.closest('li').dataset.channel : null;
     list.replaceChildren();
     for (const [name, s] of state.subscriptions) {
       const item = document.createElement('li');
@@ -302,6 +306,7 @@
       button.addEventListener('click', () => unsubscribe(name));
       item.append(label, badge, button);
       list.append(item);
+      if (name === focused) button.focus();
     }
     $('no-subscriptions').hidden = state.subscriptions.size > 0;
   }

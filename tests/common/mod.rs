@@ -490,3 +490,327 @@ pub fn is_uuid_v4(id: &str) -> bool {
         && b[14] == b'4'
         && matches!(b[19], b'8' | b'9' | b'a' | b'b')
 }
+
+// ---------------------------------------------------------------- HTTP (API and /metrics)
+
+/// One HTTP response read off the wire: status, headers (names lowercased) and body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8(self.body.clone()).expect("HTTP body is UTF-8")
+    }
+
+    /// The body parsed as JSON; panics (showing it) when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("HTTP body is not JSON ({e}): {:?}", self.text()))
+    }
+}
+
+/// Sends one HTTP/1.1 request by hand (`Connection: close`, `Content-Length` when there is a
+/// body) and reads the whole response, all within [`RECV_TIMEOUT`].
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect for HTTP");
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !body.is_empty() || method == "POST" {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body);
+        // The server may answer (and close) before reading a body it refuses: a failed
+        // write or read is not an error here, whatever answer came is parsed.
+        let _ = stream.write_all(&request).await;
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw).await;
+        raw
+    };
+    let raw = timeout(RECV_TIMEOUT, exchange).await.unwrap_or_else(|_| {
+        panic!("HTTP {method} {path}: no complete answer within {RECV_TIMEOUT:?}")
+    });
+    parse_http_response(&raw).unwrap_or_else(|| {
+        panic!(
+            "HTTP {method} {path}: malformed response {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
+}
+
+fn parse_http_response(raw: &[u8]) -> Option<HttpResponse> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next()?;
+    let mut parts = status_line.splitn(3, ' ');
+    if !parts.next()?.starts_with("HTTP/1.") {
+        return None;
+    }
+    let status: u16 = parts.next()?.parse().ok()?;
+    let mut headers = Vec::new();
+    for line in lines {
+        let (name, value) = line.split_once(':')?;
+        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+    }
+    let rest = &raw[split + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+    let body = if chunked {
+        dechunk(rest)?
+    } else if let Some((_, len)) = headers.iter().find(|(n, _)| n == "content-length") {
+        let len: usize = len.parse().ok()?;
+        rest.get(..len)?.to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Some(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&rest[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
+}
+
+/// `POST /api/<event>` with `body`, authorised by `Authorization: Bearer <PASSWORD>`.
+pub async fn api_post(addr: SocketAddr, event: &str, body: &str) -> HttpResponse {
+    let auth = format!("Bearer {PASSWORD}");
+    http(
+        addr,
+        "POST",
+        &format!("/api/{event}"),
+        &[
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+        body.as_bytes(),
+    )
+    .await
+}
+
+// ---------------------------------------------------------------- Prometheus metrics
+
+/// One sample line of the Prometheus / OpenMetrics text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// A parsed `/metrics` scrape.
+#[derive(Debug, Clone)]
+pub struct Scrape {
+    pub samples: Vec<Sample>,
+    /// `# TYPE` lines: metric family → type.
+    pub types: Vec<(String, String)>,
+}
+
+impl Scrape {
+    /// Parses the text exposition; panics on a line that is neither a comment, blank, nor
+    /// `name{labels} value [timestamp]`.
+    pub fn parse(text: &str) -> Scrape {
+        let mut samples = Vec::new();
+        let mut types = Vec::new();
+        for line in text.lines() {
+            let line = line.trim_end();
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(comment) = line.strip_prefix('#') {
+                let mut words = comment.split_whitespace();
+                if words.next() == Some("TYPE")
+                    && let (Some(name), Some(kind)) = (words.next(), words.next())
+                {
+                    types.push((name.to_string(), kind.to_string()));
+                }
+                continue;
+            }
+            samples.push(
+                parse_sample(line).unwrap_or_else(|| panic!("malformed metrics line {line:?}")),
+            );
+        }
+        Scrape { samples, types }
+    }
+
+    /// The value of the sample `name` whose labels are exactly `labels` (in any order).
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|s| {
+                s.name == name
+                    && s.labels.len() == labels.len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
+            })
+            .map(|s| s.value)
+    }
+
+    /// Like [`Scrape::get`], panicking (with the scrape) when the sample is missing.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or_else(|| {
+            let names: Vec<String> = self
+                .samples
+                .iter()
+                .map(|s| format!("{}{:?}", s.name, s.labels))
+                .collect();
+            panic!("no metric {name}{labels:?} in scrape: {names:#?}")
+        })
+    }
+
+    /// The declared type of family `name` (`counter`, `gauge`, `histogram`, …).
+    pub fn type_of(&self, name: &str) -> Option<&str> {
+        self.types
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.as_str())
+    }
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let name_end = line.find(['{', ' '])?;
+    let name = &line[..name_end];
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+    {
+        return None;
+    }
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(mut inner) = rest.strip_prefix('{') {
+        // `key="value"` pairs separated by commas; values escape \\, \" and \n.
+        loop {
+            inner = inner.trim_start_matches([',', ' ']);
+            if let Some(after) = inner.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let (key, after_eq) = inner.split_once('=')?;
+            let mut chars = after_eq.strip_prefix('"')?.char_indices();
+            let mut value = String::new();
+            let end = loop {
+                match chars.next()? {
+                    (_, '\\') => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        c => value.push(c),
+                    },
+                    (i, '"') => break i,
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((key.trim().to_string(), value));
+            inner = &after_eq[1 + end + 1..];
+        }
+    }
+    let mut fields = rest.split_whitespace();
+    let value = match fields.next()? {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        "NaN" => f64::NAN,
+        v => v.parse().ok()?,
+    };
+    // At most a timestamp may follow.
+    if fields.count() > 1 {
+        return None;
+    }
+    Some(Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
+}
+
+/// `GET /metrics`, checked (200, OpenMetrics/Prometheus text) and parsed.
+pub async fn scrape(addr: SocketAddr) -> Scrape {
+    let response = http(addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(response.status, 200, "GET /metrics: {}", response.text());
+    Scrape::parse(&response.text())
+}
+
+/// Scrapes until the sample `name{labels}` equals `expected` (metrics are updated by other
+/// tasks a moment after the frames they count), panicking with the last value after
+/// [`RECV_TIMEOUT`].
+pub async fn wait_metric(addr: SocketAddr, name: &str, labels: &[(&str, &str)], expected: f64) {
+    let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
+    loop {
+        let got = scrape(addr).await.get(name, labels);
+        if got == Some(expected) {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!(
+                "metric {name}{labels:?}: expected {expected}, still {got:?} after {RECV_TIMEOUT:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One expected sample: name, labels, value.
+pub type Expect<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
+/// Scrapes until every sample in `expected` has its value at once (see [`wait_metric`]);
+/// returns that scrape, or panics listing the mismatches after [`RECV_TIMEOUT`].
+pub async fn wait_metrics(addr: SocketAddr, expected: &[Expect<'_>]) -> Scrape {
+    let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
+    loop {
+        let scrape = scrape(addr).await;
+        let wrong: Vec<String> = expected
+            .iter()
+            .filter_map(|(name, labels, value)| {
+                let got = scrape.get(name, labels);
+                (got != Some(*value))
+                    .then(|| format!("{name}{labels:?}: expected {value}, got {got:?}"))
+            })
+            .collect();
+        if wrong.is_empty() {
+            return scrape;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("metrics after {RECV_TIMEOUT:?}:\n{}", wrong.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
