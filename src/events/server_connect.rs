@@ -37,6 +37,8 @@ impl ServerConnect {
             session.send_counted("server_connect", event_frame("server_connect", "false"));
             return Ok(Flow::Close(Close::NOT_ADMIN));
         }
+        // The answer first, then the client connects that waited for a server.
+        session.send_counted("server_connect", event_frame("server_connect", "true"));
         // Joining twice would double this server's round-robin share.
         if !session.in_pool {
             session.in_pool = session.shared.hub.join_pool(&session.peer);
@@ -44,7 +46,6 @@ impl ServerConnect {
                 cluster.announce(&session.shared);
             }
         }
-        session.send_counted("server_connect", event_frame("server_connect", "true"));
         Ok(Flow::Continue)
     }
 }
