@@ -66,8 +66,8 @@ ensure_tools() {
     # A C compiler and linker, for crates with build scripts.
     ensure_pkg cc build-essential
     ensure_pkg timeout coreutils
-    # Later steps add their needs here, for example:
-    #   ensure_pkg redis-server
+    # The cluster tests (tests/cluster.rs) start their own redis-server.
+    ensure_pkg redis-server
     # (chromium, node and npm: console_test ensures them, so that only its step fails.)
 }
 

@@ -201,16 +201,20 @@ impl Authenticator {
         if self.rate_limited(ip) {
             return Verdict::RateLimited;
         }
-        let ok = match self.permits.acquire().await {
-            Ok(_permit) => {
-                let hash = Arc::clone(&self.hash);
-                let password = password.to_string();
-                tokio::task::spawn_blocking(move || hash.verify_blocking(&password))
-                    .await
-                    .unwrap_or(false)
-            }
-            Err(_) => false,
+        // Held until the outcome is recorded, so the next waiter sees this failure.
+        let Ok(_permit) = self.permits.acquire().await else {
+            return Verdict::WrongPassword;
         };
+        // Again after the wait: attempts from this address queued at the same time may have
+        // reached the limit meanwhile (else a concurrent flood would all pay bcrypt).
+        if self.rate_limited(ip) {
+            return Verdict::RateLimited;
+        }
+        let hash = Arc::clone(&self.hash);
+        let password = password.to_string();
+        let ok = tokio::task::spawn_blocking(move || hash.verify_blocking(&password))
+            .await
+            .unwrap_or(false);
         if ok {
             if let Some(d) = digest {
                 self.remember(d);

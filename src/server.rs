@@ -59,7 +59,7 @@ pub struct Shared {
     /// Cancelled when the server shuts down; every connection task watches it.
     pub shutdown: CancellationToken,
     /// Tracks WebSocket tasks so shutdown can wait for their close frames.
-    tracker: TaskTracker,
+    pub(crate) tracker: TaskTracker,
     /// Open WebSocket connections, for `--max-connections`.
     connections: AtomicUsize,
 }

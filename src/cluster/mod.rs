@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, info, warn};
 
@@ -61,6 +62,10 @@ pub struct Cluster {
     next_server: AtomicUsize,
     /// Subscribed to Redis right now.
     pub connected: AtomicBool,
+    /// Other nodes alive when the subscription was last lost. An outage longer than
+    /// [`NODE_EXPIRY`] makes this node forget them; after it, the backlog must still wait for
+    /// them to re-subscribe.
+    known_before_outage: AtomicUsize,
 }
 
 struct RemoteNode {
@@ -81,6 +86,7 @@ impl Cluster {
             nodes: Mutex::new(HashMap::new()),
             next_server: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
+            known_before_outage: AtomicUsize::new(0),
         })
     }
 
@@ -95,9 +101,14 @@ impl Cluster {
             op,
         }
         .encode();
-        if self.outbox.try_send(text).is_err() {
-            shared.metrics.cluster_dropped.inc();
-            warn!("cluster backlog full: a message for other nodes was dropped");
+        match self.outbox.try_send(text) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                shared.metrics.cluster_dropped.inc();
+                warn!("cluster backlog full: a message for other nodes was dropped");
+            }
+            // The publisher has said goodbye (shutdown): nothing more goes out.
+            Err(TrySendError::Closed(_)) => debug!("cluster: stopped; message not sent"),
         }
     }
 
@@ -275,7 +286,9 @@ pub fn start(shared: Arc<Shared>) {
         .unwrap_or_else(|e| e.into_inner())
         .take();
     if let Some(rx) = rx {
-        tokio::spawn(publisher(Arc::clone(&shared), Arc::clone(&cluster), rx));
+        // Tracked, so shutdown waits for its farewell to the other nodes.
+        let task = publisher(Arc::clone(&shared), Arc::clone(&cluster), rx);
+        shared.tracker.spawn(task);
     }
     tokio::spawn(subscriber(Arc::clone(&shared), Arc::clone(&cluster)));
     tokio::spawn(heartbeat(shared, cluster));
@@ -291,6 +304,8 @@ async fn subscriber(shared: Arc<Shared>, cluster: Arc<Cluster>) {
         }
         if cluster.connected.swap(false, Ordering::Relaxed) {
             warn!("cluster: lost the Redis subscription; reconnecting");
+            let known = cluster.live_nodes();
+            cluster.known_before_outage.store(known, Ordering::Relaxed);
         }
         shared.metrics.cluster_connected.set(0);
         tokio::select! {
@@ -335,7 +350,9 @@ async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>, mut rx: mpsc::Rec
                     Some(message) => message,
                     None => return,
                 },
-                _ = shared.shutdown.cancelled() => return,
+                _ = shared.shutdown.cancelled() => {
+                    return farewell(&cluster, connection, &mut rx).await;
+                }
             },
         };
         if connection.is_none() {
@@ -379,10 +396,47 @@ async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>, mut rx: mpsc::Rec
     }
 }
 
+/// Longest a stopping node spends on its last messages.
+const FAREWELL: Duration = Duration::from_secs(1);
+
+/// On shutdown: publishes what is still queued, then `Leaving`, so the other nodes forget
+/// this one and its servers at once rather than after [`NODE_EXPIRY`]. Bounded; skipped when
+/// Redis is not reachable.
+async fn farewell(
+    cluster: &Cluster,
+    connection: Option<redis::aio::MultiplexedConnection>,
+    rx: &mut mpsc::Receiver<String>,
+) {
+    let Some(mut conn) = connection else {
+        return;
+    };
+    let leaving = Wire {
+        from: cluster.node.clone(),
+        op: Op::Leaving,
+    }
+    .encode();
+    let last = async {
+        let queued = std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>();
+        for message in queued.into_iter().chain([leaving]) {
+            let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                .arg(CHANNEL)
+                .arg(&message)
+                .query_async(&mut conn)
+                .await;
+            if sent.is_err() {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(FAREWELL, last).await;
+}
+
 /// After a reconnect, gives the other live nodes a moment to re-subscribe (PUBSUB NUMSUB),
 /// so what waited during the outage reaches them.
 async fn wait_for_subscribers(cluster: &Cluster, conn: &mut redis::aio::MultiplexedConnection) {
-    let expected = 1 + cluster.live_nodes() as i64;
+    // The nodes known before the outage count too: it may have outlasted NODE_EXPIRY.
+    let before = cluster.known_before_outage.load(Ordering::Relaxed);
+    let expected = 1 + cluster.live_nodes().max(before) as i64;
     let deadline = Instant::now() + RESUBSCRIBE_WAIT;
     while Instant::now() < deadline {
         let counts: redis::RedisResult<(String, i64)> = redis::cmd("PUBSUB")
@@ -406,10 +460,8 @@ async fn heartbeat(shared: Arc<Shared>, cluster: Arc<Cluster>) {
                 cluster.announce(&shared);
                 shared.metrics.cluster_nodes.set(cluster.live_nodes() as i64 + 1);
             }
-            _ = shared.shutdown.cancelled() => {
-                cluster.publish(&shared, Op::Leaving);
-                return;
-            }
+            // The publisher says `Leaving` for this node (see `farewell`).
+            _ = shared.shutdown.cancelled() => return,
         }
     }
 }

@@ -34,6 +34,33 @@ pub use publish::Publish;
 pub use server_connect::ServerConnect;
 pub use subscribe::Subscribe;
 
+/// The `data` of `notify_client` and `notify_group`: whom, what, and the callback to ack.
+pub(crate) struct Targeted<'a> {
+    pub target: Option<String>,
+    pub payload: crate::protocol::Data<'a>,
+    pub callback: Option<&'a serde_json::value::RawValue>,
+}
+
+impl<'a> Targeted<'a> {
+    fn parse(data: crate::protocol::Data<'a>) -> Result<Targeted<'a>, ProtocolError> {
+        #[derive(serde::Deserialize, Default)]
+        struct Fields<'a> {
+            #[serde(borrow, default)]
+            target: Option<&'a serde_json::value::RawValue>,
+            #[serde(borrow, default)]
+            data: Option<&'a serde_json::value::RawValue>,
+            #[serde(borrow, default)]
+            callback: Option<&'a serde_json::value::RawValue>,
+        }
+        let fields: Fields<'a> = data.fields()?;
+        Ok(Targeted {
+            target: crate::protocol::opt_string(fields.target, "target")?,
+            payload: crate::protocol::Data(fields.data),
+            callback: fields.callback,
+        })
+    }
+}
+
 /// What the connection does after an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {

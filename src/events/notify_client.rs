@@ -1,12 +1,11 @@
 //! `notify_client`: delivers the bare `data.data` to one connection (by default the sender),
 //! then acks `data.callback` to the sender, also when the target does not exist.
 
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Flow, Session};
+use super::{Flow, Session, Targeted};
 use crate::cluster::Op;
-use crate::protocol::{Data, ProtocolError, bare_frame, opt_string};
+use crate::protocol::{Data, ProtocolError, bare_frame};
 use crate::server::Shared;
 
 #[derive(Debug)]
@@ -17,23 +16,17 @@ pub struct NotifyClient<'a> {
     callback: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize, Default)]
-struct Fields<'a> {
-    #[serde(borrow, default)]
-    target: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    callback: Option<&'a RawValue>,
-}
-
 impl<'a> NotifyClient<'a> {
     pub fn parse(data: Data<'a>) -> Result<NotifyClient<'a>, ProtocolError> {
-        let fields: Fields<'a> = data.fields()?;
+        let Targeted {
+            target,
+            payload,
+            callback,
+        } = Targeted::parse(data)?;
         Ok(NotifyClient {
-            target: opt_string(fields.target, "target")?,
-            payload: Data(fields.data),
-            callback: fields.callback,
+            target,
+            payload,
+            callback,
         })
     }
 

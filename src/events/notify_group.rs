@@ -2,14 +2,13 @@
 //! or through a member's connection id (default `public`), then acks the outer
 //! `data.callback` to the sender.
 
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::client_connected::PUBLIC_GROUP;
-use super::{Flow, Session};
+use super::{Flow, Session, Targeted};
 use crate::cluster::Op;
 use crate::hub::{Hub, looks_like_id};
-use crate::protocol::{Data, ProtocolError, bare_frame, opt_string};
+use crate::protocol::{Data, ProtocolError, bare_frame};
 use crate::server::Shared;
 
 #[derive(Debug)]
@@ -20,23 +19,17 @@ pub struct NotifyGroup<'a> {
     callback: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize, Default)]
-struct Fields<'a> {
-    #[serde(borrow, default)]
-    target: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    data: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    callback: Option<&'a RawValue>,
-}
-
 impl<'a> NotifyGroup<'a> {
     pub fn parse(data: Data<'a>) -> Result<NotifyGroup<'a>, ProtocolError> {
-        let fields: Fields<'a> = data.fields()?;
+        let Targeted {
+            target,
+            payload,
+            callback,
+        } = Targeted::parse(data)?;
         Ok(NotifyGroup {
-            target: opt_string(fields.target, "target")?,
-            payload: Data(fields.data),
-            callback: fields.callback,
+            target,
+            payload,
+            callback,
         })
     }
 

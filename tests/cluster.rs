@@ -1,0 +1,1243 @@
+//! The cluster (SPEC §8): several in-process jssocket nodes joined by a real `redis-server`
+//! that each test starts on a port of its own, so tests run in parallel without hearing each
+//! other. Clients, servers and admins are spread over the nodes; every delivery is checked to
+//! happen exactly once (the payload arrives, then nothing more for [`common::SILENCE`]).
+//!
+//! Every wait is bounded: nodes are ready when their `/metrics` say `jssocket_cluster_connected
+//! 1` and `jssocket_cluster_nodes N`, Redis when it answers `INFO`; nothing sleeps for long.
+
+mod common;
+
+use std::hash::BuildHasher;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream as StdTcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    Conn, Event, FAST_HASH, PASSWORD, RECV_TIMEOUT, api_post, expect_silence_all, recv_any,
+    register, scrape,
+};
+use jssocket::config::Config;
+use serde_json::{Value, json};
+use tokio::sync::{oneshot, watch};
+
+/// What a test says when there is no Redis to run against.
+const REDIS_MISSING: &str = "install redis-server (apt-get install redis-server)";
+/// Longest wait for Redis to answer after it was started.
+const REDIS_START_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the nodes to see each other (or to notice a change): heartbeats come every
+/// second and a silent node is forgotten after 3.5 s.
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often `/metrics` is polled while waiting.
+const POLL: Duration = Duration::from_millis(25);
+
+// ---------------------------------------------------------------- Redis
+
+/// A `redis-server` child process on a port of its own, killed when dropped.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts Redis on a free port below the ephemeral range (so no outgoing connection of a
+    /// parallel test takes it while [`Redis::kill`]ed for a restart), waiting until it answers.
+    fn start() -> Redis {
+        let hasher = std::collections::hash_map::RandomState::new();
+        for attempt in 0u32..50 {
+            let port = 20_000 + (hasher.hash_one(attempt) % 12_000) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                continue;
+            }
+            let mut redis = Redis { port, child: None };
+            if redis.spawn() {
+                return redis;
+            }
+        }
+        panic!("could not start redis-server on a free port after 50 attempts");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Spawns redis-server on `self.port` and waits until it answers; false if it exited
+    /// (port taken) instead.
+    fn spawn(&mut self) -> bool {
+        let child = Command::new(redis_binary())
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--loglevel", "warning"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut child = match child {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!("{REDIS_MISSING}"),
+            Err(e) => panic!("cannot run redis-server ({e}); {REDIS_MISSING}"),
+        };
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        loop {
+            if answers_as(self.port, child.id()) {
+                self.child = Some(child);
+                return true;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "redis-server on port {} did not answer within {REDIS_START_TIMEOUT:?}",
+                    self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills Redis at once (SIGKILL): every node loses its connections mid-flight.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Redis again on the same port (empty: nothing was persisted).
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running redis-server");
+        assert!(
+            self.spawn(),
+            "redis-server did not restart on port {} (taken meanwhile?)",
+            self.port
+        );
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `redis-server` on the PATH, else `/usr/bin/redis-server`; the test fails without one.
+fn redis_binary() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("redis-server"))
+            .find(|candidate| candidate.is_file())
+    });
+    let binary = on_path.unwrap_or_else(|| PathBuf::from("/usr/bin/redis-server"));
+    assert!(binary.is_file(), "{REDIS_MISSING}");
+    binary
+}
+
+/// Is the Redis answering on `port` the process `pid` (ours, not one that took the port
+/// first)? Asks `INFO server` and looks for its `process_id`.
+fn answers_as(port: u16, pid: u32) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = StdTcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"INFO server\r\n").is_err() {
+        return false;
+    }
+    let wanted = format!("process_id:{pid}\r\n");
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while answer.len() < 64 * 1024 {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+        }
+        if String::from_utf8_lossy(&answer).contains(&wanted) {
+            return true;
+        }
+    }
+    false
+}
+
+/// A TCP proxy to Redis for one node, that can cut that node off (drop its connections and
+/// refuse new ones) while Redis itself stays up for the others.
+struct Proxy {
+    addr: SocketAddr,
+    open: watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(redis: &Redis) -> Proxy {
+        let upstream = SocketAddr::from(([127, 0, 0, 1], redis.port));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (open, watching) = watch::channel(true);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*watching.borrow() {
+                    continue;
+                }
+                let mut watching = watching.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watching.wait_for(|open| !open) => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, open }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+}
+
+// ---------------------------------------------------------------- nodes
+
+/// One jssocket node in this process, on its own thread and runtime (as in production), with
+/// `--redis-url`. [`Node::stop`] is a graceful shutdown (SIGTERM); [`Node::kill`] is a crash:
+/// the runtime is dropped with every task in it, nothing is said to anyone.
+struct Node {
+    name: String,
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    kill: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Node {
+    /// A node on Redis at `url` (see [`Redis::url`], [`Proxy::url`]).
+    fn start(name: &str, url: &str) -> Node {
+        let config = Config::from_args([
+            "jssocket",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--auth",
+            FAST_HASH,
+            "--redis-url",
+            url,
+        ])
+        .expect("cluster options must be valid");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let addr = listener.local_addr().expect("local address");
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let (kill_tx, mut kill_rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("node-{name}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("node runtime");
+                runtime.block_on(async move {
+                    let listener =
+                        tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                    let server = jssocket::server::run(listener, config, async move {
+                        let _ = shutdown_rx.await;
+                    });
+                    tokio::select! {
+                        result = server => result.expect("node failed"),
+                        // A crash: the server's future is dropped where it stands.
+                        Ok(()) = &mut kill_rx => {}
+                    }
+                });
+                // Every task (connections, Redis subscriber, publisher, heartbeat) is dropped
+                // without running another line: sockets close, no close frame, no `Leaving`.
+                runtime.shutdown_background();
+            })
+            .expect("spawn a node thread");
+        Node {
+            name: name.to_string(),
+            addr,
+            shutdown: Some(shutdown_tx),
+            kill: Some(kill_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// A client connection (no `auth` header), named `<name>@<node>`.
+    async fn client(&self, name: &str) -> Conn {
+        Conn::connect(&self.url(), None, &format!("{name}@{}", self.name)).await
+    }
+
+    /// An admin connection (header `auth: 12345678`).
+    async fn admin(&self, name: &str) -> Conn {
+        Conn::connect(
+            &self.url(),
+            Some(PASSWORD),
+            &format!("{name}@{}", self.name),
+        )
+        .await
+    }
+
+    /// An admin that joined the server pool.
+    async fn backend(&self, name: &str) -> Conn {
+        let mut conn = self.admin(name).await;
+        conn.server_connect().await;
+        conn
+    }
+
+    /// Asks the node to stop, as SIGTERM does (without waiting).
+    fn signal_stop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
+    /// Waits (bounded) until the node's thread has ended, after a stop or a kill.
+    fn wait_ended(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let deadline = Instant::now() + RECV_TIMEOUT;
+            while !thread.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: node did not end within {RECV_TIMEOUT:?}",
+                    self.name
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// Crashes the node and waits (bounded) until its thread has let go of everything.
+    fn kill(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        self.wait_ended();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.signal_stop();
+    }
+}
+
+/// The value of a metric sample without labels on `node`.
+async fn metric(node: &Node, name: &str) -> Option<f64> {
+    scrape(node.addr).await.get(name, &[])
+}
+
+/// Waits until every node in `nodes` reports `name == value`; panics with what each one says
+/// after `within`. Returns how long it took.
+async fn wait_all(nodes: &[&Node], name: &str, value: f64, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let mut values = Vec::new();
+        for node in nodes {
+            values.push((node.name.clone(), metric(node, name).await));
+        }
+        if values.iter().all(|(_, v)| *v == Some(value)) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{name}: expected {value} on every node within {within:?}, got {values:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until every node is subscribed to Redis and sees `nodes.len()` live nodes.
+async fn wait_cluster(nodes: &[&Node]) {
+    wait_all(nodes, "jssocket_cluster_connected", 1.0, CLUSTER_TIMEOUT).await;
+    let n = nodes.len() as f64;
+    wait_all(nodes, "jssocket_cluster_nodes", n, CLUSTER_TIMEOUT).await;
+}
+
+/// A fresh Redis and `n` nodes on it, named `n0`, `n1`, …, ready.
+async fn cluster(n: usize) -> (Redis, Vec<Node>) {
+    let redis = Redis::start();
+    let nodes: Vec<Node> = (0..n)
+        .map(|i| Node::start(&format!("n{i}"), &redis.url()))
+        .collect();
+    wait_cluster(&nodes.iter().collect::<Vec<_>>()).await;
+    (redis, nodes)
+}
+
+// ---------------------------------------------------------------- frames
+
+/// The bare frame a notify delivers for payload `{"msg": tag}`.
+fn bare(tag: &str) -> String {
+    json!({ "msg": tag }).to_string()
+}
+
+/// The frame a subscriber of `channel` receives for a publish of `{"msg": tag}`.
+fn published(channel: &str, tag: &str) -> String {
+    json!({"type": "publish", "data": {"name": channel, "data": {"msg": tag}}}).to_string()
+}
+
+fn callback(tag: &str) -> String {
+    json!({"type": "callback", "data": {"cb": tag}}).to_string()
+}
+
+/// Asserts that `conns[i]` receives exactly the frames listed for `i` (in that order, by
+/// text), then that nothing more arrives anywhere: exactly once, no strays.
+async fn expect_frames(conns: &mut [&mut Conn], expected: &[(usize, String)]) {
+    for (i, text) in expected {
+        conns[*i].expect_text(text).await;
+    }
+    expect_silence_all(conns).await;
+}
+
+/// Every index in `who` gets `text` once; nobody else gets anything.
+async fn expect_once(conns: &mut [&mut Conn], who: &[usize], text: &str) {
+    let expected: Vec<(usize, String)> = who.iter().map(|&i| (i, text.to_string())).collect();
+    expect_frames(conns, &expected).await;
+}
+
+/// Subscribes `conn` to `channel`.
+async fn subscribe(conn: &mut Conn, channel: &str) {
+    conn.send_event("subscribe", json!({ "name": channel }))
+        .await;
+    conn.expect_text(&json!({"type": "subscribed", "data": {"name": channel}}).to_string())
+        .await;
+}
+
+/// `backend` acknowledges `client` with `user`, `roles` and `groups`; the client receives the
+/// same data less `user`, in order.
+async fn acknowledge_as(
+    backend: &mut Conn,
+    client: &mut Conn,
+    user: &str,
+    roles: &[&str],
+    groups: &[&str],
+) {
+    let id = client.id().to_string();
+    backend
+        .send_event(
+            "client_connected",
+            json!({"target": id, "user": user, "roles": roles, "groups": groups}),
+        )
+        .await;
+    let expected = json!({
+        "type": "client_connected",
+        "data": {"target": id, "roles": roles, "groups": groups},
+    });
+    client.expect_text(&expected.to_string()).await;
+}
+
+/// A client on `node` registered through `backend` (wherever it is: it must be the cluster's
+/// only server) and acknowledged into group `user`.
+async fn acked_client(node: &Node, name: &str, backend: &mut Conn, user: &str) -> Conn {
+    let mut client = node.client(name).await;
+    register(&mut client, backend).await;
+    acknowledge_as(backend, &mut client, user, &[], &[]).await;
+    client
+}
+
+/// Proves that every message `from` (a connection on some node) published to the cluster
+/// before now has been applied by `to`'s node: Redis delivers one publisher's messages in
+/// order, so once `to` receives a `notify_client` sent now, whatever `from`'s node published
+/// earlier (a server announcement, say) was applied before it.
+async fn barrier(from: &mut Conn, to: &mut Conn, tag: &str) {
+    let target = to.id().to_string();
+    from.send_event(
+        "notify_client",
+        json!({"target": target, "data": {"msg": tag}}),
+    )
+    .await;
+    to.expect_text(&bare(tag)).await;
+}
+
+/// A client on `node` whose connect reached one of `servers` (whichever the round robin
+/// chose), acknowledged by that server into group `user`.
+async fn acked_via(node: &Node, name: &str, servers: &mut [&mut Conn], user: &str) -> Conn {
+    let mut client = node.client(name).await;
+    let i = connect_via(&mut client, servers).await;
+    acknowledge_as(servers[i], &mut client, user, &[], &[]).await;
+    client
+}
+
+/// The client sends `client_connect`; returns which of `servers` received the forward (and
+/// checks it names this client).
+async fn connect_via(client: &mut Conn, servers: &mut [&mut Conn]) -> usize {
+    client.send_event("client_connect", json!({})).await;
+    let (i, text) = recv_any(servers).await;
+    let forward: Value = serde_json::from_str(&text).expect("forward is JSON");
+    assert_eq!(
+        forward["type"], "client_connect",
+        "expected a forward: {text}"
+    );
+    let id = forward["data"]["target"].as_str().expect("forward target");
+    client.id = Some(id.to_string());
+    i
+}
+
+// ---------------------------------------------------------------- 1. the Jaseci flow
+
+/// The flow Jaseci runs, with the backend on node B and the browsers on node A (and one on
+/// B): the token goes A → B, the acknowledgement B → A, and every notify reaches its target
+/// on the other node exactly once.
+#[tokio::test]
+async fn jaseci_flow_across_nodes() {
+    let (_redis, nodes) = cluster(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut backend = b.backend("backend").await;
+
+    // Alice's browser on A, logging in with a token.
+    let mut alice = a.client("alice").await;
+    alice
+        .send_text(r#"{"type":"client_connect","data":{"token":"tok-alice","lang":"en"}}"#)
+        .await;
+    let forward = backend.recv_text().await;
+    let parsed: Value = serde_json::from_str(&forward).expect("forward is JSON");
+    let alice_id = parsed["data"]["target"]
+        .as_str()
+        .expect("forward has a target")
+        .to_string();
+    assert_eq!(
+        forward,
+        format!(
+            r#"{{"type":"client_connect","data":{{"token":"tok-alice","lang":"en","target":"{alice_id}"}}}}"#
+        ),
+        "the forward keeps every key in order and appends target"
+    );
+    alice.id = Some(alice_id.clone());
+    // What Jaseci answers: the token removed, `authenticated` and `user` added.
+    backend
+        .send_text(&format!(
+            r#"{{"type":"client_connected","data":{{"lang":"en","target":"{alice_id}","authenticated":true,"user":"user-alice"}}}}"#
+        ))
+        .await;
+    alice
+        .expect_text(&format!(
+            r#"{{"type":"client_connected","data":{{"lang":"en","target":"{alice_id}","authenticated":true}}}}"#
+        ))
+        .await;
+    // No error for the backend: in a cluster the target is somewhere else.
+    backend.expect_silence().await;
+
+    // Alice's second tab on B (local to the backend) and an anonymous browser on A.
+    let mut alice_b = b.client("alice-tab2").await;
+    register(&mut alice_b, &mut backend).await;
+    acknowledge_as(&mut backend, &mut alice_b, "user-alice", &[], &[]).await;
+    let mut anon = acked_client(a, "anon", &mut backend, "public").await;
+    let alice_b_id = alice_b.id().to_string();
+
+    let mut all = [&mut alice, &mut alice_b, &mut anon, &mut backend];
+    const ALICE: usize = 0;
+    const ALICE_B: usize = 1;
+    const BACKEND: usize = 3;
+
+    // notify_client B → A, with a callback back to the backend.
+    all[BACKEND]
+        .send_event(
+            "notify_client",
+            json!({"target": alice_id, "data": {"msg": "nc"}, "callback": {"cb": "nc"}}),
+        )
+        .await;
+    expect_frames(&mut all, &[(ALICE, bare("nc")), (BACKEND, callback("nc"))]).await;
+
+    // notify_group to a connection id on the other node: its group, both tabs, once each.
+    all[BACKEND]
+        .send_event(
+            "notify_group",
+            json!({"target": alice_id, "data": {"msg": "ng-id"}, "callback": {"cb": "ng-id"}}),
+        )
+        .await;
+    expect_frames(
+        &mut all,
+        &[
+            (ALICE, bare("ng-id")),
+            (ALICE_B, bare("ng-id")),
+            (BACKEND, callback("ng-id")),
+        ],
+    )
+    .await;
+
+    // notify_group to a connection id on this node: resolved here, delivered on A too.
+    all[BACKEND]
+        .send_event(
+            "notify_group",
+            json!({"target": alice_b_id, "data": {"msg": "ng-local-id"}}),
+        )
+        .await;
+    expect_once(&mut all, &[ALICE, ALICE_B], &bare("ng-local-id")).await;
+
+    // notify_group to the user's group by name.
+    all[BACKEND]
+        .send_event(
+            "notify_group",
+            json!({"target": "user-alice", "data": {"msg": "ng-name"}}),
+        )
+        .await;
+    expect_once(&mut all, &[ALICE, ALICE_B], &bare("ng-name")).await;
+
+    // Alice notifies herself from A (acknowledged client, default target).
+    all[ALICE]
+        .send_event("notify_client", json!({"data": {"msg": "self"}}))
+        .await;
+    expect_once(&mut all, &[ALICE], &bare("self")).await;
+}
+
+// ---------------------------------------------------------------- 2. every notify, publish
+
+/// Who a test client is: node, group (`user`), roles, groups, subscribed to `news` or not.
+struct Profile {
+    name: &'static str,
+    node: usize,
+    /// `None`: registered but never acknowledged.
+    user: Option<&'static str>,
+    roles: &'static [&'static str],
+    groups: &'static [&'static str],
+    subscribed: bool,
+}
+
+const PROFILES: &[Profile] = &[
+    Profile {
+        name: "a",
+        node: 0,
+        user: Some("g1"),
+        roles: &["editor"],
+        groups: &["red"],
+        subscribed: true,
+    },
+    Profile {
+        name: "b",
+        node: 0,
+        user: Some("g1"),
+        roles: &["viewer"],
+        groups: &["blue"],
+        subscribed: true,
+    },
+    Profile {
+        name: "c",
+        node: 0,
+        user: Some("g2"),
+        roles: &[],
+        groups: &[],
+        subscribed: true,
+    },
+    Profile {
+        name: "a",
+        node: 1,
+        user: Some("g1"),
+        roles: &["viewer"],
+        groups: &["red"],
+        subscribed: true,
+    },
+    Profile {
+        name: "b",
+        node: 1,
+        user: Some("g1"),
+        roles: &["editor"],
+        groups: &["blue"],
+        subscribed: false,
+    },
+    Profile {
+        name: "c",
+        node: 1,
+        user: Some("g2"),
+        roles: &["editor"],
+        groups: &[],
+        subscribed: true,
+    },
+    Profile {
+        name: "a",
+        node: 2,
+        user: Some("g1"),
+        roles: &[],
+        groups: &["blue"],
+        subscribed: true,
+    },
+    Profile {
+        name: "b",
+        node: 2,
+        user: Some("g1"),
+        roles: &["viewer", "editor"],
+        groups: &["red"],
+        subscribed: true,
+    },
+    Profile {
+        name: "c",
+        node: 2,
+        user: Some("g2"),
+        roles: &["viewer"],
+        groups: &["red"],
+        subscribed: true,
+    },
+    Profile {
+        name: "anon",
+        node: 2,
+        user: None,
+        roles: &[],
+        groups: &[],
+        subscribed: true,
+    },
+];
+
+/// Indices of the profiles matching `pred`.
+fn who(pred: impl Fn(&Profile) -> bool) -> Vec<usize> {
+    (0..PROFILES.len())
+        .filter(|&i| pred(&PROFILES[i]))
+        .collect()
+}
+
+/// Three nodes, clients on each, admins on two of them: every kind of notify and every kind
+/// of publish filter reaches exactly the right clients, each exactly once.
+#[tokio::test]
+async fn every_notify_and_publish_crosses_nodes_exactly_once() {
+    let (_redis, nodes) = cluster(3).await;
+    let mut backend = nodes[0].backend("backend").await;
+    let mut conns = Vec::new();
+    for p in PROFILES {
+        let node = &nodes[p.node];
+        let mut client = node.client(p.name).await;
+        register(&mut client, &mut backend).await;
+        if let Some(user) = p.user {
+            acknowledge_as(&mut backend, &mut client, user, p.roles, p.groups).await;
+        }
+        if p.subscribed {
+            subscribe(&mut client, "news").await;
+        }
+        conns.push(client);
+    }
+    let ids: Vec<String> = conns.iter().map(|c| c.id().to_string()).collect();
+    let mut adm1 = nodes[1].admin("adm1").await;
+    let mut adm2 = nodes[2].admin("adm2").await;
+    let n = PROFILES.len();
+    let (adm1_i, adm2_i) = (n + 1, n + 2);
+    let mut all: Vec<&mut Conn> = conns.iter_mut().collect();
+    all.extend([&mut backend, &mut adm1, &mut adm2]);
+
+    let everyone = who(|_| true);
+    let g1 = who(|p| p.user == Some("g1"));
+    let g2 = who(|p| p.user == Some("g2"));
+    assert_eq!((g1.len(), g2.len()), (6, 3));
+
+    // notify_all from n1: every registered client on every node, acknowledged or not.
+    all[adm1_i]
+        .send_event("notify_all", json!({"msg": "all"}))
+        .await;
+    expect_once(&mut all, &everyone, &bare("all")).await;
+
+    // notify_all through the HTTP API of n2.
+    let response = api_post(nodes[2].addr, "notify_all", r#"{"msg":"api-all"}"#).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    expect_once(&mut all, &everyone, &bare("api-all")).await;
+
+    // notify_group by name from n2.
+    all[adm2_i]
+        .send_event(
+            "notify_group",
+            json!({"target": "g1", "data": {"msg": "g1"}, "callback": {"cb": "g1"}}),
+        )
+        .await;
+    let mut expected: Vec<(usize, String)> = g1.iter().map(|&i| (i, bare("g1"))).collect();
+    expected.push((adm2_i, callback("g1")));
+    expect_frames(&mut all, &expected).await;
+
+    // notify_group by the id of a client on another node (n2.c, in g2), from n1.
+    all[adm1_i]
+        .send_event(
+            "notify_group",
+            json!({"target": ids[8], "data": {"msg": "g2-by-id"}, "callback": {"cb": "g2"}}),
+        )
+        .await;
+    let mut expected: Vec<(usize, String)> = g2.iter().map(|&i| (i, bare("g2-by-id"))).collect();
+    expected.push((adm1_i, callback("g2")));
+    expect_frames(&mut all, &expected).await;
+
+    // notify_group by the id of a client on n0 (in g1), from n2.
+    all[adm2_i]
+        .send_event(
+            "notify_group",
+            json!({"target": ids[1], "data": {"msg": "g1-by-id"}}),
+        )
+        .await;
+    expect_once(&mut all, &g1, &bare("g1-by-id")).await;
+
+    // notify_client from n2 to a client on n0, with the callback to the sender.
+    all[adm2_i]
+        .send_event(
+            "notify_client",
+            json!({"target": ids[0], "data": {"msg": "one"}, "callback": {"cb": "one"}}),
+        )
+        .await;
+    expect_frames(&mut all, &[(0, bare("one")), (adm2_i, callback("one"))]).await;
+
+    // notify_client to an id no node has: nothing delivered, the callback still comes.
+    let nobody = "00000000-0000-4000-8000-000000000000";
+    all[adm1_i]
+        .send_event(
+            "notify_client",
+            json!({"target": nobody, "data": {"msg": "lost"}, "callback": {"cb": "lost"}}),
+        )
+        .await;
+    expect_frames(&mut all, &[(adm1_i, callback("lost"))]).await;
+
+    // publish without a filter: every subscriber on every node (not n1.b, not subscribed).
+    all[adm1_i]
+        .send_event("publish", json!({"name": "news", "data": {"msg": "p-all"}}))
+        .await;
+    expect_once(
+        &mut all,
+        &who(|p| p.subscribed),
+        &published("news", "p-all"),
+    )
+    .await;
+
+    // publish to roles, groups, users: only the matching subscribers, wherever they are.
+    let cases: [(&str, Value, Vec<usize>); 3] = [
+        (
+            "p-roles",
+            json!({"roles": ["editor"]}),
+            who(|p| p.subscribed && p.roles.contains(&"editor")),
+        ),
+        (
+            "p-groups",
+            json!({"groups": ["red", "green"]}),
+            who(|p| p.subscribed && p.groups.contains(&"red")),
+        ),
+        (
+            "p-users",
+            json!({"users": ["g2"]}),
+            who(|p| p.subscribed && p.user == Some("g2")),
+        ),
+    ];
+    for (tag, filter, matching) in cases {
+        assert!(
+            matching.len() >= 2,
+            "{tag}: the filter must match on several nodes"
+        );
+        let mut data = json!({"name": "news", "data": {"msg": tag}});
+        for (key, value) in filter.as_object().expect("filter object") {
+            data[key] = value.clone();
+        }
+        all[adm2_i].send_event("publish", data).await;
+        expect_once(&mut all, &matching, &published("news", tag)).await;
+    }
+
+    // An acknowledged client on n0 notifies a client on n2, with a callback.
+    all[0]
+        .send_event(
+            "notify_client",
+            json!({"target": ids[8], "data": {"msg": "c2c"}, "callback": {"cb": "c2c"}}),
+        )
+        .await;
+    expect_frames(&mut all, &[(8, bare("c2c")), (0, callback("c2c"))]).await;
+
+    // An acknowledged client on n1 notifies the group of a client on n0 (g2).
+    all[3]
+        .send_event(
+            "notify_group",
+            json!({"target": ids[2], "data": {"msg": "c2g"}, "callback": {"cb": "c2g"}}),
+        )
+        .await;
+    let mut expected: Vec<(usize, String)> = g2.iter().map(|&i| (i, bare("c2g"))).collect();
+    expected.push((3, callback("c2g")));
+    expect_frames(&mut all, &expected).await;
+}
+
+// ---------------------------------------------------------------- 3. servers elsewhere
+
+/// A node without a server hands its client connects to servers on other nodes, round robin
+/// over the cluster, and stops choosing a server as soon as it closes.
+#[tokio::test]
+async fn client_connect_is_served_round_robin_by_servers_on_other_nodes() {
+    let (_redis, nodes) = cluster(3).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    // Only A has a server: a client on C is served by it, and acknowledged from A.
+    let mut s1 = a.backend("s1").await;
+    let mut watcher = c.client("watcher").await;
+    register(&mut watcher, &mut s1).await;
+    acknowledge_as(&mut s1, &mut watcher, "w", &[], &[]).await;
+
+    // A second server on B. Once the watcher on C hears from B, C knows that server too.
+    let mut s2 = b.backend("s2").await;
+    barrier(&mut s2, &mut watcher, "b-announced").await;
+
+    // Clients on C: forwards alternate between the two servers.
+    let mut order = Vec::new();
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let mut client = c.client(&format!("rr{i}")).await;
+        order.push(connect_via(&mut client, &mut [&mut s1, &mut s2]).await);
+        clients.push(client);
+    }
+    assert!(
+        order.windows(2).all(|w| w[0] != w[1]),
+        "forwards must alternate between the servers on A and B: {order:?}"
+    );
+    // Each forward went to one server only.
+    expect_silence_all(&mut [&mut s1, &mut s2, &mut watcher]).await;
+    // A forward from C is answered from wherever it landed: s2 acknowledges a client on C.
+    let i = order.iter().position(|&s| s == 1).expect("one went to s2");
+    acknowledge_as(&mut s2, &mut clients[i], "rr", &[], &[]).await;
+
+    // s2 closes: B announces it at once; from then on C forwards only to s1.
+    s2.close().await;
+    let mut admin_b = b.admin("admin").await;
+    barrier(&mut admin_b, &mut watcher, "s2-gone").await;
+    for i in 0..4 {
+        let mut client = c.client(&format!("after{i}")).await;
+        assert_eq!(
+            connect_via(&mut client, &mut [&mut s1]).await,
+            0,
+            "after s2 closed"
+        );
+    }
+    expect_silence_all(&mut [&mut s1, &mut watcher]).await;
+
+    // A client on B (no server there now) is served by A too.
+    let mut on_b = b.client("on-b").await;
+    register(&mut on_b, &mut s1).await;
+}
+
+// ---------------------------------------------------------------- 4. a node crashes
+
+/// A node that dies without a word takes only its own connections: the rest of the cluster
+/// goes on exactly once, and its servers stop being chosen once it is forgotten (3.5 s
+/// without a heartbeat).
+#[tokio::test]
+async fn a_crashed_node_takes_only_its_own_connections() {
+    let (_redis, mut nodes) = cluster(3).await;
+    let mut s0 = nodes[0].backend("s0").await;
+    let mut s2 = nodes[2].backend("s2").await;
+    // A client per node (and a probe on n1), each acknowledged by whichever server its connect
+    // reached, all in group g. Once the probe hears from n0 and n2, n1 knows both servers.
+    let mut probe = acked_via(&nodes[1], "probe", &mut [&mut s0, &mut s2], "g").await;
+    barrier(&mut s0, &mut probe, "s0-known").await;
+    barrier(&mut s2, &mut probe, "s2-known").await;
+    let mut c0 = acked_via(&nodes[0], "c0", &mut [&mut s0, &mut s2], "g").await;
+    let mut c1 = acked_via(&nodes[1], "c1", &mut [&mut s0, &mut s2], "g").await;
+    let mut c2 = acked_via(&nodes[2], "c2", &mut [&mut s0, &mut s2], "g").await;
+    let mut admin1 = nodes[1].admin("admin1").await;
+
+    // Before: n1's client connects alternate between s0 (on n0) and s2 (on n2).
+    let mut order = Vec::new();
+    for i in 0..4 {
+        let mut client = nodes[1].client(&format!("before{i}")).await;
+        order.push(connect_via(&mut client, &mut [&mut s0, &mut s2]).await);
+    }
+    assert!(
+        order.windows(2).all(|w| w[0] != w[1]),
+        "forwards from n1 must alternate between s0 and s2: {order:?}"
+    );
+    admin1
+        .send_event("notify_all", json!({"msg": "before"}))
+        .await;
+    expect_once(
+        &mut [&mut c0, &mut c1, &mut c2, &mut probe, &mut s0, &mut s2],
+        &[0, 1, 2, 3],
+        &bare("before"),
+    )
+    .await;
+
+    // n2 crashes: its connections drop without a close frame.
+    let crashed_at = Instant::now();
+    nodes[2].kill();
+    for conn in [&mut c2, &mut s2] {
+        match conn.next_event(RECV_TIMEOUT).await {
+            Some(Event::Gone(_)) => {}
+            other => panic!(
+                "{}: expected the connection to drop, got {other:?}",
+                conn.name
+            ),
+        }
+    }
+
+    // The others go on at once, exactly once, across n0 and n1.
+    let mut rest = [&mut c0, &mut c1, &mut probe, &mut s0, &mut admin1];
+    rest[4]
+        .send_event("notify_all", json!({"msg": "after"}))
+        .await;
+    expect_once(&mut rest, &[0, 1, 2], &bare("after")).await;
+    rest[4]
+        .send_event(
+            "notify_group",
+            json!({"target": "g", "data": {"msg": "g-after"}}),
+        )
+        .await;
+    expect_once(&mut rest, &[0, 1, 2], &bare("g-after")).await;
+    let c1_id = rest[1].id().to_string();
+    rest[3]
+        .send_event(
+            "notify_client",
+            json!({"target": c1_id, "data": {"msg": "n0-to-n1"}}),
+        )
+        .await;
+    expect_once(&mut rest, &[1], &bare("n0-to-n1")).await;
+
+    // n2 is forgotten within NODE_EXPIRY (3.5 s) after its last heartbeat, and the gauge
+    // says so at the next heartbeat: at most ~4.5 s after the crash.
+    let live = [&nodes[0], &nodes[1]];
+    wait_all(&live, "jssocket_cluster_nodes", 2.0, CLUSTER_TIMEOUT).await;
+    let forgotten = crashed_at.elapsed();
+    assert!(
+        forgotten <= Duration::from_millis(4800),
+        "the crashed node was forgotten only after {forgotten:?}"
+    );
+    // Its server is no longer chosen: every connect from n1 goes to s0.
+    for i in 0..4 {
+        let mut client = nodes[1].client(&format!("after{i}")).await;
+        assert_eq!(connect_via(&mut client, &mut [&mut s0]).await, 0);
+    }
+    expect_silence_all(&mut [&mut s0, &mut c0, &mut c1, &mut probe]).await;
+}
+
+/// A node stopped gracefully (SIGTERM) closes its connections with 1001 and says so: the
+/// others forget it, and its servers, at once instead of after NODE_EXPIRY.
+#[tokio::test]
+async fn a_stopped_node_is_forgotten_at_once() {
+    let (_redis, mut nodes) = cluster(3).await;
+    let mut s0 = nodes[0].backend("s0").await;
+    let mut s2 = nodes[2].backend("s2").await;
+    let mut probe = acked_via(&nodes[1], "probe", &mut [&mut s0, &mut s2], "g").await;
+    barrier(&mut s0, &mut probe, "s0-known").await;
+    barrier(&mut s2, &mut probe, "s2-known").await;
+    let mut c2 = acked_via(&nodes[2], "c2", &mut [&mut s0, &mut s2], "g").await;
+
+    let stopped_at = Instant::now();
+    nodes[2].signal_stop();
+    c2.expect_close_code(1001).await;
+    s2.expect_close_code(1001).await;
+    nodes[2].wait_ended();
+
+    // Forgotten at the next heartbeat (1 s), not after NODE_EXPIRY (3.5 s after the last
+    // heartbeat it sent, so never before 2.5 s).
+    let live = [&nodes[0], &nodes[1]];
+    wait_all(&live, "jssocket_cluster_nodes", 2.0, CLUSTER_TIMEOUT).await;
+    let forgotten = stopped_at.elapsed();
+    assert!(
+        forgotten < Duration::from_millis(2000),
+        "a node that stopped gracefully was forgotten only after {forgotten:?}: its `leaving` \
+         did not reach the others, they waited for NODE_EXPIRY"
+    );
+    for i in 0..4 {
+        let mut client = nodes[1].client(&format!("after{i}")).await;
+        assert_eq!(connect_via(&mut client, &mut [&mut s0]).await, 0);
+    }
+    expect_silence_all(&mut [&mut s0, &mut probe]).await;
+}
+
+// ---------------------------------------------------------------- 5. Redis restarts
+
+/// Redis killed and restarted on the same port: each node keeps delivering locally, the nodes
+/// reconnect by themselves, and what had to cross nodes during the outage (notifies,
+/// publishes, a client connect for a server elsewhere) is delivered after it, exactly once.
+#[tokio::test]
+async fn redis_restart_is_survived_and_the_backlog_is_delivered_once() {
+    let (mut redis, nodes) = cluster(3).await;
+    let node_refs: Vec<&Node> = nodes.iter().collect();
+    let mut backend = nodes[0].backend("backend").await;
+    let mut c0 = acked_client(&nodes[0], "c0", &mut backend, "g").await;
+    let mut c1 = acked_client(&nodes[1], "c1", &mut backend, "g").await;
+    let mut c2 = acked_client(&nodes[2], "c2", &mut backend, "g").await;
+    for client in [&mut c0, &mut c1, &mut c2] {
+        subscribe(client, "news").await;
+    }
+    let mut admin0 = nodes[0].admin("admin0").await;
+    let mut admin1 = nodes[1].admin("admin1").await;
+    {
+        let mut all = [
+            &mut c0,
+            &mut c1,
+            &mut c2,
+            &mut backend,
+            &mut admin0,
+            &mut admin1,
+        ];
+        all[4]
+            .send_event("notify_all", json!({"msg": "before"}))
+            .await;
+        expect_once(&mut all, &[0, 1, 2], &bare("before")).await;
+    }
+
+    // Redis goes away; every node notices.
+    redis.kill();
+    let outage = Instant::now();
+    wait_all(&node_refs, "jssocket_cluster_connected", 0.0, RECV_TIMEOUT).await;
+
+    // While it is down, each node still delivers to its own connections, at once.
+    let c0_id = c0.id().to_string();
+    let mut late = nodes[2].client("late").await;
+    {
+        let mut all = [
+            &mut c0,
+            &mut c1,
+            &mut c2,
+            &mut backend,
+            &mut admin0,
+            &mut admin1,
+        ];
+        all[4]
+            .send_event(
+                "notify_client",
+                json!({"target": c0_id, "data": {"msg": "local"}, "callback": {"cb": "local"}}),
+            )
+            .await;
+        expect_frames(&mut all, &[(0, bare("local")), (4, callback("local"))]).await;
+        // These must cross nodes: n1's own client gets them now, the others after the outage.
+        all[5]
+            .send_event(
+                "notify_group",
+                json!({"target": "g", "data": {"msg": "outage-group"}}),
+            )
+            .await;
+        all[5]
+            .send_event(
+                "publish",
+                json!({"name": "news", "data": {"msg": "outage-publish"}}),
+            )
+            .await;
+        all[1].expect_text(&bare("outage-group")).await;
+        all[1]
+            .expect_text(&published("news", "outage-publish"))
+            .await;
+    }
+    // A client on n2 (no server there) connects while Redis is down: n2 still knows the
+    // server on n0, so the forward waits in the backlog.
+    late.send_event("client_connect", json!({"token": "t"}))
+        .await;
+    expect_silence_all(&mut [&mut c0, &mut c2, &mut backend, &mut late]).await;
+
+    // Back on the same port, well within NODE_EXPIRY: the nodes reconnect by themselves.
+    redis.restart();
+    let down_for = outage.elapsed();
+    wait_all(
+        &node_refs,
+        "jssocket_cluster_connected",
+        1.0,
+        CLUSTER_TIMEOUT,
+    )
+    .await;
+    let reconnected = outage.elapsed();
+
+    // What waited is delivered now, once, in order; the connect reaches the backend on n0.
+    c0.expect_text(&bare("outage-group")).await;
+    c0.expect_text(&published("news", "outage-publish")).await;
+    c2.expect_text(&bare("outage-group")).await;
+    c2.expect_text(&published("news", "outage-publish")).await;
+    let forward = backend.recv().await;
+    assert_eq!(forward["type"], "client_connect", "{forward}");
+    assert_eq!(forward["data"]["token"], "t", "{forward}");
+    let late_id = forward["data"]["target"]
+        .as_str()
+        .expect("target")
+        .to_string();
+    late.id = Some(late_id);
+    acknowledge_as(&mut backend, &mut late, "g", &[], &[]).await;
+    let mut all = [
+        &mut c0,
+        &mut c1,
+        &mut c2,
+        &mut late,
+        &mut backend,
+        &mut admin0,
+        &mut admin1,
+    ];
+    expect_silence_all(&mut all).await;
+
+    // And everything crosses nodes again, exactly once.
+    wait_cluster(&node_refs).await;
+    all[5]
+        .send_event("notify_all", json!({"msg": "again"}))
+        .await;
+    expect_once(&mut all, &[0, 1, 2, 3], &bare("again")).await;
+    all[6]
+        .send_event("publish", json!({"name": "news", "data": {"msg": "again"}}))
+        .await;
+    expect_once(&mut all, &[0, 1, 2], &published("news", "again")).await;
+    all[6]
+        .send_event(
+            "notify_group",
+            json!({"target": "g", "data": {"msg": "g-again"}}),
+        )
+        .await;
+    expect_once(&mut all, &[0, 1, 2, 3], &bare("g-again")).await;
+    eprintln!("redis down for {down_for:?}; all nodes resubscribed after {reconnected:?}");
+}
+
+/// An outage longer than NODE_EXPIRY (the nodes have forgotten each other when Redis comes
+/// back) after which one node (n0) is cut off from Redis a moment longer than the others:
+/// what n2 had to tell the cluster during the outage must wait for n0 to re-subscribe too,
+/// not only for the nodes that happen to be back first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_after_a_long_outage_waits_for_every_node() {
+    let mut redis = Redis::start();
+    let proxy = Proxy::start(&redis).await;
+    let nodes = [
+        Node::start("n0", &proxy.url()),
+        Node::start("n1", &redis.url()),
+        Node::start("n2", &redis.url()),
+    ];
+    let node_refs: Vec<&Node> = nodes.iter().collect();
+    wait_cluster(&node_refs).await;
+    let mut backend = nodes[1].backend("backend").await;
+    let mut c0 = acked_client(&nodes[0], "c0", &mut backend, "g").await;
+    let mut c1 = acked_client(&nodes[1], "c1", &mut backend, "g").await;
+    let mut c2 = acked_client(&nodes[2], "c2", &mut backend, "g").await;
+    let mut admin2 = nodes[2].admin("admin2").await;
+
+    // Redis goes away for longer than NODE_EXPIRY: every node forgets the others.
+    redis.kill();
+    wait_all(&node_refs, "jssocket_cluster_nodes", 1.0, CLUSTER_TIMEOUT).await;
+    admin2
+        .send_event(
+            "notify_group",
+            json!({"target": "g", "data": {"msg": "long"}}),
+        )
+        .await;
+    c2.expect_text(&bare("long")).await;
+    let published = metric(&nodes[2], "jssocket_cluster_published_total")
+        .await
+        .expect("published counter");
+
+    // Redis is back, but n0 reaches it only a moment after n1 and n2 are subscribed again,
+    // or as soon as n2 has published what waited (then n0 has missed it: the bug).
+    proxy.set_open(false);
+    redis.restart();
+    let others = [&nodes[1], &nodes[2]];
+    wait_all(&others, "jssocket_cluster_connected", 1.0, CLUSTER_TIMEOUT).await;
+    let late = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < late
+        && metric(&nodes[2], "jssocket_cluster_published_total").await == Some(published)
+    {
+        tokio::time::sleep(POLL).await;
+    }
+    proxy.set_open(true);
+    wait_all(
+        &node_refs,
+        "jssocket_cluster_connected",
+        1.0,
+        CLUSTER_TIMEOUT,
+    )
+    .await;
+
+    // Delivered once on n0 and n1; n2 had it at once and gets nothing more.
+    let mut all = [&mut c0, &mut c1, &mut c2, &mut backend, &mut admin2];
+    expect_once(&mut all, &[0, 1], &bare("long")).await;
+    wait_cluster(&node_refs).await;
+    all[4]
+        .send_event("notify_all", json!({"msg": "again"}))
+        .await;
+    expect_once(&mut all, &[0, 1, 2], &bare("again")).await;
+}
