@@ -107,6 +107,10 @@ curl -fsS "http://127.0.0.1:$SOAK_PORT/healthz" >/dev/null 2>&1 && healthy=yes
 sleep 5
 RSS_IDLE=$(rss_kib "$SERVER_PID")
 FDS_IDLE=$(fds "$SERVER_PID")
+# The hub's gauges once everyone left: all 0 (nothing left behind).
+GAUGES=$(curl -fsS "http://127.0.0.1:$SOAK_PORT/metrics" 2>/dev/null |
+    grep -E '^jssocket_(connections|admins|clients|acknowledged_clients|servers|groups|channels|pending_connects) ' |
+    tr '\n' ' ' || true)
 kill "$SAMPLER_PID" 2>/dev/null || true
 SAMPLER_PID=""
 
@@ -129,6 +133,7 @@ grep -v '^{' "$SOAK_DIR/churn.txt" || true
 echo "== bad input:"
 cat "$SOAK_DIR/bad_input.txt"
 echo "== server: RSS start ${RSS_START} KiB, end ${RSS_END} KiB, max sampled ${RSS_MAX} KiB, idle after 5 s ${RSS_IDLE} KiB (${FDS_IDLE} fds)"
+echo "== server: gauges after everyone left: ${GAUGES:-(no /metrics)}"
 echo "== server: log lines WARN $warns (1 is the default-password warning), ERROR $errors, panics $panics, slow-consumer closes $slow"
 echo "== server: /healthz after the soak: $healthy; SIGTERM -> exit $server_status in ${term_secs}s"
 echo "== RSS samples (s, KiB, threads, fds): $SOAK_DIR/rss.txt"

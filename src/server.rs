@@ -308,17 +308,21 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
 }
 
+/// `--allowed-origins` guards against other web pages opening sockets in a user's browser.
+/// Browsers always send `Origin`; backends (Jaseci's socket client, tungstenite, Python
+/// `websockets`) send none, and a non-browser peer could send any, so a request without
+/// `Origin` is let through rather than locking backends out.
 fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     if allowed.is_empty() {
         return true;
     }
-    headers
-        .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|origin| {
-            let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-            allowed.contains(&origin)
-        })
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    origin.to_str().is_ok_and(|origin| {
+        let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+        allowed.contains(&origin)
+    })
 }
 
 /// One counted WebSocket connection; the count drops with it.
