@@ -190,22 +190,24 @@ async fn write_batch(sink: &mut Sink, peer: &Peer) -> Result<(), WsError> {
 
 /// Writes the frames still queued when the connection decided to close (the answer to the
 /// request that closed it, for instance); returns those it could not write.
-async fn flush(sink: &mut Sink, mut items: Vec<Outgoing>) -> Vec<Outgoing> {
+async fn flush(sink: &mut Sink, items: Vec<Outgoing>) -> Vec<Outgoing> {
     let deadline = Instant::now() + CLOSE_GRACE;
-    while !items.is_empty() {
-        let item = items.remove(0);
-        let frame = item.frame().clone();
+    let mut items = items.into_iter();
+    while let Some(item) = items.next() {
+        // Checked per frame: a fast reader never makes `feed` wait, so a timeout on it alone
+        // would not bound a long queue.
         let left = deadline.saturating_duration_since(Instant::now());
-        match timeout(left, sink.feed(Message::Text(frame))).await {
-            Ok(Ok(())) => {}
-            _ => {
-                items.insert(0, item);
-                return items;
-            }
+        let written = !left.is_zero()
+            && matches!(
+                timeout(left, sink.feed(Message::Text(item.frame().clone()))).await,
+                Ok(Ok(()))
+            );
+        if !written {
+            return std::iter::once(item).chain(items).collect();
         }
     }
     let _ = timeout(CLOSE_GRACE, sink.flush()).await;
-    items
+    Vec::new()
 }
 
 /// Sends the close frame (if we are the one closing) and waits, bounded, for the peer's.

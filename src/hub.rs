@@ -151,6 +151,12 @@ impl Peer {
         }
     }
 
+    /// Queues if there is room, without closing the connection when there is not: for
+    /// client connects, which can wait in the pending queue instead.
+    fn offer(&self, item: Outgoing) -> bool {
+        self.outbox.push(item) == Push::Queued
+    }
+
     /// Asks this connection's task to close it; the first reason wins.
     pub fn close(&self, close: Close) {
         if self.closing.set(close).is_ok() {
@@ -220,6 +226,9 @@ impl Filter {
         }
     }
 }
+
+/// Most bytes of client connects waiting for a server, whatever their count.
+const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
 /// Most channels one connection may subscribe to.
 pub const MAX_SUBSCRIPTIONS: usize = 256;
@@ -386,12 +395,7 @@ impl Hub {
             return false;
         }
         pool.servers.push(Arc::clone(server));
-        let waiting: Vec<PendingConnect> = pool.pending.drain(..).collect();
-        for pending in waiting {
-            if let Some(client) = pending.client.upgrade() {
-                forward(&mut pool, &client, pending.frame);
-            }
-        }
+        flush_pending(&mut pool);
         true
     }
 
@@ -410,9 +414,12 @@ impl Hub {
         // A client that asks again replaces its waiting request.
         pool.pending
             .retain(|p| p.client.upgrade().is_some_and(|c| c.id != client.id));
-        if pool.pending.len() >= self.pending_limit {
+        let waiting_bytes: usize = pool.pending.iter().map(|p| p.frame.len()).sum();
+        if pool.pending.len() >= self.pending_limit
+            || waiting_bytes + frame.len() > MAX_PENDING_BYTES
+        {
             return Err(ProtocolError::NoServer(
-                "no server is connected and the queue of waiting client connects is full",
+                "no server can take it now and the queue of waiting client connects is full",
             ));
         }
         pool.pending.push_back(PendingConnect {
@@ -454,6 +461,8 @@ impl Hub {
     /// error. Called periodically.
     pub fn expire_pending(&self) {
         let mut pool = self.pool();
+        // Servers whose queues were full a moment ago may have room again.
+        flush_pending(&mut pool);
         while let Some(first) = pool.pending.front() {
             if first.since.elapsed() < self.pending_timeout {
                 break;
@@ -596,20 +605,34 @@ pub struct HubStats {
 }
 
 /// Sends a forward to the next live server; false if the pool is empty.
+/// Each server is tried once, round robin; one whose queue is full is skipped rather than
+/// overflowed, so a burst of client connects (or a flood of large ones) waits in the pending
+/// queue instead of getting a backend closed as a slow consumer.
 fn forward(pool: &mut ServerPool, client: &Arc<Peer>, frame: Utf8Bytes) -> bool {
-    while let Some(server) = pool.pick() {
+    for _ in 0..pool.servers.len() {
+        let Some(server) = pool.pick() else { break };
         let item = Outgoing::Forward {
             frame: frame.clone(),
             client: Arc::downgrade(client),
         };
-        if server.enqueue(item) {
+        if server.offer(item) {
             return true;
         }
-        // That server's queue overflowed and it is closing: drop it from the pool now.
-        let id = server.id;
-        pool.servers.retain(|s| s.id != id);
     }
     false
+}
+
+/// Hands waiting client connects to the servers, oldest first, as long as one has room.
+fn flush_pending(pool: &mut ServerPool) {
+    while let Some(pending) = pool.pending.pop_front() {
+        let Some(client) = pending.client.upgrade() else {
+            continue;
+        };
+        if !forward(pool, &client, pending.frame.clone()) {
+            pool.pending.push_front(pending);
+            return;
+        }
+    }
 }
 
 /// Whether `target` has the form of a connection id (it may still name no connection).

@@ -63,6 +63,7 @@ pub const ERROR_CODES: &[&str] = &[
     "too_many_subscriptions",
     "conflicting_filters",
     "unauthorized",
+    "rate_limited",
     "other",
 ];
 

@@ -39,6 +39,10 @@ pub enum Push {
     Closed,
 }
 
+/// What a queued item costs beyond its frame's bytes (queue slot, shared-buffer header):
+/// counted against the limit, so a flood of tiny frames is bounded in memory too.
+const ITEM_OVERHEAD: usize = 64;
+
 /// A queue that grew this large during a burst gives its memory back once drained.
 const SHRINK_ABOVE: usize = 64;
 
@@ -56,7 +60,7 @@ impl Outbox {
     }
 
     pub fn push(&self, item: Outgoing) -> Push {
-        let len = item.frame().len();
+        let len = item.frame().len() + ITEM_OVERHEAD;
         {
             let mut queue = self.lock();
             if queue.closed {
@@ -75,7 +79,7 @@ impl Outbox {
     pub fn pop(&self) -> Option<Outgoing> {
         let mut queue = self.lock();
         let item = queue.items.pop_front()?;
-        queue.bytes -= item.frame().len();
+        queue.bytes -= item.frame().len() + ITEM_OVERHEAD;
         if queue.items.is_empty() && queue.items.capacity() > SHRINK_ABOVE {
             queue.items = VecDeque::new();
         }

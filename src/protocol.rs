@@ -46,6 +46,8 @@ pub enum ProtocolError {
     ConflictingFilters,
     #[error("admin password missing or wrong")]
     Unauthorized,
+    #[error("{0}")]
+    RateLimited(&'static str),
 }
 
 /// Longest channel name.
@@ -84,6 +86,7 @@ impl ProtocolError {
             ProtocolError::TooManySubscriptions(_) => "too_many_subscriptions",
             ProtocolError::ConflictingFilters => "conflicting_filters",
             ProtocolError::Unauthorized => "unauthorized",
+            ProtocolError::RateLimited(_) => "rate_limited",
         }
     }
 

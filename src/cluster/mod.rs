@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, info, warn};
 
 use crate::hub::{Acknowledgement, Peer};
+use crate::protocol::ProtocolError;
 use crate::server::Shared;
 pub use wire::Op;
 use wire::Wire;
@@ -44,6 +45,9 @@ pub const NODE_EXPIRY: Duration = Duration::from_millis(3500);
 /// Messages waiting to be published while Redis is away; beyond this the newest are dropped
 /// (and counted), so an outage costs bounded memory.
 const BACKLOG: usize = 100_000;
+/// Bytes of notifications waiting to be published (a flood, or a Redis outage); beyond
+/// this the newest are dropped and counted.
+const BACKLOG_BYTES: usize = 64 * 1024 * 1024;
 /// After reconnecting, how long to wait for the other nodes to re-subscribe before
 /// publishing what waited, so it is not lost on them.
 const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
@@ -62,6 +66,8 @@ pub struct Cluster {
     next_server: AtomicUsize,
     /// Subscribed to Redis right now.
     pub connected: AtomicBool,
+    /// Bytes of messages waiting for the publisher.
+    backlog_bytes: AtomicUsize,
     /// Other nodes alive when the subscription was last lost. An outage longer than
     /// [`NODE_EXPIRY`] makes this node forget them; after it, the backlog must still wait for
     /// them to re-subscribe.
@@ -86,6 +92,7 @@ impl Cluster {
             nodes: Mutex::new(HashMap::new()),
             next_server: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
+            backlog_bytes: AtomicUsize::new(0),
             known_before_outage: AtomicUsize::new(0),
         })
     }
@@ -96,12 +103,36 @@ impl Cluster {
 
     /// Queues `op` for the other nodes; never waits.
     pub fn publish(&self, shared: &Shared, op: Op) {
+        // Notifications count against the byte budget; the small control messages that keep
+        // the cluster together (heartbeats, forwards, acknowledgements) do not.
+        let bulk = matches!(
+            op,
+            Op::NotifyAll { .. }
+                | Op::NotifyClient { .. }
+                | Op::NotifyGroup { .. }
+                | Op::NotifyGroupOf { .. }
+                | Op::Publish { .. }
+        );
         let text = Wire {
             from: self.node.clone(),
             op,
         }
         .encode();
-        match self.outbox.try_send(text) {
+        let len = text.len();
+        if bulk && self.backlog_bytes.fetch_add(len, Ordering::Relaxed) + len > BACKLOG_BYTES {
+            self.backlog_bytes.fetch_sub(len, Ordering::Relaxed);
+            shared.metrics.cluster_dropped.inc();
+            return warn!("cluster backlog full: a message for other nodes was dropped");
+        }
+        if !bulk {
+            // Counted too, so the publisher can subtract every message it takes.
+            self.backlog_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        let sent = self.outbox.try_send(text);
+        if sent.is_err() {
+            self.backlog_bytes.fetch_sub(len, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 shared.metrics.cluster_dropped.inc();
@@ -232,8 +263,8 @@ impl Cluster {
             Op::Forward {
                 node,
                 server,
+                client,
                 frame,
-                ..
             } => {
                 if node != self.node {
                     return;
@@ -243,7 +274,22 @@ impl Cluster {
                         shared.metrics.sent("client_connect", 1, frame.len());
                         server.send(Utf8Bytes::from(frame));
                     }
-                    None => debug!(%server, "forward for a server that has left"),
+                    None => {
+                        // The server left after the sender chose it: tell the client to try
+                        // again rather than leave it waiting for an acknowledgement.
+                        debug!(%server, "forward for a server that has left");
+                        let error = ProtocolError::NoServer(
+                            "the server chosen for this client_connect has left; send it again",
+                        );
+                        let frame = error.to_frame(Some("client_connect")).as_str().to_string();
+                        self.publish(
+                            shared,
+                            Op::NotifyClient {
+                                target: client,
+                                frame,
+                            },
+                        );
+                    }
                 }
             }
             Op::Servers { servers } => {
@@ -347,7 +393,10 @@ async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>, mut rx: mpsc::Rec
             Some(message) => message,
             None => tokio::select! {
                 message = rx.recv() => match message {
-                    Some(message) => message,
+                    Some(message) => {
+                        cluster.backlog_bytes.fetch_sub(message.len(), Ordering::Relaxed);
+                        message
+                    }
                     None => return,
                 },
                 _ = shared.shutdown.cancelled() => {

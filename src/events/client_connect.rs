@@ -23,6 +23,7 @@ impl<'a> ClientConnect<'a> {
     }
 
     pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
+        session.count_connect()?;
         let target = raw_string(&session.peer.target);
         let mut data = self.data;
         // Replaces a `target` the client sent in place, else appends it (as a Python dict).

@@ -69,6 +69,9 @@ pub enum Flow {
     Close(Close),
 }
 
+/// `client_connect`s (first one and re-authentications) one connection may send per window.
+const MAX_CONNECTS_PER_WINDOW: u32 = 20;
+
 /// Window over which bad input is counted for `--bad-input-limit`.
 const BAD_INPUT_WINDOW: Duration = Duration::from_secs(60);
 
@@ -85,6 +88,9 @@ pub struct Session {
     pub in_pool: bool,
     /// Bad messages in the current window, and when the window started.
     bad_input: (u32, Instant),
+    /// `client_connect`s in the current window: each is copied to a server, so one client
+    /// must not be able to flood the backends with them.
+    connects: (u32, Instant),
 }
 
 impl Session {
@@ -97,7 +103,24 @@ impl Session {
             password_checked: false,
             in_pool: false,
             bad_input: (0, Instant::now()),
+            connects: (0, Instant::now()),
         }
+    }
+
+    /// Counts a `client_connect` against [`MAX_CONNECTS_PER_WINDOW`].
+    pub(crate) fn count_connect(&mut self) -> Result<(), ProtocolError> {
+        let (count, since) = &mut self.connects;
+        if since.elapsed() >= BAD_INPUT_WINDOW {
+            *count = 0;
+            *since = Instant::now();
+        }
+        *count += 1;
+        if *count > MAX_CONNECTS_PER_WINDOW {
+            return Err(ProtocolError::RateLimited(
+                "client_connect: at most 20 a minute per connection",
+            ));
+        }
+        Ok(())
     }
 
     /// Verifies an admin password, at most once per connection.
