@@ -20,7 +20,7 @@
 mod wire;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,11 @@ pub struct Cluster {
     pub connected: AtomicBool,
     /// Bytes of messages waiting for the publisher.
     backlog_bytes: AtomicUsize,
+    /// Sequence number of the next message this node publishes. A publish whose reply was
+    /// lost is sent again with the same number, and receivers drop what they have seen.
+    next_seq: AtomicU64,
+    /// Highest sequence number applied from each other node.
+    last_seq: Mutex<HashMap<String, u64>>,
     /// Other nodes alive when the subscription was last lost. An outage longer than
     /// [`NODE_EXPIRY`] makes this node forget them; after it, the backlog must still wait for
     /// them to re-subscribe.
@@ -93,6 +98,8 @@ impl Cluster {
             next_server: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
             backlog_bytes: AtomicUsize::new(0),
+            next_seq: AtomicU64::new(0),
+            last_seq: Mutex::new(HashMap::new()),
             known_before_outage: AtomicUsize::new(0),
         })
     }
@@ -140,6 +147,34 @@ impl Cluster {
             }
             // The publisher has said goodbye (shutdown): nothing more goes out.
             Err(TrySendError::Closed(_)) => debug!("cluster: stopped; message not sent"),
+        }
+    }
+
+    /// Prefixes a message with this node's next sequence number (publisher only, so the
+    /// numbers go out in order).
+    fn stamp(&self, message: &str) -> String {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{seq} {message}")
+    }
+
+    /// True the first time `seq` from node `from` is seen (messages from one node arrive in
+    /// order, so anything not above the last is a re-sent duplicate).
+    fn first_time(&self, from: &str, seq: u64) -> bool {
+        let mut last = self.last_seq.lock().unwrap_or_else(|e| e.into_inner());
+        match last.get_mut(from) {
+            Some(highest) if seq <= *highest => false,
+            Some(highest) => {
+                *highest = seq;
+                true
+            }
+            None => {
+                // Nodes come and go with new ids; keep the table small.
+                if last.len() >= 10_000 {
+                    last.clear();
+                }
+                last.insert(from.to_string(), seq);
+                true
+            }
         }
     }
 
@@ -375,8 +410,9 @@ async fn subscribe_once(shared: &Shared, cluster: &Cluster) {
     cluster.announce(shared);
     let mut messages = pubsub.on_message();
     while let Some(message) = messages.next().await {
-        match Wire::decode(message.get_payload_bytes()) {
-            Some(wire) => cluster.apply(shared, wire),
+        match Wire::decode_stamped(message.get_payload_bytes()) {
+            Some((seq, wire)) if cluster.first_time(&wire.from, seq) => cluster.apply(shared, wire),
+            Some(_) => debug!("cluster: dropped a message already applied"),
             None => warn!("cluster: ignored a message that is not jssocket's"),
         }
     }
@@ -395,7 +431,7 @@ async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>, mut rx: mpsc::Rec
                 message = rx.recv() => match message {
                     Some(message) => {
                         cluster.backlog_bytes.fetch_sub(message.len(), Ordering::Relaxed);
-                        message
+                        cluster.stamp(&message)
                     }
                     None => return,
                 },
@@ -467,6 +503,7 @@ async fn farewell(
     let last = async {
         let queued = std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>();
         for message in queued.into_iter().chain([leaving]) {
+            let message = cluster.stamp(&message);
             let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
                 .arg(CHANNEL)
                 .arg(&message)
@@ -532,5 +569,32 @@ impl Backoff {
         let wait = Duration::from_millis(50 << self.0.min(4)).min(Duration::from_secs(1));
         self.0 += 1;
         wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resent_message_is_applied_once() {
+        let cluster = Cluster::new("redis://127.0.0.1:1").unwrap();
+        let text = Wire {
+            from: "node-a".into(),
+            op: Op::Leaving,
+        }
+        .encode();
+        let first = cluster.stamp(&text);
+        let second = cluster.stamp(&text);
+        let (seq1, wire1) = Wire::decode_stamped(first.as_bytes()).unwrap();
+        let (seq2, _) = Wire::decode_stamped(second.as_bytes()).unwrap();
+        assert_eq!((seq1, seq2), (0, 1));
+        assert!(cluster.first_time(&wire1.from, seq1));
+        // The same message published again after a lost reply: dropped.
+        assert!(!cluster.first_time(&wire1.from, seq1));
+        assert!(cluster.first_time(&wire1.from, seq2));
+        // Another node's numbering is its own.
+        assert!(cluster.first_time("node-b", 0));
+        assert!(Wire::decode_stamped(b"{\"from\":\"x\",\"op\":\"leaving\"}").is_none());
     }
 }

@@ -1,5 +1,5 @@
-//! What nodes say to each other over Redis: one JSON object per message, tagged by `op`,
-//! carrying frames already encoded for the recipients.
+//! What nodes say to each other over Redis: a sequence number, a space, and one JSON object
+//! tagged by `op`, carrying frames already encoded for the recipients.
 
 use serde::{Deserialize, Serialize};
 
@@ -66,7 +66,10 @@ impl Wire {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    pub fn decode(bytes: &[u8]) -> Option<Wire> {
-        serde_json::from_slice(bytes).ok()
+    /// Reads `<seq> <json>`, as the publisher sends it.
+    pub fn decode_stamped(bytes: &[u8]) -> Option<(u64, Wire)> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let (seq, json) = text.split_once(' ')?;
+        Some((seq.parse().ok()?, serde_json::from_str(json).ok()?))
     }
 }
