@@ -135,22 +135,36 @@ pub async fn run(
     Ok(())
 }
 
-fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+/// The HTTP routes, and the router every WebSocket upgrade goes to whatever its path (so
+/// even `/healthz` or `/console` can be a client's WebSocket path, as SPEC §2 asks).
+#[derive(Clone)]
+struct Routers {
+    http: Router,
+    websocket: Router,
+}
+
+fn router(shared: Arc<Shared>) -> Routers {
+    let http = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/{event}", post(api::handle))
         .merge(console::router())
         .fallback(upgrade)
-        .with_state(shared)
+        .with_state(Arc::clone(&shared));
+    let websocket = Router::new().fallback(upgrade).with_state(shared);
+    Routers { http, websocket }
 }
 
 /// Serves HTTP/1.1 on one TCP connection, with upgrades.
-async fn serve_http(stream: TcpStream, addr: SocketAddr, router: Router, shared: Arc<Shared>) {
+async fn serve_http(stream: TcpStream, addr: SocketAddr, routers: Routers, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(addr));
-        let router = router.clone();
+        let router = if is_websocket_upgrade(request.headers()) {
+            routers.websocket.clone()
+        } else {
+            routers.http.clone()
+        };
         async move { Ok::<_, Infallible>(router.oneshot(request.map(Body::new)).await.into_response()) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
