@@ -408,12 +408,16 @@ impl Hub {
         remote: impl FnOnce(&Arc<Peer>, Utf8Bytes) -> bool,
     ) -> Result<Forwarded, ProtocolError> {
         let mut pool = self.pool();
-        if forward(&mut pool, client, frame.clone()) || remote(client, frame.clone()) {
-            return Ok(Forwarded::Sent);
-        }
-        // A client that asks again replaces its waiting request.
+        // A client that asks again replaces its waiting request (else both would be sent).
         pool.pending
             .retain(|p| p.client.upgrade().is_some_and(|c| c.id != client.id));
+        // Older requests first: a new one only goes straight out when none is waiting.
+        flush_pending(&mut pool);
+        if pool.pending.is_empty()
+            && (forward(&mut pool, client, frame.clone()) || remote(client, frame.clone()))
+        {
+            return Ok(Forwarded::Sent);
+        }
         let waiting_bytes: usize = pool.pending.iter().map(|p| p.frame.len()).sum();
         if pool.pending.len() >= self.pending_limit
             || waiting_bytes + frame.len() > MAX_PENDING_BYTES
@@ -448,6 +452,13 @@ impl Hub {
             .collect()
     }
 
+    /// Queues a `client_connect` from another node for one of this node's servers, if it has
+    /// room (a full server is not closed for it). False: gone or full.
+    pub fn offer_to_server(&self, target: &str, frame: Utf8Bytes) -> bool {
+        self.local_server(target)
+            .is_some_and(|server| server.offer(Outgoing::Text(frame)))
+    }
+
     /// One of this node's servers by id.
     pub fn local_server(&self, target: &str) -> Option<Arc<Peer>> {
         self.pool()
@@ -470,9 +481,8 @@ impl Hub {
             if let Some(pending) = pool.pending.pop_front()
                 && let Some(client) = pending.client.upgrade()
             {
-                let error = ProtocolError::NoServer(
-                    "no server connected in time to authenticate this client_connect",
-                );
+                let error =
+                    ProtocolError::NoServer("no server could take this client_connect in time");
                 client.send(error.to_frame(Some("client_connect")));
             }
         }
@@ -628,10 +638,20 @@ fn flush_pending(pool: &mut ServerPool) {
         let Some(client) = pending.client.upgrade() else {
             continue;
         };
-        if !forward(pool, &client, pending.frame.clone()) {
-            pool.pending.push_front(pending);
-            return;
+        if forward(pool, &client, pending.frame.clone()) {
+            continue;
         }
+        let len = pending.frame.len();
+        if !pool.servers.is_empty() && pool.servers.iter().all(|s| !s.outbox.could_ever_fit(len)) {
+            // Larger than any server's whole queue: it would block everything behind it.
+            let error = ProtocolError::NoServer(
+                "this client_connect is larger than a server's outbound queue (--max-queue-bytes)",
+            );
+            client.send(error.to_frame(Some("client_connect")));
+            continue;
+        }
+        pool.pending.push_front(pending);
+        return;
     }
 }
 

@@ -76,6 +76,11 @@ impl Outbox {
         Push::Queued
     }
 
+    /// Whether a frame of `len` bytes fits in an empty queue at all.
+    pub fn could_ever_fit(&self, len: usize) -> bool {
+        len + ITEM_OVERHEAD <= self.max_bytes
+    }
+
     pub fn pop(&self) -> Option<Outgoing> {
         let mut queue = self.lock();
         let item = queue.items.pop_front()?;

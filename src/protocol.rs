@@ -101,6 +101,7 @@ impl ProtocolError {
                 | ProtocolError::NoServer(_)
                 | ProtocolError::TooManySubscriptions(_)
                 | ProtocolError::Unauthorized
+                | ProtocolError::RateLimited(_)
         )
     }
 

@@ -304,27 +304,25 @@ impl Cluster {
                 if node != self.node {
                     return;
                 }
-                match hub.local_server(&server) {
-                    Some(server) => {
-                        shared.metrics.sent("client_connect", 1, frame.len());
-                        server.send(Utf8Bytes::from(frame));
-                    }
-                    None => {
-                        // The server left after the sender chose it: tell the client to try
-                        // again rather than leave it waiting for an acknowledgement.
-                        debug!(%server, "forward for a server that has left");
-                        let error = ProtocolError::NoServer(
-                            "the server chosen for this client_connect has left; send it again",
-                        );
-                        let frame = error.to_frame(Some("client_connect")).as_str().to_string();
-                        self.publish(
-                            shared,
-                            Op::NotifyClient {
-                                target: client,
-                                frame,
-                            },
-                        );
-                    }
+                let len = frame.len();
+                if hub.offer_to_server(&server, Utf8Bytes::from(frame)) {
+                    shared.metrics.sent("client_connect", 1, len);
+                } else {
+                    // The server left (or is full) after the sender chose it: tell the client
+                    // to send it again rather than leave it waiting, and never close a
+                    // backend over a client's request.
+                    debug!(%server, "forward for a server that has left or is full");
+                    let error = ProtocolError::NoServer(
+                        "the server chosen for this client_connect is gone or busy; send it again",
+                    );
+                    let frame = error.to_frame(Some("client_connect")).as_str().to_string();
+                    self.publish(
+                        shared,
+                        Op::NotifyClient {
+                            target: client,
+                            frame,
+                        },
+                    );
                 }
             }
             Op::Servers { servers } => {
@@ -411,7 +409,9 @@ async fn subscribe_once(shared: &Shared, cluster: &Cluster) {
     let mut messages = pubsub.on_message();
     while let Some(message) = messages.next().await {
         match Wire::decode_stamped(message.get_payload_bytes()) {
-            Some((seq, wire)) if cluster.first_time(&wire.from, seq) => cluster.apply(shared, wire),
+            Some((seq, wire)) if seq.is_none_or(|seq| cluster.first_time(&wire.from, seq)) => {
+                cluster.apply(shared, wire)
+            }
             Some(_) => debug!("cluster: dropped a message already applied"),
             None => warn!("cluster: ignored a message that is not jssocket's"),
         }
@@ -586,8 +586,12 @@ mod tests {
         .encode();
         let first = cluster.stamp(&text);
         let second = cluster.stamp(&text);
-        let (seq1, wire1) = Wire::decode_stamped(first.as_bytes()).unwrap();
-        let (seq2, _) = Wire::decode_stamped(second.as_bytes()).unwrap();
+        let (Some(seq1), wire1) = Wire::decode_stamped(first.as_bytes()).unwrap() else {
+            panic!("not stamped");
+        };
+        let (Some(seq2), _) = Wire::decode_stamped(second.as_bytes()).unwrap() else {
+            panic!("not stamped");
+        };
         assert_eq!((seq1, seq2), (0, 1));
         assert!(cluster.first_time(&wire1.from, seq1));
         // The same message published again after a lost reply: dropped.
@@ -595,6 +599,9 @@ mod tests {
         assert!(cluster.first_time(&wire1.from, seq2));
         // Another node's numbering is its own.
         assert!(cluster.first_time("node-b", 0));
-        assert!(Wire::decode_stamped(b"{\"from\":\"x\",\"op\":\"leaving\"}").is_none());
+        // A node of an earlier version sends bare JSON: read, never taken for a duplicate.
+        let (seq, _) = Wire::decode_stamped(b"{\"from\":\"x\",\"op\":\"leaving\"}").unwrap();
+        assert_eq!(seq, None);
+        assert!(Wire::decode_stamped(b"garbage").is_none());
     }
 }

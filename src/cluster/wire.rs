@@ -66,10 +66,14 @@ impl Wire {
         serde_json::to_string(self).unwrap_or_default()
     }
 
-    /// Reads `<seq> <json>`, as the publisher sends it.
-    pub fn decode_stamped(bytes: &[u8]) -> Option<(u64, Wire)> {
+    /// Reads `<seq> <json>`, as the publisher sends it, or a bare JSON message (no sequence
+    /// number, so never taken for a duplicate) as a node of an earlier version sends it.
+    pub fn decode_stamped(bytes: &[u8]) -> Option<(Option<u64>, Wire)> {
         let text = std::str::from_utf8(bytes).ok()?;
+        if text.starts_with('{') {
+            return Some((None, serde_json::from_str(text).ok()?));
+        }
         let (seq, json) = text.split_once(' ')?;
-        Some((seq.parse().ok()?, serde_json::from_str(json).ok()?))
+        Some((Some(seq.parse().ok()?), serde_json::from_str(json).ok()?))
     }
 }
