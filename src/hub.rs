@@ -271,9 +271,9 @@ pub struct Hub {
     /// Registered clients by id.
     clients: DashMap<Uuid, Arc<Peer>>,
     /// Group name → its members.
-    groups: DashMap<Arc<str>, HashMap<Uuid, Arc<Peer>>>,
+    groups: Members,
     /// Channel name → its subscribers.
-    channels: DashMap<Arc<str>, HashMap<Uuid, Arc<Peer>>>,
+    channels: Members,
     /// Clients acknowledged and still open, for metrics.
     acknowledged: AtomicUsize,
     pool: Mutex<ServerPool>,
@@ -326,10 +326,7 @@ impl Hub {
         {
             self.leave_group(&old, client.id);
         }
-        self.groups
-            .entry(Arc::clone(&ack.group))
-            .or_default()
-            .insert(client.id, Arc::clone(&client));
+        join(&self.groups, &ack.group, &client);
         state.group = Some(ack.group);
         state.user = ack.user;
         state.roles = ack.roles;
@@ -343,10 +340,7 @@ impl Hub {
     }
 
     fn leave_group(&self, group: &str, id: Uuid) {
-        self.groups.remove_if_mut(group, |_, members| {
-            members.remove(&id);
-            members.is_empty()
-        });
+        leave(&self.groups, group, id);
     }
 
     /// The group a `notify_group` target means: the group of the client with that id, else
@@ -551,10 +545,7 @@ impl Hub {
             return Err(ProtocolError::TooManySubscriptions(MAX_SUBSCRIPTIONS));
         }
         let channel: Arc<str> = Arc::from(channel);
-        self.channels
-            .entry(Arc::clone(&channel))
-            .or_default()
-            .insert(peer.id, Arc::clone(peer));
+        join(&self.channels, &channel, peer);
         state.subscriptions.push(channel);
         Ok(())
     }
@@ -569,10 +560,7 @@ impl Hub {
     }
 
     fn leave_channel(&self, channel: &str, id: Uuid) {
-        self.channels.remove_if_mut(channel, |_, members| {
-            members.remove(&id);
-            members.is_empty()
-        });
+        leave(&self.channels, channel, id);
     }
 
     /// Delivers `frame` to the subscribers of `channel` that `filter` admits.
@@ -612,6 +600,23 @@ pub struct HubStats {
     pub channels: usize,
     pub servers: usize,
     pub pending: usize,
+}
+
+/// A group or a channel: a name and its members.
+type Members = DashMap<Arc<str>, HashMap<Uuid, Arc<Peer>>>;
+
+fn join(map: &Members, name: &Arc<str>, peer: &Arc<Peer>) {
+    map.entry(Arc::clone(name))
+        .or_default()
+        .insert(peer.id, Arc::clone(peer));
+}
+
+/// Removes a member, and the name with its last member.
+fn leave(map: &Members, name: &str, id: Uuid) {
+    map.remove_if_mut(name, |_, members| {
+        members.remove(&id);
+        members.is_empty()
+    });
 }
 
 /// Sends a forward to the next live server; false if the pool is empty.

@@ -87,10 +87,10 @@ pub struct Session {
     /// Joined the server pool with `server_connect`.
     pub in_pool: bool,
     /// Bad messages in the current window, and when the window started.
-    bad_input: (u32, Instant),
+    bad_input: Window,
     /// `client_connect`s in the current window: each is copied to a server, so one client
     /// must not be able to flood the backends with them.
-    connects: (u32, Instant),
+    connects: Window,
 }
 
 impl Session {
@@ -102,20 +102,14 @@ impl Session {
             admin: false,
             password_checked: false,
             in_pool: false,
-            bad_input: (0, Instant::now()),
-            connects: (0, Instant::now()),
+            bad_input: Window::new(),
+            connects: Window::new(),
         }
     }
 
     /// Counts a `client_connect` against [`MAX_CONNECTS_PER_WINDOW`].
     pub(crate) fn count_connect(&mut self) -> Result<(), ProtocolError> {
-        let (count, since) = &mut self.connects;
-        if since.elapsed() >= BAD_INPUT_WINDOW {
-            *count = 0;
-            *since = Instant::now();
-        }
-        *count += 1;
-        if *count > MAX_CONNECTS_PER_WINDOW {
+        if self.connects.hit() > MAX_CONNECTS_PER_WINDOW {
             return Err(ProtocolError::RateLimited(
                 "client_connect: at most 20 a minute per connection",
             ));
@@ -199,16 +193,35 @@ impl Session {
         if !error.is_bad_input() {
             return Flow::Continue;
         }
-        let (count, since) = &mut self.bad_input;
-        if since.elapsed() >= BAD_INPUT_WINDOW {
-            *count = 0;
-            *since = Instant::now();
-        }
-        *count += 1;
-        if *count > self.shared.config.bad_input_limit {
+        if self.bad_input.hit() > self.shared.config.bad_input_limit {
             return Flow::Close(Close::BAD_INPUT);
         }
         Flow::Continue
+    }
+}
+
+/// Counts events in fixed windows of [`BAD_INPUT_WINDOW`].
+struct Window {
+    count: u32,
+    since: Instant,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            count: 0,
+            since: Instant::now(),
+        }
+    }
+
+    /// Counts one event; returns how many the current window has seen, this one included.
+    fn hit(&mut self) -> u32 {
+        if self.since.elapsed() >= BAD_INPUT_WINDOW {
+            self.count = 0;
+            self.since = Instant::now();
+        }
+        self.count += 1;
+        self.count
     }
 }
 
