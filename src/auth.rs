@@ -50,6 +50,14 @@ pub enum AuthError {
         "is neither a hex-encoded nor a raw bcrypt hash ($2a$/$2b$/$2y$…); make one with `jssocket hash`"
     )]
     NotBcrypt,
+    /// Jaseci's own `SOCKET_AUTH` is the plain password it sends; sharing that variable with
+    /// the relay is the usual way to get here, so the message says how to make the hash.
+    #[error(
+        "looks like a plain password, not a hash: the relay holds the bcrypt hash of the \
+         password that backends send. Make it with `printf '%s' '<password>' | jssocket hash` \
+         and give the relay that output (Jaseci keeps its own SOCKET_AUTH as the plain password)"
+    )]
+    PlainPassword,
 }
 
 impl PasswordHash {
@@ -63,6 +71,10 @@ impl PasswordHash {
         let raw = if text.starts_with('$') {
             text.to_string()
         } else {
+            // Hex of a bcrypt hash starts with hex("$2"); anything else was never a hash.
+            if !text.to_ascii_lowercase().starts_with("2432") {
+                return Err(AuthError::PlainPassword);
+            }
             let bytes = hex::decode(text).map_err(|_| AuthError::NotBcrypt)?;
             String::from_utf8(bytes).map_err(|_| AuthError::NotBcrypt)?
         };
@@ -245,12 +257,17 @@ mod tests {
         assert_eq!(PasswordHash::parse(&raw).map(|h| h.0), Ok(raw.clone()));
         assert_eq!(PasswordHash::parse(""), Err(AuthError::Empty));
         assert_eq!(PasswordHash::parse("  "), Err(AuthError::Empty));
-        assert_eq!(PasswordHash::parse("abcd"), Err(AuthError::NotBcrypt));
+        assert_eq!(PasswordHash::parse("abcd"), Err(AuthError::PlainPassword));
+        assert_eq!(
+            PasswordHash::parse("12345678"),
+            Err(AuthError::PlainPassword)
+        );
+        assert_eq!(PasswordHash::parse("24326224"), Err(AuthError::NotBcrypt));
         assert_eq!(
             PasswordHash::parse("$2b$12$short"),
             Err(AuthError::NotBcrypt)
         );
-        assert_eq!(PasswordHash::parse("zz"), Err(AuthError::NotBcrypt));
+        assert_eq!(PasswordHash::parse("zz"), Err(AuthError::PlainPassword));
     }
 
     #[test]

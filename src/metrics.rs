@@ -1,5 +1,11 @@
 //! Prometheus metrics, served as text at `GET /metrics`, every name prefixed `jssocket_`.
 //!
+//! The registry encodes OpenMetrics; most scrapers and `promtool` expect the classic
+//! Prometheus text format (`text/plain; version=0.0.4`), where a counter's `# TYPE` line names
+//! the `_total` sample itself and there is no `# EOF`. So the classic format is served unless
+//! the scraper's `Accept` asks for OpenMetrics ([`Format::from_accept`]), and it is derived
+//! from the OpenMetrics text by [`to_classic`].
+//!
 //! Counters on the message path are cloned handles (an `Arc` around an atomic) looked up once
 //! per event type at start, so counting costs an atomic add, not a label-map lookup. Gauges
 //! that mirror the hub's tables (clients, groups, channels, servers) are read from the hub
@@ -260,8 +266,8 @@ impl Metrics {
         count(&self.errors, code);
     }
 
-    /// The Prometheus text exposition, with the hub's current table sizes.
-    pub fn render(&self, stats: HubStats) -> String {
+    /// The text exposition in `format`, with the hub's current table sizes.
+    pub fn render(&self, stats: HubStats, format: Format) -> String {
         for (gauge, value) in [
             (&self.clients, stats.clients),
             (&self.acknowledged, stats.acknowledged),
@@ -276,8 +282,97 @@ impl Metrics {
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::Classic => to_classic(&out),
+        }
     }
+}
+
+/// The two text formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text format 0.0.4: what `promtool check metrics` and classic parsers read.
+    Classic,
+    /// OpenMetrics 1.0, for scrapers that ask for it.
+    OpenMetrics,
+}
+
+impl Format {
+    /// OpenMetrics when the `Accept` header names it (as Prometheus does when it prefers
+    /// it), else the classic format.
+    pub fn from_accept(accept: Option<&str>) -> Format {
+        let wants_openmetrics = accept.is_some_and(|accept| {
+            accept.split(',').any(|range| {
+                let mut params = range.split(';');
+                let media = params.next().unwrap_or("").trim();
+                // `q=0` means "not acceptable".
+                let refused = params.any(|p| {
+                    p.trim()
+                        .strip_prefix("q=")
+                        .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+                });
+                media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+            })
+        });
+        if wants_openmetrics {
+            Format::OpenMetrics
+        } else {
+            Format::Classic
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Classic => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// Rewrites OpenMetrics text as classic Prometheus text: a counter family `x` becomes
+/// `x_total` in its `# HELP`/`# TYPE` lines (its samples already carry the suffix), `# UNIT`
+/// and `# EOF` lines go, and `_created` samples of counters are dropped.
+pub fn to_classic(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("# TYPE ")?;
+            let (name, kind) = rest.split_once(' ')?;
+            (kind.trim() == "counter").then_some(name)
+        })
+        .collect();
+    let is_counter = |name: &str| counters.contains(&name);
+    let mut out = String::with_capacity(openmetrics.len() + counters.len() * 16);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let described = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        if let Some((prefix, rest)) = described {
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.push_str(prefix);
+            out.push_str(name);
+            if is_counter(name) {
+                out.push_str("_total");
+            }
+            if !tail.is_empty() {
+                out.push(' ');
+                out.push_str(tail);
+            }
+            out.push('\n');
+            continue;
+        }
+        let name = line.split(['{', ' ']).next().unwrap_or("");
+        if name.strip_suffix("_created").is_some_and(&is_counter) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 fn labelled<L, F>(
@@ -300,5 +395,68 @@ where
 fn count(counters: &HashMap<&'static str, Counter>, name: &str) {
     if let Some(counter) = counters.get(name).or_else(|| counters.get("other")) {
         counter.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_picks_the_format() {
+        assert_eq!(Format::from_accept(None), Format::Classic);
+        assert_eq!(Format::from_accept(Some("*/*")), Format::Classic);
+        assert_eq!(
+            Format::from_accept(Some("text/plain;version=0.0.4;q=0.5,*/*;q=0.1")),
+            Format::Classic
+        );
+        // What Prometheus sends when it prefers OpenMetrics.
+        assert_eq!(
+            Format::from_accept(Some(
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                 version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+            )),
+            Format::OpenMetrics
+        );
+        assert_eq!(
+            Format::from_accept(Some("application/openmetrics-text;q=0, text/plain")),
+            Format::Classic
+        );
+    }
+
+    #[test]
+    fn classic_text_names_counters_by_their_samples() {
+        let metrics = Metrics::new();
+        metrics.received("notify_all", 10);
+        let stats = HubStats {
+            clients: 1,
+            acknowledged: 0,
+            groups: 0,
+            channels: 0,
+            servers: 0,
+            pending: 0,
+        };
+        let open = metrics.render(stats, Format::OpenMetrics);
+        assert!(open.ends_with("# EOF\n"));
+        assert!(open.contains("# TYPE jssocket_bytes_received counter\n"));
+        let classic = metrics.render(stats, Format::Classic);
+        assert!(!classic.contains("# EOF"));
+        assert!(classic.contains("# TYPE jssocket_bytes_received_total counter\n"));
+        assert!(classic.contains("# HELP jssocket_bytes_received_total "));
+        assert!(classic.contains("jssocket_bytes_received_total 10\n"));
+        assert!(classic.contains("# TYPE jssocket_clients gauge\n"));
+        assert!(classic.contains("# TYPE jssocket_fanout_seconds histogram\n"));
+        // Every TYPE line names samples that exist.
+        for line in classic.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap_or("");
+                assert!(
+                    classic
+                        .lines()
+                        .any(|l| !l.starts_with('#') && l.starts_with(name)),
+                    "{name} has no samples"
+                );
+            }
+        }
     }
 }

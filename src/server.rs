@@ -38,7 +38,7 @@ use crate::config::Config;
 use crate::connection::{self, PeerInfo};
 use crate::console;
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::metrics::{Format, Metrics};
 
 /// Initial read buffer of a WebSocket. Most inbound messages are small (a token, a notify);
 /// larger ones grow it as needed. It is memory every idle connection keeps.
@@ -187,16 +187,11 @@ async fn healthz() -> &'static str {
     "OK\n"
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let body = shared.metrics.render(shared.hub.stats());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = Format::from_accept(accept);
+    let body = shared.metrics.render(shared.hub.stats(), format);
+    ([(header::CONTENT_TYPE, format.content_type())], body).into_response()
 }
 
 /// Every path but the HTTP routes: a WebSocket upgrade, or a clear refusal.

@@ -606,6 +606,24 @@ fn auth_that_is_not_a_hash_is_refused() {
     }
 }
 
+/// Jaseci's SOCKET_AUTH is its plain password; shared with the relay by mistake, the start-up
+/// error says it is a password and how to make the hash, without echoing it.
+#[test]
+fn auth_that_looks_like_a_password_says_how_to_hash_it() {
+    for value in ["12345678", "hunter2", "my secret"] {
+        let mut cmd = jssocket();
+        cmd.env("SOCKET_AUTH", value);
+        let reason = assert_refused(
+            &run(cmd, &["-p", "0"], None),
+            &format!("SOCKET_AUTH={value}"),
+        );
+        assert!(reason.contains("SOCKET_AUTH"), "{reason}");
+        assert!(reason.contains("plain password"), "{reason}");
+        assert!(reason.contains("jssocket hash"), "{reason}");
+        assert!(!reason.contains(value), "the password is echoed: {reason}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // jssocket hash and admin authentication
 // ---------------------------------------------------------------------------------------------

@@ -85,16 +85,14 @@ async fn metrics_is_prometheus_text_with_every_family() {
     let server = Server::start().await;
     let response = http(server.addr, "GET", "/metrics", &[], b"").await;
     assert_eq!(response.status, 200, "{}", response.text());
+    // Classic Prometheus text unless the scraper asks for OpenMetrics (SPEC §8).
     let content_type = response.header("content-type").unwrap_or("");
     assert!(
-        content_type.starts_with("application/openmetrics-text")
-            || content_type.starts_with("text/plain"),
+        content_type.starts_with("text/plain; version=0.0.4"),
         "content type {content_type:?}"
     );
     let text = response.text();
-    if content_type.starts_with("application/openmetrics-text") {
-        assert!(text.ends_with("# EOF\n"), "OpenMetrics must end with # EOF");
-    }
+    assert!(!text.contains("# EOF"), "classic text has no # EOF");
     let scrape = Scrape::parse(&text);
     assert!(!scrape.samples.is_empty());
     for sample in &scrape.samples {
@@ -112,8 +110,8 @@ async fn metrics_is_prometheus_text_with_every_family() {
     }
     for counter in COUNTERS {
         assert_eq!(scrape.value(counter, &[]), 0.0, "{counter}");
-        let family = counter.trim_end_matches("_total");
-        assert_eq!(scrape.type_of(family), Some("counter"), "{family}");
+        // Classic text declares a counter under its sample's name, `_total` included.
+        assert_eq!(scrape.type_of(counter), Some("counter"), "{counter}");
     }
     for kind in EVENT_TYPES {
         assert_eq!(
@@ -140,9 +138,9 @@ async fn metrics_is_prometheus_text_with_every_family() {
         );
     }
     for family in [
-        "jssocket_messages_received",
-        "jssocket_messages_sent",
-        "jssocket_errors",
+        "jssocket_messages_received_total",
+        "jssocket_messages_sent_total",
+        "jssocket_errors_total",
     ] {
         assert_eq!(scrape.type_of(family), Some("counter"), "{family}");
     }
@@ -158,6 +156,28 @@ async fn metrics_is_prometheus_text_with_every_family() {
     let again = http(server.addr, "GET", "/metrics?format=prometheus", &[], b"").await;
     assert_eq!(again.status, 200);
     assert_eq!(Scrape::parse(&again.text()).samples, scrape.samples);
+
+    // A scraper that asks for OpenMetrics gets it: same samples, counters typed by family.
+    let accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+    let open = http(server.addr, "GET", "/metrics", &[("accept", accept)], b"").await;
+    assert_eq!(open.status, 200);
+    let content_type = open.header("content-type").unwrap_or("");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "content type {content_type:?}"
+    );
+    let open_text = open.text();
+    assert!(
+        open_text.ends_with("# EOF\n"),
+        "OpenMetrics must end with # EOF"
+    );
+    let open_scrape = Scrape::parse(&open_text);
+    assert_eq!(open_scrape.samples, scrape.samples);
+    assert_eq!(
+        open_scrape.type_of("jssocket_errors"),
+        Some("counter"),
+        "OpenMetrics types a counter by its family name"
+    );
 }
 
 #[tokio::test]
