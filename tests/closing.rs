@@ -41,6 +41,9 @@ struct RawPeer {
     buf: Vec<u8>,
 }
 
+/// Frames a test case sends: FIN/RSV bits and opcode, then payload.
+type Frames = Vec<(u8, Vec<u8>)>;
+
 /// A frame from the server.
 #[derive(Debug)]
 struct ServerFrame {
@@ -235,7 +238,7 @@ async fn still_serving(server: &Server) {
 #[tokio::test]
 async fn forbidden_frames_close_1002_and_end_tcp_promptly() {
     let server = Server::start().await;
-    let cases: Vec<(&str, Vec<(u8, Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Frames, &str)> = vec![
         (
             "RSV1 bit set",
             vec![(FIN | RSV1 | TEXT, b"{}".to_vec())],
@@ -331,7 +334,7 @@ async fn client_close_is_echoed_and_tcp_ends_promptly() {
 #[tokio::test]
 async fn invalid_utf8_closes_1007_and_ends_tcp_promptly() {
     let server = Server::start().await;
-    let cases: Vec<(&str, Vec<(u8, Vec<u8>)>)> = vec![
+    let cases: Vec<(&str, Frames)> = vec![
         (
             "invalid UTF-8 text",
             vec![(
@@ -374,7 +377,7 @@ async fn invalid_utf8_closes_1007_and_ends_tcp_promptly() {
 async fn oversized_message_closes_1009_and_ends_tcp_promptly() {
     let server = Server::with_args(&["--max-message-size", "1024"]).await;
     let big = format!(r#"{{"type":"x","data":"{}"}}"#, "x".repeat(4000)).into_bytes();
-    let cases: Vec<(&str, Vec<(u8, Vec<u8>)>)> = vec![
+    let cases: Vec<(&str, Frames)> = vec![
         ("one frame", vec![(FIN | TEXT, big.clone())]),
         (
             "fragments",
