@@ -8,18 +8,20 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Duration, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, info};
 
 use crate::events::{self, Flow, Session};
@@ -32,11 +34,18 @@ type Stream = SplitStream<Socket>;
 
 /// How long the closing handshake may take before the socket is simply dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-/// How long a peer that stopped reading gets to take our close frame before a reset.
+/// How long a peer that stopped answering gets to take our close frame before a reset.
 const ABORT_GRACE: Duration = Duration::from_millis(100);
+/// How long a slow consumer's socket is kept after its close frame, so a reader that wakes up
+/// still finds out why it was closed (SPEC §6) instead of meeting a reset.
+const LINGER: Duration = Duration::from_secs(5);
+/// Most slow consumers lingering at once in this process (one process serves one server).
+/// Each holds a descriptor and a full kernel send buffer, so past this many a stalled reader
+/// is reset at once, as a dead peer is.
+const MAX_LINGERING: usize = 1024;
 /// Most frames written before one flush.
 const WRITE_BATCH: usize = 64;
-/// Most bytes read and thrown away after closing for an oversized message, so the peer sees
+/// Most bytes read and thrown away after closing for what the peer sent, so the peer sees
 /// our close frame instead of a reset.
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 
@@ -47,7 +56,8 @@ enum End {
     Gone,
     /// We close: flush what is queued (if `flush`), then send the close frame.
     Close { close: Close, flush: bool },
-    /// We close because of what the peer sent; its unread bytes are drained, not parsed.
+    /// We close because of what the peer sent (RFC 6455 "fail the connection"): tungstenite
+    /// reads nothing after an error, so the rest is drained, not parsed.
     Reject(Close),
 }
 
@@ -97,7 +107,7 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
         // The other nodes must stop forwarding to this server now, not at the next heartbeat.
         cluster.announce(&shared);
     }
-    Box::pin(finish(sink, stream, end)).await;
+    // Counted before `finish`, which may linger for seconds on a slow consumer.
     match end {
         End::Close { close, .. } if close == Close::SLOW_CONSUMER => {
             shared.metrics.slow_consumer_closes.inc();
@@ -105,6 +115,7 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
         }
         _ => debug!(?end, "disconnected"),
     }
+    Box::pin(finish(sink, stream, end, &shared.shutdown)).await;
 }
 
 async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBool) -> End {
@@ -112,12 +123,7 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
         let message = match stream.next().await {
             None => return End::Gone,
             Some(Ok(message)) => message,
-            Some(Err(WsError::Utf8(_))) => return End::Reject(Close::INVALID_UTF8),
-            Some(Err(WsError::Capacity(_))) => return End::Reject(Close::TOO_BIG),
-            Some(Err(e)) => {
-                debug!(error = %e, "read failed");
-                return End::Gone;
-            }
+            Some(Err(e)) => return read_error(e),
         };
         alive.store(true, Ordering::Relaxed);
         let payload: Bytes = match message {
@@ -129,6 +135,43 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
         if let Flow::Close(close) = events::handle(session, &payload).await {
             return End::Close { close, flush: true };
         }
+    }
+}
+
+/// How a read error ends the connection: with the close code RFC 6455 names for what the
+/// peer sent, or quietly when the socket itself is gone.
+fn read_error(e: WsError) -> End {
+    match e {
+        WsError::Utf8(_) => End::Reject(Close::INVALID_UTF8),
+        WsError::Capacity(_) => End::Reject(Close::TOO_BIG),
+        // The peer hung up without a close frame: nobody is left to tell.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
+        WsError::Protocol(e) => End::Reject(protocol_close(&e)),
+        e => {
+            debug!(error = %e, "read failed");
+            End::Gone
+        }
+    }
+}
+
+/// Close 1002 with a reason naming the broken rule, so whoever debugs the peer knows.
+fn protocol_close(e: &ProtocolError) -> Close {
+    let reason = match e {
+        ProtocolError::NonZeroReservedBits => "reserved bits set without an extension",
+        ProtocolError::UnknownControlFrameType(_)
+        | ProtocolError::UnknownDataFrameType(_)
+        | ProtocolError::InvalidOpcode(_) => "reserved opcode",
+        ProtocolError::FragmentedControlFrame => "fragmented control frame",
+        ProtocolError::ControlFrameTooBig => "control frame over 125 bytes",
+        ProtocolError::UnexpectedContinueFrame => "continuation frame without a message",
+        ProtocolError::ExpectedFragment(_) => "new message inside a fragmented one",
+        ProtocolError::InvalidCloseSequence => "invalid close frame payload",
+        ProtocolError::UnmaskedFrameFromClient => "unmasked frame from a client",
+        _ => Close::PROTOCOL.reason,
+    };
+    Close {
+        reason,
+        ..Close::PROTOCOL
     }
 }
 
@@ -210,10 +253,12 @@ async fn flush(sink: &mut Sink, items: Vec<Outgoing>) -> Vec<Outgoing> {
     Vec::new()
 }
 
-/// Sends the close frame (if we are the one closing) and waits, bounded, for the peer's.
-async fn finish(mut sink: Sink, mut stream: Stream, end: End) {
+/// Ends the WebSocket as RFC 6455 §7 asks: sends our close frame when we are the one
+/// closing, and lets the server end TCP first, right after the closing handshake (§7.1.1).
+async fn finish(mut sink: Sink, mut stream: Stream, end: End, shutdown: &CancellationToken) {
     let close = match end {
         End::Gone => {
+            // Flushes tungstenite's answer to the peer's close frame, if it sent one.
             let _ = timeout(CLOSE_GRACE, sink.close()).await;
             return;
         }
@@ -223,42 +268,116 @@ async fn finish(mut sink: Sink, mut stream: Stream, end: End) {
         code: CloseCode::from(close.code),
         reason: close.reason.into(),
     };
-    if close == Close::SLOW_CONSUMER || close == Close::PING_TIMEOUT {
-        // The peer isn't taking bytes: a close frame would sit behind megabytes in the
-        // kernel's send buffer. Offer it briefly, then reset the connection so the kernel
-        // frees that buffer now rather than retrying for minutes.
-        let _ = timeout(ABORT_GRACE, sink.send(Message::Close(Some(frame)))).await;
-        if let Ok(socket) = sink.reunite(stream) {
-            let _ = socket.get_ref().set_zero_linger();
-        }
-        return;
+    if close == Close::SLOW_CONSUMER {
+        return linger(sink, stream, frame, shutdown).await;
+    }
+    if close == Close::PING_TIMEOUT {
+        // The peer is dead: nobody will read a close frame.
+        return abort(sink, stream, frame).await;
     }
     let _ = timeout(CLOSE_GRACE, sink.send(Message::Close(Some(frame)))).await;
     match end {
-        End::Reject(_) => {
-            // The rest of the offending message is still unread; tungstenite can't parse past
-            // it, so read raw bytes until the peer closes (bounded), lest our close frame be
-            // lost to a TCP reset.
-            if let Ok(mut socket) = sink.reunite(stream) {
-                let io = socket.get_mut();
-                let mut buf = vec![0u8; 16 * 1024];
-                let mut drained = 0usize;
-                let _ = timeout(CLOSE_GRACE, async {
-                    while drained < DRAIN_LIMIT {
-                        match io.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => drained += n,
-                        }
-                    }
-                })
-                .await;
-            }
-        }
+        End::Reject(_) => drain(sink, stream).await,
         _ => {
+            // The peer can still be parsed: its answering close frame ends the stream.
             let _ = timeout(CLOSE_GRACE, async {
                 while stream.next().await.is_some() {}
             })
             .await;
         }
+    }
+}
+
+/// After failing the connection for what the peer sent: tungstenite reads nothing after an
+/// error, so our FIN follows the close frame at once (the peer sees the server end TCP and
+/// hangs up in turn, instead of both waiting for the other), and what still arrives is read
+/// and thrown away, bounded, until the peer's FIN: closing with unread bytes would send a
+/// reset, which can destroy our close frame before the peer reads it.
+async fn drain(sink: Sink, stream: Stream) {
+    let Ok(mut socket) = sink.reunite(stream) else {
+        return;
+    };
+    let io = socket.get_mut();
+    let _ = timeout(CLOSE_GRACE, io.shutdown()).await;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut drained = 0usize;
+    let _ = timeout(CLOSE_GRACE, async {
+        while drained < DRAIN_LIMIT {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+}
+
+/// Closes a slow consumer so that it learns why. Its unsent frames were dropped with its
+/// queue; the close frame goes after what tungstenite's write buffer and the kernel already
+/// hold (tungstenite completes a half-written frame first, never cuts one), and the socket is
+/// kept up to [`LINGER`] so a reader that wakes up reads its way to the close frame and
+/// answers. No answer by then, too many lingering already, or shutdown: a reset, as for a
+/// dead peer.
+async fn linger(
+    mut sink: Sink,
+    mut stream: Stream,
+    frame: CloseFrame,
+    shutdown: &CancellationToken,
+) {
+    let Some(_lingering) = Lingering::enter() else {
+        return abort(sink, stream, frame).await;
+    };
+    let handshake = async {
+        if sink.send(Message::Close(Some(frame))).await.is_err() {
+            return false;
+        }
+        // Whatever the peer still sends is read and dropped; its close frame (or hanging
+        // up) ends the stream.
+        while let Some(Ok(_)) = stream.next().await {}
+        true
+    };
+    let answered = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        done = timeout(LINGER, handshake) => done.unwrap_or(false),
+    };
+    if !answered {
+        reset(sink, stream);
+    }
+}
+
+/// Offers the close frame briefly to a peer that isn't taking bytes, then resets.
+async fn abort(mut sink: Sink, stream: Stream, frame: CloseFrame) {
+    let _ = timeout(ABORT_GRACE, sink.send(Message::Close(Some(frame)))).await;
+    reset(sink, stream);
+}
+
+/// Drops the connection with a TCP reset, so the kernel frees its send buffer now rather than
+/// retrying to deliver megabytes to a peer that doesn't read, for minutes.
+fn reset(sink: Sink, stream: Stream) {
+    if let Ok(socket) = sink.reunite(stream) {
+        let _ = socket.get_ref().set_zero_linger();
+    }
+}
+
+/// Slow consumers lingering right now, across the process.
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the [`MAX_LINGERING`] places for a lingering slow consumer; given back on drop.
+struct Lingering;
+
+impl Lingering {
+    fn enter() -> Option<Lingering> {
+        LINGERING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_LINGERING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Lingering)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -41,9 +41,17 @@ impl Close {
         code: 1001,
         reason: "ping timeout",
     };
+    /// In a text message or in a close frame's reason: tungstenite reports both alike, so
+    /// the reason names neither.
     pub const INVALID_UTF8: Close = Close {
         code: 1007,
-        reason: "invalid UTF-8 in text frame",
+        reason: "invalid UTF-8",
+    };
+    /// A frame RFC 6455 forbids (reserved bits or opcodes, a bad control or close frame, a
+    /// stray continuation); the connection refines the reason to name which.
+    pub const PROTOCOL: Close = Close {
+        code: 1002,
+        reason: "protocol error",
     };
     pub const NOT_ADMIN: Close = Close {
         code: 1008,
