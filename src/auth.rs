@@ -12,7 +12,7 @@
 //!    password is known, any other such password is refused at once, without bcrypt: after
 //!    the backend's first login a flood costs nothing and cannot delay it. Longer passwords,
 //!    or ones with NUL, still go to bcrypt (bcrypt truncates them, so they may be equivalent).
-//! 3. Everything else waits in a fair queue ([`Queue`]) served by a few blocking workers (half
+//! 3. Everything else waits in a fair queue served by a few blocking workers (half
 //!    the cores): the address with the fewest recent failures goes first, equals take turns.
 //!    A failing address only loses priority; nothing is refused for its failures, so a right
 //!    password is never refused because others behind the same address failed. A waiting
