@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::value::RawValue;
 use tracing::warn;
@@ -38,21 +38,8 @@ pub async fn handle(
                 .into_response();
         }
     };
-    let Some(password) = password(request.headers()) else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            &ProtocolError::Unauthorized,
-            event,
-        );
-    };
-    if shared.auth.verify(&password, addr.ip()).await != Verdict::Admin {
-        shared.metrics.auth_failures.inc();
-        warn!(%addr, "HTTP API: wrong admin password");
-        return error(
-            StatusCode::UNAUTHORIZED,
-            &ProtocolError::Unauthorized,
-            event,
-        );
+    if let Err(refusal) = authorize(&shared, request.headers(), addr, event).await {
+        return refusal;
     }
     let limit = shared.config.max_message_size;
     let body = match to_bytes(Body::new(request.into_body()), limit).await {
@@ -103,6 +90,51 @@ fn deliver(shared: &Shared, event: &str, body: &[u8]) -> Result<usize, ProtocolE
         "notify_group" => Ok(NotifyGroup::parse(data)?.deliver(shared)),
         "notify_all" => Ok(NotifyAll::parse(data)?.deliver(shared)),
         _ => Ok(Publish::parse(data)?.deliver(shared)),
+    }
+}
+
+/// Checks the admin password of an HTTP request (the API, and `/metrics` with
+/// `--metrics-auth on`): `Err` is the answer to send instead, 401 for a missing or wrong
+/// password, 503 with `Retry-After` when verification is busy (the password was not judged).
+/// `event` names what was asked for in the JSON error.
+pub(crate) async fn authorize(
+    shared: &Shared,
+    headers: &HeaderMap,
+    addr: SocketAddr,
+    event: &str,
+) -> Result<(), Response> {
+    let Some(password) = password(headers) else {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            &ProtocolError::Unauthorized,
+            event,
+        ));
+    };
+    match shared.auth.verify(&password, addr.ip()).await {
+        Verdict::Admin => Ok(()),
+        Verdict::Busy => {
+            warn!(%addr, "HTTP: admin authentication busy: too many verifications waiting");
+            let mut response = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &ProtocolError::RateLimited(
+                    "authentication busy: too many password verifications waiting, retry",
+                ),
+                event,
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Err(response)
+        }
+        Verdict::WrongPassword => {
+            shared.metrics.auth_failures.inc();
+            warn!(%addr, "HTTP: wrong admin password");
+            Err(error(
+                StatusCode::UNAUTHORIZED,
+                &ProtocolError::Unauthorized,
+                event,
+            ))
+        }
     }
 }
 

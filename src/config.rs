@@ -131,6 +131,13 @@ pub struct Options {
     #[arg(long, env = "SOCKET_CONSOLE", value_enum, default_value = "on")]
     pub console: Switch,
 
+    /// Require the admin password (`Authorization: Bearer <password>` or `auth:`) for
+    /// GET /metrics; 401 without it. Off by default so existing scrapers keep working, but
+    /// the counters (auth failures, queue, connections) then let anyone who can reach the
+    /// port watch an attack's progress: turn it on when the port is public.
+    #[arg(long, env = "SOCKET_METRICS_AUTH", value_enum, default_value = "off")]
+    pub metrics_auth: Switch,
+
     /// Seconds a new connection has to send its HTTP request head.
     #[arg(long, env = "SOCKET_HANDSHAKE_TIMEOUT", default_value_t = 10)]
     pub handshake_timeout: u64,
@@ -168,6 +175,8 @@ pub struct Config {
     pub pending_timeout: Duration,
     pub bad_input_limit: u32,
     pub console: bool,
+    /// GET /metrics needs the admin password.
+    pub metrics_auth: bool,
     pub handshake_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_timeout: Duration,
@@ -247,6 +256,7 @@ impl Config {
             pending_timeout: Duration::from_secs(o.pending_timeout),
             bad_input_limit: o.bad_input_limit,
             console: o.console == Switch::On,
+            metrics_auth: o.metrics_auth == Switch::On,
             handshake_timeout: Duration::from_secs(o.handshake_timeout),
             max_header_bytes: o.max_header_bytes,
             shutdown_timeout: Duration::from_secs(o.shutdown_timeout),
@@ -274,6 +284,7 @@ impl Default for Config {
             pending_timeout: 30,
             bad_input_limit: 30,
             console: Switch::On,
+            metrics_auth: Switch::Off,
             handshake_timeout: 10,
             max_header_bytes: 16 * 1024,
             shutdown_timeout: 5,

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::{Duration, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
@@ -82,7 +82,16 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
     let mut session = Session::new(Arc::clone(&peer), Arc::clone(&shared), info.addr);
     if let Some(password) = info.password {
         // Boxed: bcrypt's future is large and needed once, not for the connection's life.
-        Box::pin(session.check_password(&password)).await;
+        // While it waits this connection holds a --max-connections slot; the authenticator's
+        // bounded queue (auth::MAX_QUEUED) bounds how many can. A peer that leaves meanwhile
+        // withdraws its verification (dropping the future), so bcrypt never runs for it.
+        let check = Box::pin(session.check_password(&password));
+        tokio::select! {
+            () = check => {}
+            () = peer_gone(socket.get_ref()) => {
+                return debug!("left while its admin password waited for verification");
+            }
+        }
     }
     let (mut sink, mut stream) = socket.split();
     // Set by the reader on every inbound frame, cleared by the writer when it pings.
@@ -116,6 +125,25 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
         _ => debug!(?end, "disconnected"),
     }
     Box::pin(finish(sink, stream, end, &shared.shutdown)).await;
+}
+
+/// Resolves when the peer has closed its side or the socket failed, without consuming what
+/// it sent (the reader gets that later).
+async fn peer_gone(tcp: &TcpStream) {
+    let mut byte = [0u8; 1];
+    loop {
+        match tcp.ready(Interest::READABLE).await {
+            Ok(ready) if ready.is_read_closed() => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        match tcp.peek(&mut byte).await {
+            Ok(0) | Err(_) => return,
+            // Frames are waiting, so the socket stays readable: look again a little later
+            // rather than spin (`is_read_closed` still tells a close behind the data).
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBool) -> End {

@@ -57,6 +57,11 @@ impl Close {
         code: 1008,
         reason: "not an admin",
     };
+    /// Too many admin password verifications waiting; the password was not judged.
+    pub const AUTH_BUSY: Close = Close {
+        code: 1008,
+        reason: "authentication busy, retry",
+    };
     pub const SLOW_CONSUMER: Close = Close {
         code: 1008,
         reason: "slow consumer",

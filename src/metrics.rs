@@ -83,6 +83,17 @@ struct CodeLabel {
     code: &'static str,
 }
 
+/// The admin password verifier's own numbers; the authenticator holds a clone.
+#[derive(Clone, Debug, Default)]
+pub struct AuthMetrics {
+    /// Verifications waiting for a bcrypt worker.
+    pub waiting: Gauge,
+    /// bcrypt runs (a remembered or known-wrong password, or a withdrawn request, costs none).
+    pub verifications: Counter,
+    /// Verifications refused because too many were waiting ("busy, retry").
+    pub busy: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
     received: HashMap<&'static str, Counter>,
@@ -92,6 +103,7 @@ pub struct Metrics {
     pub bytes_sent: Counter,
     pub slow_consumer_closes: Counter,
     pub auth_failures: Counter,
+    pub auth: AuthMetrics,
     /// Open WebSocket connections.
     pub connections: Gauge,
     /// Connections that proved the admin password.
@@ -166,8 +178,24 @@ impl Metrics {
         let auth_failures = Counter::default();
         registry.register(
             "auth_failures",
-            "Admin password verifications that failed or were rate limited",
+            "Admin passwords refused as wrong",
             auth_failures.clone(),
+        );
+        let auth = AuthMetrics::default();
+        registry.register(
+            "auth_queue",
+            "Admin password verifications waiting for a bcrypt worker",
+            auth.waiting.clone(),
+        );
+        registry.register(
+            "auth_verifications",
+            "bcrypt runs verifying an admin password",
+            auth.verifications.clone(),
+        );
+        registry.register(
+            "auth_busy",
+            "Admin password verifications refused because too many were waiting",
+            auth.busy.clone(),
         );
         let connections = Gauge::default();
         registry.register(
@@ -229,6 +257,7 @@ impl Metrics {
             bytes_sent,
             slow_consumer_closes,
             auth_failures,
+            auth,
             connections,
             admins,
             fanout_seconds,

@@ -68,10 +68,11 @@ impl Shared {
     /// The state of a server that has not started listening: empty hub, fresh authenticator.
     /// `run` makes one; a fuzz target or an embedding can drive events against it directly.
     pub fn new(config: Config) -> Shared {
+        let metrics = Metrics::new();
         Shared {
             hub: Hub::new(config.pending_connects, config.pending_timeout),
-            auth: Authenticator::new(config.auth.clone()),
-            metrics: Metrics::new(),
+            auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
+            metrics,
             cluster: config
                 .redis_url
                 .as_deref()
@@ -187,7 +188,18 @@ async fn healthz() -> &'static str {
     "OK\n"
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+async fn metrics(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    // With --metrics-auth on, only an admin may watch the counters (an attacker could time
+    // a password flood by them).
+    if shared.config.metrics_auth
+        && let Err(refusal) = api::authorize(&shared, &headers, addr, "metrics").await
+    {
+        return refusal;
+    }
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = Format::from_accept(accept);
     let body = shared.metrics.render(shared.hub.stats(), format);

@@ -1,5 +1,5 @@
 //! Hardening (SPEC §3, §6): keepalive, handshake timeout, connection limit, header size,
-//! allowed origins, slow consumers, auth floods and their rate limit, bounded shutdown with a
+//! allowed origins, slow consumers, auth floods and their bounds, bounded shutdown with a
 //! dead peer. Real sockets on 127.0.0.1; every wait is bounded.
 //!
 //! Covered elsewhere and not repeated here: `--bad-input-limit` (tests/bad_input.rs,
@@ -22,7 +22,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{WebSocketStream, client_async, connect_async};
 
 use common::{Conn, Event, FAST_HASH, PASSWORD, RECV_TIMEOUT, Server, acknowledge, register};
-use jssocket::auth::{Authenticator, PasswordHash, Verdict};
+use jssocket::auth::{Authenticator, MAX_QUEUED_PER_ADDRESS, PasswordHash, Verdict};
+use jssocket::metrics::AuthMetrics;
 
 // ------------------------------------------------------------------------------ raw helpers
 
@@ -587,10 +588,12 @@ fn median(samples: &mut [Duration]) -> Duration {
 
 /// 20 connections with a wrong `auth` header sending `server_connect` (real default bcrypt
 /// hash) do not delay an acknowledged client's notify round trip by more than 100 ms while
-/// the flood is being verified. Afterwards the address is rate-limited: a wrong password is
-/// refused at once without bcrypt, and the right one, remembered, still works.
+/// the flood is being verified. The wrong password is longer than bcrypt's 72 bytes, so even
+/// with the right one known each still costs bcrypt; the per-address queue bounds how many
+/// wait (the rest are refused as busy). Afterwards a short wrong password is refused at once
+/// without bcrypt (the right one is known), and the right one, remembered, still works.
 #[tokio::test]
-async fn auth_flood_does_not_delay_others_and_is_rate_limited() {
+async fn auth_flood_does_not_delay_others_and_wrong_passwords_are_refused_once_known() {
     const FLOOD: usize = 20;
     let server = Server::start_default_auth().await;
     // Pays bcrypt once; the password is then remembered.
@@ -605,25 +608,31 @@ async fn auth_flood_does_not_delay_others_and_is_rate_limited() {
     }
 
     let answered = Arc::new(AtomicUsize::new(0));
+    let judged = Arc::new(AtomicUsize::new(0));
     let url = server.url();
+    let long_wrong = "w".repeat(80);
     let flood: Vec<_> = (0..FLOOD)
         .map(|i| {
-            let (answered, url) = (Arc::clone(&answered), url.clone());
+            let (answered, judged, url) = (Arc::clone(&answered), Arc::clone(&judged), url.clone());
+            let password = long_wrong.clone();
             tokio::spawn(async move {
-                let mut conn =
-                    Conn::connect(&url, Some("wrong password"), &format!("flood{i}")).await;
+                let mut conn = Conn::connect(&url, Some(&password), &format!("flood{i}")).await;
                 conn.send_text(r#"{"type":"server_connect","data":{}}"#)
                     .await;
-                // Up to 10 bcrypt runs one after another (~0.5 s each in a debug build).
+                // Up to 9 bcrypt runs one after another (~0.5 s each in a debug build).
                 let got = conn.next_event(Duration::from_secs(60)).await;
                 answered.fetch_add(1, Ordering::SeqCst);
                 match got {
                     Some(Event::Text(text)) => {
-                        assert_eq!(text, r#"{"type":"server_connect","data":false}"#)
+                        assert_eq!(text, r#"{"type":"server_connect","data":false}"#);
+                        judged.fetch_add(1, Ordering::SeqCst);
+                        conn.expect_close_code(1008).await;
                     }
-                    other => panic!("flood{i}: expected false, got {other:?}"),
+                    Some(Event::Close(Some((1008, reason)))) => {
+                        assert_eq!(reason, "authentication busy, retry")
+                    }
+                    other => panic!("flood{i}: expected false or busy, got {other:?}"),
                 }
-                conn.expect_close_code(1008).await;
             })
         })
         .collect();
@@ -667,7 +676,7 @@ async fn auth_flood_does_not_delay_others_and_is_rate_limited() {
         "round trip under the flood {under_flood:?} vs baseline {base:?}"
     );
 
-    // The address has failed 10 times within the minute: refused without bcrypt.
+    // The right password is known: any other short one is refused without bcrypt.
     let started = Instant::now();
     let mut wrong = server.client("wrong again").await;
     wrong
@@ -679,7 +688,7 @@ async fn auth_flood_does_not_delay_others_and_is_rate_limited() {
     let refused_in = started.elapsed();
     assert!(
         refused_in < Duration::from_millis(150),
-        "rate-limited refusal took {refused_in:?}: bcrypt ran?"
+        "refusal of a wrong password took {refused_in:?}: bcrypt ran?"
     );
     wrong.expect_close_code(1008).await;
     // The right password, verified before, is remembered: accepted at once.
@@ -692,36 +701,42 @@ async fn auth_flood_does_not_delay_others_and_is_rate_limited() {
     );
     again.ping(1, false).await;
     let text = metrics(server.addr).await;
+    let judged = judged.load(Ordering::SeqCst);
+    assert!(judged >= 1, "no flood connection was verified");
     assert_eq!(
         metric_value(&text, "jssocket_auth_failures_total"),
-        Some((FLOOD + 1) as f64),
+        Some((judged + 1) as f64),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "jssocket_auth_busy_total"),
+        Some((FLOOD - judged) as f64),
         "{text}"
     );
 }
 
-/// The per-address limit holds for concurrent attempts: of 20 wrong passwords verified at
-/// once from one address, 10 run bcrypt and 10 are refused without it. A password that never
-/// verified is refused from that address while it is limited (the failures of others behind
-/// the same address count), but is accepted from another address, and once remembered it is
-/// accepted from the limited one too.
+/// Concurrent attempts from one address are bounded without locking the address out: of 20
+/// wrong passwords verified at once, those beyond the per-address queue are refused as busy
+/// (bcrypt never runs for them), the others each run bcrypt once. The right password from
+/// that address is then accepted, and once it is known a wrong one costs no bcrypt.
 #[tokio::test]
-async fn auth_rate_limit_holds_for_concurrent_attempts() {
-    let auth = Authenticator::new(PasswordHash::parse(FAST_HASH).unwrap());
+async fn auth_flood_from_one_address_is_bounded_but_never_locks_it_out() {
+    let metrics = AuthMetrics::default();
+    let auth = Authenticator::new(PasswordHash::parse(FAST_HASH).unwrap(), metrics.clone());
     let flooder = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
-    let other = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
     let verdicts =
         futures_util::future::join_all((0..20).map(|_| auth.verify("wrong", flooder))).await;
     let count = |v: Verdict| verdicts.iter().filter(|x| **x == v).count();
-    assert_eq!(
-        (count(Verdict::WrongPassword), count(Verdict::RateLimited)),
-        (10, 10),
-        "{verdicts:?}"
-    );
-    assert_eq!(auth.verify(PASSWORD, flooder).await, Verdict::RateLimited);
-    assert_eq!(auth.verify(PASSWORD, other).await, Verdict::Admin);
+    let (wrong, busy) = (count(Verdict::WrongPassword), count(Verdict::Busy));
+    assert_eq!(wrong + busy, 20, "{verdicts:?}");
+    assert!(busy >= 1 && wrong >= MAX_QUEUED_PER_ADDRESS, "{verdicts:?}");
+    assert_eq!(metrics.verifications.get(), wrong as u64);
+    assert_eq!(metrics.busy.get(), busy as u64);
     assert_eq!(auth.verify(PASSWORD, flooder).await, Verdict::Admin);
-    assert_eq!(auth.verify("wrong", flooder).await, Verdict::RateLimited);
-    assert_eq!(auth.verify("wrong", other).await, Verdict::WrongPassword);
+    assert_eq!(auth.verify("wrong", flooder).await, Verdict::WrongPassword);
+    assert_eq!(auth.verify(PASSWORD, flooder).await, Verdict::Admin);
+    assert_eq!(metrics.verifications.get(), wrong as u64 + 1);
+    assert_eq!(metrics.waiting.get(), 0);
 }
 
 // ------------------------------------------------------------------------------- shutdown

@@ -84,6 +84,9 @@ pub struct Session {
     pub admin: bool,
     /// bcrypt already ran for this connection; it runs at most once.
     password_checked: bool,
+    /// The password was not judged because too many verifications were waiting: the
+    /// connection is closed with [`Close::AUTH_BUSY`] so the peer knows to retry.
+    pub auth_busy: bool,
     /// Joined the server pool with `server_connect`.
     pub in_pool: bool,
     /// Bad messages in the current window, and when the window started.
@@ -101,6 +104,7 @@ impl Session {
             addr,
             admin: false,
             password_checked: false,
+            auth_busy: false,
             in_pool: false,
             bad_input: Window::new(),
             connects: Window::new(),
@@ -117,7 +121,9 @@ impl Session {
         Ok(())
     }
 
-    /// Verifies an admin password, at most once per connection.
+    /// Verifies an admin password, at most once per connection. Waits in the authenticator's
+    /// fair queue when bcrypt must run; refused as busy (the connection is then closed with
+    /// [`Close::AUTH_BUSY`]) when that queue is full.
     pub async fn check_password(&mut self, password: &str) {
         if self.password_checked || self.admin {
             return;
@@ -129,7 +135,16 @@ impl Session {
                 self.admin = true;
                 self.shared.metrics.admins.inc();
             }
-            verdict => {
+            Verdict::Busy => {
+                warn!(
+                    conn_id = %self.peer.target,
+                    addr = %self.addr,
+                    "admin authentication busy: too many verifications waiting"
+                );
+                self.auth_busy = true;
+                self.peer.close(Close::AUTH_BUSY);
+            }
+            verdict @ Verdict::WrongPassword => {
                 self.shared.metrics.auth_failures.inc();
                 warn!(
                     conn_id = %self.peer.target,

@@ -1,5 +1,6 @@
 //! `server_connect`: an admin joins the server pool and starts receiving client connects.
-//! Anyone else is answered `false` and closed with 1008.
+//! Anyone else is answered `false` and closed with 1008: reason "not an admin", or
+//! "authentication busy, retry" when the password could not be verified for load.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -35,7 +36,12 @@ impl ServerConnect {
         }
         if !session.admin {
             session.send_counted("server_connect", event_frame("server_connect", "false"));
-            return Ok(Flow::Close(Close::NOT_ADMIN));
+            let close = if session.auth_busy {
+                Close::AUTH_BUSY
+            } else {
+                Close::NOT_ADMIN
+            };
+            return Ok(Flow::Close(close));
         }
         // The answer first, then the client connects that waited for a server.
         session.send_counted("server_connect", event_frame("server_connect", "true"));

@@ -5,7 +5,7 @@
 //! with a message naming the connection, so a broken server never hangs the suite.
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::future::select_all;
@@ -177,6 +177,36 @@ pub enum Event {
 
 /// One WebSocket connection to the server, named for failure messages. `id` is its
 /// connection id once known (after [`register`]).
+fn upgrade_request(
+    url: &str,
+    password: Option<&str>,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    let mut request = url.into_client_request().expect("valid ws url");
+    if let Some(password) = password {
+        request.headers_mut().insert(
+            "auth",
+            HeaderValue::from_str(password).expect("header value"),
+        );
+    }
+    request
+}
+
+/// A TCP connection to `server` from the local address `source`.
+pub async fn connect_tcp_from(server: SocketAddr, source: IpAddr) -> TcpStream {
+    let socket = match source {
+        IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .expect("a TCP socket");
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+    socket
+        .connect(server)
+        .await
+        .unwrap_or_else(|e| panic!("connect {server} from {source}: {e}"))
+}
+
 pub struct Conn {
     pub name: String,
     pub id: Option<String>,
@@ -186,14 +216,34 @@ pub struct Conn {
 impl Conn {
     /// Connects to `url`, with header `auth: <password>` when given.
     pub async fn connect(url: &str, password: Option<&str>, name: &str) -> Conn {
-        let mut request = url.into_client_request().expect("valid ws url");
-        if let Some(password) = password {
-            request.headers_mut().insert(
-                "auth",
-                HeaderValue::from_str(password).expect("header value"),
-            );
-        }
+        let request = upgrade_request(url, password);
         let (ws, response) = timeout(RECV_TIMEOUT, connect_async(request))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: WebSocket handshake timed out"))
+            .unwrap_or_else(|e| panic!("{name}: WebSocket handshake failed: {e}"));
+        assert_eq!(response.status(), 101, "{name}: upgrade refused");
+        Conn {
+            name: name.to_string(),
+            id: None,
+            ws,
+        }
+    }
+
+    /// Like [`Conn::connect`] to the server at `server` (path `/ws`), but from the local
+    /// address `source`, so the server sees another peer address (all of 127.0.0.0/8 is
+    /// loopback on Linux).
+    pub async fn connect_from(
+        server: SocketAddr,
+        source: IpAddr,
+        password: Option<&str>,
+        name: &str,
+    ) -> Conn {
+        let request = upgrade_request(&format!("ws://{server}/ws"), password);
+        let handshake = async {
+            let stream = connect_tcp_from(server, source).await;
+            tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await
+        };
+        let (ws, response) = timeout(RECV_TIMEOUT, handshake)
             .await
             .unwrap_or_else(|_| panic!("{name}: WebSocket handshake timed out"))
             .unwrap_or_else(|e| panic!("{name}: WebSocket handshake failed: {e}"));
@@ -531,9 +581,35 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> HttpResponse {
+    http_exchange(addr, None, method, path, headers, body).await
+}
+
+/// [`http`] from the local address `source` (see [`Conn::connect_from`]).
+pub async fn http_from(
+    addr: SocketAddr,
+    source: IpAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    http_exchange(addr, Some(source), method, path, headers, body).await
+}
+
+async fn http_exchange(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
-        let mut stream = TcpStream::connect(addr).await.expect("connect for HTTP");
+        let mut stream = match source {
+            Some(source) => connect_tcp_from(addr, source).await,
+            None => TcpStream::connect(addr).await.expect("connect for HTTP"),
+        };
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));

@@ -1,0 +1,434 @@
+//! Wrong-password floods cannot lock the backend out (issue 10, item 2): failures never make a
+//! right password refused; the verification queue is fair across addresses, skips requesters
+//! that left and refuses clearly ("busy") when full; `--metrics-auth on` hides the counters.
+//!
+//! Everything runs over real sockets against an in-process server. Flooders use other
+//! loopback addresses (127.0.0.2…) so the server sees distinct peers. The assertions count
+//! bcrypt runs (`jssocket_auth_verifications_total`) instead of measuring time.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use common::*;
+use futures_util::future::join_all;
+use tokio::time::timeout;
+
+/// Long enough for any queued verification on a loaded machine; every wait is bounded.
+const FLOOD_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn loopback(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// A hash of [`PASSWORD`] costly enough (cost 10) that bcrypt, not the sockets, sets the
+/// pace of the queue.
+fn slow_hash() -> String {
+    bcrypt::hash(PASSWORD, 10).expect("hash the test password")
+}
+
+/// bcrypt workers the server runs (half the cores, at least one): how many verifications
+/// can be in progress at once.
+fn workers() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)) as f64
+}
+
+async fn counter(addr: SocketAddr, name: &str) -> f64 {
+    scrape(addr).await.get(name, &[]).unwrap_or(0.0)
+}
+
+/// Waits (bounded) until `done` holds for a scrape.
+async fn wait_until(addr: SocketAddr, what: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
+    let wait = async {
+        loop {
+            let scrape = scrape(addr).await;
+            if done(&scrape) {
+                return scrape;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    timeout(FLOOD_TIMEOUT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not reached within {FLOOD_TIMEOUT:?}"))
+}
+
+fn queued(scrape: &Scrape) -> f64 {
+    scrape.get("jssocket_auth_queue", &[]).unwrap_or(0.0)
+}
+
+fn runs(scrape: &Scrape) -> f64 {
+    scrape
+        .get("jssocket_auth_verifications_total", &[])
+        .unwrap_or(0.0)
+}
+
+/// The three ways to present the admin password.
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    Header,
+    ServerConnectData,
+    HttpApi,
+}
+
+/// Presents `password` the `way` given, from `source`; true when admitted.
+async fn log_in(server: &Server, source: IpAddr, way: Way, password: &str) -> bool {
+    match way {
+        Way::Header => {
+            let mut conn = Conn::connect_from(server.addr, source, Some(password), "header").await;
+            conn.send_text(r#"{"type":"server_connect","data":{}}"#)
+                .await;
+            server_connect_answer(&mut conn).await
+        }
+        Way::ServerConnectData => {
+            let mut conn = Conn::connect_from(server.addr, source, None, "data").await;
+            let frame = serde_json::json!({"type": "server_connect", "data": {"auth": password}});
+            conn.send_text(&frame.to_string()).await;
+            server_connect_answer(&mut conn).await
+        }
+        Way::HttpApi => {
+            let auth = format!("Bearer {password}");
+            let response = http_from(
+                server.addr,
+                source,
+                "POST",
+                "/api/notify_all",
+                &[("Authorization", &auth)],
+                b"{}",
+            )
+            .await;
+            match response.status {
+                200 => true,
+                401 => false,
+                other => panic!("HTTP API: unexpected {other}: {}", response.text()),
+            }
+        }
+    }
+}
+
+/// `server_connect`'s answer: `true`, or `false` followed by close 1008 "not an admin".
+async fn server_connect_answer(conn: &mut Conn) -> bool {
+    match conn.next_event(FLOOD_TIMEOUT).await {
+        Some(Event::Text(text)) if text == r#"{"type":"server_connect","data":true}"# => true,
+        Some(Event::Text(text)) if text == r#"{"type":"server_connect","data":false}"# => {
+            let reason = conn.expect_close_code(1008).await;
+            assert_eq!(reason, "not an admin");
+            false
+        }
+        other => panic!(
+            "{}: expected a server_connect answer, got {other:?}",
+            conn.name
+        ),
+    }
+}
+
+/// 30 wrong passwords from one address, each really verified (bcrypt ran 30 times: no
+/// shortcut), then the right one from the same address is accepted.
+async fn failures_do_not_lock_the_address_out(way: Way) {
+    let server = Server::start().await;
+    let me = loopback(1);
+    for _ in 0..30 {
+        assert!(!log_in(&server, me, way, "wrong password").await);
+    }
+    assert!(
+        log_in(&server, me, way, PASSWORD).await,
+        "{way:?}: the right password was refused after failures from its address"
+    );
+    let scrape = scrape(server.addr).await;
+    assert_eq!(runs(&scrape), 31.0, "{way:?}: one bcrypt run per attempt");
+    assert_eq!(
+        scrape.value("jssocket_auth_failures_total", &[]),
+        30.0,
+        "{way:?}"
+    );
+}
+
+#[tokio::test]
+async fn header_password_accepted_after_30_failures_from_the_same_address() {
+    failures_do_not_lock_the_address_out(Way::Header).await;
+}
+
+#[tokio::test]
+async fn server_connect_password_accepted_after_30_failures_from_the_same_address() {
+    failures_do_not_lock_the_address_out(Way::ServerConnectData).await;
+}
+
+#[tokio::test]
+async fn http_api_password_accepted_after_30_failures_from_the_same_address() {
+    failures_do_not_lock_the_address_out(Way::HttpApi).await;
+}
+
+/// Once the right password verified, a wrong one is refused without bcrypt, whatever way it
+/// comes; a wrong one longer than bcrypt's 72 bytes still goes to bcrypt (it could be
+/// equivalent), and a remembered right one never does.
+#[tokio::test]
+async fn known_password_refuses_others_without_bcrypt() {
+    let server = Server::start().await;
+    let me = loopback(1);
+    assert!(log_in(&server, me, Way::Header, PASSWORD).await);
+    assert_eq!(
+        counter(server.addr, "jssocket_auth_verifications_total").await,
+        1.0
+    );
+    for way in [Way::Header, Way::ServerConnectData, Way::HttpApi] {
+        assert!(!log_in(&server, me, way, "wrong password").await, "{way:?}");
+        assert!(log_in(&server, me, way, PASSWORD).await, "{way:?}");
+    }
+    assert_eq!(
+        counter(server.addr, "jssocket_auth_verifications_total").await,
+        1.0
+    );
+    let long = "w".repeat(80);
+    assert!(!log_in(&server, me, Way::HttpApi, &long).await);
+    assert_eq!(
+        counter(server.addr, "jssocket_auth_verifications_total").await,
+        2.0
+    );
+}
+
+/// 10 addresses open 8 wrong-password upgrades each (80 verifications queued at bcrypt cost
+/// 10), then close 5 of each at once; the backend then logs in from its own address. It is
+/// admitted before the flood's verifications have run: it waits at most for the addresses
+/// that have not failed yet and the runs in progress, and once it is in, the remaining wrong
+/// passwords are refused without bcrypt. The closed connections' verifications never run.
+#[tokio::test]
+async fn backend_logs_in_first_under_a_flood_from_ten_addresses() {
+    const ADDRESSES: u8 = 10;
+    const PER_ADDRESS: usize = 8;
+    const CLOSED_PER_ADDRESS: usize = 5;
+    let hash = slow_hash();
+    let server = Server::with_args(&["--auth", &hash]).await;
+    let addr = server.addr;
+
+    let mut flood = Vec::new();
+    for a in 0..ADDRESSES {
+        for i in 0..PER_ADDRESS {
+            let name = format!("flood{a}.{i}");
+            let mut conn =
+                Conn::connect_from(addr, loopback(2 + a), Some("wrong password"), &name).await;
+            conn.send_text(r#"{"type":"server_connect","data":{}}"#)
+                .await;
+            flood.push(conn);
+        }
+    }
+    let total = flood.len() as f64;
+    // Every verification is waiting or has started.
+    wait_until(addr, "flood verifications queued", |s| {
+        queued(s) + runs(s) == total
+    })
+    .await;
+    let (closing, open): (Vec<_>, Vec<_>) = flood
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % PER_ADDRESS < CLOSED_PER_ADDRESS);
+    let before_close = runs(&scrape(addr).await);
+    drop(closing);
+
+    let backend = async {
+        let mut backend = Conn::connect(&server.url(), Some(PASSWORD), "backend").await;
+        backend.server_connect().await;
+        backend
+    };
+    let mut backend = timeout(FLOOD_TIMEOUT, backend)
+        .await
+        .expect("the backend logs in during the flood");
+    let at_login = runs(&scrape(addr).await);
+
+    // Every open flood connection is refused; the closed ones are never judged.
+    let answers = join_all(open.into_iter().map(|(_, mut conn)| async move {
+        assert!(!server_connect_answer(&mut conn).await, "{}", conn.name);
+    }));
+    timeout(FLOOD_TIMEOUT, answers)
+        .await
+        .expect("every open flood connection answered");
+    let done = wait_until(addr, "queue drained", |s| queued(s) == 0.0).await;
+    let open_count = f64::from(ADDRESSES) * (PER_ADDRESS - CLOSED_PER_ADDRESS) as f64;
+    assert_eq!(
+        done.value("jssocket_auth_failures_total", &[]),
+        open_count,
+        "exactly the open flood connections were refused"
+    );
+    let total_runs = runs(&done);
+    eprintln!(
+        "flood of {total}: {before_close} bcrypt runs before the close, {at_login} at the \
+         backend's login, {total_runs} in all"
+    );
+    // Before the backend: the fresh addresses' first turns, the runs in progress (each
+    // worker's, plus a closed one it may have picked before seeing the close), the backend.
+    let bound = before_close + f64::from(ADDRESSES) + 2.0 * workers() + 1.0;
+    assert!(
+        at_login <= bound && total_runs <= bound,
+        "bcrypt ran {at_login} times by the backend's login, {total_runs} in all (bound \
+         {bound}): the backend waited behind the flood"
+    );
+    assert!(
+        bound < total,
+        "the flood ran before it was measured ({before_close} runs of {total}): not a test"
+    );
+    backend.ping(1, false).await;
+}
+
+/// Requesters that leave while their verification waits cost no bcrypt run: 4 addresses
+/// queue 8 wrong-password upgrades each, 6 of each close; only the 2 left of each (and what
+/// was already running) are verified. No right password ever verifies here, so nothing is
+/// refused by the known-password shortcut.
+#[tokio::test]
+async fn closed_connections_get_no_bcrypt_run() {
+    const ADDRESSES: u8 = 4;
+    const PER_ADDRESS: usize = 8;
+    const KEPT_PER_ADDRESS: usize = 2;
+    let hash = slow_hash();
+    let server = Server::with_args(&["--auth", &hash]).await;
+    let addr = server.addr;
+    let mut flood = Vec::new();
+    for a in 0..ADDRESSES {
+        for i in 0..PER_ADDRESS {
+            let name = format!("flood{a}.{i}");
+            let mut conn =
+                Conn::connect_from(addr, loopback(20 + a), Some("wrong password"), &name).await;
+            conn.send_text(r#"{"type":"server_connect","data":{}}"#)
+                .await;
+            flood.push(conn);
+        }
+    }
+    let total = flood.len() as f64;
+    wait_until(addr, "flood verifications queued", |s| {
+        queued(s) + runs(s) == total
+    })
+    .await;
+    let (open, closing): (Vec<_>, Vec<_>) = flood
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % PER_ADDRESS < KEPT_PER_ADDRESS);
+    let before_close = runs(&scrape(addr).await);
+    drop(closing);
+
+    let answers = join_all(open.into_iter().map(|(_, mut conn)| async move {
+        assert!(!server_connect_answer(&mut conn).await, "{}", conn.name);
+    }));
+    timeout(FLOOD_TIMEOUT, answers)
+        .await
+        .expect("every open flood connection answered");
+    let done = wait_until(addr, "queue drained", |s| queued(s) == 0.0).await;
+    let kept = f64::from(ADDRESSES) * KEPT_PER_ADDRESS as f64;
+    let total_runs = runs(&done);
+    eprintln!("{total} queued, {before_close} ran before the close, {total_runs} in all");
+    // The kept ones, and per worker one closed job picked before its close was seen.
+    let bound = before_close + kept + workers();
+    assert!(
+        total_runs <= bound,
+        "bcrypt ran {total_runs} times (bound {bound}): closed connections were verified"
+    );
+    assert!(
+        bound < total,
+        "the flood ran before it was measured ({before_close} runs of {total}): not a test"
+    );
+}
+
+/// More verifications than the queue holds for one address: the excess is refused clearly,
+/// without being judged — an upgrade is closed with 1008 "authentication busy, retry", the
+/// HTTP API answers 503 with Retry-After — and counted in `jssocket_auth_busy_total`; the
+/// rest wait their turn and are refused as wrong.
+#[tokio::test]
+async fn a_full_queue_refuses_as_busy() {
+    const FLOOD: usize = 20;
+    // Cost 8: slow enough that the queue cannot drain while 20 attempts arrive at once, fast
+    // enough that the waiting HTTP requests are answered within the helper's timeout.
+    let hash = bcrypt::hash(PASSWORD, 8).expect("hash the test password");
+    let server = Server::with_args(&["--auth", &hash]).await;
+    let addr = server.addr;
+    let upgrades = join_all((0..FLOOD).map(|i| async move {
+        let name = format!("ws{i}");
+        let mut conn = Conn::connect_from(addr, loopback(30), Some("wrong"), &name).await;
+        conn.send_text(r#"{"type":"server_connect","data":{}}"#)
+            .await;
+        match conn.next_event(FLOOD_TIMEOUT).await {
+            Some(Event::Close(Some((1008, reason)))) => {
+                assert_eq!(reason, "authentication busy, retry", "{name}");
+                true
+            }
+            Some(Event::Text(text)) => {
+                assert_eq!(text, r#"{"type":"server_connect","data":false}"#, "{name}");
+                assert_eq!(conn.expect_close_code(1008).await, "not an admin");
+                false
+            }
+            other => panic!("{name}: expected busy or false, got {other:?}"),
+        }
+    }));
+    let requests = join_all((0..FLOOD).map(|_| {
+        http_from(
+            addr,
+            loopback(31),
+            "POST",
+            "/api/notify_all",
+            &[("Authorization", "Bearer wrong")],
+            b"{}",
+        )
+    }));
+    let (upgrades, responses) = timeout(FLOOD_TIMEOUT, async { tokio::join!(upgrades, requests) })
+        .await
+        .expect("every flood attempt answered");
+    let busy_upgrades = upgrades.iter().filter(|busy| **busy).count();
+    let busy: Vec<_> = responses.iter().filter(|r| r.status == 503).collect();
+    eprintln!(
+        "busy: {busy_upgrades} of {FLOOD} upgrades, {} of {FLOOD} API requests",
+        busy.len()
+    );
+    assert!((1..FLOOD).contains(&busy_upgrades), "{busy_upgrades}");
+    assert!(!busy.is_empty() && busy.len() < FLOOD);
+    assert!(
+        responses.iter().all(|r| r.status == 503 || r.status == 401),
+        "{responses:?}"
+    );
+    for response in &busy {
+        assert_eq!(response.header("retry-after"), Some("1"));
+        let error = response.json();
+        assert_eq!(error["error"]["code"], "rate_limited");
+        assert!(error["error"]["message"].as_str().unwrap().contains("busy"));
+    }
+    let scrape = scrape(addr).await;
+    assert_eq!(
+        scrape.value("jssocket_auth_busy_total", &[]),
+        (busy_upgrades + busy.len()) as f64
+    );
+    assert_eq!(
+        scrape.value("jssocket_auth_failures_total", &[]),
+        (2 * FLOOD - busy_upgrades - busy.len()) as f64,
+        "the others were judged wrong"
+    );
+}
+
+/// `--metrics-auth on`: `/metrics` needs the admin password (401 without or wrong), and
+/// serves the text with it, in either header.
+#[tokio::test]
+async fn metrics_auth_on_requires_the_admin_password() {
+    let server = Server::with_args(&["--metrics-auth", "on"]).await;
+    let get = |headers: &'static [(&'static str, &'static str)]| {
+        http(server.addr, "GET", "/metrics", headers, b"")
+    };
+    assert_eq!(get(&[]).await.status, 401);
+    assert_eq!(get(&[("Authorization", "Bearer wrong")]).await.status, 401);
+    let bearer = format!("Bearer {PASSWORD}");
+    let response = http(
+        server.addr,
+        "GET",
+        "/metrics",
+        &[("Authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(response.status, 200);
+    let scrape = Scrape::parse(&response.text());
+    assert_eq!(scrape.get("jssocket_auth_failures_total", &[]), Some(1.0));
+    assert!(scrape.get("jssocket_auth_queue", &[]).is_some());
+    let response = http(server.addr, "GET", "/metrics", &[("auth", PASSWORD)], b"").await;
+    assert_eq!(response.status, 200);
+
+    // Off (the default): open to any scraper.
+    let open = Server::start().await;
+    assert_eq!(
+        http(open.addr, "GET", "/metrics", &[], b"").await.status,
+        200
+    );
+}
