@@ -166,7 +166,8 @@ impl Memory {
                 consumers.push((outbound, inbound, peer));
             }
         }
-        consumers.sort_unstable_by_key(|(outbound, inbound, _)| std::cmp::Reverse(outbound + inbound));
+        consumers
+            .sort_unstable_by_key(|(outbound, inbound, _)| std::cmp::Reverse(outbound + inbound));
         for (outbound, inbound, peer) in consumers {
             if used <= goal {
                 break;

@@ -45,10 +45,13 @@ impl Lazy {
             .await
             .unwrap_or_else(|_| panic!("{name}: connect timed out"))
             .unwrap_or_else(|e| panic!("{name}: connect failed: {e}"));
-        let (ws, response) = timeout(RECV_TIMEOUT, client_async(format!("ws://{addr}/ws"), stream))
-            .await
-            .unwrap_or_else(|_| panic!("{name}: handshake timed out"))
-            .unwrap_or_else(|e| panic!("{name}: handshake failed: {e}"));
+        let (ws, response) = timeout(
+            RECV_TIMEOUT,
+            client_async(format!("ws://{addr}/ws"), stream),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{name}: handshake timed out"))
+        .unwrap_or_else(|e| panic!("{name}: handshake failed: {e}"));
         assert_eq!(response.status(), 101, "{name}: upgrade refused");
         Lazy {
             name: name.to_string(),
@@ -60,7 +63,11 @@ impl Lazy {
     /// out) when the server stops taking them.
     async fn spam(&mut self, text: &str, count: usize) -> usize {
         for sent in 0..count {
-            let fed = timeout(Duration::from_millis(300), self.ws.feed(Message::text(text))).await;
+            let fed = timeout(
+                Duration::from_millis(300),
+                self.ws.feed(Message::text(text)),
+            )
+            .await;
             if !matches!(fed, Ok(Ok(()))) {
                 return sent;
             }
@@ -103,7 +110,10 @@ impl Lazy {
     /// Asserts the connection is still open: nothing, not even a close, arrives.
     async fn expect_open(&mut self) {
         if let Ok(event) = timeout(SILENCE, self.ws.next()).await {
-            panic!("{}: expected an open, quiet connection, got {event:?}", self.name);
+            panic!(
+                "{}: expected an open, quiet connection, got {event:?}",
+                self.name
+            );
         }
     }
 
@@ -359,7 +369,9 @@ async fn over_the_budget_the_biggest_queues_are_closed_first() {
     }
     reader.expect_silence().await;
     backend
-        .send_json(&json!({"type": "notify_client", "data": {"target": reader_id, "data": {"after": 1}}}))
+        .send_json(
+            &json!({"type": "notify_client", "data": {"target": reader_id, "data": {"after": 1}}}),
+        )
         .await;
     reader.expect_text(r#"{"after":1}"#).await;
 }
@@ -390,11 +402,17 @@ async fn over_the_budget_the_biggest_unfinished_messages_are_closed_first() {
     peers[2].write_raw(&payload[..parts[2]]).await;
     let (texts, close) = peers[0].read_to_close().await;
     assert!(texts.is_empty(), "{texts:?}");
-    assert_eq!((close.0, close.1.as_str()), (1009, Close::MEMORY_INBOUND.reason));
+    assert_eq!(
+        (close.0, close.1.as_str()),
+        (1009, Close::MEMORY_INBOUND.reason)
+    );
     let left = (parts[1] + parts[2]) as f64;
-    wait_gauge(server.addr, INBOUND, "the two unfinished messages left", |v| {
-        v >= left && v < left + 64.0 * 1024.0
-    })
+    wait_gauge(
+        server.addr,
+        INBOUND,
+        "the two unfinished messages left",
+        |v| v >= left && v < left + 64.0 * 1024.0,
+    )
     .await;
     assert!(scrape(server.addr).await.value(PRESSURE_CLOSES, &[]) >= 1.0);
 
@@ -413,5 +431,8 @@ async fn over_the_budget_the_biggest_unfinished_messages_are_closed_first() {
             other => panic!("{}: {other:?}", peer.name),
         }
     }
-    wait_gauge(server.addr, INBOUND, "nothing unfinished", |v| v < 64.0 * 1024.0).await;
+    wait_gauge(server.addr, INBOUND, "nothing unfinished", |v| {
+        v < 64.0 * 1024.0
+    })
+    .await;
 }
