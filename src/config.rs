@@ -149,6 +149,13 @@ pub struct Options {
     /// Seconds to wait for connections to close on SIGTERM/SIGINT before exiting anyway.
     #[arg(long, env = "SOCKET_SHUTDOWN_TIMEOUT", default_value_t = 5)]
     pub shutdown_timeout: u64,
+
+    /// Memory budget for all outbound queues and unfinished inbound messages together, in
+    /// bytes or with a K/M/G suffix (512M, 2G). Over it, the biggest consumers are closed.
+    /// Default: a quarter of the memory available (cgroup v2 memory.max if set, else
+    /// MemTotal), clamped to 64M..2G.
+    #[arg(long, env = "SOCKET_MAX_MEMORY", value_parser = crate::memory::parse_bytes)]
+    pub max_memory: Option<usize>,
 }
 
 /// Validated configuration, shared read-only by every task.
@@ -180,6 +187,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_timeout: Duration,
+    /// Bytes all outbound queues and partial inbound messages may hold together.
+    pub max_memory: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +230,7 @@ impl Config {
             ("--pending-timeout", o.pending_timeout),
             ("--bad-input-limit", u64::from(o.bad_input_limit)),
             ("--handshake-timeout", o.handshake_timeout),
+            ("--max-memory", o.max_memory.unwrap_or(1) as u64),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
@@ -260,6 +270,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(o.handshake_timeout),
             max_header_bytes: o.max_header_bytes,
             shutdown_timeout: Duration::from_secs(o.shutdown_timeout),
+            max_memory: o.max_memory.unwrap_or_else(crate::memory::default_budget),
         })
     }
 }
@@ -288,6 +299,7 @@ impl Default for Config {
             handshake_timeout: 10,
             max_header_bytes: 16 * 1024,
             shutdown_timeout: 5,
+            max_memory: None,
         };
         match Config::from_options(options) {
             Ok(config) => config,

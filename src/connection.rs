@@ -26,9 +26,11 @@ use tracing::{Instrument, debug, debug_span, info};
 
 use crate::events::{self, Flow, Session};
 use crate::hub::{Close, Outgoing, Peer};
+use crate::memory::Counted;
 use crate::server::Shared;
 
-pub type Socket = WebSocketStream<TcpStream>;
+/// The stream counts what it reads toward the memory budget (see `memory::Counted`).
+pub type Socket = WebSocketStream<Counted>;
 type Sink = SplitSink<Socket, Message>;
 type Stream = SplitStream<Socket>;
 
@@ -68,9 +70,9 @@ pub struct PeerInfo {
     pub password: Option<String>,
 }
 
-/// Serves one upgraded WebSocket until it closes, then removes it from the hub.
-pub async fn serve(socket: Socket, shared: Arc<Shared>, info: PeerInfo) {
-    let peer = Peer::new(shared.config.max_queue_bytes);
+/// Serves one upgraded WebSocket until it closes, then removes it from the hub. `peer` is
+/// made with the socket, whose reads are charged to it.
+pub async fn serve(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer>) {
     // A debug-level span: at the default level it is never built, which saves ~0.4 KiB per
     // connection; the few info/warn events of a connection name `conn_id` themselves.
     let span = debug_span!("conn", conn_id = %peer.target);
@@ -99,10 +101,21 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
     let end = tokio::select! {
         biased;
         _ = shared.shutdown.cancelled() => End::Close { close: Close::SHUTDOWN, flush: false },
-        close = peer.closed() => End::Close { close, flush: close != Close::SLOW_CONSUMER },
+        // Closed for its unfinished message: the rest of it is drained, not parsed.
+        close = peer.closed() => if close == Close::MEMORY_INBOUND {
+            End::Reject(close)
+        } else {
+            End::Close { close, flush: close != Close::SLOW_CONSUMER }
+        },
         end = read_loop(&mut stream, &mut session, &alive) => end,
         end = write_loop(&mut sink, &peer, &shared, &alive) => end,
     };
+    // Marked closing whatever the cause, so what is read from now on (a drain into a
+    // scratch buffer) is not charged to the memory budget.
+    peer.close(match end {
+        End::Gone => Close::NORMAL,
+        End::Close { close, .. } | End::Reject(close) => close,
+    });
     // Out of every table first, so nothing more is queued for it.
     shared.hub.remove(&peer);
     let mut unsent = peer.outbox.close();
@@ -150,7 +163,10 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
     loop {
         let message = match stream.next().await {
             None => return End::Gone,
-            Some(Ok(message)) => message,
+            Some(Ok(message)) => {
+                session.shared.memory.message_complete(&session.peer);
+                message
+            }
             Some(Err(e)) => return read_error(e),
         };
         alive.store(true, Ordering::Relaxed);

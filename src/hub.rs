@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
+use crate::memory::Memory;
 use crate::outbox::{Outbox, Push};
 use crate::protocol::ProtocolError;
 
@@ -74,6 +75,16 @@ impl Close {
         code: 1009,
         reason: "message too big",
     };
+    /// An unauthenticated peer keeps provoking error replies it does not read.
+    pub const NOT_READING: Close = Close {
+        code: 1008,
+        reason: "not reading replies",
+    };
+    /// Partial inbound messages took the server over `--max-memory`; this one was the biggest.
+    pub const MEMORY_INBOUND: Close = Close {
+        code: 1009,
+        reason: "unfinished message too big for the server's memory",
+    };
 }
 
 /// One entry of a connection's outbound queue.
@@ -127,6 +138,9 @@ pub struct Peer {
     /// Frames waiting to be written, bounded in bytes so a slow reader costs bounded memory
     /// and never makes a sender wait.
     pub outbox: Outbox,
+    /// Bytes read from its socket since its last complete message: a message it has begun
+    /// and not finished, held in the reader's buffer. Charged to the memory budget.
+    pub inbound: AtomicUsize,
     /// Set once when something decides to close this connection; `kill` wakes its task.
     closing: OnceLock<Close>,
     kill: Notify,
@@ -134,12 +148,13 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(max_queue: usize) -> Arc<Peer> {
+    pub fn new(max_queue: usize, memory: &Arc<Memory>) -> Arc<Peer> {
         let id = Uuid::new_v4();
         let peer = Peer {
             id,
             target: id.hyphenated().to_string().into_boxed_str(),
-            outbox: Outbox::new(max_queue),
+            outbox: Outbox::new(max_queue, Arc::clone(memory)),
+            inbound: AtomicUsize::new(0),
             closing: OnceLock::new(),
             kill: Notify::new(),
             state: Mutex::new(PeerState::default()),
@@ -175,6 +190,11 @@ impl Peer {
         if self.closing.set(close).is_ok() {
             self.kill.notify_one();
         }
+    }
+
+    /// Whether [`Peer::close`] was called.
+    pub fn is_closing(&self) -> bool {
+        self.closing.get().is_some()
     }
 
     /// Resolves when [`Peer::close`] was called, with its reason.

@@ -11,6 +11,7 @@
 //! - [`events`]: one file per event type.
 //! - [`hub`]: who is connected: clients, groups, server pool.
 //! - [`outbox`]: a connection's bounded outbound queue.
+//! - [`memory`]: the global memory budget (`--max-memory`) over every queue and partial message.
 //! - [`auth`]: `SOCKET_AUTH` and bcrypt verification off the runtime.
 //! - [`api`]: the HTTP publish API (`POST /api/…`).
 //! - [`metrics`]: Prometheus metrics at `GET /metrics`.
@@ -25,6 +26,7 @@ pub mod connection;
 pub mod console;
 pub mod events;
 pub mod hub;
+pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;

@@ -117,6 +117,13 @@ pub struct Metrics {
     pub cluster_published: Counter,
     pub cluster_received: Counter,
     pub cluster_dropped: Counter,
+    /// The memory budget (`--max-memory`) and what is charged against it: bytes in outbound
+    /// queues and in unfinished inbound messages (kept in step by `memory::Memory`, which
+    /// uses these gauges as its counters); connections closed or pushes refused for it.
+    pub memory_budget_bytes: Gauge,
+    pub memory_outbound_bytes: Gauge,
+    pub memory_inbound_bytes: Gauge,
+    pub memory_pressure_closes: Counter,
     /// Mirrors of the hub's tables, set when scraped.
     clients: Gauge,
     acknowledged: Gauge,
@@ -224,6 +231,24 @@ impl Metrics {
             "pending_connects",
             "client_connect messages waiting for a server",
         );
+        let memory_budget_bytes = gauge(
+            "memory_budget_bytes",
+            "Memory budget for outbound queues and unfinished inbound messages (--max-memory)",
+        );
+        let memory_outbound_bytes = gauge(
+            "memory_outbound_bytes",
+            "Bytes waiting in outbound queues, charged to the memory budget",
+        );
+        let memory_inbound_bytes = gauge(
+            "memory_inbound_bytes",
+            "Bytes of inbound messages begun but not yet complete, charged to the memory budget",
+        );
+        let memory_pressure_closes = Counter::default();
+        registry.register(
+            "memory_pressure_closes",
+            "Connections closed (biggest consumers first), or frames refused, because the memory budget was exceeded",
+            memory_pressure_closes.clone(),
+        );
         let cluster_published = Counter::default();
         registry.register(
             "cluster_published",
@@ -266,6 +291,10 @@ impl Metrics {
             cluster_published,
             cluster_received,
             cluster_dropped,
+            memory_budget_bytes,
+            memory_outbound_bytes,
+            memory_inbound_bytes,
+            memory_pressure_closes,
             clients,
             acknowledged,
             servers,

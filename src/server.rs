@@ -37,7 +37,8 @@ use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::connection::{self, PeerInfo};
 use crate::console;
-use crate::hub::Hub;
+use crate::hub::{Hub, Peer};
+use crate::memory::{self, Counted, Memory};
 use crate::metrics::{Format, Metrics};
 
 /// Initial read buffer of a WebSocket. Most inbound messages are small (a token, a notify);
@@ -54,6 +55,8 @@ pub struct Shared {
     pub hub: Hub,
     pub auth: Authenticator,
     pub metrics: Metrics,
+    /// The memory budget over every outbound queue and partial inbound message.
+    pub memory: Arc<Memory>,
     /// The Redis backplane, with `--redis-url`; `None`: everything stays in this process.
     pub cluster: Option<Arc<Cluster>>,
     /// Cancelled when the server shuts down; every connection task watches it.
@@ -72,6 +75,7 @@ impl Shared {
         Shared {
             hub: Hub::new(config.pending_connects, config.pending_timeout),
             auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
+            memory: Arc::new(Memory::new(config.max_memory, &metrics)),
             metrics,
             cluster: config
                 .redis_url
@@ -103,6 +107,7 @@ pub async fn run(
     let shared = Arc::new(Shared::new(config));
     info!(addr = %listener.local_addr()?, "listening");
     tokio::spawn(expire_pending(Arc::clone(&shared)));
+    tokio::spawn(memory::sweep(Arc::clone(&shared)));
     cluster::start(Arc::clone(&shared));
     let router = router(Arc::clone(&shared));
 
@@ -293,7 +298,13 @@ async fn upgrade(
         let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
             return error!(%addr, "upgraded connection is not a TCP stream");
         };
-        let stream = parts.io.into_inner();
+        // Counted: what it reads toward an unfinished message is charged to the budget.
+        let peer = Peer::new(shared.config.max_queue_bytes, &shared.memory);
+        let stream = Counted::new(
+            parts.io.into_inner(),
+            Arc::clone(&peer),
+            Arc::clone(&shared.memory),
+        );
         // `read_buf` may share hyper's whole request buffer: copy out what we need and let it
         // go now, not at the end of the connection.
         let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
@@ -308,7 +319,7 @@ async fn upgrade(
         };
         // Boxed so the task holds only the connection's own state, not also the
         // (larger, finished) upgrade state beside it.
-        Box::pin(connection::serve(socket, shared, info)).await;
+        Box::pin(connection::serve(socket, shared, info, peer)).await;
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)

@@ -393,28 +393,53 @@ async fn too_much_bad_input_closes_1008() {
     s.new_connection_served().await;
 }
 
+/// Every error a non-admin provokes costs a reply, so refusals count toward the limit like
+/// malformed input (issue 10: a crowd spamming refused events must not pin memory); unknown
+/// types are answered with nothing and do not count.
 #[tokio::test]
-async fn refusals_and_unknown_types_are_not_bad_input() {
+async fn refusals_count_as_bad_input_unknown_types_do_not() {
     let server = Server::with_args(&["--bad-input-limit", "3"]).await;
     let mut backend = server.backend("backend").await;
     let mut client = server.client("client").await;
     register(&mut client, &mut backend).await;
-    for _ in 0..5 {
+    for _ in 0..10 {
+        client.send_text(r#"{"type":"no_such_event"}"#).await;
+    }
+    client.expect_silence().await;
+    for _ in 0..3 {
         client
             .send_text(r#"{"type":"notify_all","data":{"x":1}}"#)
             .await;
         client.expect_error("forbidden", Some("notify_all")).await;
-        client
-            .send_text(r#"{"type":"notify_client","data":{"data":{"x":1}}}"#)
-            .await;
-        client
-            .expect_error("forbidden", Some("notify_client"))
-            .await;
-        client.send_text(r#"{"type":"no_such_event"}"#).await;
     }
-    client.expect_silence().await;
-    // Still open and served.
+    // Still open and served after three refusals.
     let id = client.id().to_string();
     common::acknowledge(&mut backend, &mut client, &id, None).await;
     client.ping(1, true).await;
+    // The fourth is one too many.
+    client
+        .send_text(r#"{"type":"notify_all","data":{"x":1}}"#)
+        .await;
+    client.expect_error("forbidden", Some("notify_all")).await;
+    let reason = client.expect_close_code(1008).await;
+    assert_eq!(reason, Close::BAD_INPUT.reason);
+}
+
+/// An admin's refusals describe the world (a client that just left), not abuse: they do not
+/// count toward its limit, so a busy backend is never closed for them.
+#[tokio::test]
+async fn an_admins_refusals_are_not_bad_input() {
+    let server = Server::with_args(&["--bad-input-limit", "3"]).await;
+    let mut backend = server.backend("backend").await;
+    for _ in 0..6 {
+        backend
+            .send_text(
+                r#"{"type":"client_connected","data":{"target":"00000000-0000-4000-8000-000000000000"}}"#,
+            )
+            .await;
+        backend
+            .expect_error("unknown_target", Some("client_connected"))
+            .await;
+    }
+    backend.ping(1, false).await;
 }

@@ -94,7 +94,7 @@ async fn run_async(input: &[u8]) {
     let shared = Arc::new(Shared::new(config()));
     let mut conns: Vec<Conn> = (0..CONNECTIONS)
         .map(|i| {
-            let peer = Peer::new(shared.config.max_queue_bytes);
+            let peer = Peer::new(shared.config.max_queue_bytes, &shared.memory);
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 40_000 + i as u16));
             let session = Session::new(Arc::clone(&peer), Arc::clone(&shared), addr);
             Conn {

@@ -72,6 +72,11 @@ pub enum Flow {
 /// `client_connect`s (first one and re-authentications) one connection may send per window.
 const MAX_CONNECTS_PER_WINDOW: u32 = 20;
 
+/// A non-admin whose outbound queue holds more than this when it provokes an error is not
+/// reading its replies, and is closed: far sooner than its queue would overflow (4 MiB by
+/// default), so a crowd of such peers cannot pin memory with answers nobody reads.
+const UNREAD_REPLIES: usize = 64 * 1024;
+
 /// Window over which bad input is counted for `--bad-input-limit`.
 const BAD_INPUT_WINDOW: Duration = Duration::from_secs(60);
 
@@ -201,11 +206,21 @@ impl Session {
     }
 
     /// Answers bad input with an error event and closes a peer that keeps sending it.
+    ///
+    /// Every error a non-admin provokes counts toward `--bad-input-limit`, refusals
+    /// (`forbidden`, `rate_limited`, `policy_denied`, ...) included: each costs a reply, and a
+    /// peer that never reads them would otherwise pin memory with them. An admin's refusals
+    /// describe the world (a client that just left, no server yet), not abuse, so for an admin
+    /// only malformed input counts. A non-admin whose queue already holds more than
+    /// [`UNREAD_REPLIES`] is not reading: it is closed instead of being answered again.
     fn reject(&mut self, error: &ProtocolError, event: Option<&str>) -> Flow {
         debug!(code = error.code(), event, "rejected: {error}");
         self.shared.metrics.error(error.code());
+        if !self.admin && self.peer.outbox.bytes() > UNREAD_REPLIES {
+            return Flow::Close(Close::NOT_READING);
+        }
         self.send_counted("error", error.to_frame(event));
-        if !error.is_bad_input() {
+        if self.admin && !error.is_bad_input() {
             return Flow::Continue;
         }
         if self.bad_input.hit() > self.shared.config.bad_input_limit {

@@ -1,0 +1,383 @@
+//! The global memory budget (`--max-memory`): what every connection holds in memory because
+//! of its peer, summed, so that many peers cannot together pin more than the budget even when
+//! each stays within its own limits.
+//!
+//! Two things a peer controls are counted: its outbound queue (frames waiting for it to read,
+//! charged by [`Outbox`](crate::outbox::Outbox)), and the bytes of a message it has started
+//! but not finished sending (a frame header announcing 1 MiB and half the payload, or
+//! fragments without the last one), charged by [`Counted`] as they are read from the socket
+//! and released by the reader when the message completes.
+//!
+//! The message path only adds and subtracts atomics. When the sum goes over the budget, one
+//! background task ([`sweep`]) looks for the biggest consumers and closes them until usage is
+//! back under [`RELIEVED`] of the budget; pushes to a queue while far over the budget
+//! ([`HARD_LIMIT`]) are refused, so the bound holds in the moments before the sweeper runs.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::hub::{Close, Peer};
+use crate::metrics::Metrics;
+use crate::server::Shared;
+
+/// The sweeper runs at most this often, however hard it is woken: a scan visits every
+/// connection, so it must not run per message.
+const SWEEP_PERIOD: Duration = Duration::from_millis(50);
+
+/// The sweeper closes connections until usage is at most this share of the budget (in
+/// tenths), leaving headroom so it does not run again at once.
+const RELIEVED: usize = 9;
+
+/// Over this share of the budget (in quarters), a push to a queue that already holds
+/// something is refused, and the target closed as a slow consumer.
+const HARD_LIMIT: usize = 5;
+
+/// Smallest and largest default budget, whatever the machine.
+const MIN_DEFAULT: usize = 64 * 1024 * 1024;
+const MAX_DEFAULT: usize = 2 * 1024 * 1024 * 1024;
+/// The default when the machine's memory cannot be read.
+const FALLBACK_DEFAULT: usize = 512 * 1024 * 1024;
+
+/// The budget and what is charged against it; one per server, shared by every connection.
+#[derive(Debug)]
+pub struct Memory {
+    /// Bytes that may be held in total; over it, the sweeper closes the biggest consumers.
+    budget: usize,
+    /// Bytes in every outbound queue. The metric itself is the counter: one atomic, read by
+    /// `/metrics` as it is.
+    outbound: Gauge,
+    /// Bytes of inbound messages begun and not yet complete, over every connection.
+    inbound: Gauge,
+    /// Connections closed (or pushes refused) because of the budget.
+    closes: Counter,
+    /// Wakes the sweeper; set when usage goes over the budget.
+    over: Notify,
+    /// Every WebSocket connection, registered or not (unregistered ones hold queues and
+    /// partial messages too), for the sweeper to scan. Touched on connect and disconnect
+    /// only, never on the message path.
+    peers: DashMap<Uuid, std::sync::Weak<Peer>>,
+}
+
+impl Memory {
+    pub fn new(budget: usize, metrics: &Metrics) -> Memory {
+        metrics
+            .memory_budget_bytes
+            .set(i64::try_from(budget).unwrap_or(i64::MAX));
+        Memory {
+            budget,
+            outbound: metrics.memory_outbound_bytes.clone(),
+            inbound: metrics.memory_inbound_bytes.clone(),
+            closes: metrics.memory_pressure_closes.clone(),
+            over: Notify::new(),
+            peers: DashMap::new(),
+        }
+    }
+
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Bytes charged now: outbound queues and partial inbound messages.
+    pub fn used(&self) -> usize {
+        let outbound = usize::try_from(self.outbound.get()).unwrap_or(0);
+        let inbound = usize::try_from(self.inbound.get()).unwrap_or(0);
+        outbound + inbound
+    }
+
+    /// Would `len` more bytes take usage far over the budget? Then a push is refused.
+    pub fn far_over(&self, len: usize) -> bool {
+        self.used() + len > self.budget / 4 * HARD_LIMIT
+    }
+
+    /// Counts one connection closed, or push refused, for the budget.
+    pub fn refused(&self) {
+        self.closes.inc();
+    }
+
+    pub fn charge_outbound(&self, len: usize) {
+        self.outbound.inc_by(as_i64(len));
+        self.wake_if_over();
+    }
+
+    pub fn release_outbound(&self, len: usize) {
+        self.outbound.dec_by(as_i64(len));
+    }
+
+    /// `n` bytes read from `peer`'s socket that belong to a message not yet complete.
+    fn charge_inbound(&self, peer: &Peer, n: usize) {
+        peer.inbound.fetch_add(n, Ordering::Relaxed);
+        self.inbound.inc_by(as_i64(n));
+        self.wake_if_over();
+    }
+
+    /// `peer`'s reader got a whole message (or frame) out of what was read: those bytes are
+    /// no longer a partial message.
+    pub fn message_complete(&self, peer: &Peer) {
+        let n = peer.inbound.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            self.inbound.dec_by(as_i64(n));
+        }
+    }
+
+    fn wake_if_over(&self) {
+        if self.used() > self.budget {
+            self.over.notify_one();
+        }
+    }
+
+    /// Closes the biggest consumers until usage is back under [`RELIEVED`] of the budget.
+    ///
+    /// A closed connection's queue is dropped here, so that memory is back at once (nothing
+    /// would be written to it anyway); a partial message comes back when the connection's
+    /// task drops the socket, so until then the connection is skipped and its bytes are
+    /// counted as already on their way out.
+    fn relieve(&self, shared: &Shared) {
+        let goal = self.budget / 10 * RELIEVED;
+        let mut used = self.used();
+        if used <= self.budget {
+            return;
+        }
+        // Weak handles only, so no map shard stays locked while queues are inspected.
+        let peers: Vec<_> = self.peers.iter().map(|e| e.value().clone()).collect();
+        let mut consumers = Vec::new();
+        for peer in peers.iter().filter_map(std::sync::Weak::upgrade) {
+            let inbound = peer.inbound.load(Ordering::Relaxed);
+            let outbound = peer.outbox.bytes();
+            if peer.is_closing() {
+                // Already on its way out, for this reason or another: its memory comes back
+                // when its task gets to it.
+                used = used.saturating_sub(inbound + outbound);
+                continue;
+            }
+            if inbound + outbound > 0 {
+                consumers.push((outbound, inbound, peer));
+            }
+        }
+        consumers
+            .sort_unstable_by_key(|(outbound, inbound, _)| std::cmp::Reverse(outbound + inbound));
+        for (outbound, inbound, peer) in consumers {
+            if used <= goal {
+                break;
+            }
+            let close = if outbound >= inbound {
+                Close::SLOW_CONSUMER
+            } else {
+                Close::MEMORY_INBOUND
+            };
+            peer.close(close);
+            shared.hub.reforward(peer.outbox.close());
+            self.closes.inc();
+            used = used.saturating_sub(outbound + inbound);
+            info!(
+                conn_id = %peer.target,
+                outbound,
+                inbound,
+                reason = close.reason,
+                "closed: over the memory budget (--max-memory), biggest consumer"
+            );
+        }
+    }
+
+    fn register(&self, peer: &Arc<Peer>) {
+        self.peers.insert(peer.id, Arc::downgrade(peer));
+    }
+
+    fn forget(&self, peer: &Peer) {
+        self.peers.remove(&peer.id);
+    }
+}
+
+fn as_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Closes the biggest consumers whenever usage goes over the budget, at most every
+/// [`SWEEP_PERIOD`], until the server shuts down.
+pub async fn sweep(shared: Arc<Shared>) {
+    let memory = &shared.memory;
+    loop {
+        tokio::select! {
+            _ = memory.over.notified() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        memory.relieve(&shared);
+        tokio::time::sleep(SWEEP_PERIOD).await;
+        // Closed connections give their partial messages back when their tasks get to it;
+        // look again rather than wait for the next charge to wake us.
+        if memory.used() > memory.budget {
+            memory.over.notify_one();
+        }
+    }
+}
+
+/// The default budget: a quarter of the memory this process may use (the cgroup v2 limit if
+/// one is set, else the machine's), clamped to 64 MiB ..= 2 GiB.
+pub fn default_budget() -> usize {
+    let Some(total) = cgroup_limit().or_else(mem_total) else {
+        warn!("cannot read the machine's memory; --max-memory defaults to 512 MiB");
+        return FALLBACK_DEFAULT;
+    };
+    (total / 4).clamp(MIN_DEFAULT, MAX_DEFAULT)
+}
+
+/// `memory.max` of this process's cgroup (v2), unless it is `max` (no limit).
+fn cgroup_limit() -> Option<usize> {
+    let text = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok()?;
+    text.trim().parse().ok()
+}
+
+/// `MemTotal` from `/proc/meminfo`, in bytes.
+fn mem_total() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Parses a byte count: plain bytes, or with a binary suffix `K`, `M`, `G` (also `KiB`,
+/// `MB`, ..., case-insensitive), e.g. `512M`, `2G`.
+pub fn parse_bytes(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(split);
+    let number: usize = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a byte count (e.g. 268435456, 512M, 2G)"))?;
+    let unit: usize = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{text:?}: unknown unit (use K, M or G)")),
+    };
+    number
+        .checked_mul(unit)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// A connection's TCP stream that charges what it reads to the budget until the reader says
+/// a message is complete ([`Memory::message_complete`]). While it lives the connection is in
+/// the sweeper's registry; dropping it gives back whatever is still charged.
+///
+/// It dereferences to the `TcpStream`, so socket options (linger) and raw reads still work.
+#[derive(Debug)]
+pub struct Counted {
+    io: TcpStream,
+    peer: Arc<Peer>,
+    memory: Arc<Memory>,
+}
+
+impl Counted {
+    pub fn new(io: TcpStream, peer: Arc<Peer>, memory: Arc<Memory>) -> Counted {
+        memory.register(&peer);
+        Counted { io, peer, memory }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.io
+    }
+
+    pub fn get_mut(&mut self) -> &mut TcpStream {
+        &mut self.io
+    }
+}
+
+impl std::ops::Deref for Counted {
+    type Target = TcpStream;
+
+    fn deref(&self) -> &TcpStream {
+        &self.io
+    }
+}
+
+impl std::ops::DerefMut for Counted {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.io
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.memory.message_complete(&self.peer);
+        self.memory.forget(&self.peer);
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.io).poll_read(cx, buf);
+        let read = buf.filled().len().saturating_sub(before);
+        // Once closing, the rest is drained into a scratch buffer, not kept.
+        if read > 0 && !this.peer.is_closing() {
+            this.memory.charge_inbound(&this.peer, read);
+        }
+        poll
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts_with_and_without_units() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2g"), Ok(2 << 30));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 << 10));
+        assert!(parse_bytes("12X").is_err());
+        assert!(parse_bytes("M").is_err());
+        assert!(parse_bytes("99999999999999999999G").is_err());
+    }
+}
