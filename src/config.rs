@@ -142,6 +142,16 @@ pub struct Options {
     /// Seconds to wait for connections to close on SIGTERM/SIGINT before exiting anyway.
     #[arg(long, env = "SOCKET_SHUTDOWN_TIMEOUT", default_value_t = 5)]
     pub shutdown_timeout: u64,
+
+    /// Most open TCP connections of any kind (HTTP, WebSocket). Beyond it a reserve still
+    /// serves /healthz, /readyz and admins; past the reserve, connections are closed at once.
+    /// 0: derived from the open-file limit.
+    #[arg(long, env = "SOCKET_MAX_TCP_CONNECTIONS", default_value_t = 0)]
+    pub max_tcp_connections: usize,
+
+    /// Seconds an HTTP keep-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "SOCKET_HTTP_IDLE_TIMEOUT", default_value_t = 5)]
+    pub http_idle_timeout: u64,
 }
 
 /// Validated configuration, shared read-only by every task.
@@ -171,6 +181,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_timeout: Duration,
+    /// `None`: derived from the open-file limit (see `server::TcpLimits`).
+    pub max_tcp_connections: Option<usize>,
+    pub http_idle_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -212,6 +225,7 @@ impl Config {
             ("--pending-timeout", o.pending_timeout),
             ("--bad-input-limit", u64::from(o.bad_input_limit)),
             ("--handshake-timeout", o.handshake_timeout),
+            ("--http-idle-timeout", o.http_idle_timeout),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
@@ -250,6 +264,8 @@ impl Config {
             handshake_timeout: Duration::from_secs(o.handshake_timeout),
             max_header_bytes: o.max_header_bytes,
             shutdown_timeout: Duration::from_secs(o.shutdown_timeout),
+            max_tcp_connections: (o.max_tcp_connections > 0).then_some(o.max_tcp_connections),
+            http_idle_timeout: Duration::from_secs(o.http_idle_timeout),
         })
     }
 }
@@ -277,6 +293,8 @@ impl Default for Config {
             handshake_timeout: 10,
             max_header_bytes: 16 * 1024,
             shutdown_timeout: 5,
+            max_tcp_connections: 0,
+            http_idle_timeout: 5,
         };
         match Config::from_options(options) {
             Ok(config) => config,
