@@ -195,3 +195,121 @@ async fn open_tcp_connections_are_a_gauge() {
     drop(held);
     wait_metric(server.addr, "jssocket_tcp_connections", &[], 1.0).await;
 }
+
+/// The built binary, killed when dropped, logging (both streams) to a file.
+struct Binary {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Binary {
+    /// Starts the binary on `port` with its open-file limit (soft and hard, so `main` cannot
+    /// raise it) lowered to `nofile`.
+    fn start(port: u16, nofile: u64, args: &[&str]) -> Binary {
+        use std::os::unix::process::CommandExt;
+        let log = std::env::temp_dir().join(format!("jssocket-exhaustion-{port}.log"));
+        let file = std::fs::File::create(&log).expect("create the log file");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_jssocket"));
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("SOCKET_") {
+                cmd.env_remove(&name);
+            }
+        }
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().expect("clone the log file"))
+            .stderr(file);
+        let limit = libc::rlimit {
+            rlim_cur: nofile,
+            rlim_max: nofile,
+        };
+        // SAFETY: between fork and exec the closure only calls setrlimit, which is
+        // async-signal-safe, and touches no memory but its own copy of `limit`.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn jssocket");
+        Binary { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// One attacking connection: `GET /healthz` with keep-alive, then held open. Returns the
+/// stream and what it got ("" when it was closed unanswered, or nothing came in time).
+async fn attacker(addr: SocketAddr) -> (Option<TcpStream>, String) {
+    let Ok(Ok(mut stream)) = timeout(RECV_TIMEOUT, TcpStream::connect(addr)).await else {
+        return (None, String::new());
+    };
+    let request = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return (Some(stream), String::new());
+    }
+    let mut buf = [0u8; 512];
+    let answer = match timeout(RECV_TIMEOUT, stream.read(&mut buf)).await {
+        Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        _ => String::new(),
+    };
+    (Some(stream), answer)
+}
+
+/// The attack of the issue, on the real binary: more keep-alive connections than it has
+/// descriptors. Without the TCP limit, accept fails with EMFILE and the health check below
+/// times out (checked by hand with `--max-tcp-connections 1000`).
+#[tokio::test]
+async fn the_binary_keeps_answering_health_checks_with_few_file_descriptors() {
+    const NOFILE: u64 = 200;
+    const ATTACKERS: usize = 300;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let binary = Binary::start(port, NOFILE, &["--http-idle-timeout", "60"]);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let started = tokio::time::Instant::now();
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the binary did not start listening:\n{}",
+            binary.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // More connections than the process has descriptors, all at once, all kept open.
+    let attack = futures_util::future::join_all((0..ATTACKERS).map(|_| attacker(addr))).await;
+    let served = attack
+        .iter()
+        .filter(|(_, answer)| answer.starts_with("HTTP/1.1 200"))
+        .count();
+    assert!(served > 0, "no attacker was served:\n{}", binary.log());
+
+    // While the attack's sockets are held, a health check is answered.
+    let health = http(addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(health.status, 200, "log:\n{}", binary.log());
+
+    let log = binary.log();
+    assert!(
+        !log.contains("Too many open files"),
+        "the accept loop ran out of descriptors:\n{log}"
+    );
+    drop(attack);
+}
