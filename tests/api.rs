@@ -599,3 +599,38 @@ async fn unknown_routes_and_wrong_methods_are_refused() {
         );
     }
 }
+
+/// Issue 10 item 9: a body that never arrives is answered 408 after `--handshake-timeout`
+/// (here 1 s), and the connection is closed, instead of holding it open.
+#[tokio::test]
+async fn body_that_never_arrives_is_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::with_args(&["--handshake-timeout", "1"]).await;
+    let mut backend = server.backend("backend").await;
+    let mut client = server.client("client").await;
+    register(&mut client, &mut backend).await;
+    for sent in ["", "{\"a\":"] {
+        let mut stream = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /api/notify_all HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PASSWORD}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{sent}"
+        );
+        stream.write_all(head.as_bytes()).await.expect("send");
+        let mut raw = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_end(&mut raw),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("body {sent:?}: neither an answer nor a close"))
+        .expect("read the answer");
+        let answer = String::from_utf8_lossy(&raw);
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "body {sent:?}: {answer:?}"
+        );
+    }
+    client.expect_silence().await;
+}
