@@ -501,6 +501,22 @@ async fn bad_bodies_get_400_with_a_json_error() {
             r#"{"name":"c","data":1,"groups":[],"users":[]}"#,
             "conflicting_filters",
         ),
+        // A null filter fails closed (issue 10): it once meant "every subscriber".
+        (
+            "publish",
+            r#"{"name":"c","data":1,"roles":null}"#,
+            "invalid_field",
+        ),
+        (
+            "publish",
+            r#"{"name":"c","data":1,"groups":null}"#,
+            "invalid_field",
+        ),
+        (
+            "publish",
+            r#"{"name":"c","data":1,"users":null}"#,
+            "invalid_field",
+        ),
     ];
     for (route, body, code) in cases {
         let r = api_post(server.addr, route, body).await;
