@@ -187,7 +187,9 @@ impl Session {
 
     /// Answers bad input with an error event and closes a peer that keeps sending it.
     fn reject(&mut self, error: &ProtocolError, event: Option<&str>) -> Flow {
-        debug!(code = error.code(), event, "rejected: {error}");
+        // `?`: Debug formatting escapes control characters, so nothing a peer sends can
+        // forge a log line or a terminal escape.
+        debug!(code = error.code(), event = ?event, reason = ?error.to_string(), "rejected");
         self.shared.metrics.error(error.code());
         self.send_counted("error", error.to_frame(event));
         if !error.is_bad_input() {
@@ -263,7 +265,8 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         "unsubscribe" => Subscribe::parse(data, true).and_then(|e| e.apply(session)),
         "publish" => Publish::parse(data).and_then(|e| e.apply(session)),
         _ => {
-            debug!(kind = %envelope.kind, "unknown event ignored");
+            // `?`: the type is the peer's text; Debug escapes its control characters.
+            debug!(kind = ?envelope.kind, "unknown event ignored");
             Ok(Flow::Continue)
         }
     };
