@@ -59,10 +59,10 @@ async fn get_healthz(stream: &mut TcpStream, keep_alive: bool) -> String {
                 Ok(0) | Err(_) => break,
                 Ok(n) => raw.extend_from_slice(&buf[..n]),
             }
-            if let Some(head) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                if raw.len() >= head + 4 + 3 {
-                    break;
-                }
+            if let Some(head) = raw.windows(4).position(|w| w == b"\r\n\r\n")
+                && raw.len() >= head + 4 + 3
+            {
+                break;
             }
         }
         String::from_utf8_lossy(&raw).into_owned()
