@@ -149,7 +149,9 @@ pub struct Options {
     #[arg(long, env = "SOCKET_MAX_TCP_CONNECTIONS", default_value_t = 0)]
     pub max_tcp_connections: usize,
 
-    /// Seconds an HTTP keep-alive connection may wait for its next request before it is closed.
+    /// Seconds an HTTP connection may wait for its next request (keep-alive) before it is
+    /// closed. The first request head gets at most this long too, and at most
+    /// --handshake-timeout.
     #[arg(long, env = "SOCKET_HTTP_IDLE_TIMEOUT", default_value_t = 5)]
     pub http_idle_timeout: u64,
 }
