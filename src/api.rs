@@ -41,17 +41,33 @@ pub async fn handle(
     if let Err(refusal) = authorize(&shared, request.headers(), addr, event).await {
         return refusal;
     }
+    // Bounded in size and in time: a body that never arrives must not hold the connection
+    // (and its place in the TCP budget) open; `--handshake-timeout` bounds it as it bounds
+    // the request head.
     let limit = shared.config.max_message_size;
-    let body = match to_bytes(Body::new(request.into_body()), limit).await {
-        Ok(body) => body,
-        Err(_) => {
-            return (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("413: the body is over --max-message-size ({limit} bytes)\n"),
-            )
-                .into_response();
-        }
-    };
+    let within = shared.config.handshake_timeout;
+    let body =
+        match tokio::time::timeout(within, to_bytes(Body::new(request.into_body()), limit)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(_)) => {
+                return (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("413: the body is over --max-message-size ({limit} bytes)\n"),
+                )
+                    .into_response();
+            }
+            Err(_) => {
+                return (
+                    StatusCode::REQUEST_TIMEOUT,
+                    [(header::CONNECTION, "close")],
+                    format!(
+                        "408: the body did not arrive within --handshake-timeout ({} s)\n",
+                        within.as_secs()
+                    ),
+                )
+                    .into_response();
+            }
+        };
     shared.metrics.received(event, body.len());
     let started = std::time::Instant::now();
     let delivered = deliver(&shared, event, &body);

@@ -156,6 +156,18 @@ pub struct Options {
     /// MemTotal), clamped to 64M..2G.
     #[arg(long, env = "SOCKET_MAX_MEMORY", value_parser = crate::memory::parse_bytes)]
     pub max_memory: Option<usize>,
+
+    /// Most open TCP connections of any kind (HTTP, WebSocket). Beyond it a reserve still
+    /// serves /healthz, /readyz and admins; past the reserve, connections are closed at once.
+    /// 0: derived from the open-file limit.
+    #[arg(long, env = "SOCKET_MAX_TCP_CONNECTIONS", default_value_t = 0)]
+    pub max_tcp_connections: usize,
+
+    /// Seconds an HTTP connection may wait for its next request (keep-alive) before it is
+    /// closed. The first request head gets at most this long too, and at most
+    /// --handshake-timeout.
+    #[arg(long, env = "SOCKET_HTTP_IDLE_TIMEOUT", default_value_t = 5)]
+    pub http_idle_timeout: u64,
 }
 
 /// Validated configuration, shared read-only by every task.
@@ -189,6 +201,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Bytes all outbound queues and partial inbound messages may hold together.
     pub max_memory: usize,
+    /// `None`: derived from the open-file limit (see `server::TcpLimits`).
+    pub max_tcp_connections: Option<usize>,
+    pub http_idle_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +246,7 @@ impl Config {
             ("--bad-input-limit", u64::from(o.bad_input_limit)),
             ("--handshake-timeout", o.handshake_timeout),
             ("--max-memory", o.max_memory.unwrap_or(1) as u64),
+            ("--http-idle-timeout", o.http_idle_timeout),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
@@ -271,6 +287,8 @@ impl Config {
             max_header_bytes: o.max_header_bytes,
             shutdown_timeout: Duration::from_secs(o.shutdown_timeout),
             max_memory: o.max_memory.unwrap_or_else(crate::memory::default_budget),
+            max_tcp_connections: (o.max_tcp_connections > 0).then_some(o.max_tcp_connections),
+            http_idle_timeout: Duration::from_secs(o.http_idle_timeout),
         })
     }
 }
@@ -300,6 +318,8 @@ impl Default for Config {
             max_header_bytes: 16 * 1024,
             shutdown_timeout: 5,
             max_memory: None,
+            max_tcp_connections: 0,
+            http_idle_timeout: 5,
         };
         match Config::from_options(options) {
             Ok(config) => config,

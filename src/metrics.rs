@@ -106,6 +106,8 @@ pub struct Metrics {
     pub auth: AuthMetrics,
     /// Open WebSocket connections.
     pub connections: Gauge,
+    /// Open TCP connections of every kind (plain HTTP included), for `--max-tcp-connections`.
+    pub tcp_connections: Gauge,
     /// Connections that proved the admin password.
     pub admins: Gauge,
     /// Time from an event's arrival to its payload being queued for every recipient.
@@ -210,6 +212,12 @@ impl Metrics {
             "Open WebSocket connections",
             connections.clone(),
         );
+        let tcp_connections = Gauge::default();
+        registry.register(
+            "tcp_connections",
+            "Open TCP connections of every kind, plain HTTP included",
+            tcp_connections.clone(),
+        );
         let admins = Gauge::default();
         registry.register("admins", "Open admin connections", admins.clone());
         let mut gauge = |name: &str, help: &str| {
@@ -284,6 +292,7 @@ impl Metrics {
             auth_failures,
             auth,
             connections,
+            tcp_connections,
             admins,
             fanout_seconds,
             cluster_connected,

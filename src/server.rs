@@ -12,12 +12,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper::body::Incoming;
@@ -49,6 +49,18 @@ const READ_BUFFER: usize = 1024;
 /// queued frames costs one syscall instead of one each. A flush writes whatever is gathered.
 const WRITE_BUFFER: usize = 4 * 1024;
 
+/// File descriptors kept out of every TCP budget: the listener, log files, Redis, the
+/// runtime's own. Without them a full server could not even open its Redis reconnection.
+const FD_HEADROOM: u64 = 32;
+
+/// The least number of connections held back, beyond `--max-tcp-connections`, for health
+/// checks and admins.
+const MIN_RESERVE: usize = 64;
+
+/// A connection admitted into the reserve gets this long (at most) to send its one request:
+/// the reserve is small, so a silent peer must not keep its place.
+const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What every task shares: configuration, the hub, the authenticator, the shutdown signal.
 pub struct Shared {
     pub config: Config,
@@ -65,6 +77,9 @@ pub struct Shared {
     pub(crate) tracker: TaskTracker,
     /// Open WebSocket connections, for `--max-connections`.
     connections: AtomicUsize,
+    /// Open TCP connections of every kind, for `--max-tcp-connections`.
+    tcp_connections: AtomicUsize,
+    tcp_limits: TcpLimits,
 }
 
 impl Shared {
@@ -85,6 +100,8 @@ impl Shared {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             connections: AtomicUsize::new(0),
+            tcp_connections: AtomicUsize::new(0),
+            tcp_limits: TcpLimits::new(config.max_tcp_connections),
             config,
         }
     }
@@ -110,18 +127,33 @@ pub async fn run(
     tokio::spawn(memory::sweep(Arc::clone(&shared)));
     cluster::start(Arc::clone(&shared));
     let router = router(Arc::clone(&shared));
+    let limits = shared.tcp_limits;
+    info!(
+        max_tcp_connections = limits.limit,
+        reserve = limits.ceiling - limits.limit,
+        "TCP connection limit"
+    );
 
     tokio::pin!(shutdown);
+    let mut accept_errors = ErrorLog::default();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, addr)) => {
-                    tokio::spawn(serve_http(stream, addr, router.clone(), Arc::clone(&shared)));
-                }
+                Ok((stream, addr)) => match TcpGuard::take(&shared) {
+                    Some(guard) => {
+                        let guard = Arc::new(guard);
+                        tokio::spawn(serve_http(stream, addr, guard, router.clone(), Arc::clone(&shared)));
+                    }
+                    // Past the reserve: closing at once frees the descriptor and tells the
+                    // peer, where leaving it in the backlog would let it time out slowly.
+                    None => drop(stream),
+                },
                 Err(e) => {
-                    // Out of file descriptors, usually: back off instead of spinning.
-                    error!(error = %e, "accept failed");
+                    // Out of file descriptors, usually (the limits above keep a headroom, but
+                    // other processes may share it): back off instead of spinning, and say
+                    // so once in a while rather than ten times a second.
+                    accept_errors.log(&e);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -162,20 +194,60 @@ fn router(shared: Arc<Shared>) -> Routers {
 }
 
 /// Serves HTTP/1.1 on one TCP connection, with upgrades.
-async fn serve_http(stream: TcpStream, addr: SocketAddr, routers: Routers, shared: Arc<Shared>) {
+///
+/// Every request carries the connection's [`TcpGuard`], so a WebSocket task keeps the
+/// connection counted after hyper has handed the socket over. A connection admitted into the
+/// reserve serves one request, with a short head timeout, and only what the reserve is for.
+async fn serve_http(
+    stream: TcpStream,
+    addr: SocketAddr,
+    tcp: Arc<TcpGuard>,
+    routers: Routers,
+    shared: Arc<Shared>,
+) {
     let _ = stream.set_nodelay(true);
+    let reserved = tcp.reserved;
+    // hyper's head timeout also runs while a keep-alive connection waits for its next
+    // request, so it doubles as the idle timeout.
+    let mut head_timeout = shared
+        .config
+        .handshake_timeout
+        .min(shared.config.http_idle_timeout);
+    if reserved {
+        head_timeout = head_timeout.min(RESERVE_HEADER_TIMEOUT);
+    }
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(addr));
+        request.extensions_mut().insert(Arc::clone(&tcp));
+        let refused = reserved && !reserve_admits(&request);
         let router = if is_websocket_upgrade(request.headers()) {
             routers.websocket.clone()
         } else {
             routers.http.clone()
         };
-        async move { Ok::<_, Infallible>(router.oneshot(request.map(Body::new)).await.into_response()) }
+        async move {
+            let mut response = if refused {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "503 Service Unavailable: too many open connections\n",
+                )
+                    .into_response()
+            } else {
+                router.oneshot(request.map(Body::new)).await.into_response()
+            };
+            // One request per place in the reserve. (Not hyper's `keep_alive(false)`: it
+            // would turn a 101's `Connection: upgrade` into `close`.)
+            if reserved && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.handshake_timeout)
+        .header_read_timeout(head_timeout)
         .max_buf_size(shared.config.max_header_bytes)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -278,6 +350,8 @@ async fn upgrade(
         .get("auth")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let info = PeerInfo { addr, password };
+    // The socket outlives this HTTP exchange: keep it counted until the WebSocket ends.
+    let tcp = request.extensions().get::<Arc<TcpGuard>>().cloned();
     let on_upgrade = hyper::upgrade::on(&mut request);
     let token = shared.tracker.token();
     let ws_config = WebSocketConfig::default()
@@ -288,6 +362,7 @@ async fn upgrade(
     let shared = Arc::clone(&shared);
     tokio::spawn(async move {
         let _slot = slot;
+        let _tcp = tcp;
         let _token = token;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
@@ -376,6 +451,104 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
         self.0.metrics.connections.dec();
+    }
+}
+
+/// What a connection in the reserve may ask: liveness and readiness probes, and what carries
+/// an admin password (a WebSocket upgrade with `auth:`, an API call). The password is checked
+/// later as usual; this only decides who may try.
+fn reserve_admits<B>(request: &hyper::Request<B>) -> bool {
+    let headers = request.headers();
+    let has_password = headers.contains_key("auth") || headers.contains_key(header::AUTHORIZATION);
+    if is_websocket_upgrade(headers) {
+        return headers.contains_key("auth");
+    }
+    match request.uri().path() {
+        "/healthz" | "/readyz" => true,
+        path => path.starts_with("/api/") && has_password,
+    }
+}
+
+/// The TCP connection budget. Below `limit`: served normally. From `limit` to `ceiling`: the
+/// reserve (see [`reserve_admits`]). At `ceiling`: closed at once.
+#[derive(Debug, Clone, Copy)]
+struct TcpLimits {
+    limit: usize,
+    ceiling: usize,
+}
+
+impl TcpLimits {
+    /// `configured`: `--max-tcp-connections`; `None` derives the limit from the open-file soft
+    /// limit (which `main` has raised to the hard one), so the process never runs out of
+    /// descriptors: accept failing with EMFILE would lock out health checks and admins too.
+    fn new(configured: Option<usize>) -> TcpLimits {
+        let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+        let usable = usize::try_from(soft.saturating_sub(FD_HEADROOM)).unwrap_or(usize::MAX);
+        let reserve = |limit: usize| (limit / 20).max(MIN_RESERVE);
+        match configured {
+            Some(limit) => TcpLimits {
+                limit,
+                ceiling: limit.saturating_add(reserve(limit)).min(usable.max(limit)),
+            },
+            None => {
+                let reserve = reserve(usable).min(usable / 2);
+                TcpLimits {
+                    limit: usable - reserve,
+                    ceiling: usable,
+                }
+            }
+        }
+    }
+}
+
+/// One counted TCP connection; the count drops with it. Shared (`Arc`) between the HTTP
+/// connection and, after an upgrade, the WebSocket task.
+struct TcpGuard {
+    shared: Arc<Shared>,
+    /// Admitted beyond `--max-tcp-connections`, into the reserve.
+    reserved: bool,
+}
+
+impl TcpGuard {
+    fn take(shared: &Arc<Shared>) -> Option<TcpGuard> {
+        let open = shared.tcp_connections.fetch_add(1, Ordering::AcqRel) + 1;
+        if open > shared.tcp_limits.ceiling {
+            shared.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        shared.metrics.tcp_connections.inc();
+        Some(TcpGuard {
+            shared: Arc::clone(shared),
+            reserved: open > shared.tcp_limits.limit,
+        })
+    }
+}
+
+impl Drop for TcpGuard {
+    fn drop(&mut self) {
+        self.shared.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+        self.shared.metrics.tcp_connections.dec();
+    }
+}
+
+/// Logs a failing `accept` at most once per [`ErrorLog::EVERY`], with how many failed since.
+#[derive(Default)]
+struct ErrorLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl ErrorLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn log(&mut self, e: &io::Error) {
+        if self.last.is_some_and(|last| last.elapsed() < Self::EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        error!(error = %e, suppressed = self.suppressed, "accept failed");
+        self.last = Some(Instant::now());
+        self.suppressed = 0;
     }
 }
 

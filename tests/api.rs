@@ -501,6 +501,22 @@ async fn bad_bodies_get_400_with_a_json_error() {
             r#"{"name":"c","data":1,"groups":[],"users":[]}"#,
             "conflicting_filters",
         ),
+        // A null filter fails closed (issue 10): it once meant "every subscriber".
+        (
+            "publish",
+            r#"{"name":"c","data":1,"roles":null}"#,
+            "invalid_field",
+        ),
+        (
+            "publish",
+            r#"{"name":"c","data":1,"groups":null}"#,
+            "invalid_field",
+        ),
+        (
+            "publish",
+            r#"{"name":"c","data":1,"users":null}"#,
+            "invalid_field",
+        ),
     ];
     for (route, body, code) in cases {
         let r = api_post(server.addr, route, body).await;
@@ -598,4 +614,39 @@ async fn unknown_routes_and_wrong_methods_are_refused() {
             200
         );
     }
+}
+
+/// Issue 10 item 9: a body that never arrives is answered 408 after `--handshake-timeout`
+/// (here 1 s), and the connection is closed, instead of holding it open.
+#[tokio::test]
+async fn body_that_never_arrives_is_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::with_args(&["--handshake-timeout", "1"]).await;
+    let mut backend = server.backend("backend").await;
+    let mut client = server.client("client").await;
+    register(&mut client, &mut backend).await;
+    for sent in ["", "{\"a\":"] {
+        let mut stream = tokio::net::TcpStream::connect(server.addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /api/notify_all HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {PASSWORD}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{sent}"
+        );
+        stream.write_all(head.as_bytes()).await.expect("send");
+        let mut raw = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_end(&mut raw),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("body {sent:?}: neither an answer nor a close"))
+        .expect("read the answer");
+        let answer = String::from_utf8_lossy(&raw);
+        assert!(
+            answer.starts_with("HTTP/1.1 408"),
+            "body {sent:?}: {answer:?}"
+        );
+    }
+    client.expect_silence().await;
 }

@@ -311,9 +311,7 @@ async fn publish_relays_any_payload_unchanged() {
     sub.expect_text(&delivery("c", "null")).await;
     // Other keys of the publish data are not relayed.
     admin
-        .send_text(
-            r#"{"type":"publish","data":{"extra":1,"data":{"k":"v"},"name":"c","roles":null}}"#,
-        )
+        .send_text(r#"{"type":"publish","data":{"extra":1,"data":{"k":"v"},"name":"c"}}"#)
         .await;
     sub.expect_text(&delivery("c", r#"{"k":"v"}"#)).await;
     sub.expect_silence().await;
@@ -553,11 +551,52 @@ async fn two_filters_are_refused_and_nothing_is_delivered() {
     }
     expect_silence_all(&mut [&mut sub, &mut plain]).await;
 
-    // A null filter is no filter: one real filter beside it is fine.
+    // A null filter is not "no filter" (issue 10): refused, even beside a real one.
     publish(&mut admin, "c", "1", r#","roles":["r"],"groups":null"#).await;
-    sub.expect_text(&delivery("c", "1")).await;
+    admin.expect_error("invalid_field", Some("publish")).await;
     admin.ping(1, false).await;
     expect_silence_all(&mut [&mut sub, &mut plain]).await;
+}
+
+/// Issue 10 item 9: a backend that sends `"roles": None` means a private message; reading
+/// `null` as "no filter" leaked it to every subscriber. It fails closed: an error to the
+/// sender, nothing delivered, the admin's connection still served.
+#[tokio::test]
+async fn null_filters_are_refused_and_nothing_is_delivered() {
+    let server = Server::start().await;
+    let mut backend = server.backend("backend").await;
+    let mut admin = server.admin("admin").await;
+    let mut sub = acked(
+        &server,
+        &mut backend,
+        "sub",
+        Some("u"),
+        r#","roles":["r"],"groups":["g"]"#,
+    )
+    .await;
+    let mut plain = registered(&server, &mut backend, "plain").await;
+    subscribe(&mut sub, "c").await;
+    subscribe(&mut plain, "c").await;
+
+    for filter in [r#","roles":null"#, r#","groups":null"#, r#","users":null"#] {
+        publish(&mut admin, "c", r#"{"leak":true}"#, filter).await;
+        let error = admin.expect_error("invalid_field", Some("publish")).await;
+        let field = filter
+            .trim_start_matches(",\"")
+            .split('"')
+            .next()
+            .unwrap_or("");
+        assert!(
+            error["message"].as_str().is_some_and(|m| m.contains(field)),
+            "the message names {field}: {error}"
+        );
+    }
+    expect_silence_all(&mut [&mut sub, &mut plain]).await;
+    admin.ping(1, false).await;
+    // An unfiltered publish still reaches both.
+    publish(&mut admin, "c", "2", "").await;
+    sub.expect_text(&delivery("c", "2")).await;
+    plain.expect_text(&delivery("c", "2")).await;
 }
 
 #[tokio::test]

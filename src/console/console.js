@@ -14,6 +14,9 @@
   const CHANNEL_RULE = 'A channel name is 1 to 200 characters of A-Z a-z 0-9 . _ - : /';
   const MAX_MESSAGES = 1000;
   const MAX_BACKOFF_MS = 15000;
+  // How long an answer to client_connect may take: the server may queue it until a backend
+  // connects (--pending-timeout, 30 s by default) before answering with an error.
+  const CONNECT_ANSWER_MS = 120000;
   // Envelopes the server itself sends to a client; anything else is a bare notify payload.
   const SERVER_EVENTS = new Set([
     'publish', 'subscribed', 'unsubscribed', 'client_connected', 'error', 'callback',
@@ -36,6 +39,8 @@
     // names of subscribe/unsubscribe requests awaiting their answer, in order: the server
     // answers one connection's requests in order, so an error matches the oldest one.
     inflight: [],
+    // When the last client_connect was sent, until it is answered; null: none outstanding.
+    connectSentAt: null,
     messages: [], // { element, search }
     seq: 0,
   };
@@ -243,6 +248,7 @@
     state.groups = null;
     state.ackNote = null;
     state.inflight = [];
+    state.connectSentAt = null;
     for (const [name, s] of state.subscriptions) {
       if (s === 'leaving') state.subscriptions.delete(name);
       else state.subscriptions.set(name, 'pending');
@@ -270,6 +276,7 @@
     if (send('client_connect', token ? { token: token } : {})) {
       state.registered = true;
       state.ackNote = null;
+      state.connectSentAt = Date.now();
     }
     renderConnection();
   }
@@ -353,7 +360,8 @@
       return;
     }
     const isEvent = value !== null && typeof value === 'object' && !Array.isArray(value) &&
-      typeof value.type === 'string' && SERVER_EVENTS.has(value.type);
+      typeof value.type === 'string' && SERVER_EVENTS.has(value.type) &&
+      answersOwnRequest(value.type, value.data);
     if (!isEvent) {
       // notify_client / notify_group / notify_all deliver the bare payload.
       addMessage('notify', null, text, true);
@@ -380,6 +388,7 @@
         break;
       }
       case 'client_connected':
+        state.connectSentAt = null;
         state.acknowledged = true;
         state.ackNote = null;
         if (data && typeof data.target === 'string') state.id = data.target;
@@ -396,6 +405,24 @@
     addMessage(value.type, null, rawData === undefined ? 'null' : rawData, true);
   }
 
+  // Payloads are bare JSON, so a notify payload can look exactly like the server's error
+  // event. An error is taken as the server's only when it answers a request this page sent
+  // and has not had answered yet; anything else is shown as a received payload.
+  // The same holds for the answers to subscribe and unsubscribe, which come in order.
+  function answersOwnRequest(type, data) {
+    const field = (key) => (data !== null && typeof data === 'object' ? data[key] : undefined);
+    if (type === 'subscribed' || type === 'unsubscribed') {
+      return state.inflight.length > 0 && field('name') === state.inflight[0];
+    }
+    if (type !== 'error') return true;
+    const event = field('event');
+    if (event === 'subscribe' || event === 'unsubscribe') return state.inflight.length > 0;
+    if (event === 'client_connect') {
+      return state.connectSentAt !== null && Date.now() - state.connectSentAt < CONNECT_ANSWER_MS;
+    }
+    return false;
+  }
+
   function onError(error) {
     const event = error.event;
     if (event === 'subscribe' || event === 'unsubscribe') {
@@ -408,6 +435,7 @@
           name + ': ' + error.message);
       }
     } else if (event === 'client_connect') {
+      state.connectSentAt = null;
       state.ackNote = 'The server answered client_connect with ' + error.code + ': ' + error.message;
       renderConnection();
     }

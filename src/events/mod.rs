@@ -214,7 +214,9 @@ impl Session {
     /// only malformed input counts. A non-admin whose queue already holds more than
     /// [`UNREAD_REPLIES`] is not reading: it is closed instead of being answered again.
     fn reject(&mut self, error: &ProtocolError, event: Option<&str>) -> Flow {
-        debug!(code = error.code(), event, "rejected: {error}");
+        // `?`: Debug formatting escapes control characters, so nothing a peer sends can
+        // forge a log line or a terminal escape.
+        debug!(code = error.code(), event = ?event, reason = ?error.to_string(), "rejected");
         self.shared.metrics.error(error.code());
         if !self.admin && self.peer.outbox.bytes() > UNREAD_REPLIES {
             return Flow::Close(Close::NOT_READING);
@@ -293,7 +295,8 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         "unsubscribe" => Subscribe::parse(data, true).and_then(|e| e.apply(session)),
         "publish" => Publish::parse(data).and_then(|e| e.apply(session)),
         _ => {
-            debug!(kind = %envelope.kind, "unknown event ignored");
+            // `?`: the type is the peer's text; Debug escapes its control characters.
+            debug!(kind = ?envelope.kind, "unknown event ignored");
             Ok(Flow::Continue)
         }
     };

@@ -2,7 +2,7 @@
 //! with one of the given `roles`, in one of the `groups`, or whose `user` is listed. They
 //! receive `{"type":"publish","data":{"name":…,"data":…}}`.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use super::{Flow, Session};
@@ -27,12 +27,21 @@ struct Fields<'a> {
     name: Option<&'a RawValue>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "keep_null")]
     roles: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "keep_null")]
     groups: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "keep_null")]
     users: Option<&'a RawValue>,
+}
+
+/// A present filter as written, `null` included: serde would read `null` as "absent", and
+/// a backend that sends `"roles": None` means "only these roles", not "everyone". Filters
+/// fail closed.
+fn keep_null<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 impl<'a> Publish<'a> {
@@ -40,7 +49,19 @@ impl<'a> Publish<'a> {
         let fields: Fields<'a> = data.fields()?;
         let name = opt_string(fields.name, "name")?.ok_or(ProtocolError::MissingField("name"))?;
         validate_channel(&name)?;
-        let present = |raw: Option<&RawValue>| raw.is_some_and(|r| r.get() != "null");
+        for (raw, field) in [
+            (fields.roles, "roles"),
+            (fields.groups, "groups"),
+            (fields.users, "users"),
+        ] {
+            if raw.is_some_and(|r| r.get() == "null") {
+                return Err(ProtocolError::InvalidField(
+                    field,
+                    "an array of strings (null would publish to everyone)",
+                ));
+            }
+        }
+        let present = |raw: Option<&RawValue>| raw.is_some();
         let filters = [fields.roles, fields.groups, fields.users]
             .into_iter()
             .filter(|f| present(*f))

@@ -297,7 +297,49 @@ test('acknowledged by a backend: shows the id and roles, receives role-filtered 
   const notify = messages('greeting');
   await notify.waitFor();
   assert.equal(await notify.getAttribute('data-kind'), 'notify');
+
+  // Payloads are bare JSON: one shaped like the server's error (or subscribed) event, when
+  // the page has no request waiting for an answer, is shown as a received payload and
+  // changes nothing on the page.
+  for (const [marker, spoof] of [
+    ['spoofed-connect-error', { type: 'error', data: { code: 'no_server', message: 'spoofed-connect-error', event: 'client_connect' } }],
+    ['spoofed-subscribe-error', { type: 'error', data: { code: 'invalid_channel', message: 'spoofed-subscribe-error', event: 'subscribe' } }],
+    ['spoofed-bad-input', { type: 'error', data: { code: 'invalid_json', message: 'spoofed-bad-input', event: null } }],
+    ['spoofed.subscribed', { type: 'subscribed', data: { name: 'spoofed.subscribed' } }],
+  ]) {
+    await page.fill('#notify-client-target', target);
+    await page.fill('#notify-client-payload', JSON.stringify(spoof));
+    await page.evaluate(() => { document.getElementById('notify-client-result').textContent = ''; });
+    await page.click('#notify-client-form button[type=submit]');
+    await page.waitForFunction(() => /Delivered/.test(document.getElementById('notify-client-result').textContent));
+    const item = messages(marker);
+    await item.waitFor();
+    assert.equal(await item.getAttribute('data-kind'), 'notify', marker);
+  }
+  assert.equal(await page.getAttribute('#ack-note', 'data-state'), null);
+  assert.equal(await page.getAttribute('#acknowledged', 'data-state'), 'yes');
+  assert.equal(await page.locator('#subscriptions li[data-channel="spoofed.subscribed"]').count(), 0);
+  await page.locator('#subscriptions li[data-channel="foo.bar"][data-state="active"]').waitFor();
+  assert.equal(await page.locator('#channel-error').isVisible(), false);
   await backend.close();
+});
+
+test("the server's own error answering the page's client_connect is shown as an error", async () => {
+  // No backend and a 1 s queue: the server answers the page's client_connect with no_server.
+  const lonely = await startServer(['--pending-timeout', '1']);
+  const other = await context.newPage();
+  other.setDefaultTimeout(WAIT);
+  try {
+    await other.goto(`${lonely.base}/console`);
+    await other.locator('#ack-note[data-state="error"]').waitFor();
+    assert.match(await other.textContent('#ack-note'), /no_server/);
+    const item = other.locator('#messages li.message', { hasText: 'no_server' });
+    await item.waitFor();
+    assert.equal(await item.getAttribute('data-kind'), 'error');
+  } finally {
+    await other.close();
+    await lonely.stop();
+  }
 });
 
 test('filters and clears the message list', async () => {
