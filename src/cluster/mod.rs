@@ -346,11 +346,9 @@ impl Cluster {
 
     /// A server appeared elsewhere: hand it the client connects that were waiting here.
     fn flush_pending(&self, shared: &Shared) {
-        for (client, frame) in shared.hub.take_pending() {
-            let _ = shared.hub.forward_connect(&client, frame, |client, frame| {
-                self.forward_remote(shared, client, frame)
-            });
-        }
+        shared
+            .hub
+            .flush_pending(|client, frame| self.forward_remote(shared, client, frame));
     }
 }
 
