@@ -118,6 +118,10 @@ pub struct Peer {
     closing: OnceLock<Close>,
     kill: Notify,
     state: Mutex<PeerState>,
+    /// Bytes this connection has waiting to be published to other nodes (cluster): capped
+    /// per connection so one client cannot take the whole backlog. Raised when the cluster
+    /// queues a message for it, lowered when the publisher takes it.
+    pub cluster_bytes: AtomicUsize,
 }
 
 impl Peer {
@@ -130,6 +134,7 @@ impl Peer {
             closing: OnceLock::new(),
             kill: Notify::new(),
             state: Mutex::new(PeerState::default()),
+            cluster_bytes: AtomicUsize::new(0),
         };
         Arc::new(peer)
     }
@@ -558,6 +563,11 @@ impl Hub {
             .is_some_and(|server| server.offer(Outgoing::Text(frame)))
     }
 
+    /// Whether `client` has a request waiting in the queue.
+    pub fn is_pending(&self, client: Uuid) -> bool {
+        self.pool().pending.slots.contains_key(&client)
+    }
+
     /// One of this node's servers by id.
     pub fn local_server(&self, target: &str) -> Option<Arc<Peer>> {
         self.pool()
@@ -832,7 +842,8 @@ mod tests {
         check(&hub, 3, 65);
         // Many repeats leave stale tickets behind, compacted, never counted.
         for i in 0..500 {
-            hub.forward_connect(&b, frame(i % 7 + 1), no_remote).unwrap();
+            hub.forward_connect(&b, frame(i % 7 + 1), no_remote)
+                .unwrap();
         }
         check(&hub, 3, 15 + 30 + 499 % 7 + 1);
         assert!(hub.pool().pending.order.len() <= 2 * 3 + 64 + 1);

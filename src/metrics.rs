@@ -99,6 +99,10 @@ pub struct Metrics {
     pub cluster_published: Counter,
     pub cluster_received: Counter,
     pub cluster_dropped: Counter,
+    /// Cluster: bytes waiting to be published (both lanes), and client connects forwarded to
+    /// other nodes and not yet settled (see `cluster` on forwards in flight).
+    pub cluster_backlog_bytes: Gauge,
+    pub cluster_forwards_in_flight: Gauge,
     /// Mirrors of the hub's tables, set when scraped.
     clients: Gauge,
     acknowledged: Gauge,
@@ -106,6 +110,7 @@ pub struct Metrics {
     groups: Gauge,
     channels: Gauge,
     pending_connects: Gauge,
+    pending_connect_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -190,6 +195,18 @@ impl Metrics {
             "pending_connects",
             "client_connect messages waiting for a server",
         );
+        let pending_connect_bytes = gauge(
+            "pending_connect_bytes",
+            "Bytes of client_connect messages waiting for a server",
+        );
+        let cluster_backlog_bytes = gauge(
+            "cluster_backlog_bytes",
+            "Bytes of messages waiting to be published to the other nodes",
+        );
+        let cluster_forwards_in_flight = gauge(
+            "cluster_forwards_in_flight",
+            "client_connect messages forwarded to other nodes and not yet settled",
+        );
         let cluster_published = Counter::default();
         registry.register(
             "cluster_published",
@@ -231,12 +248,15 @@ impl Metrics {
             cluster_published,
             cluster_received,
             cluster_dropped,
+            cluster_backlog_bytes,
+            cluster_forwards_in_flight,
             clients,
             acknowledged,
             servers,
             groups,
             channels,
             pending_connects,
+            pending_connect_bytes,
         }
     }
 
@@ -269,6 +289,7 @@ impl Metrics {
             (&self.groups, stats.groups),
             (&self.channels, stats.channels),
             (&self.pending_connects, stats.pending),
+            (&self.pending_connect_bytes, stats.pending_bytes),
         ] {
             gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         }
