@@ -147,9 +147,24 @@ struct Backlog {
 #[derive(Default)]
 struct Lanes {
     control: VecDeque<String>,
-    clients: VecDeque<(String, Option<Arc<Peer>>)>,
+    clients: VecDeque<Queued>,
     control_bytes: usize,
     client_bytes: usize,
+}
+
+/// A client-originated message waiting in the client lane.
+struct Queued {
+    text: String,
+    /// Whose share of the lane it takes.
+    sender: Option<Arc<Peer>>,
+    /// A forward: (client, forward id), so its receipt clock starts when it goes out.
+    forward: Option<(Uuid, u64)>,
+}
+
+/// A message taken for publishing.
+struct Taken {
+    text: String,
+    forward: Option<(Uuid, u64)>,
 }
 
 /// Why a message was not queued.
@@ -173,7 +188,13 @@ impl Backlog {
         self.lanes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn push(&self, lane: Lane, text: String, sender: Option<&Arc<Peer>>) -> Result<(), Refused> {
+    fn push(
+        &self,
+        lane: Lane,
+        text: String,
+        sender: Option<&Arc<Peer>>,
+        forward: Option<(Uuid, u64)>,
+    ) -> Result<(), Refused> {
         let cost = text.len() + MESSAGE_OVERHEAD;
         {
             let mut lanes = self.lanes();
@@ -198,7 +219,11 @@ impl Backlog {
                         sender.cluster_bytes.fetch_add(cost, Ordering::Relaxed);
                     }
                     lanes.client_bytes += cost;
-                    lanes.clients.push_back((text, sender.cloned()));
+                    lanes.clients.push_back(Queued {
+                        text,
+                        sender: sender.cloned(),
+                        forward,
+                    });
                 }
             }
         }
@@ -207,22 +232,29 @@ impl Backlog {
     }
 
     /// The next message to publish: control first.
-    fn try_pop(&self) -> Option<String> {
+    fn try_pop(&self) -> Option<Taken> {
         let mut lanes = self.lanes();
         if let Some(text) = lanes.control.pop_front() {
             lanes.control_bytes -= text.len() + MESSAGE_OVERHEAD;
-            return Some(text);
+            return Some(Taken {
+                text,
+                forward: None,
+            });
         }
-        let (text, sender) = lanes.clients.pop_front()?;
+        let Queued {
+            text,
+            sender,
+            forward,
+        } = lanes.clients.pop_front()?;
         let cost = text.len() + MESSAGE_OVERHEAD;
         lanes.client_bytes -= cost;
         if let Some(sender) = sender {
             sender.cluster_bytes.fetch_sub(cost, Ordering::Relaxed);
         }
-        Some(text)
+        Some(Taken { text, forward })
     }
 
-    async fn pop(&self) -> String {
+    async fn pop(&self) -> Taken {
         loop {
             if let Some(text) = self.try_pop() {
                 return text;
@@ -310,7 +342,7 @@ impl Cluster {
     /// Queues an admin's or the cluster's own `op` for the other nodes; never waits. Dropped
     /// (and counted) only when the control lane itself is full: clients cannot fill it.
     pub fn publish(&self, shared: &Shared, op: Op) {
-        if self.enqueue(shared, Lane::Control, op, None).is_err() {
+        if self.enqueue(shared, Lane::Control, op, None, None).is_err() {
             shared.metrics.cluster_dropped.inc();
             warn_throttled!("cluster backlog full: a message for other nodes was dropped");
         }
@@ -324,7 +356,7 @@ impl Cluster {
         op: Op,
         sender: &Arc<Peer>,
     ) -> Result<(), ProtocolError> {
-        self.enqueue(shared, Lane::Clients, op, Some(sender))
+        self.enqueue(shared, Lane::Clients, op, Some(sender), None)
             .map_err(|_| {
                 shared.metrics.cluster_dropped.inc();
                 ProtocolError::RateLimited(
@@ -339,13 +371,14 @@ impl Cluster {
         lane: Lane,
         op: Op,
         sender: Option<&Arc<Peer>>,
+        forward: Option<(Uuid, u64)>,
     ) -> Result<(), Refused> {
         let text = Wire {
             from: self.node.clone(),
             op,
         }
         .encode();
-        self.backlog.push(lane, text, sender)?;
+        self.backlog.push(lane, text, sender, forward)?;
         let bytes = self.backlog.bytes();
         shared
             .metrics
@@ -432,8 +465,9 @@ impl Cluster {
             frame: frame.as_str().to_string(),
             id,
         };
+        let forward = Some((client.id, id));
         if self
-            .enqueue(shared, Lane::Clients, op, Some(client))
+            .enqueue(shared, Lane::Clients, op, Some(client), forward)
             .is_err()
         {
             return false;
@@ -454,6 +488,16 @@ impl Cluster {
         };
         shared.metrics.cluster_forwards_in_flight.set(count as i64);
         true
+    }
+
+    /// The publisher took forward `id` for `client`: its receipt is due from now, not from
+    /// when it was queued (a backlog or an outage is not the other node's fault).
+    fn going_out(&self, client: Uuid, id: u64) {
+        if let Some(entry) = self.in_flight().by_client.get_mut(&client)
+            && entry.id == id
+        {
+            entry.since = Instant::now();
+        }
     }
 
     /// A client sent `client_connect` again: its earlier forward is settled by the new one.
@@ -518,6 +562,15 @@ impl Cluster {
     /// their client was acknowledged; forgets those settled long enough. The table is
     /// bounded ([`IN_FLIGHT_MAX`]); the forwarding is done after the lock is released.
     fn sweep(&self, shared: &Shared) {
+        if !self.connected.load(Ordering::Relaxed) {
+            // Cut off from Redis: receipts cannot come and the other nodes only look gone.
+            // Nothing is judged until this node is back; the clocks start again then.
+            let mut in_flight = self.in_flight();
+            for entry in in_flight.by_client.values_mut() {
+                entry.since = Instant::now();
+            }
+            return;
+        }
         let live: HashSet<String> = {
             let mut nodes = self.nodes();
             nodes.retain(|_, n| n.seen.elapsed() < NODE_EXPIRY);
@@ -618,7 +671,7 @@ impl Cluster {
                     };
                     if !from_client {
                         self.publish(shared, op);
-                    } else if self.enqueue(shared, Lane::Clients, op, None).is_err() {
+                    } else if self.enqueue(shared, Lane::Clients, op, None, None).is_err() {
                         // A client's message, and the client lane is full: dropped, counted.
                         shared.metrics.cluster_dropped.inc();
                     }
@@ -787,10 +840,13 @@ async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>) {
         let message = match pending.take() {
             Some(message) => message,
             None => tokio::select! {
-                message = cluster.backlog.pop() => {
+                taken = cluster.backlog.pop() => {
                     let bytes = cluster.backlog.bytes();
                     shared.metrics.cluster_backlog_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-                    cluster.stamp(&message)
+                    if let Some((client, id)) = taken.forward {
+                        cluster.going_out(client, id);
+                    }
+                    cluster.stamp(&taken.text)
                 }
                 _ = shared.shutdown.cancelled() => {
                     return farewell(&cluster, connection).await;
@@ -854,7 +910,8 @@ async fn farewell(cluster: &Cluster, connection: Option<redis::aio::MultiplexedC
     }
     .encode();
     let last = async {
-        let queued = std::iter::from_fn(|| cluster.backlog.try_pop()).collect::<Vec<_>>();
+        let queued = std::iter::from_fn(|| cluster.backlog.try_pop().map(|taken| taken.text))
+            .collect::<Vec<_>>();
         for message in queued.into_iter().chain([leaving]) {
             let message = cluster.stamp(&message);
             let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
