@@ -145,6 +145,10 @@ pub struct Peer {
     closing: OnceLock<Close>,
     kill: Notify,
     state: Mutex<PeerState>,
+    /// Bytes this connection has waiting to be published to other nodes (cluster): capped
+    /// per connection so one client cannot take the whole backlog. Raised when the cluster
+    /// queues a message for it, lowered when the publisher takes it.
+    pub cluster_bytes: AtomicUsize,
 }
 
 impl Peer {
@@ -158,6 +162,7 @@ impl Peer {
             closing: OnceLock::new(),
             kill: Notify::new(),
             state: Mutex::new(PeerState::default()),
+            cluster_bytes: AtomicUsize::new(0),
         };
         Arc::new(peer)
     }
@@ -263,6 +268,10 @@ impl Filter {
 /// Most bytes of client connects waiting for a server, whatever their count.
 const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
+/// Most waiting client connects handed to servers per hold of the pool lock: a long queue is
+/// flushed in batches, so other connections' events get the lock in between.
+const FLUSH_BATCH: usize = 64;
+
 /// Most channels one connection may subscribe to.
 pub const MAX_SUBSCRIPTIONS: usize = 256;
 
@@ -275,10 +284,112 @@ pub enum Forwarded {
     Queued,
 }
 
-struct PendingConnect {
+/// Client connects waiting for a server: oldest first, at most one per client.
+///
+/// Every operation is O(1) (amortised) whatever the queue holds, because it runs under the
+/// pool lock on every `client_connect`: a flood of them must not turn into a scan of the whole
+/// queue per message. The request itself lives in a per-client slot; the order queue holds
+/// only (client, generation) tickets. A client that asks again gets a new generation in its
+/// slot and a new ticket at the back; its old ticket is stale and skipped when it reaches the
+/// front. The byte total and the count cover the slots only, kept as they change.
+#[derive(Default)]
+struct PendingQueue {
+    order: VecDeque<Ticket>,
+    slots: HashMap<Uuid, Slot>,
+    /// Bytes of the frames in `slots`.
+    bytes: usize,
+    next_generation: u64,
+}
+
+struct Ticket {
+    client: Uuid,
+    generation: u64,
+}
+
+struct Slot {
     client: Weak<Peer>,
     frame: Utf8Bytes,
     since: Instant,
+    generation: u64,
+}
+
+impl PendingQueue {
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Queues `frame` for `client` at the back, replacing its waiting request if any.
+    fn push(&mut self, client: &Arc<Peer>, frame: Utf8Bytes) {
+        self.remove(client.id);
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.bytes += frame.len();
+        self.slots.insert(
+            client.id,
+            Slot {
+                client: Arc::downgrade(client),
+                frame,
+                since: Instant::now(),
+                generation,
+            },
+        );
+        self.order.push_back(Ticket {
+            client: client.id,
+            generation,
+        });
+        // Stale tickets are dropped at the front; a client that keeps asking while an old
+        // request blocks the front leaves them behind it. Compacting once they outnumber the
+        // live ones keeps the tickets within twice the slots, at O(1) amortised per push.
+        if self.order.len() > 2 * self.slots.len() + 64 {
+            let slots = &self.slots;
+            self.order.retain(|t| is_current(slots, t));
+        }
+    }
+
+    /// Forgets `client`'s waiting request (its ticket goes stale).
+    fn remove(&mut self, client: Uuid) -> Option<Slot> {
+        let slot = self.slots.remove(&client)?;
+        self.bytes -= slot.frame.len();
+        Some(slot)
+    }
+
+    /// The oldest live request (its client still connected), dropping stale tickets and
+    /// requests of clients that are gone on the way.
+    fn front(&mut self) -> Option<(&Slot, Arc<Peer>)> {
+        loop {
+            let ticket = self.order.front()?;
+            let id = ticket.client;
+            if !is_current(&self.slots, ticket) {
+                self.order.pop_front();
+                continue;
+            }
+            match self.slots.get(&id).and_then(|s| s.client.upgrade()) {
+                Some(client) => return self.slots.get(&id).map(|slot| (slot, client)),
+                None => {
+                    self.order.pop_front();
+                    self.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Takes the oldest live request.
+    fn pop_front(&mut self) -> Option<(Arc<Peer>, Utf8Bytes)> {
+        let (_, client) = self.front()?;
+        self.order.pop_front();
+        let slot = self.remove(client.id)?;
+        Some((client, slot.frame))
+    }
+}
+
+fn is_current(slots: &HashMap<Uuid, Slot>, ticket: &Ticket) -> bool {
+    slots
+        .get(&ticket.client)
+        .is_some_and(|s| s.generation == ticket.generation)
 }
 
 #[derive(Default)]
@@ -286,7 +397,7 @@ struct ServerPool {
     servers: Vec<Arc<Peer>>,
     /// Index of the server that gets the next `client_connect`.
     next: usize,
-    pending: VecDeque<PendingConnect>,
+    pending: PendingQueue,
 }
 
 impl ServerPool {
@@ -422,52 +533,51 @@ impl Hub {
             return false;
         }
         pool.servers.push(Arc::clone(server));
-        flush_pending(&mut pool);
+        drop(pool);
+        self.flush_pending(|_, _| false);
         true
     }
 
     /// Forwards a client's `client_connect` to one local server, round robin; else to a
     /// server elsewhere (`remote`, in a cluster); else queues it until a server joins.
+    /// O(1) amortised, whatever the queue holds (see [`PendingQueue`]).
     pub fn forward_connect(
         &self,
         client: &Arc<Peer>,
         frame: Utf8Bytes,
-        remote: impl FnOnce(&Arc<Peer>, Utf8Bytes) -> bool,
+        mut remote: impl FnMut(&Arc<Peer>, Utf8Bytes) -> bool,
     ) -> Result<Forwarded, ProtocolError> {
         let mut pool = self.pool();
         // A client that asks again replaces its waiting request (else both would be sent).
-        pool.pending
-            .retain(|p| p.client.upgrade().is_some_and(|c| c.id != client.id));
+        pool.pending.remove(client.id);
         // Older requests first: a new one only goes straight out when none is waiting.
-        flush_pending(&mut pool);
+        flush_batch(&mut pool, &mut remote);
         if pool.pending.is_empty()
             && (forward(&mut pool, client, frame.clone()) || remote(client, frame.clone()))
         {
             return Ok(Forwarded::Sent);
         }
-        let waiting_bytes: usize = pool.pending.iter().map(|p| p.frame.len()).sum();
         if pool.pending.len() >= self.pending_limit
-            || waiting_bytes + frame.len() > MAX_PENDING_BYTES
+            || pool.pending.bytes + frame.len() > MAX_PENDING_BYTES
         {
             return Err(ProtocolError::NoServer(
                 "no server can take it now and the queue of waiting client connects is full",
             ));
         }
-        pool.pending.push_back(PendingConnect {
-            client: Arc::downgrade(client),
-            frame,
-            since: Instant::now(),
-        });
+        pool.pending.push(client, frame);
         Ok(Forwarded::Queued)
     }
 
-    /// Takes every waiting client connect (a server joined elsewhere in the cluster).
-    pub fn take_pending(&self) -> Vec<(Arc<Peer>, Utf8Bytes)> {
-        let mut pool = self.pool();
-        pool.pending
-            .drain(..)
-            .filter_map(|p| Some((p.client.upgrade()?, p.frame)))
-            .collect()
+    /// Hands the waiting client connects to servers, oldest first: this node's, else
+    /// `remote` ones (a server joined elsewhere in the cluster). Stops at the first that no
+    /// server can take. The lock is taken per batch, never for the whole queue.
+    pub fn flush_pending(&self, mut remote: impl FnMut(&Arc<Peer>, Utf8Bytes) -> bool) {
+        loop {
+            let more = flush_batch(&mut self.pool(), &mut remote);
+            if !more {
+                return;
+            }
+        }
     }
 
     /// The ids of this node's servers, for the cluster's heartbeat.
@@ -486,6 +596,11 @@ impl Hub {
             .is_some_and(|server| server.offer(Outgoing::Text(frame)))
     }
 
+    /// Whether `client` has a request waiting in the queue.
+    pub fn is_pending(&self, client: Uuid) -> bool {
+        self.pool().pending.slots.contains_key(&client)
+    }
+
     /// One of this node's servers by id.
     pub fn local_server(&self, target: &str) -> Option<Arc<Peer>> {
         self.pool()
@@ -498,19 +613,31 @@ impl Hub {
     /// Answers the client connects that waited longer than the pending timeout with an
     /// error. Called periodically.
     pub fn expire_pending(&self) {
-        let mut pool = self.pool();
         // Servers whose queues were full a moment ago may have room again.
-        flush_pending(&mut pool);
-        while let Some(first) = pool.pending.front() {
-            if first.since.elapsed() < self.pending_timeout {
-                break;
-            }
-            if let Some(pending) = pool.pending.pop_front()
-                && let Some(client) = pending.client.upgrade()
+        self.flush_pending(|_, _| false);
+        loop {
+            // Taken in batches and answered outside the lock.
+            let mut expired = Vec::new();
             {
+                let mut pool = self.pool();
+                while expired.len() < FLUSH_BATCH {
+                    match pool.pending.front() {
+                        Some((slot, _)) if slot.since.elapsed() >= self.pending_timeout => {}
+                        _ => break,
+                    }
+                    if let Some((client, _)) = pool.pending.pop_front() {
+                        expired.push(client);
+                    }
+                }
+            }
+            let done = expired.len() < FLUSH_BATCH;
+            for client in expired {
                 let error =
                     ProtocolError::NoServer("no server could take this client_connect in time");
                 client.send(error.to_frame(Some("client_connect")));
+            }
+            if done {
+                return;
             }
         }
     }
@@ -541,8 +668,7 @@ impl Hub {
                 pool.next -= 1;
             }
         }
-        pool.pending
-            .retain(|p| p.client.upgrade().is_some_and(|c| c.id != peer.id));
+        pool.pending.remove(peer.id);
     }
 
     /// Sends the `client_connect` forwards a closed server never wrote to another server (or
@@ -553,12 +679,10 @@ impl Hub {
             if let Outgoing::Forward { frame, client } = item
                 && let Some(client) = client.upgrade()
                 && !forward(&mut pool, &client, frame.clone())
+                // A newer request of the same client, already waiting, wins.
+                && !pool.pending.slots.contains_key(&client.id)
             {
-                pool.pending.push_back(PendingConnect {
-                    client: Arc::downgrade(&client),
-                    frame,
-                    since: Instant::now(),
-                });
+                pool.pending.push(&client, frame);
             }
         }
     }
@@ -621,6 +745,7 @@ impl Hub {
             channels: self.channels.len(),
             servers: pool.servers.len(),
             pending: pool.pending.len(),
+            pending_bytes: pool.pending.bytes,
         }
     }
 }
@@ -633,6 +758,8 @@ pub struct HubStats {
     pub channels: usize,
     pub servers: usize,
     pub pending: usize,
+    /// Bytes of the client connects waiting for a server.
+    pub pending_bytes: usize,
 }
 
 /// A group or a channel: a name and its members.
@@ -670,27 +797,34 @@ fn forward(pool: &mut ServerPool, client: &Arc<Peer>, frame: Utf8Bytes) -> bool 
     false
 }
 
-/// Hands waiting client connects to the servers, oldest first, as long as one has room.
-fn flush_pending(pool: &mut ServerPool) {
-    while let Some(pending) = pool.pending.pop_front() {
-        let Some(client) = pending.client.upgrade() else {
-            continue;
+/// Hands up to [`FLUSH_BATCH`] waiting client connects to servers (local, else `remote`),
+/// oldest first, as long as one has room. True when a whole batch went out: there may be more.
+fn flush_batch(
+    pool: &mut ServerPool,
+    remote: &mut impl FnMut(&Arc<Peer>, Utf8Bytes) -> bool,
+) -> bool {
+    for _ in 0..FLUSH_BATCH {
+        let Some((slot, client)) = pool.pending.front() else {
+            return false;
         };
-        if forward(pool, &client, pending.frame.clone()) {
+        let frame = slot.frame.clone();
+        if forward(pool, &client, frame.clone()) || remote(&client, frame.clone()) {
+            pool.pending.pop_front();
             continue;
         }
-        let len = pending.frame.len();
+        let len = frame.len();
         if !pool.servers.is_empty() && pool.servers.iter().all(|s| !s.outbox.could_ever_fit(len)) {
             // Larger than any server's whole queue: it would block everything behind it.
+            pool.pending.pop_front();
             let error = ProtocolError::NoServer(
                 "this client_connect is larger than a server's outbound queue (--max-queue-bytes)",
             );
             client.send(error.to_frame(Some("client_connect")));
             continue;
         }
-        pool.pending.push_front(pending);
-        return;
+        return false;
     }
+    true
 }
 
 /// Whether `target` has the form of a connection id (it may still name no connection).
@@ -705,4 +839,96 @@ fn parse_target(target: &str) -> Option<Uuid> {
         return None;
     }
     Uuid::try_parse(target).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: usize) -> Utf8Bytes {
+        Utf8Bytes::from("x".repeat(len))
+    }
+
+    /// A peer with a 1 MiB queue under a budget that never binds.
+    fn peer() -> Arc<Peer> {
+        let memory = Arc::new(crate::memory::Memory::new(
+            usize::MAX / 4,
+            &crate::metrics::Metrics::new(),
+        ));
+        Peer::new(1 << 20, &memory)
+    }
+
+    /// The running byte total and count always equal what the live requests hold, through
+    /// replacing, removing, clients going away, expiry and hand-over.
+    #[test]
+    fn the_pending_queue_keeps_its_byte_total_across_replace_remove_and_expire() {
+        let hub = Hub::new(100, Duration::ZERO);
+        let no_remote = |_: &Arc<Peer>, _: Utf8Bytes| false;
+        let [a, b, c, d] = [(); 4].map(|_| peer());
+        let check = |hub: &Hub, count: usize, bytes: usize| {
+            let stats = hub.stats();
+            assert_eq!((stats.pending, stats.pending_bytes), (count, bytes));
+            let pool = hub.pool();
+            let sum: usize = pool.pending.slots.values().map(|s| s.frame.len()).sum();
+            assert_eq!(sum, bytes, "running total drifted from the slots");
+        };
+        for (peer, len) in [(&a, 10), (&b, 20), (&c, 30)] {
+            assert_eq!(
+                hub.forward_connect(peer, frame(len), no_remote),
+                Ok(Forwarded::Queued)
+            );
+        }
+        check(&hub, 3, 60);
+        // A repeat replaces the waiting request: same count, the new size.
+        hub.forward_connect(&a, frame(15), no_remote).unwrap();
+        check(&hub, 3, 65);
+        // Many repeats leave stale tickets behind, compacted, never counted.
+        for i in 0..500 {
+            hub.forward_connect(&b, frame(i % 7 + 1), no_remote)
+                .unwrap();
+        }
+        check(&hub, 3, 15 + 30 + 499 % 7 + 1);
+        assert!(hub.pool().pending.order.len() <= 2 * 3 + 64 + 1);
+        // A closed client is removed at once.
+        hub.remove(&c);
+        check(&hub, 2, 15 + 499 % 7 + 1);
+        // A client dropped without `remove` is skipped (and uncounted) when reached.
+        hub.forward_connect(&d, frame(40), no_remote).unwrap();
+        drop(d);
+        hub.expire_pending();
+        check(&hub, 0, 0);
+        // Expired clients got no_server, once each; a's queued frame is the last it sent.
+        for peer in [&a, &b] {
+            let Some(Outgoing::Text(error)) = peer.outbox.pop() else {
+                panic!("no error for an expired client connect");
+            };
+            assert!(error.as_str().contains("no_server"), "{error}");
+            assert!(peer.outbox.pop().is_none());
+        }
+        // Hand-over: a server takes them oldest first, each client's latest request once.
+        let hub = Hub::new(100, Duration::from_secs(60));
+        let [a, b] = [(); 2].map(|_| peer());
+        hub.forward_connect(&a, frame(1), no_remote).unwrap();
+        hub.forward_connect(&b, frame(2), no_remote).unwrap();
+        hub.forward_connect(&a, frame(3), no_remote).unwrap();
+        let server = peer();
+        assert!(hub.join_pool(&server));
+        check(&hub, 0, 0);
+        let mut got = Vec::new();
+        while let Some(item) = server.outbox.pop() {
+            got.push(item.frame().len());
+        }
+        assert_eq!(got, [2, 3]);
+        // The limit counts live requests: a repeat is let in when full, a newcomer is not.
+        let hub = Hub::new(2, Duration::from_secs(60));
+        let [a, b, c] = [(); 3].map(|_| peer());
+        hub.forward_connect(&a, frame(1), no_remote).unwrap();
+        hub.forward_connect(&b, frame(1), no_remote).unwrap();
+        assert!(hub.forward_connect(&c, frame(1), no_remote).is_err());
+        assert_eq!(
+            hub.forward_connect(&b, frame(5), no_remote),
+            Ok(Forwarded::Queued)
+        );
+        check(&hub, 2, 6);
+    }
 }

@@ -17,6 +17,7 @@
 //! - [`metrics`]: Prometheus metrics at `GET /metrics`.
 //! - [`console`]: the built-in web console at `GET /console` (`--console on|off`).
 //! - [`cluster`]: the Redis backplane that makes several nodes one relay.
+//! - [`log_throttle`]: `warn_throttled!`, for log lines a peer can trigger at will.
 
 pub mod api;
 pub mod auth;
@@ -26,6 +27,7 @@ pub mod connection;
 pub mod console;
 pub mod events;
 pub mod hub;
+pub mod log_throttle;
 pub mod memory;
 pub mod metrics;
 pub mod outbox;

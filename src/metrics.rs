@@ -126,6 +126,10 @@ pub struct Metrics {
     pub memory_outbound_bytes: Gauge,
     pub memory_inbound_bytes: Gauge,
     pub memory_pressure_closes: Counter,
+    /// Cluster: bytes waiting to be published (both lanes), and client connects forwarded to
+    /// other nodes and not yet settled (see `cluster` on forwards in flight).
+    pub cluster_backlog_bytes: Gauge,
+    pub cluster_forwards_in_flight: Gauge,
     /// Mirrors of the hub's tables, set when scraped.
     clients: Gauge,
     acknowledged: Gauge,
@@ -133,6 +137,7 @@ pub struct Metrics {
     groups: Gauge,
     channels: Gauge,
     pending_connects: Gauge,
+    pending_connect_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -251,6 +256,18 @@ impl Metrics {
             "memory_inbound_bytes",
             "Bytes of inbound messages begun but not yet complete, charged to the memory budget",
         );
+        let pending_connect_bytes = gauge(
+            "pending_connect_bytes",
+            "Bytes of client_connect messages waiting for a server",
+        );
+        let cluster_backlog_bytes = gauge(
+            "cluster_backlog_bytes",
+            "Bytes of messages waiting to be published to the other nodes",
+        );
+        let cluster_forwards_in_flight = gauge(
+            "cluster_forwards_in_flight",
+            "client_connect messages forwarded to other nodes and not yet settled",
+        );
         let memory_pressure_closes = Counter::default();
         registry.register(
             "memory_pressure_closes",
@@ -304,12 +321,15 @@ impl Metrics {
             memory_outbound_bytes,
             memory_inbound_bytes,
             memory_pressure_closes,
+            cluster_backlog_bytes,
+            cluster_forwards_in_flight,
             clients,
             acknowledged,
             servers,
             groups,
             channels,
             pending_connects,
+            pending_connect_bytes,
         }
     }
 
@@ -342,6 +362,7 @@ impl Metrics {
             (&self.groups, stats.groups),
             (&self.channels, stats.channels),
             (&self.pending_connects, stats.pending),
+            (&self.pending_connect_bytes, stats.pending_bytes),
         ] {
             gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         }
@@ -502,6 +523,7 @@ mod tests {
             channels: 0,
             servers: 0,
             pending: 0,
+            pending_bytes: 0,
         };
         let open = metrics.render(stats, Format::OpenMetrics);
         assert!(open.ends_with("# EOF\n"));

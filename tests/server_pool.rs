@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Server, recv_any};
+use common::{Server, recv_any, wait_metric};
 use serde_json::{Value, json};
 
 /// 20 clients queue large client connects while no server is connected; then a backend
@@ -75,4 +75,121 @@ async fn client_connect_floods_are_rate_limited() {
         .await;
     backend.expect_silence().await;
     backend.ping(1, false).await;
+}
+
+/// Thousands of client connects queued while no server is connected, each client asking
+/// several times: the queue costs O(1) per `client_connect` whatever it holds, so an admin
+/// bystander is answered throughout; when a backend joins, it gets every client's latest
+/// request exactly once, oldest first (a repeat goes to the back, in place of the old one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_queued_connects_stall_nobody_and_are_handed_over_in_order() {
+    const BATCHES: usize = 10;
+    const PER_BATCH: usize = 300;
+    const CLIENTS: usize = BATCHES * PER_BATCH;
+    /// Clients of the first batches ask twice more after everyone has asked once.
+    const REPEATERS: usize = CLIENTS / 2;
+    let server = Server::start().await;
+
+    // The bystander: an admin whose notify round trip must be answered all along (each
+    // within the receive timeout), until told to stop.
+    let mut bystander = server.admin("bystander").await;
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let pings = tokio::spawn(async move {
+        let mut n = 0;
+        while stopped.try_recv().is_err() {
+            bystander.ping(n, false).await;
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        n
+    });
+
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for batch in 0..BATCHES {
+        let connects = (0..PER_BATCH).map(|k| {
+            let i = batch * PER_BATCH + k;
+            let server = &server;
+            async move {
+                let mut client = server.client(&format!("client{i}")).await;
+                client
+                    .send_event("client_connect", json!({ "i": i, "n": 0 }))
+                    .await;
+                client
+            }
+        });
+        clients.extend(futures_util::future::join_all(connects).await);
+        // Every connect of this batch is queued before the next batch sends: batch order is
+        // queue order.
+        let queued = ((batch + 1) * PER_BATCH) as f64;
+        wait_metric(server.addr, "jssocket_pending_connects", &[], queued).await;
+    }
+    let repeats = clients[..REPEATERS].iter_mut().map(|client| async move {
+        for n in 1..=2 {
+            client.send_event("client_connect", json!({ "n": n })).await;
+        }
+    });
+    futures_util::future::join_all(repeats).await;
+    let received = (CLIENTS + 2 * REPEATERS) as f64;
+    let connects = [("type", "client_connect")];
+    wait_metric(
+        server.addr,
+        "jssocket_messages_received_total",
+        &connects,
+        received,
+    )
+    .await;
+    wait_metric(
+        server.addr,
+        "jssocket_pending_connects",
+        &[],
+        CLIENTS as f64,
+    )
+    .await;
+
+    let mut backend = server.admin("backend").await;
+    backend
+        .send_text(r#"{"type":"server_connect","data":{}}"#)
+        .await;
+    let mut seen = HashSet::new();
+    let mut last_batch = BATCHES / 2;
+    let mut answered = false;
+    while seen.len() < CLIENTS {
+        let frame: Value = serde_json::from_str(&backend.recv_text().await).expect("JSON frame");
+        if frame["type"] == "server_connect" {
+            assert_eq!(frame["data"], json!(true));
+            answered = true;
+            continue;
+        }
+        assert_eq!(frame["type"], "client_connect", "{frame}");
+        let data = &frame["data"];
+        let target = data["target"].as_str().expect("target").to_string();
+        assert!(seen.insert(target), "forwarded twice: {frame}");
+        let n = data["n"].as_u64().expect("n");
+        if seen.len() <= CLIENTS - REPEATERS {
+            // First the clients that asked once, in the order they asked.
+            assert_eq!(
+                n, 0,
+                "a repeater came before those that asked once: {frame}"
+            );
+            let batch = data["i"].as_u64().expect("i") as usize / PER_BATCH;
+            assert!(
+                batch >= last_batch,
+                "out of order: batch {batch} after {last_batch}"
+            );
+            last_batch = batch;
+        } else {
+            // Then the repeaters, each with its latest request only.
+            assert_eq!(n, 2, "a replaced request was forwarded: {frame}");
+        }
+    }
+    assert!(answered, "server_connect was not answered");
+    backend.expect_silence().await;
+    wait_metric(server.addr, "jssocket_pending_connects", &[], 0.0).await;
+
+    let _ = stop.send(());
+    let pings = tokio::time::timeout(common::RECV_TIMEOUT, pings)
+        .await
+        .expect("bystander stopped")
+        .expect("bystander answered every round trip");
+    assert!(pings > 0);
 }

@@ -16,23 +16,38 @@
 //! server list; a node whose heartbeat stops for [`NODE_EXPIRY`] is forgotten, with its
 //! servers. Redis going away: local delivery goes on; what must cross nodes waits in a bounded
 //! queue and is published when Redis is back and the other nodes have re-subscribed.
+//!
+//! What waits to be published is split in two lanes (see [`Backlog`]): admin and control
+//! traffic, published first and with its own budget, and client-originated traffic (forwards
+//! of `client_connect`, clients' notifies) with a smaller budget and a cap per connection,
+//! so a flood of clients is refused to those clients and never costs an admin's message.
+//!
+//! A forwarded `client_connect` is never left hanging when the chosen node dies (SPEC §9): the
+//! receiving node answers each forward with a receipt (or a failure), and the sending node
+//! keeps it in flight until then. Bound: a forward with no receipt within
+//! [`RECEIPT_TIMEOUT`] (2 s), or whose node is forgotten ([`NODE_EXPIRY`], 3.5 s after its
+//! last heartbeat) before the client is acknowledged, is forwarded again within [`SWEEP`]
+//! (0.25 s) to another live server (or queued for one); after [`MAX_ATTEMPTS`] the client
+//! gets `no_server`. So a client whose forward went to a node that died is re-forwarded
+//! within about 2.25 s (4 s if the node took it before dying), and answered within about 7 s.
 
 mod wire;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, info, warn};
+use uuid::Uuid;
 
 use crate::hub::{Acknowledgement, Peer};
 use crate::protocol::ProtocolError;
 use crate::server::Shared;
+use crate::warn_throttled;
 pub use wire::Op;
 use wire::Wire;
 
@@ -42,12 +57,35 @@ pub const CHANNEL: &str = "jssocket:relay";
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A node not heard from for this long is gone, and its servers with it.
 pub const NODE_EXPIRY: Duration = Duration::from_millis(3500);
-/// Messages waiting to be published while Redis is away; beyond this the newest are dropped
-/// (and counted), so an outage costs bounded memory.
+/// Admin and control messages waiting to be published while Redis is away; beyond this the
+/// newest are dropped (and counted), so an outage costs bounded memory.
 const BACKLOG: usize = 100_000;
-/// Bytes of notifications waiting to be published (a flood, or a Redis outage); beyond
-/// this the newest are dropped and counted.
+/// Bytes of admin and control messages waiting to be published (a flood, or a Redis outage);
+/// beyond this the newest are dropped and counted.
 const BACKLOG_BYTES: usize = 64 * 1024 * 1024;
+/// Bytes of client-originated messages waiting to be published; beyond this clients are told
+/// the cluster is busy. Smaller than the admin lane's: clients are many and unauthenticated.
+const CLIENT_BACKLOG_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes one connection may have waiting in the client lane. One message is always let in
+/// (when the lane has room), however large; more only within this cap, so every sender gets
+/// its turn whatever the others send.
+const PER_CLIENT_BYTES: usize = 64 * 1024;
+/// What a queued message costs beyond its text (queue slot, allocation): counted, so a flood
+/// of tiny messages is bounded too.
+const MESSAGE_OVERHEAD: usize = 64;
+/// No receipt for a forward within this: the node is taken for dead (until its next
+/// heartbeat) and the forward goes elsewhere.
+pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a receipted forward stays in flight (so it is sent again if its node dies before
+/// the client is acknowledged): beyond [`NODE_EXPIRY`], so the death is seen first.
+const HOLD: Duration = Duration::from_secs(5);
+/// How often forwards in flight are checked.
+pub const SWEEP: Duration = Duration::from_millis(250);
+/// Forwards of one `client_connect` (the first included) before the client gets `no_server`.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// Bytes and count of forwards in flight; beyond, client connects wait in the local queue.
+const IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
+const IN_FLIGHT_MAX: usize = 20_000;
 /// After reconnecting, how long to wait for the other nodes to re-subscribe before
 /// publishing what waited, so it is not lost on them.
 const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
@@ -57,17 +95,18 @@ pub struct Cluster {
     /// This node's id, random per start.
     pub node: String,
     client: redis::Client,
-    outbox: mpsc::Sender<String>,
-    /// Taken by the publisher task when it starts.
-    outbox_rx: Mutex<Option<mpsc::Receiver<String>>>,
+    /// What waits for the publisher task.
+    backlog: Backlog,
+    /// Client connects forwarded to other nodes and not yet settled, by client.
+    in_flight: Mutex<InFlightTable>,
+    /// Number of the next forward this node sends.
+    next_forward: AtomicU64,
     /// Other nodes: their servers and when they were last heard from.
     nodes: Mutex<HashMap<String, RemoteNode>>,
     /// Round-robin cursor over the other nodes' servers.
     next_server: AtomicUsize,
     /// Subscribed to Redis right now.
     pub connected: AtomicBool,
-    /// Bytes of messages waiting for the publisher.
-    backlog_bytes: AtomicUsize,
     /// Sequence number of the next message this node publishes. A publish whose reply was
     /// lost is sent again with the same number, and receivers drop what they have seen.
     next_seq: AtomicU64,
@@ -82,22 +121,210 @@ pub struct Cluster {
 struct RemoteNode {
     servers: Vec<String>,
     seen: Instant,
+    /// A forward to it got no receipt in time: not chosen until its next heartbeat.
+    suspect: bool,
+}
+
+/// Which lane a message waits in (see [`Backlog`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Admins' messages and what keeps the cluster together: first out, never dropped for
+    /// clients' sake.
+    Control,
+    /// What clients caused: forwards, their notifies.
+    Clients,
+}
+
+/// Messages waiting for the publisher, in two lanes with budgets of their own. The publisher
+/// empties the control lane first, so an admin's message waits behind at most one client
+/// message. The lock is held to push or pop one message.
+struct Backlog {
+    lanes: Mutex<Lanes>,
+    /// Wakes the publisher after a push.
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct Lanes {
+    control: VecDeque<String>,
+    clients: VecDeque<Queued>,
+    control_bytes: usize,
+    client_bytes: usize,
+}
+
+/// A client-originated message waiting in the client lane.
+struct Queued {
+    text: String,
+    /// Whose share of the lane it takes.
+    sender: Option<Arc<Peer>>,
+    /// A forward: (client, forward id), so its receipt clock starts when it goes out.
+    forward: Option<(Uuid, u64)>,
+}
+
+/// A message taken for publishing.
+struct Taken {
+    text: String,
+    forward: Option<(Uuid, u64)>,
+}
+
+/// Why a message was not queued.
+#[derive(Debug, PartialEq, Eq)]
+enum Refused {
+    /// The lane is full.
+    Full,
+    /// The sending connection has its share waiting already.
+    SenderBusy,
+}
+
+impl Backlog {
+    fn new() -> Backlog {
+        Backlog {
+            lanes: Mutex::new(Lanes::default()),
+            ready: Notify::new(),
+        }
+    }
+
+    fn lanes(&self) -> MutexGuard<'_, Lanes> {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(
+        &self,
+        lane: Lane,
+        text: String,
+        sender: Option<&Arc<Peer>>,
+        forward: Option<(Uuid, u64)>,
+    ) -> Result<(), Refused> {
+        let cost = text.len() + MESSAGE_OVERHEAD;
+        {
+            let mut lanes = self.lanes();
+            match lane {
+                Lane::Control => {
+                    if lanes.control.len() >= BACKLOG || lanes.control_bytes + cost > BACKLOG_BYTES
+                    {
+                        return Err(Refused::Full);
+                    }
+                    lanes.control_bytes += cost;
+                    lanes.control.push_back(text);
+                }
+                Lane::Clients => {
+                    if lanes.client_bytes + cost > CLIENT_BACKLOG_BYTES {
+                        return Err(Refused::Full);
+                    }
+                    if let Some(sender) = sender {
+                        let waiting = sender.cluster_bytes.load(Ordering::Relaxed);
+                        if waiting > 0 && waiting + cost > PER_CLIENT_BYTES {
+                            return Err(Refused::SenderBusy);
+                        }
+                        sender.cluster_bytes.fetch_add(cost, Ordering::Relaxed);
+                    }
+                    lanes.client_bytes += cost;
+                    lanes.clients.push_back(Queued {
+                        text,
+                        sender: sender.cloned(),
+                        forward,
+                    });
+                }
+            }
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next message to publish: control first.
+    fn try_pop(&self) -> Option<Taken> {
+        let mut lanes = self.lanes();
+        if let Some(text) = lanes.control.pop_front() {
+            lanes.control_bytes -= text.len() + MESSAGE_OVERHEAD;
+            return Some(Taken {
+                text,
+                forward: None,
+            });
+        }
+        let Queued {
+            text,
+            sender,
+            forward,
+        } = lanes.clients.pop_front()?;
+        let cost = text.len() + MESSAGE_OVERHEAD;
+        lanes.client_bytes -= cost;
+        if let Some(sender) = sender {
+            sender.cluster_bytes.fetch_sub(cost, Ordering::Relaxed);
+        }
+        Some(Taken { text, forward })
+    }
+
+    async fn pop(&self) -> Taken {
+        loop {
+            if let Some(text) = self.try_pop() {
+                return text;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        let lanes = self.lanes();
+        lanes.control_bytes + lanes.client_bytes
+    }
+}
+
+/// A `client_connect` forwarded to a server on another node, kept until it is settled: by a
+/// receipt and then the client's acknowledgement (or [`HOLD`]), or by sending it again.
+struct InFlight {
+    /// This forward's number, named by its receipt.
+    id: u64,
+    node: String,
+    client: Weak<Peer>,
+    frame: Utf8Bytes,
+    /// When it was sent, or receipted.
+    since: Instant,
+    receipted: bool,
+    /// Forwards of this request so far, this one included.
+    attempt: u32,
+}
+
+#[derive(Default)]
+struct InFlightTable {
+    by_client: HashMap<Uuid, InFlight>,
+    /// Bytes of the frames held.
+    bytes: usize,
+}
+
+impl InFlightTable {
+    fn remove(&mut self, client: Uuid) -> Option<InFlight> {
+        let entry = self.by_client.remove(&client)?;
+        self.bytes -= entry.frame.len();
+        Some(entry)
+    }
+
+    fn insert(&mut self, client: Uuid, entry: InFlight) {
+        self.remove(client);
+        self.bytes += entry.frame.len();
+        self.by_client.insert(client, entry);
+    }
+
+    /// Room for one more forward of `len` bytes for `client` (replacing its own).
+    fn has_room(&self, client: Uuid, len: usize) -> bool {
+        let own = self.by_client.get(&client).map_or(0, |e| e.frame.len());
+        let count = self.by_client.len() - usize::from(own > 0);
+        count < IN_FLIGHT_MAX && self.bytes - own + len <= IN_FLIGHT_BYTES
+    }
 }
 
 impl Cluster {
     /// Checks the URL; connects only when [`start`] runs.
     pub fn new(url: &str) -> redis::RedisResult<Cluster> {
         let client = redis::Client::open(url)?;
-        let (outbox, rx) = mpsc::channel(BACKLOG);
         Ok(Cluster {
             node: uuid::Uuid::new_v4().hyphenated().to_string(),
             client,
-            outbox,
-            outbox_rx: Mutex::new(Some(rx)),
+            backlog: Backlog::new(),
+            in_flight: Mutex::new(InFlightTable::default()),
+            next_forward: AtomicU64::new(1),
             nodes: Mutex::new(HashMap::new()),
             next_server: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
-            backlog_bytes: AtomicUsize::new(0),
             next_seq: AtomicU64::new(0),
             last_seq: Mutex::new(HashMap::new()),
             known_before_outage: AtomicUsize::new(0),
@@ -108,46 +335,56 @@ impl Cluster {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `op` for the other nodes; never waits.
+    fn in_flight(&self) -> MutexGuard<'_, InFlightTable> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues an admin's or the cluster's own `op` for the other nodes; never waits. Dropped
+    /// (and counted) only when the control lane itself is full: clients cannot fill it.
     pub fn publish(&self, shared: &Shared, op: Op) {
-        // Notifications count against the byte budget; the small control messages that keep
-        // the cluster together (heartbeats, forwards, acknowledgements) do not.
-        let bulk = matches!(
-            op,
-            Op::NotifyAll { .. }
-                | Op::NotifyClient { .. }
-                | Op::NotifyGroup { .. }
-                | Op::NotifyGroupOf { .. }
-                | Op::Publish { .. }
-        );
+        if self.enqueue(shared, Lane::Control, op, None, None).is_err() {
+            shared.metrics.cluster_dropped.inc();
+            warn_throttled!("cluster backlog full: a message for other nodes was dropped");
+        }
+    }
+
+    /// Queues `op`, caused by client `sender`, in the client lane; never waits. Refused when
+    /// that lane or the sender's share of it is full: the client is told to send it later.
+    pub fn publish_from_client(
+        &self,
+        shared: &Shared,
+        op: Op,
+        sender: &Arc<Peer>,
+    ) -> Result<(), ProtocolError> {
+        self.enqueue(shared, Lane::Clients, op, Some(sender), None)
+            .map_err(|_| {
+                shared.metrics.cluster_dropped.inc();
+                ProtocolError::RateLimited(
+                    "cluster busy: too much is waiting for the other nodes; send it again later",
+                )
+            })
+    }
+
+    fn enqueue(
+        &self,
+        shared: &Shared,
+        lane: Lane,
+        op: Op,
+        sender: Option<&Arc<Peer>>,
+        forward: Option<(Uuid, u64)>,
+    ) -> Result<(), Refused> {
         let text = Wire {
             from: self.node.clone(),
             op,
         }
         .encode();
-        let len = text.len();
-        if bulk && self.backlog_bytes.fetch_add(len, Ordering::Relaxed) + len > BACKLOG_BYTES {
-            self.backlog_bytes.fetch_sub(len, Ordering::Relaxed);
-            shared.metrics.cluster_dropped.inc();
-            return warn!("cluster backlog full: a message for other nodes was dropped");
-        }
-        if !bulk {
-            // Counted too, so the publisher can subtract every message it takes.
-            self.backlog_bytes.fetch_add(len, Ordering::Relaxed);
-        }
-        let sent = self.outbox.try_send(text);
-        if sent.is_err() {
-            self.backlog_bytes.fetch_sub(len, Ordering::Relaxed);
-        }
-        match sent {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                shared.metrics.cluster_dropped.inc();
-                warn!("cluster backlog full: a message for other nodes was dropped");
-            }
-            // The publisher has said goodbye (shutdown): nothing more goes out.
-            Err(TrySendError::Closed(_)) => debug!("cluster: stopped; message not sent"),
-        }
+        self.backlog.push(lane, text, sender, forward)?;
+        let bytes = self.backlog.bytes();
+        shared
+            .metrics
+            .cluster_backlog_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        Ok(())
     }
 
     /// Prefixes a message with this node's next sequence number (publisher only, so the
@@ -185,37 +422,203 @@ impl Cluster {
         nodes.len()
     }
 
-    /// Servers on other nodes, as (node, server id), in a stable order.
+    /// Servers on other nodes that may be chosen (alive, not suspect), as (node, server
+    /// id), in a stable order.
     fn remote_servers(&self) -> Vec<(String, String)> {
         let mut nodes = self.nodes();
         nodes.retain(|_, n| n.seen.elapsed() < NODE_EXPIRY);
         let mut all: Vec<(String, String)> = nodes
             .iter()
+            .filter(|(_, n)| !n.suspect)
             .flat_map(|(node, n)| n.servers.iter().map(|s| (node.clone(), s.clone())))
             .collect();
         all.sort();
         all
     }
 
-    /// Sends a client's `client_connect` to a server on another node, round robin. False
-    /// when no other node has a server.
+    /// Sends a client's `client_connect` to a server on another node, round robin, and keeps
+    /// it in flight until settled. False when no other node has a server that may be chosen,
+    /// or when there is no room (in flight, or in the client lane): it then waits in the
+    /// local queue.
     pub fn forward_remote(&self, shared: &Shared, client: &Arc<Peer>, frame: Utf8Bytes) -> bool {
+        self.send_forward(shared, client, frame, 1)
+    }
+
+    fn send_forward(
+        &self,
+        shared: &Shared,
+        client: &Arc<Peer>,
+        frame: Utf8Bytes,
+        attempt: u32,
+    ) -> bool {
         let servers = self.remote_servers();
-        if servers.is_empty() {
+        if servers.is_empty() || !self.in_flight().has_room(client.id, frame.len()) {
             return false;
         }
         let i = self.next_server.fetch_add(1, Ordering::Relaxed) % servers.len();
         let (node, server) = servers[i].clone();
-        self.publish(
-            shared,
-            Op::Forward {
-                node,
-                server,
-                client: client.target.to_string(),
-                frame: frame.as_str().to_string(),
-            },
-        );
+        let id = self.next_forward.fetch_add(1, Ordering::Relaxed);
+        let op = Op::Forward {
+            node: node.clone(),
+            server,
+            client: client.target.to_string(),
+            frame: frame.as_str().to_string(),
+            id,
+        };
+        let forward = Some((client.id, id));
+        if self
+            .enqueue(shared, Lane::Clients, op, Some(client), forward)
+            .is_err()
+        {
+            return false;
+        }
+        let entry = InFlight {
+            id,
+            node,
+            client: Arc::downgrade(client),
+            frame,
+            since: Instant::now(),
+            receipted: false,
+            attempt,
+        };
+        let count = {
+            let mut in_flight = self.in_flight();
+            in_flight.insert(client.id, entry);
+            in_flight.by_client.len()
+        };
+        shared.metrics.cluster_forwards_in_flight.set(count as i64);
         true
+    }
+
+    /// The publisher took forward `id` for `client`: its receipt is due from now, not from
+    /// when it was queued (a backlog or an outage is not the other node's fault).
+    fn going_out(&self, client: Uuid, id: u64) {
+        if let Some(entry) = self.in_flight().by_client.get_mut(&client)
+            && entry.id == id
+        {
+            entry.since = Instant::now();
+        }
+    }
+
+    /// A client sent `client_connect` again: its earlier forward is settled by the new one.
+    pub fn supersede(&self, client: &Peer) {
+        self.in_flight().remove(client.id);
+    }
+
+    /// Receipt or failure from the node a forward went to.
+    fn settle(&self, shared: &Shared, client: &str, id: u64, queued: bool) {
+        let Ok(client) = Uuid::try_parse(client) else {
+            return;
+        };
+        let failed = {
+            let mut in_flight = self.in_flight();
+            match in_flight.by_client.get_mut(&client) {
+                Some(entry) if entry.id == id && queued => {
+                    entry.receipted = true;
+                    entry.since = Instant::now();
+                    None
+                }
+                Some(entry) if entry.id == id => in_flight.remove(client),
+                // A late answer to an attempt already replaced.
+                _ => None,
+            }
+        };
+        if let Some(entry) = failed {
+            self.forward_again(shared, entry);
+        }
+    }
+
+    /// Forwards a request that was not settled to another server (local or remote), else
+    /// queues it; after [`MAX_ATTEMPTS`] the client gets `no_server`.
+    fn forward_again(&self, shared: &Shared, entry: InFlight) {
+        let Some(client) = entry.client.upgrade() else {
+            return;
+        };
+        // A newer request of the client's, waiting here, wins.
+        if shared.hub.is_pending(client.id) {
+            return;
+        }
+        if entry.attempt >= MAX_ATTEMPTS {
+            let error = ProtocolError::NoServer(
+                "the servers chosen for this client_connect did not take it; send it again",
+            );
+            shared.metrics.error(error.code());
+            client.send(error.to_frame(Some("client_connect")));
+            return;
+        }
+        let attempt = entry.attempt + 1;
+        let forwarded = shared
+            .hub
+            .forward_connect(&client, entry.frame, |c, frame| {
+                let attempt = if c.id == client.id { attempt } else { 1 };
+                self.send_forward(shared, c, frame, attempt)
+            });
+        if let Err(error) = forwarded {
+            client.send(error.to_frame(Some("client_connect")));
+        }
+    }
+
+    /// Sends again the forwards with no receipt in time and those whose node is gone before
+    /// their client was acknowledged; forgets those settled long enough. The table is
+    /// bounded ([`IN_FLIGHT_MAX`]); the forwarding is done after the lock is released.
+    fn sweep(&self, shared: &Shared) {
+        if !self.connected.load(Ordering::Relaxed) {
+            // Cut off from Redis: receipts cannot come and the other nodes only look gone.
+            // Nothing is judged until this node is back; the clocks start again then.
+            let mut in_flight = self.in_flight();
+            for entry in in_flight.by_client.values_mut() {
+                entry.since = Instant::now();
+            }
+            return;
+        }
+        let live: HashSet<String> = {
+            let mut nodes = self.nodes();
+            nodes.retain(|_, n| n.seen.elapsed() < NODE_EXPIRY);
+            nodes.keys().cloned().collect()
+        };
+        let mut again = Vec::new();
+        let mut suspects = HashSet::new();
+        let count = {
+            let mut in_flight = self.in_flight();
+            let due: Vec<Uuid> = in_flight
+                .by_client
+                .iter()
+                .filter(|(_, e)| {
+                    e.client.strong_count() == 0
+                        || !live.contains(&e.node)
+                        || e.since.elapsed() >= if e.receipted { HOLD } else { RECEIPT_TIMEOUT }
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in due {
+                let Some(entry) = in_flight.remove(id) else {
+                    continue;
+                };
+                if entry.client.strong_count() == 0
+                    || (entry.receipted && live.contains(&entry.node))
+                {
+                    continue;
+                }
+                if !entry.receipted && live.contains(&entry.node) {
+                    suspects.insert(entry.node.clone());
+                }
+                again.push(entry);
+            }
+            in_flight.by_client.len()
+        };
+        shared.metrics.cluster_forwards_in_flight.set(count as i64);
+        if !suspects.is_empty() {
+            let mut nodes = self.nodes();
+            for node in &suspects {
+                if let Some(node) = nodes.get_mut(node) {
+                    node.suspect = true;
+                }
+            }
+            debug!(nodes = ?suspects, "cluster: no receipt in time; nodes passed over until their next heartbeat");
+        }
+        for entry in again {
+            self.forward_again(shared, entry);
+        }
     }
 
     /// Tells the other nodes which servers this node has (heartbeat; also right after a
@@ -248,7 +651,11 @@ impl Cluster {
                 let n = hub.notify_group(&group, &frame);
                 shared.metrics.sent("notify_group", n, frame.len());
             }
-            Op::NotifyGroupOf { target, frame } => {
+            Op::NotifyGroupOf {
+                target,
+                frame,
+                from_client,
+            } => {
                 let local_group = hub.client(&target).and_then(|c| c.group());
                 let group = local_group
                     .clone()
@@ -258,13 +665,16 @@ impl Cluster {
                 shared.metrics.sent("notify_group", n, frame_bytes.len());
                 // This node has that connection: now everyone knows the group's name.
                 if let Some(group) = local_group {
-                    self.publish(
-                        shared,
-                        Op::NotifyGroup {
-                            group: group.to_string(),
-                            frame,
-                        },
-                    );
+                    let op = Op::NotifyGroup {
+                        group: group.to_string(),
+                        frame,
+                    };
+                    if !from_client {
+                        self.publish(shared, op);
+                    } else if self.enqueue(shared, Lane::Clients, op, None, None).is_err() {
+                        // A client's message, and the client lane is full: dropped, counted.
+                        shared.metrics.cluster_dropped.inc();
+                    }
                 }
             }
             Op::Publish {
@@ -291,6 +701,8 @@ impl Cluster {
                     groups,
                 };
                 if let Some(client) = hub.acknowledge(&target, ack) {
+                    // Its forward, if one was in flight, is settled.
+                    self.supersede(&client);
                     shared.metrics.sent("client_connected", 1, frame.len());
                     client.send(Utf8Bytes::from(frame));
                 }
@@ -300,29 +712,36 @@ impl Cluster {
                 server,
                 client,
                 frame,
+                id,
             } => {
                 if node != self.node {
                     return;
                 }
                 let len = frame.len();
-                if hub.offer_to_server(&server, Utf8Bytes::from(frame)) {
+                let queued = hub.offer_to_server(&server, Utf8Bytes::from(frame));
+                if queued {
                     shared.metrics.sent("client_connect", 1, len);
                 } else {
-                    // The server left (or is full) after the sender chose it: tell the client
-                    // to send it again rather than leave it waiting, and never close a
-                    // backend over a client's request.
+                    // The server left (or is full) after the sender chose it: the sender
+                    // forwards it elsewhere; a backend is never closed over a client's request.
                     debug!(%server, "forward for a server that has left or is full");
-                    let error = ProtocolError::NoServer(
-                        "the server chosen for this client_connect is gone or busy; send it again",
-                    );
-                    let frame = error.to_frame(Some("client_connect")).as_str().to_string();
-                    self.publish(
-                        shared,
-                        Op::NotifyClient {
-                            target: client,
-                            frame,
-                        },
-                    );
+                }
+                let node = wire.from;
+                let op = if queued {
+                    Op::Forwarded { node, client, id }
+                } else {
+                    Op::ForwardFailed { node, client, id }
+                };
+                self.publish(shared, op);
+            }
+            Op::Forwarded { node, client, id } => {
+                if node == self.node {
+                    self.settle(shared, &client, id, true);
+                }
+            }
+            Op::ForwardFailed { node, client, id } => {
+                if node == self.node {
+                    self.settle(shared, &client, id, false);
                 }
             }
             Op::Servers { servers } => {
@@ -332,6 +751,7 @@ impl Cluster {
                     RemoteNode {
                         servers,
                         seen: Instant::now(),
+                        suspect: false,
                     },
                 );
                 if has_servers {
@@ -346,11 +766,9 @@ impl Cluster {
 
     /// A server appeared elsewhere: hand it the client connects that were waiting here.
     fn flush_pending(&self, shared: &Shared) {
-        for (client, frame) in shared.hub.take_pending() {
-            let _ = shared.hub.forward_connect(&client, frame, |client, frame| {
-                self.forward_remote(shared, client, frame)
-            });
-        }
+        shared
+            .hub
+            .flush_pending(|client, frame| self.forward_remote(shared, client, frame));
     }
 }
 
@@ -359,17 +777,11 @@ pub fn start(shared: Arc<Shared>) {
     let Some(cluster) = shared.cluster.clone() else {
         return;
     };
-    let rx = cluster
-        .outbox_rx
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    if let Some(rx) = rx {
-        // Tracked, so shutdown waits for its farewell to the other nodes.
-        let task = publisher(Arc::clone(&shared), Arc::clone(&cluster), rx);
-        shared.tracker.spawn(task);
-    }
+    // Tracked, so shutdown waits for its farewell to the other nodes.
+    let task = publisher(Arc::clone(&shared), Arc::clone(&cluster));
+    shared.tracker.spawn(task);
     tokio::spawn(subscriber(Arc::clone(&shared), Arc::clone(&cluster)));
+    tokio::spawn(sweeper(Arc::clone(&shared), Arc::clone(&cluster)));
     tokio::spawn(heartbeat(shared, cluster));
 }
 
@@ -413,14 +825,14 @@ async fn subscribe_once(shared: &Shared, cluster: &Cluster) {
                 cluster.apply(shared, wire)
             }
             Some(_) => debug!("cluster: dropped a message already applied"),
-            None => warn!("cluster: ignored a message that is not jssocket's"),
+            None => warn_throttled!("cluster: ignored a message that is not jssocket's"),
         }
     }
 }
 
 /// Publishes queued messages in order; on failure keeps the message and retries once Redis
 /// is back and the other nodes have re-subscribed.
-async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>, mut rx: mpsc::Receiver<String>) {
+async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>) {
     let mut backoff = Backoff::default();
     let mut connection: Option<redis::aio::MultiplexedConnection> = None;
     let mut pending: Option<String> = None;
@@ -428,15 +840,16 @@ async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>, mut rx: mpsc::Rec
         let message = match pending.take() {
             Some(message) => message,
             None => tokio::select! {
-                message = rx.recv() => match message {
-                    Some(message) => {
-                        cluster.backlog_bytes.fetch_sub(message.len(), Ordering::Relaxed);
-                        cluster.stamp(&message)
+                taken = cluster.backlog.pop() => {
+                    let bytes = cluster.backlog.bytes();
+                    shared.metrics.cluster_backlog_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+                    if let Some((client, id)) = taken.forward {
+                        cluster.going_out(client, id);
                     }
-                    None => return,
-                },
+                    cluster.stamp(&taken.text)
+                }
                 _ = shared.shutdown.cancelled() => {
-                    return farewell(&cluster, connection, &mut rx).await;
+                    return farewell(&cluster, connection).await;
                 }
             },
         };
@@ -487,11 +900,7 @@ const FAREWELL: Duration = Duration::from_secs(1);
 /// On shutdown: publishes what is still queued, then `Leaving`, so the other nodes forget
 /// this one and its servers at once rather than after [`NODE_EXPIRY`]. Bounded; skipped when
 /// Redis is not reachable.
-async fn farewell(
-    cluster: &Cluster,
-    connection: Option<redis::aio::MultiplexedConnection>,
-    rx: &mut mpsc::Receiver<String>,
-) {
+async fn farewell(cluster: &Cluster, connection: Option<redis::aio::MultiplexedConnection>) {
     let Some(mut conn) = connection else {
         return;
     };
@@ -501,7 +910,8 @@ async fn farewell(
     }
     .encode();
     let last = async {
-        let queued = std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>();
+        let queued = std::iter::from_fn(|| cluster.backlog.try_pop().map(|taken| taken.text))
+            .collect::<Vec<_>>();
         for message in queued.into_iter().chain([leaving]) {
             let message = cluster.stamp(&message);
             let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
@@ -534,6 +944,17 @@ async fn wait_for_subscribers(cluster: &Cluster, conn: &mut redis::aio::Multiple
             Ok((_, n)) if n >= expected => return,
             Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             Err(_) => return,
+        }
+    }
+}
+
+/// Checks the forwards in flight every [`SWEEP`].
+async fn sweeper(shared: Arc<Shared>, cluster: Arc<Cluster>) {
+    let mut tick = tokio::time::interval(SWEEP);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => cluster.sweep(&shared),
+            _ = shared.shutdown.cancelled() => return,
         }
     }
 }

@@ -31,6 +31,10 @@ pub enum Op {
     NotifyGroupOf {
         target: String,
         frame: String,
+        /// Sent by a client, not an admin: the node that resolves the group republishes it
+        /// in its client lane, never ahead of admin traffic.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        from_client: bool,
     },
     Publish {
         channel: String,
@@ -46,12 +50,29 @@ pub enum Op {
         groups: Vec<String>,
         frame: String,
     },
-    /// A `client_connect` for server `server` on node `node`.
+    /// A `client_connect` for server `server` on node `node`. `id` numbers the sender's
+    /// forwards, so its receipt names this one and not an earlier attempt (0 from nodes of
+    /// an earlier version, which expect no receipt).
     Forward {
         node: String,
         server: String,
         client: String,
         frame: String,
+        #[serde(default)]
+        id: u64,
+    },
+    /// Receipt to node `node`: its forward `id` for `client` was queued for the server.
+    Forwarded {
+        node: String,
+        client: String,
+        id: u64,
+    },
+    /// To node `node`: its forward `id` for `client` could not be queued (the server left or
+    /// is full); the sender forwards it elsewhere.
+    ForwardFailed {
+        node: String,
+        client: String,
+        id: u64,
     },
     /// Heartbeat: the sender is alive and has these servers.
     Servers {

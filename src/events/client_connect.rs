@@ -33,6 +33,10 @@ impl<'a> ClientConnect<'a> {
         hub.register_client(&session.peer);
         let len = frame.len();
         let shared = &session.shared;
+        if let Some(cluster) = &shared.cluster {
+            // This request settles the earlier one, wherever that was forwarded.
+            cluster.supersede(&session.peer);
+        }
         // In a cluster, a node with no server of its own forwards to another node's.
         hub.forward_connect(&session.peer, frame, |client, frame| {
             shared

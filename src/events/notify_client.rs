@@ -3,8 +3,11 @@
 
 use serde_json::value::RawValue;
 
+use std::sync::Arc;
+
 use super::{Flow, Session, Targeted};
 use crate::cluster::Op;
+use crate::hub::Peer;
 use crate::protocol::{Data, ProtocolError, bare_frame};
 use crate::server::Shared;
 
@@ -32,6 +35,19 @@ impl<'a> NotifyClient<'a> {
 
     /// Delivers without checks (admins, the HTTP API); returns how many got it.
     pub fn deliver(&self, shared: &Shared, default_target: &str) -> usize {
+        self.deliver_as(shared, default_target, None)
+            .unwrap_or_default()
+    }
+
+    /// Delivers; `client` is the sender when it is a client, not an admin: what it sends to
+    /// other nodes waits in the cluster's client lane, and is refused (`rate_limited`) when
+    /// that lane or its share of it is full, so clients never crowd out admins.
+    fn deliver_as(
+        &self,
+        shared: &Shared,
+        default_target: &str,
+        client: Option<&Arc<Peer>>,
+    ) -> Result<usize, ProtocolError> {
         let target = self.target.as_deref().unwrap_or(default_target);
         let frame = bare_frame(&self.payload.relay_text());
         let len = frame.len();
@@ -43,9 +59,13 @@ impl<'a> NotifyClient<'a> {
             && let (Some(cluster), Some(frame)) = (&shared.cluster, cluster_frame)
         {
             let target = target.to_string();
-            cluster.publish(shared, Op::NotifyClient { target, frame });
+            let op = Op::NotifyClient { target, frame };
+            match client {
+                Some(client) => cluster.publish_from_client(shared, op, client)?,
+                None => cluster.publish(shared, op),
+            }
         }
-        n
+        Ok(n)
     }
 
     /// The HTTP API has no sender to default to: the target is required there.
@@ -60,7 +80,8 @@ impl<'a> NotifyClient<'a> {
             .as_deref()
             .is_none_or(|t| t == &*session.peer.target);
         session.policy_allows(own)?;
-        self.deliver(&session.shared, &session.peer.target);
+        let client = (!session.admin).then_some(&session.peer);
+        self.deliver_as(&session.shared, &session.peer.target, client)?;
         session.ack_callback(self.callback);
         Ok(Flow::Continue)
     }

@@ -4,10 +4,12 @@
 
 use serde_json::value::RawValue;
 
+use std::sync::Arc;
+
 use super::client_connected::PUBLIC_GROUP;
 use super::{Flow, Session, Targeted};
 use crate::cluster::Op;
-use crate::hub::{Hub, looks_like_id};
+use crate::hub::{Hub, Peer, looks_like_id};
 use crate::protocol::{Data, ProtocolError, bare_frame};
 use crate::server::Shared;
 
@@ -39,6 +41,16 @@ impl<'a> NotifyGroup<'a> {
 
     /// Delivers without checks (admins, the HTTP API); returns how many got it on this node.
     pub fn deliver(&self, shared: &Shared) -> usize {
+        self.deliver_as(shared, None).unwrap_or_default()
+    }
+
+    /// Delivers; `client` is the sender when it is a client (see `NotifyClient`): its
+    /// message for other nodes may be refused as `rate_limited` when the cluster is busy.
+    fn deliver_as(
+        &self,
+        shared: &Shared,
+        client: Option<&Arc<Peer>>,
+    ) -> Result<usize, ProtocolError> {
         let target = self.target.as_deref().unwrap_or(PUBLIC_GROUP);
         let local_group = shared.hub.client(target).and_then(|c| c.group());
         let group = local_group
@@ -54,6 +66,7 @@ impl<'a> NotifyGroup<'a> {
                 Op::NotifyGroupOf {
                     target: target.to_string(),
                     frame,
+                    from_client: client.is_some(),
                 }
             } else {
                 Op::NotifyGroup {
@@ -61,9 +74,12 @@ impl<'a> NotifyGroup<'a> {
                     frame,
                 }
             };
-            cluster.publish(shared, op);
+            match client {
+                Some(client) => cluster.publish_from_client(shared, op, client)?,
+                None => cluster.publish(shared, op),
+            }
         }
-        n
+        Ok(n)
     }
 
     pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
@@ -71,7 +87,8 @@ impl<'a> NotifyGroup<'a> {
         let hub = &session.shared.hub;
         let own = session.peer.group().is_some_and(|g| g == self.group(hub));
         session.policy_allows(own)?;
-        self.deliver(&session.shared);
+        let client = (!session.admin).then_some(&session.peer);
+        self.deliver_as(&session.shared, client)?;
         session.ack_callback(self.callback);
         Ok(Flow::Continue)
     }
