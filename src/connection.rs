@@ -68,6 +68,10 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
     /// The `auth` header's password, if any.
     pub password: Option<String>,
+    /// Let in through the descriptor reserve, which is kept for admins (see
+    /// `server::reserve_admits`): unless the password verifies, it is closed at once rather
+    /// than kept as a client in a place meant for a backend.
+    pub admin_only: bool,
 }
 
 /// Serves one upgraded WebSocket until it closes, then removes it from the hub. `peer` is
@@ -94,6 +98,9 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
                 return debug!("left while its admin password waited for verification");
             }
         }
+    }
+    if info.admin_only && !session.admin {
+        peer.close(Close::NOT_ADMIN);
     }
     let (mut sink, mut stream) = socket.split();
     // Set by the reader on every inbound frame, cleared by the writer when it pings.

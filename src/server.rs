@@ -349,9 +349,13 @@ async fn upgrade(
     let password = headers
         .get("auth")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let info = PeerInfo { addr, password };
     // The socket outlives this HTTP exchange: keep it counted until the WebSocket ends.
     let tcp = request.extensions().get::<Arc<TcpGuard>>().cloned();
+    let info = PeerInfo {
+        addr,
+        password,
+        admin_only: tcp.as_ref().is_some_and(|tcp| tcp.reserved),
+    };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let token = shared.tracker.token();
     let ws_config = WebSocketConfig::default()
@@ -369,7 +373,7 @@ async fn upgrade(
             Err(e) => return debug!(%addr, error = %e, "upgrade failed"),
         };
         // Back to the plain TcpStream we gave hyper: no boxed trait object per connection,
-        // and the socket itself stays reachable (a slow consumer is reset, not lingered on).
+        // and the socket itself stays reachable (a dead peer's socket is reset).
         let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
             return error!(%addr, "upgraded connection is not a TCP stream");
         };

@@ -118,6 +118,20 @@ async fn the_reserve_serves_health_checks_and_admins_and_refuses_the_rest() {
     admin.ping(1, false).await;
 }
 
+/// The reserve is let in on the `auth:` header alone; a wrong password must not keep a place
+/// meant for backends as a plain client.
+#[tokio::test]
+async fn a_wrong_password_in_the_reserve_is_closed_not_kept() {
+    let server = Server::with_args(&HOLD).await;
+    let _attack = fill(server.addr, LIMIT).await;
+    let mut impostor = Conn::connect(&server.url(), Some("not-the-password"), "impostor").await;
+    let reason = impostor.expect_close_code(1008).await;
+    assert_eq!(reason, "not an admin");
+    // The place is free again: the real backend still gets in.
+    let mut admin = Conn::connect(&server.url(), Some(PASSWORD), "admin").await;
+    admin.server_connect().await;
+}
+
 #[tokio::test]
 async fn below_the_limit_clients_are_served_again() {
     let server = Server::with_args(&HOLD).await;
