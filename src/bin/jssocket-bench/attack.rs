@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use self::net::{SockState, attacker_ip, hold, tcp_from, text_frame, upgrade};
-use self::peers::{AdminConn, Bystander, Health, Login, Memory, metric, ws_connect};
+use self::peers::{AdminConn, ByReport, Bystander, Health, Login, Memory, metric, ws_connect};
 use crate::common::{Ctx, Rng, Target, close_desc};
 
 /// The attacks, named as in BENCHMARKS.md.
@@ -110,6 +110,8 @@ pub struct Params {
     pub log_files: Vec<PathBuf>,
     /// Attacking connections instead of the scenario's default (to scale an attack down).
     pub conns: Option<usize>,
+    /// cluster-notify-flood: notifications per second, all attackers together.
+    pub flood_rate: f64,
     /// Attacking connections per source address.
     pub per_source: usize,
     /// This process's descriptor limit (fd-flood stays below it).
@@ -235,8 +237,11 @@ impl Env<'_> {
                 _ = self.ctx.stop.cancelled() => break,
             };
             let (target, payload, stats) = (target.clone(), payload.clone(), stats.clone());
-            let (release, until, src) =
-                (self.release.clone(), self.until, attacker_ip(i, self.p.per_source));
+            let (release, until, src) = (
+                self.release.clone(),
+                self.until,
+                attacker_ip(i, self.p.per_source),
+            );
             held.spawn(async move {
                 let mut s = match tcp_from(src, target.addr, None).await {
                     Ok(s) => s,
@@ -289,18 +294,28 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         Scenario::ClusterNodeDeath => (1, 2, 2),
         _ => (0, 0, 0),
     };
-    let slow = (s == Scenario::ConnectFloodSlowBackend).then_some(Duration::from_millis(10));
-    let backend = AdminConn::connect(&p.nodes[backend_at].target, auth, true, slow, SETUP_LIMIT)
-        .await
-        .context("the backend's login before the attack")?;
-    let notifier = Arc::new(
-        AdminConn::connect(&p.nodes[admin_at].target, auth, false, None, SETUP_LIMIT)
+    // auth-flood measures the backend's *first* login (a server may remember a password it
+    // verified): nobody logs in before the attack, and that backend, once in, acknowledges
+    // and notifies the bystander for the rest of the attack.
+    let cold = s == Scenario::AuthFlood;
+    let mut backend = None;
+    let mut notifier = None;
+    let mut bystander = None;
+    if !cold {
+        let slow = (s == Scenario::ConnectFloodSlowBackend).then_some(Duration::from_millis(10));
+        let b = AdminConn::connect(&p.nodes[backend_at].target, auth, true, slow, SETUP_LIMIT)
             .await
-            .context("the notifying admin")?,
-    );
-    let mut bystander = Bystander::start(&p.nodes[0].target, notifier.clone()).await?;
-    // connect-flood is about a relay with no backend: the queue of waiting client connects.
-    let backend = (s != Scenario::ConnectFlood).then_some(backend);
+            .context("the backend's login before the attack")?;
+        let n = Arc::new(
+            AdminConn::connect(&p.nodes[admin_at].target, auth, false, None, SETUP_LIMIT)
+                .await
+                .context("the notifying admin")?,
+        );
+        bystander = Some(Bystander::start(&p.nodes[0].target, n.clone()).await?);
+        notifier = Some(n);
+        // connect-flood is about a relay with no backend: the queue of waiting client connects.
+        backend = (s != Scenario::ConnectFlood).then_some(b);
+    }
 
     let pids: Vec<(String, u32)> = p
         .nodes
@@ -318,13 +333,14 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
     let logs_before = log_sizes(&p.log_files);
 
     println!(
-        "attack {}: {:.0} s against {} (bystander {})",
+        "attack {}: {:.0} s against {}",
         s.name(),
         p.duration.as_secs_f64(),
         p.nodes[0].target.url,
-        bystander.id
     );
-    bystander.begin(p.rate);
+    if let Some(by) = bystander.as_mut() {
+        by.begin(p.rate);
+    }
     let start = Instant::now();
     let env = Env {
         ctx,
@@ -332,34 +348,84 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         until: start + p.duration,
         release: CancellationToken::new(),
     };
-    let login_probe = (s != Scenario::ClusterNodeDeath).then(|| {
-        let at = p.login_at.unwrap_or(match s {
-            Scenario::AuthFlood => Duration::from_secs(1),
-            _ => p.duration / 2,
-        });
+    let login_at = p.login_at.unwrap_or(match s {
+        Scenario::AuthFlood => Duration::from_secs(1),
+        _ => p.duration / 2,
+    });
+    let login_probe = (s != Scenario::ClusterNodeDeath && !cold).then(|| {
         let (target, auth, limit) = (
             p.nodes[login_at_node].target.clone(),
             ctx.auth.clone(),
             p.login_timeout,
         );
         tokio::spawn(async move {
-            tokio::time::sleep(at).await;
+            tokio::time::sleep(login_at).await;
             Login::probe(&target, &auth, limit).await
         })
     });
-
-    let outcome = match s {
-        Scenario::ConnectFlood | Scenario::ConnectFloodSlowBackend => connect_flood(&env).await,
-        Scenario::AuthFlood => auth_flood(&env).await,
-        Scenario::FdFlood => fd_flood(&env).await,
-        Scenario::MemoryPin => memory_pin(&env).await,
-        Scenario::ClusterForwardFlood => forward_flood(&env, backend.as_ref()).await,
-        Scenario::ClusterNotifyFlood => notify_flood(&env).await,
-        Scenario::ClusterNodeDeath => node_death(&env).await,
-        Scenario::SlowConsumer => slow_consumer(&env).await,
+    // The cold backend logs in during the attack, then sets the bystander up.
+    let cold_login = async {
+        if !cold {
+            return None;
+        }
+        tokio::time::sleep(login_at).await;
+        let started = Instant::now();
+        let target = &p.nodes[0].target;
+        match AdminConn::connect(target, auth, true, None, p.login_timeout).await {
+            Ok(conn) => {
+                let login = Login {
+                    ok: true,
+                    ms: conn.login_ms,
+                    error: None,
+                };
+                let conn = Arc::new(conn);
+                let by = match Bystander::start(target, conn.clone()).await {
+                    Ok(mut by) => {
+                        by.begin(p.rate);
+                        Some(by)
+                    }
+                    Err(e) => {
+                        println!("attack {}: no bystander: {e:#}", s.name());
+                        None
+                    }
+                };
+                Some((login, Some(conn), by))
+            }
+            Err(e) => Some((
+                Login {
+                    ok: false,
+                    ms: crate::stats::round1(started.elapsed().as_secs_f64() * 1000.0),
+                    error: Some(format!("{e:#}")),
+                },
+                None,
+                None,
+            )),
+        }
     };
+    let attack = async {
+        match s {
+            Scenario::ConnectFlood | Scenario::ConnectFloodSlowBackend => connect_flood(&env).await,
+            Scenario::AuthFlood => auth_flood(&env).await,
+            Scenario::FdFlood => fd_flood(&env).await,
+            Scenario::MemoryPin => memory_pin(&env).await,
+            Scenario::ClusterForwardFlood => forward_flood(&env, backend.as_ref()).await,
+            Scenario::ClusterNotifyFlood => notify_flood(&env).await,
+            Scenario::ClusterNodeDeath => node_death(&env).await,
+            Scenario::SlowConsumer => slow_consumer(&env).await,
+        }
+    };
+    let (outcome, cold_login) = tokio::join!(attack, cold_login);
+    let mut cold_result = None;
+    if let Some((login, conn, by)) = cold_login {
+        cold_result = Some(login);
+        notifier = conn;
+        bystander = by;
+    }
     let attack_s = start.elapsed().as_secs_f64();
-    let by = bystander.finish(DRAIN).await;
+    let by = match bystander {
+        Some(by) => by.finish(DRAIN).await,
+        None => ByReport::none("no bystander: the backend did not log in"),
+    };
     let logs_after = log_sizes(&p.log_files);
     env.release.cancel();
     let mut outcome = outcome?;
@@ -370,7 +436,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
             closed_by_server += 1;
         }
     }
-    let login = match (outcome.login.take(), login_probe) {
+    let login = match (outcome.login.take().or(cold_result), login_probe) {
         (Some(l), _) => l,
         (None, Some(task)) => task.await.unwrap_or(Login {
             ok: false,
@@ -444,7 +510,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         "nodes": nodes.iter().map(|n| n.json()).collect::<Vec<_>>(),
         "backend_login": login.json(),
         "healthz": {"ok": health_ok, "failed": health_failed},
-        "admin_errors_received": notifier.errors.load(Ordering::Relaxed)
+        "admin_errors_received": notifier.as_ref().map_or(0, |n| n.errors.load(Ordering::Relaxed))
             + backend.as_ref().map_or(0, |b| b.errors.load(Ordering::Relaxed)),
         "attackers": {"held": held, "closed_by_server": closed_by_server},
         "log_bytes": log_growth.iter().sum::<u64>(),
@@ -549,6 +615,8 @@ async fn fd_flood(env: &Env<'_>) -> Result<Outcome> {
     let peak = Arc::new(AtomicI64::new(0));
     let requests = Arc::new(AtomicU64::new(0));
     let reopened = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(AtomicU64::new(0));
+    let unanswered = Arc::new(AtomicU64::new(0));
     let opening = Arc::new(Semaphore::new(OPENING * 2));
     let mut held = JoinSet::new();
     for i in 0..n {
@@ -562,6 +630,7 @@ async fn fd_flood(env: &Env<'_>) -> Result<Outcome> {
             requests.clone(),
             reopened.clone(),
         );
+        let (served, unanswered) = (served.clone(), unanswered.clone());
         let (opening, release, src) = (
             opening.clone(),
             env.release.clone(),
@@ -570,6 +639,7 @@ async fn fd_flood(env: &Env<'_>) -> Result<Outcome> {
         held.spawn(async move {
             let mut conn: Option<tokio::net::TcpStream> = None;
             let mut ever = false;
+            let mut answered = false;
             loop {
                 if release.is_cancelled() {
                     break;
@@ -596,9 +666,16 @@ async fn fd_flood(env: &Env<'_>) -> Result<Outcome> {
                     match net::http_get(s, &host, "/healthz", false, "", ATTACKER_LIMIT).await {
                         Ok((200, _)) => {
                             requests.fetch_add(1, Ordering::Relaxed);
+                            if !answered {
+                                answered = true;
+                                served.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         Ok((status, _)) => stats.fail(format!("status {status}")),
-                        Err(_) => {
+                        Err(e) => {
+                            if e.kind() == std::io::ErrorKind::TimedOut {
+                                unanswered.fetch_add(1, Ordering::Relaxed);
+                            }
                             // Closed by the server (idle timeout) or no answer: open again.
                             conn = None;
                             open.fetch_sub(1, Ordering::Relaxed);
@@ -623,9 +700,11 @@ async fn fd_flood(env: &Env<'_>) -> Result<Outcome> {
     }
     env.wait_end().await;
     let line = format!(
-        "{n} keep-alive connections tried, {} open at most, {} opens refused or failed, \
-         {} reopened after the server closed them",
+        "{n} keep-alive connections tried, {} open at most, {} ever answered, {} requests \
+         unanswered in 10 s, {} opens failed, {} reopened after the server closed them",
         peak.load(Ordering::Relaxed),
+        served.load(Ordering::Relaxed),
+        unanswered.load(Ordering::Relaxed),
         stats.failed(),
         reopened.load(Ordering::Relaxed)
     );
@@ -634,6 +713,8 @@ async fn fd_flood(env: &Env<'_>) -> Result<Outcome> {
             "connections": n,
             "peak_open": peak.load(Ordering::Relaxed),
             "healthz_requests": requests.load(Ordering::Relaxed),
+            "connections_answered": served.load(Ordering::Relaxed),
+            "requests_unanswered": unanswered.load(Ordering::Relaxed),
             "reopened": reopened.load(Ordering::Relaxed),
             "flood": stats.json(),
         }),
@@ -668,10 +749,26 @@ async fn memory_pin(env: &Env<'_>) -> Result<Outcome> {
     let mut held = JoinSet::new();
     env.flood(&target, 0, n, replies, false, &s1, &mut held)
         .await;
-    env.flood(&target, n, halves, Arc::new(fragment), false, &s2, &mut held)
-        .await;
-    env.flood(&target, n + halves, halves, Arc::new(half), false, &s3, &mut held)
-        .await;
+    env.flood(
+        &target,
+        n,
+        halves,
+        Arc::new(fragment),
+        false,
+        &s2,
+        &mut held,
+    )
+    .await;
+    env.flood(
+        &target,
+        n + halves,
+        halves,
+        Arc::new(half),
+        false,
+        &s3,
+        &mut held,
+    )
+    .await;
     env.wait_end().await;
     let line = format!(
         "{} notify_all senders, {} unfinished fragments, {} half frames",
@@ -724,10 +821,11 @@ fn random_id(rng: &mut Rng) -> String {
 }
 
 /// cluster-notify-flood: 100 clients on node A, acknowledged by the backend on B, send
-/// `notify_client` to random ids at 20,000 a second in all.
+/// `notify_client` to random ids, `--flood-rate` a second in all (default 100,000: more
+/// than a node publishes to Redis, so the backlog to other nodes fills).
 async fn notify_flood(env: &Env<'_>) -> Result<Outcome> {
     let n = env.conns(100);
-    let rate = 20_000.0;
+    let rate = env.p.flood_rate;
     let per_tick = ((rate / n as f64) / 20.0).ceil().max(1.0) as usize;
     let target = env.node(0).target.clone();
     let stats = Arc::new(FloodStats::default());

@@ -189,6 +189,9 @@ struct AttackArgs {
     /// A server's log file whose growth during the attack is reported (repeatable).
     #[arg(long = "log-file")]
     log_files: Vec<std::path::PathBuf>,
+    /// cluster-notify-flood: notifications per second, all attackers together.
+    #[arg(long, default_value_t = 100_000.0, value_parser = rate_range)]
+    flood_rate: f64,
     /// Attacking connections (or per wave, for auth-flood) instead of the scenario's default.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     conns: Option<u64>,
@@ -477,6 +480,7 @@ async fn attack_params(
         nodes,
         log_files: a.log_files.clone(),
         conns: a.conns.map(|c| c as usize),
+        flood_rate: a.flood_rate,
         per_source: g.per_source as usize,
         nofile,
     })

@@ -441,6 +441,17 @@ pub struct ByReport {
 }
 
 impl ByReport {
+    /// No bystander could be set up (`why`).
+    pub fn none(why: &str) -> ByReport {
+        ByReport {
+            sent: 0,
+            received: 0,
+            lat: LatSummary::of(&new_hist()),
+            closed: Some(why.to_string()),
+            admin_closed: None,
+        }
+    }
+
     pub fn lost(&self) -> u64 {
         self.sent.saturating_sub(self.received)
     }
@@ -492,8 +503,15 @@ impl Health {
                 checks.spawn(async move {
                     let check = async {
                         let mut s = tcp_from(HOME, addr, None).await?;
-                        http_get(&mut s, &addr.to_string(), "/healthz", true, "", HEALTH_LIMIT)
-                            .await
+                        http_get(
+                            &mut s,
+                            &addr.to_string(),
+                            "/healthz",
+                            true,
+                            "",
+                            HEALTH_LIMIT,
+                        )
+                        .await
                     };
                     match tokio::time::timeout(HEALTH_LIMIT, check).await {
                         Ok(Ok((200, _))) => ok.fetch_add(1, Ordering::Relaxed),
