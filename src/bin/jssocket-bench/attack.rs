@@ -212,22 +212,21 @@ impl Env<'_> {
         Instant::now() >= self.until || self.ctx.stop.is_cancelled()
     }
 
-    /// Opens `n` attacking connections to `target` (attacker numbers `first..first + n`,
-    /// spread over source addresses), each upgrades, writes `payload` once and is held until
+    /// Opens attacking connections `attackers` (their numbers choose their source
+    /// addresses) to `target`, each upgrades, writes `payload` once and is held until
     /// released (reading and discarding when `read`). Returns when all were tried or the
     /// attack is over.
     async fn flood(
         &self,
         target: &Target,
-        first: usize,
-        n: usize,
+        attackers: std::ops::Range<usize>,
         payload: Arc<Vec<u8>>,
         read: bool,
         stats: &Arc<FloodStats>,
         held: &mut JoinSet<SockState>,
     ) {
         let opening = Arc::new(Semaphore::new(OPENING));
-        for i in first..first + n {
+        for i in attackers {
             let permit = tokio::select! {
                 p = opening.clone().acquire_owned() => match p {
                     Ok(p) => p,
@@ -537,7 +536,7 @@ async fn connect_flood(env: &Env<'_>) -> Result<Outcome> {
     let stats = Arc::new(FloodStats::default());
     let mut held = JoinSet::new();
     let payload = Arc::new(connects(20, "attack"));
-    env.flood(&env.node(0).target, 0, n, payload, true, &stats, &mut held)
+    env.flood(&env.node(0).target, 0..n, payload, true, &stats, &mut held)
         .await;
     env.wait_end().await;
     let line = format!(
@@ -747,12 +746,11 @@ async fn memory_pin(env: &Env<'_>) -> Result<Outcome> {
         Arc::new(FloodStats::default()),
     );
     let mut held = JoinSet::new();
-    env.flood(&target, 0, n, replies, false, &s1, &mut held)
+    env.flood(&target, 0..n, replies, false, &s1, &mut held)
         .await;
     env.flood(
         &target,
-        n,
-        halves,
+        n..n + halves,
         Arc::new(fragment),
         false,
         &s2,
@@ -761,8 +759,7 @@ async fn memory_pin(env: &Env<'_>) -> Result<Outcome> {
     .await;
     env.flood(
         &target,
-        n + halves,
-        halves,
+        n + halves..n + 2 * halves,
         Arc::new(half),
         false,
         &s3,
@@ -791,7 +788,7 @@ async fn forward_flood(env: &Env<'_>, backend: Option<&AdminConn>) -> Result<Out
     let stats = Arc::new(FloodStats::default());
     let mut held = JoinSet::new();
     let payload = Arc::new(connects(5, &"t".repeat(100_000)));
-    env.flood(&env.node(0).target, 0, n, payload, true, &stats, &mut held)
+    env.flood(&env.node(0).target, 0..n, payload, true, &stats, &mut held)
         .await;
     env.wait_end().await;
     let forwards = backend.map_or(0, |b| b.forwards.load(Ordering::Relaxed));
