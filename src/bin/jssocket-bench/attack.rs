@@ -285,7 +285,6 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
     if s == Scenario::ClusterNodeDeath && p.nodes[1].pid.is_none() {
         bail!("cluster-node-death kills node B: give its pid as the first --node-pid");
     }
-    let auth = ctx.auth.as_str();
     // Who sits where: the backend acknowledges the bystander, the notifier (an admin that is
     // not a backend) notifies it; in a cluster both are on another node than the bystander.
     let (backend_at, admin_at, login_at_node) = match s {
@@ -300,17 +299,39 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
     let mut backend = None;
     let mut notifier = None;
     let mut bystander = None;
+    // The watchers (bystander, admins, probes) run on a runtime of their own, so that
+    // attackers keeping the bench's threads busy do not pass for the server's latency.
+    let watch = Watch(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("the watchers' runtime")?,
+    ));
+    let wh = watch.handle();
     if !cold {
         let slow = (s == Scenario::ConnectFloodSlowBackend).then_some(Duration::from_millis(10));
-        let b = AdminConn::connect(&p.nodes[backend_at].target, auth, true, slow, SETUP_LIMIT)
-            .await
-            .context("the backend's login before the attack")?;
-        let n = Arc::new(
-            AdminConn::connect(&p.nodes[admin_at].target, auth, false, None, SETUP_LIMIT)
-                .await
-                .context("the notifying admin")?,
+        let (bt, at, yt, auth) = (
+            p.nodes[backend_at].target.clone(),
+            p.nodes[admin_at].target.clone(),
+            p.nodes[0].target.clone(),
+            ctx.auth.clone(),
         );
-        bystander = Some(Bystander::start(&p.nodes[0].target, n.clone()).await?);
+        let (b, n, by) = wh
+            .spawn(async move {
+                let b = AdminConn::connect(&bt, &auth, true, slow, SETUP_LIMIT)
+                    .await
+                    .context("the backend's login before the attack")?;
+                let n = Arc::new(
+                    AdminConn::connect(&at, &auth, false, None, SETUP_LIMIT)
+                        .await
+                        .context("the notifying admin")?,
+                );
+                let by = Bystander::start(&yt, n.clone()).await?;
+                Ok::<_, anyhow::Error>((b, n, by))
+            })
+            .await??;
+        bystander = Some(by);
         notifier = Some(n);
         // connect-flood is about a relay with no backend: the queue of waiting client connects.
         backend = (s != Scenario::ConnectFlood).then_some(b);
@@ -321,8 +342,10 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         .iter()
         .filter_map(|n| Some((n.name.clone(), n.pid?)))
         .collect();
-    let memory = Memory::start(pids);
-    let health = Health::start(&p.nodes[0].target);
+    let (memory, health) = {
+        let _on = wh.enter();
+        (Memory::start(pids), Health::start(&p.nodes[0].target))
+    };
     let log_sizes = |files: &[PathBuf]| -> Vec<u64> {
         files
             .iter()
@@ -338,6 +361,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         p.nodes[0].target.url,
     );
     if let Some(by) = bystander.as_mut() {
+        let _on = wh.enter();
         by.begin(p.rate);
     }
     let start = Instant::now();
@@ -357,20 +381,26 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
             ctx.auth.clone(),
             p.login_timeout,
         );
-        tokio::spawn(async move {
+        wh.spawn(async move {
             tokio::time::sleep(login_at).await;
             Login::probe(&target, &auth, limit).await
         })
     });
     // The cold backend logs in during the attack, then sets the bystander up.
-    let cold_login = async {
+    let (target, auth_c, rate, limit, name) = (
+        p.nodes[0].target.clone(),
+        ctx.auth.clone(),
+        p.rate,
+        p.login_timeout,
+        s.name(),
+    );
+    let cold_login = wh.spawn(async move {
         if !cold {
             return None;
         }
         tokio::time::sleep(login_at).await;
         let started = Instant::now();
-        let target = &p.nodes[0].target;
-        match AdminConn::connect(target, auth, true, None, p.login_timeout).await {
+        match AdminConn::connect(&target, &auth_c, true, None, limit).await {
             Ok(conn) => {
                 let login = Login {
                     ok: true,
@@ -378,13 +408,13 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
                     error: None,
                 };
                 let conn = Arc::new(conn);
-                let by = match Bystander::start(target, conn.clone()).await {
+                let by = match Bystander::start(&target, conn.clone()).await {
                     Ok(mut by) => {
-                        by.begin(p.rate);
+                        by.begin(rate);
                         Some(by)
                     }
                     Err(e) => {
-                        println!("attack {}: no bystander: {e:#}", s.name());
+                        println!("attack {name}: no bystander: {e:#}");
                         None
                     }
                 };
@@ -400,7 +430,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
                 None,
             )),
         }
-    };
+    });
     let attack = async {
         match s {
             Scenario::ConnectFlood | Scenario::ConnectFloodSlowBackend => connect_flood(&env).await,
@@ -415,7 +445,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
     };
     let (outcome, cold_login) = tokio::join!(attack, cold_login);
     let mut cold_result = None;
-    if let Some((login, conn, by)) = cold_login {
+    if let Ok(Some((login, conn, by))) = cold_login {
         cold_result = Some(login);
         notifier = conn;
         bystander = by;
@@ -520,6 +550,27 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         "timed_out": timed_out,
     });
     Ok((json, !timed_out))
+}
+
+/// The watchers' runtime, shut down without waiting (a runtime may not block on drop inside
+/// another one).
+struct Watch(Option<tokio::runtime::Runtime>);
+
+impl Watch {
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// The same `client_connect` `count` times, as one buffer of frames.
