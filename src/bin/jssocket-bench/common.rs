@@ -251,7 +251,7 @@ impl fmt::Display for ConnErr {
 
 /// Sets IP_BIND_ADDRESS_NO_PORT so that binding a source address does not reserve a port
 /// before `connect` (the port is then picked per 4-tuple, which allows far more sockets).
-fn bind_address_no_port(sock: &TcpSocket) {
+pub fn bind_address_no_port(sock: &TcpSocket) {
     use std::os::fd::AsRawFd;
     let one: libc::c_int = 1;
     // SAFETY: a valid socket fd and a pointer to a c_int of the stated size.

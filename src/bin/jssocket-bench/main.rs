@@ -5,6 +5,7 @@
 //! figures; it is bounded by `--timeout`, after which it reports what it has and exits 1.
 
 mod admin;
+mod attack;
 mod baseline;
 mod churn;
 mod client;
@@ -153,6 +154,47 @@ enum Cmd {
     },
     /// fanout against a fresh baseline-server, then against --url; prints the ratio.
     Baseline(FanoutArgs),
+    /// One attack of issue 10 for a bounded time while a bystander measures its round trip
+    /// (see scripts/attack.sh, which starts the servers).
+    Attack(AttackArgs),
+}
+
+#[derive(Args)]
+struct AttackArgs {
+    /// The attack to run.
+    #[arg(value_enum, required_unless_present = "scenario_flag")]
+    scenario: Option<attack::Scenario>,
+    /// The attack to run (instead of the positional argument).
+    #[arg(long = "scenario", value_enum, conflicts_with = "scenario")]
+    scenario_flag: Option<attack::Scenario>,
+    /// Seconds of attack.
+    #[arg(long, default_value_t = 15.0, value_parser = positive_secs)]
+    duration: f64,
+    /// Bystander notifications per second.
+    #[arg(long, default_value_t = 20.0, value_parser = rate_range)]
+    bystander_rate: f64,
+    /// Seconds into the attack when a backend tries to log in (default: 1 for auth-flood,
+    /// half the duration otherwise).
+    #[arg(long, value_parser = secs_range)]
+    login_at: Option<f64>,
+    /// Seconds that login may take before it counts as refused.
+    #[arg(long, default_value_t = 20.0, value_parser = positive_secs)]
+    login_timeout: f64,
+    /// The other nodes of a cluster (B, then C), beside --url (node A, the one attacked).
+    #[arg(long = "node-url")]
+    node_urls: Vec<String>,
+    /// Their server pids, in the same order (cluster-node-death SIGKILLs node B's).
+    #[arg(long = "node-pid")]
+    node_pids: Vec<u32>,
+    /// A server's log file whose growth during the attack is reported (repeatable).
+    #[arg(long = "log-file")]
+    log_files: Vec<std::path::PathBuf>,
+    /// cluster-notify-flood: notifications per second, all attackers together.
+    #[arg(long, default_value_t = 100_000.0, value_parser = rate_range)]
+    flood_rate: f64,
+    /// Attacking connections (or per wave, for auth-flood) instead of the scenario's default.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    conns: Option<u64>,
 }
 
 #[derive(Args, Clone)]
@@ -234,6 +276,7 @@ impl Cmd {
             Cmd::Churn { .. } => "churn",
             Cmd::BaselineServer { .. } => "baseline-server",
             Cmd::Baseline(_) => "baseline",
+            Cmd::Attack(_) => "attack",
         }
     }
 }
@@ -298,7 +341,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
             *clients
         }
         Cmd::Fanout(f) | Cmd::Group { f, .. } | Cmd::Baseline(f) => f.clients + f.slow_clients,
-        Cmd::BaselineServer { .. } => 0,
+        Cmd::BaselineServer { .. } | Cmd::Attack(_) => 0,
     };
     if wanted + 64 > nofile {
         bail!(
@@ -387,6 +430,10 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
                 churn::run(&ctx, &p).await
             }
             Cmd::Baseline(f) => baseline::compare(&ctx, &f.params(None)).await,
+            Cmd::Attack(a) => {
+                let p = attack_params(&ctx, g, a, nofile).await?;
+                attack::run(&ctx, &p).await
+            }
             Cmd::BaselineServer { .. } => bail!("baseline-server is not a scenario"),
         }
     };
@@ -401,6 +448,42 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
     };
     println!("{json}");
     Ok(ok)
+}
+
+async fn attack_params(
+    ctx: &Ctx,
+    g: &Global,
+    a: &AttackArgs,
+    nofile: u64,
+) -> Result<attack::Params> {
+    let Some(scenario) = a.scenario.or(a.scenario_flag) else {
+        bail!("name an attack");
+    };
+    let mut nodes = vec![attack::Node {
+        name: "A".into(),
+        target: ctx.target.clone(),
+        pid: g.server_pid,
+    }];
+    for (i, url) in a.node_urls.iter().enumerate() {
+        nodes.push(attack::Node {
+            name: ["B", "C", "D", "E"].get(i).unwrap_or(&"N").to_string(),
+            target: Target::resolve(url).await?,
+            pid: a.node_pids.get(i).copied(),
+        });
+    }
+    Ok(attack::Params {
+        scenario,
+        duration: Duration::from_secs_f64(a.duration),
+        rate: a.bystander_rate,
+        login_at: a.login_at.map(Duration::from_secs_f64),
+        login_timeout: Duration::from_secs_f64(a.login_timeout),
+        nodes,
+        log_files: a.log_files.clone(),
+        conns: a.conns.map(|c| c as usize),
+        flood_rate: a.flood_rate,
+        per_source: g.per_source as usize,
+        nofile,
+    })
 }
 
 fn fanout_json(r: Result<fanout::Outcome>) -> Result<(Value, bool)> {
