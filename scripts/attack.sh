@@ -29,7 +29,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-ALL=(connect-flood connect-flood-slow-backend auth-flood fd-flood memory-pin
+ALL=(connect-flood connect-flood-slow-backend auth-flood auth-flood-nat fd-flood memory-pin
     cluster-forward-flood cluster-notify-flood cluster-node-death slow-consumer)
 if [ "$#" -gt 0 ]; then SCENARIOS=("$@"); else SCENARIOS=("${ALL[@]}"); fi
 

@@ -7,7 +7,7 @@
 //!
 //! The tool only speaks the protocol, so the same build measures an old server and a new one.
 //! Attackers come from 127.0.0.2 and up (`--per-source` each); the bystander, the backends,
-//! the login probe and the health checker from 127.0.0.1, except in `auth-flood`, whose
+//! the login probe and the health checker from 127.0.0.1, except in `auth-flood-nat`, whose
 //! attackers share 127.0.0.1 with the backend (a backend behind a NAT or a proxy).
 
 mod net;
@@ -41,9 +41,12 @@ pub enum Scenario {
     ConnectFlood,
     /// The same flood while the only backend reads slowly.
     ConnectFloodSlowBackend,
-    /// Waves of 100 wrong-password upgrades from 10 addresses (127.0.0.1 included), closed
-    /// at once, while a backend tries its first login.
+    /// Waves of 100 wrong-password upgrades from 10 addresses (127.0.0.2–11), closed at
+    /// once, while a backend (127.0.0.1) tries its first login.
     AuthFlood,
+    /// The same, with the attackers sharing the backend's address (127.0.0.1–10): a backend
+    /// behind a NAT or a proxy.
+    AuthFloodNat,
     /// Up to 19,000 plain HTTP keep-alive connections (GET /healthz every 4 s).
     FdFlood,
     /// 200 connections sending ~23k notify_all and never reading, plus unfinished fragmented
@@ -68,6 +71,7 @@ impl Scenario {
             Scenario::ConnectFlood => "connect-flood",
             Scenario::ConnectFloodSlowBackend => "connect-flood-slow-backend",
             Scenario::AuthFlood => "auth-flood",
+            Scenario::AuthFloodNat => "auth-flood-nat",
             Scenario::FdFlood => "fd-flood",
             Scenario::MemoryPin => "memory-pin",
             Scenario::ClusterForwardFlood => "cluster-forward-flood",
@@ -295,7 +299,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
     // auth-flood measures the backend's *first* login (a server may remember a password it
     // verified): nobody logs in before the attack, and that backend, once in, acknowledges
     // and notifies the bystander for the rest of the attack.
-    let cold = s == Scenario::AuthFlood;
+    let cold = matches!(s, Scenario::AuthFlood | Scenario::AuthFloodNat);
     let mut backend = None;
     let mut notifier = None;
     let mut bystander = None;
@@ -372,7 +376,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         release: CancellationToken::new(),
     };
     let login_at = p.login_at.unwrap_or(match s {
-        Scenario::AuthFlood => Duration::from_secs(1),
+        Scenario::AuthFlood | Scenario::AuthFloodNat => Duration::from_secs(1),
         _ => p.duration / 2,
     });
     let login_probe = (s != Scenario::ClusterNodeDeath && !cold).then(|| {
@@ -434,7 +438,8 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
     let attack = async {
         match s {
             Scenario::ConnectFlood | Scenario::ConnectFloodSlowBackend => connect_flood(&env).await,
-            Scenario::AuthFlood => auth_flood(&env).await,
+            Scenario::AuthFlood => auth_flood(&env, 2).await,
+            Scenario::AuthFloodNat => auth_flood(&env, 1).await,
             Scenario::FdFlood => fd_flood(&env).await,
             Scenario::MemoryPin => memory_pin(&env).await,
             Scenario::ClusterForwardFlood => forward_flood(&env, backend.as_ref()).await,
@@ -601,8 +606,8 @@ async fn connect_flood(env: &Env<'_>) -> Result<Outcome> {
 }
 
 /// auth-flood: every second a wave of 100 upgrades with a wrong `auth` header, 10 from each
-/// of 127.0.0.1–127.0.0.10, each closed right after its request is written.
-async fn auth_flood(env: &Env<'_>) -> Result<Outcome> {
+/// of 127.0.0.`first`–127.0.0.`first + 9`, each closed right after its request is written.
+async fn auth_flood(env: &Env<'_>, first: u8) -> Result<Outcome> {
     let per_wave = env.conns(100);
     let target = env.node(0).target.clone();
     let stats = Arc::new(FloodStats::default());
@@ -617,7 +622,7 @@ async fn auth_flood(env: &Env<'_>) -> Result<Outcome> {
         }
         waves += 1;
         for i in 0..per_wave {
-            let src = Ipv4Addr::new(127, 0, 0, 1 + (i % 10) as u8);
+            let src = Ipv4Addr::new(127, 0, 0, first + (i % 10) as u8);
             let request =
                 net::upgrade_request(&target, &format!("auth: wrong-password-{waves}-{i}\r\n"));
             let (addr, stats) = (target.addr, stats.clone());
