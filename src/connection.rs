@@ -72,6 +72,9 @@ pub struct PeerInfo {
     /// `server::reserve_admits`): unless the password verifies, it is closed at once rather
     /// than kept as a client in a place meant for a backend.
     pub admin_only: bool,
+    /// Called once the password verifies (the place it held under the reserve's
+    /// per-address cap is given back, see `server::RESERVE_PER_ADDRESS`).
+    pub on_admin: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Serves one upgraded WebSocket until it closes, then removes it from the hub. `peer` is
@@ -101,6 +104,11 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
     }
     if info.admin_only && !session.admin {
         peer.close(Close::NOT_ADMIN);
+    }
+    if session.admin
+        && let Some(on_admin) = info.on_admin
+    {
+        on_admin();
     }
     let (mut sink, mut stream) = socket.split();
     // Set by the reader on every inbound frame, cleared by the writer when it pings.

@@ -6,12 +6,13 @@
 //! head size, handshake timeout) are set here and the shutdown can wait for every WebSocket
 //! task to send its close frame.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -23,6 +24,7 @@ use axum::routing::{get, post};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -58,8 +60,24 @@ const FD_HEADROOM: u64 = 32;
 const MIN_RESERVE: usize = 64;
 
 /// A connection admitted into the reserve gets this long (at most) to send its one request:
-/// the reserve is small, so a silent peer must not keep its place.
-const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// the reserve is small, so a silent peer must not keep its place. A health check or an
+/// upgrade sends its head with the connection, so a second is plenty.
+const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Places in the reserve one address (an IPv6 /64) may hold until it proves to be an admin.
+/// Without a cap, one address opening a few dozen silent connections a second keeps the whole
+/// reserve full, and health checks and admins from elsewhere are dropped at accept.
+const RESERVE_PER_ADDRESS: usize = 4;
+
+/// Idle keep-alive HTTP connections are shed at most this often. Every connection entering
+/// the reserve asks for it; each shedding wakes every HTTP connection's task, so a stream of
+/// newcomers must not turn into a stream of such wake-ups.
+const SHED_EVERY: Duration = Duration::from_millis(500);
+
+/// WebSocket upgrades carrying an `auth:` header may exceed `--max-connections` by this many,
+/// so a backend still gets in when clients fill the server. Each is closed (1008 "not an
+/// admin") unless its password verifies, so a client cannot keep one.
+const ADMIN_CONNECTIONS: usize = 64;
 
 /// What every task shares: configuration, the hub, the authenticator, the shutdown signal.
 pub struct Shared {
@@ -80,6 +98,13 @@ pub struct Shared {
     /// Open TCP connections of every kind, for `--max-tcp-connections`.
     tcp_connections: AtomicUsize,
     tcp_limits: TcpLimits,
+    /// Places in the TCP reserve held per address (see [`RESERVE_PER_ADDRESS`]); at most as
+    /// many entries as the reserve has places.
+    reserve_by_address: Mutex<HashMap<IpAddr, usize>>,
+    /// Notified to close idle keep-alive HTTP connections, when the TCP limit is reached.
+    shed_idle: Notify,
+    /// When idle connections were last shed (see [`SHED_EVERY`]).
+    shed_at: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -102,6 +127,9 @@ impl Shared {
             connections: AtomicUsize::new(0),
             tcp_connections: AtomicUsize::new(0),
             tcp_limits: TcpLimits::new(config.max_tcp_connections),
+            reserve_by_address: Mutex::new(HashMap::new()),
+            shed_idle: Notify::new(),
+            shed_at: Mutex::new(None),
             config,
         }
     }
@@ -128,6 +156,15 @@ pub async fn run(
     cluster::start(Arc::clone(&shared));
     let router = router(Arc::clone(&shared));
     let limits = shared.tcp_limits;
+    if let Some(configured) = limits.clamped_from {
+        warn!(
+            max_tcp_connections = configured,
+            open_file_limit = limits.ceiling + FD_HEADROOM as usize,
+            using = limits.limit,
+            "--max-tcp-connections leaves no reserve for health checks and admins under the \
+             open-file limit: lowered (raise the limit with `ulimit -n`)"
+        );
+    }
     info!(
         max_tcp_connections = limits.limit,
         reserve = limits.ceiling - limits.limit,
@@ -140,7 +177,7 @@ pub async fn run(
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, addr)) => match TcpGuard::take(&shared) {
+                Ok((stream, addr)) => match TcpGuard::take(&shared, addr.ip()) {
                     Some(guard) => {
                         let guard = Arc::new(guard);
                         tokio::spawn(serve_http(stream, addr, guard, router.clone(), Arc::clone(&shared)));
@@ -198,6 +235,10 @@ fn router(shared: Arc<Shared>) -> Routers {
 /// Every request carries the connection's [`TcpGuard`], so a WebSocket task keeps the
 /// connection counted after hyper has handed the socket over. A connection admitted into the
 /// reserve serves one request, with a short head timeout, and only what the reserve is for.
+///
+/// When the TCP limit is reached the connection is closed if it idles between keep-alive
+/// requests (see [`shed_idle`]): holding the limit must cost an attacker new connections, not
+/// one cheap request every few seconds.
 async fn serve_http(
     stream: TcpStream,
     addr: SocketAddr,
@@ -216,7 +257,14 @@ async fn serve_http(
     if reserved {
         head_timeout = head_timeout.min(RESERVE_HEADER_TIMEOUT);
     }
+    // Between keep-alive requests: a response was sent and no request has come since. Only
+    // such a connection is shed; one that has not had its first request yet, or is being
+    // answered, would get `Connection: close` added to its response, which breaks a 101.
+    let idle = Arc::new(AtomicBool::new(false));
+    let idle_in_service = Arc::clone(&idle);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        idle_in_service.store(false, Ordering::Relaxed);
+        let idle = Arc::clone(&idle_in_service);
         request.extensions_mut().insert(ConnectInfo(addr));
         request.extensions_mut().insert(Arc::clone(&tcp));
         let refused = reserved && !reserve_admits(&request);
@@ -242,6 +290,9 @@ async fn serve_http(
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                idle.store(true, Ordering::Relaxed);
+            }
             Ok::<_, Infallible>(response)
         }
     });
@@ -251,14 +302,42 @@ async fn serve_http(
         .max_buf_size(shared.config.max_header_bytes)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    tokio::select! {
-        result = connection => {
-            if let Err(e) = result {
-                debug!(%addr, error = %e, "HTTP connection ended");
+    tokio::pin!(connection);
+    let mut shedding = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    debug!(%addr, error = %e, "HTTP connection ended");
+                }
+                return;
+            }
+            _ = shared.shutdown.cancelled() => return,
+            () = shared.shed_idle.notified(), if !shedding => {
+                // hyper closes an idle connection at once (and would close a busy one after
+                // its response).
+                if idle.load(Ordering::Relaxed) {
+                    connection.as_mut().graceful_shutdown();
+                    shedding = true;
+                }
             }
         }
-        _ = shared.shutdown.cancelled() => {}
     }
+}
+
+/// Asks every HTTP connection idling between keep-alive requests to close, at most once per
+/// [`SHED_EVERY`]. Called when a connection enters the TCP reserve: the limit is reached.
+fn shed_idle(shared: &Shared) {
+    let now = Instant::now();
+    {
+        let mut shed_at = shared.shed_at.lock().unwrap_or_else(|e| e.into_inner());
+        if shed_at.is_some_and(|at| now.duration_since(at) < SHED_EVERY) {
+            return;
+        }
+        *shed_at = Some(now);
+    }
+    debug!("TCP limit reached: closing idle keep-alive HTTP connections");
+    shared.shed_idle.notify_waiters();
 }
 
 async fn healthz() -> &'static str {
@@ -338,7 +417,10 @@ async fn upgrade(
     if shared.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "503: shutting down\n").into_response();
     }
-    let Some(slot) = Slot::take(&shared) else {
+    let password = headers
+        .get("auth")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let Some(slot) = Slot::take(&shared, password.is_some()) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "503 Service Unavailable: connection limit reached\n",
@@ -346,15 +428,17 @@ async fn upgrade(
             .into_response();
     };
     let accept = derive_accept_key(key.as_bytes());
-    let password = headers
-        .get("auth")
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     // The socket outlives this HTTP exchange: keep it counted until the WebSocket ends.
     let tcp = request.extensions().get::<Arc<TcpGuard>>().cloned();
     let info = PeerInfo {
         addr,
         password,
-        admin_only: tcp.as_ref().is_some_and(|tcp| tcp.reserved),
+        admin_only: slot.admin_only || tcp.as_ref().is_some_and(|tcp| tcp.reserved),
+        // A verified admin no longer counts against its address's share of the reserve, so
+        // a backend's many workers can all come in through it.
+        on_admin: tcp
+            .clone()
+            .map(|tcp| Box::new(move || tcp.leave_address_share()) as Box<dyn FnOnce() + Send>),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let token = shared.tracker.token();
@@ -437,24 +521,39 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
 }
 
 /// One counted WebSocket connection; the count drops with it.
-struct Slot(Arc<Shared>);
+struct Slot {
+    shared: Arc<Shared>,
+    /// Beyond `--max-connections`, in the admins' reserve ([`ADMIN_CONNECTIONS`]).
+    admin_only: bool,
+}
 
 impl Slot {
-    fn take(shared: &Arc<Shared>) -> Option<Slot> {
+    /// `has_password`: the upgrade carries `auth:`, so it may take a place in the admins'
+    /// reserve when `--max-connections` is reached.
+    fn take(shared: &Arc<Shared>, has_password: bool) -> Option<Slot> {
         let open = shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
-        if shared.config.max_connections.is_some_and(|max| open > max) {
+        let max = shared.config.max_connections;
+        let over = max.is_some_and(|max| open > max);
+        let room = |max: usize| match has_password {
+            true => max.saturating_add(ADMIN_CONNECTIONS),
+            false => max,
+        };
+        if max.is_some_and(|max| open > room(max)) {
             shared.connections.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         shared.metrics.connections.inc();
-        Some(Slot(Arc::clone(shared)))
+        Some(Slot {
+            shared: Arc::clone(shared),
+            admin_only: over,
+        })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
-        self.0.metrics.connections.dec();
+        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+        self.shared.metrics.connections.dec();
     }
 }
 
@@ -479,6 +578,9 @@ fn reserve_admits<B>(request: &hyper::Request<B>) -> bool {
 struct TcpLimits {
     limit: usize,
     ceiling: usize,
+    /// `--max-tcp-connections` when it was lowered to leave the reserve within the open-file
+    /// limit (`run` says so at start).
+    clamped_from: Option<usize>,
 }
 
 impl TcpLimits {
@@ -489,18 +591,31 @@ impl TcpLimits {
         let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
         let usable = usize::try_from(soft.saturating_sub(FD_HEADROOM)).unwrap_or(usize::MAX);
         let reserve = |limit: usize| (limit / 20).max(MIN_RESERVE);
+        let derived = {
+            let reserve = reserve(usable).min(usable / 2);
+            TcpLimits {
+                limit: usable - reserve,
+                ceiling: usable,
+                clamped_from: None,
+            }
+        };
         match configured {
+            // Above what the descriptors allow, the reserve would be cut short or vanish, and
+            // accept would fail with EMFILE before the limit is even reached.
+            Some(limit)
+                if limit.saturating_add(reserve(limit)) > usable && limit > derived.limit =>
+            {
+                TcpLimits {
+                    clamped_from: Some(limit),
+                    ..derived
+                }
+            }
             Some(limit) => TcpLimits {
                 limit,
                 ceiling: limit.saturating_add(reserve(limit)).min(usable.max(limit)),
+                clamped_from: None,
             },
-            None => {
-                let reserve = reserve(usable).min(usable / 2);
-                TcpLimits {
-                    limit: usable - reserve,
-                    ceiling: usable,
-                }
-            }
+            None => derived,
         }
     }
 }
@@ -511,27 +626,85 @@ struct TcpGuard {
     shared: Arc<Shared>,
     /// Admitted beyond `--max-tcp-connections`, into the reserve.
     reserved: bool,
+    /// In the reserve, the address whose share ([`RESERVE_PER_ADDRESS`]) this connection
+    /// counts against, until it closes or proves to be an admin.
+    share: Mutex<Option<IpAddr>>,
 }
 
 impl TcpGuard {
-    fn take(shared: &Arc<Shared>) -> Option<TcpGuard> {
+    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<TcpGuard> {
         let open = shared.tcp_connections.fetch_add(1, Ordering::AcqRel) + 1;
-        if open > shared.tcp_limits.ceiling {
+        let reserved = open > shared.tcp_limits.limit;
+        let share = reserved.then(|| address_key(ip));
+        if reserved {
+            // At the limit: make room, whether this one is let into the reserve or not.
+            shed_idle(shared);
+        }
+        let refused = open > shared.tcp_limits.ceiling
+            || share.is_some_and(|key| !take_address_share(shared, key));
+        if refused {
             shared.tcp_connections.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         shared.metrics.tcp_connections.inc();
         Some(TcpGuard {
             shared: Arc::clone(shared),
-            reserved: open > shared.tcp_limits.limit,
+            reserved,
+            share: Mutex::new(share),
         })
+    }
+
+    /// Gives the place back to the address's share of the reserve (the connection itself
+    /// stays counted). Idempotent.
+    fn leave_address_share(&self) {
+        let key = self.share.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(key) = key {
+            let mut by_address = self
+                .shared
+                .reserve_by_address
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(held) = by_address.get_mut(&key) {
+                *held -= 1;
+                if *held == 0 {
+                    by_address.remove(&key);
+                }
+            }
+        }
     }
 }
 
 impl Drop for TcpGuard {
     fn drop(&mut self) {
+        self.leave_address_share();
         self.shared.tcp_connections.fetch_sub(1, Ordering::AcqRel);
         self.shared.metrics.tcp_connections.dec();
+    }
+}
+
+/// Takes one of `key`'s places in the reserve; `false` when it holds them all.
+fn take_address_share(shared: &Shared, key: IpAddr) -> bool {
+    let mut by_address = shared
+        .reserve_by_address
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let held = by_address.entry(key).or_insert(0);
+    if *held >= RESERVE_PER_ADDRESS {
+        return false;
+    }
+    *held += 1;
+    true
+}
+
+/// What the per-address share of the reserve is keyed by: an IPv4 address, or an IPv6 /64
+/// (one host usually has a whole /64, so its single addresses cost an attacker nothing).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
     }
 }
 

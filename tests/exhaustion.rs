@@ -1,15 +1,19 @@
 //! Issue 10 item 3: every accepted TCP connection is counted and bounded, plain HTTP
 //! keep-alive included. Past `--max-tcp-connections` a reserve still serves `/healthz` and
 //! admins (everything else gets 503, never a timeout); past the reserve connections are closed
-//! at once; idle keep-alive connections are closed after `--http-idle-timeout`. The last test
-//! runs the built binary under a lowered open-file limit, as an attack on a real host would.
+//! at once; idle keep-alive connections are closed after `--http-idle-timeout`, and at once
+//! when the limit is reached; one address cannot hold more than a few places in the reserve.
+//! The last tests run the built binary under a lowered open-file limit, as an attack on a real
+//! host would.
 
 mod common;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use common::{Conn, PASSWORD, RECV_TIMEOUT, Server, http, wait_metric};
+use common::{
+    Conn, PASSWORD, RECV_TIMEOUT, Server, connect_tcp_from, http, http_from, wait_metric,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -81,6 +85,35 @@ async fn fill(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
     held
 }
 
+/// Fills the TCP limit with `n` plain WebSocket clients: unlike idle keep-alive connections
+/// they are not shed when the limit is reached, so the server stays full for the test.
+async fn fill_with_clients(server: &Server, n: usize) -> Vec<Conn> {
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        held.push(server.client(&format!("client {i}")).await);
+    }
+    held
+}
+
+/// Reads until the server closes `stream`; `false` if it is still open after [`RECV_TIMEOUT`].
+async fn closed_by_server(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    timeout(RECV_TIMEOUT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+fn loopback(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
 /// The status of a WebSocket upgrade without `auth` that the server refused.
 async fn refused_upgrade_status(server: &Server) -> u16 {
     match timeout(RECV_TIMEOUT, connect_async(server.url()))
@@ -96,7 +129,7 @@ async fn refused_upgrade_status(server: &Server) -> u16 {
 #[tokio::test]
 async fn the_reserve_serves_health_checks_and_admins_and_refuses_the_rest() {
     let server = Server::with_args(&HOLD).await;
-    let mut attack = fill(server.addr, LIMIT).await;
+    let mut clients = fill_with_clients(&server, LIMIT).await;
 
     // Full: a health check is still answered.
     let health = http(server.addr, "GET", "/healthz", &[], b"").await;
@@ -112,10 +145,59 @@ async fn the_reserve_serves_health_checks_and_admins_and_refuses_the_rest() {
     let console = http(server.addr, "GET", "/console", &[], b"").await;
     assert_eq!(console.status, 503, "GET /console when full");
 
-    // The attack's connections were not touched: each still answers on keep-alive.
-    let answer = get_healthz(&mut attack[0], true).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    // The clients were not touched.
+    clients[0].expect_silence().await;
     admin.ping(1, false).await;
+}
+
+/// Holding the limit with keep-alive connections idling between cheap requests does not
+/// work: the first connection that finds the limit reached makes the idle ones close, and is
+/// itself served.
+#[tokio::test]
+async fn idle_keep_alive_connections_are_shed_when_the_limit_is_reached() {
+    let server = Server::with_args(&HOLD).await;
+    let mut attack = fill(server.addr, LIMIT).await;
+
+    let health = http(server.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(health.status, 200, "GET /healthz at the limit");
+
+    for (i, stream) in attack.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(stream).await,
+            "idle keep-alive connection {i} was not closed at the limit"
+        );
+    }
+    // Room again below the limit: a plain client is upgraded, not refused.
+    let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
+    loop {
+        match timeout(RECV_TIMEOUT, connect_async(server.url())).await {
+            Ok(Ok((_ws, response))) => break assert_eq!(response.status(), 101),
+            _ if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("a client is still refused after the shedding: {other:?}"),
+        }
+    }
+}
+
+/// One address opening many silent connections gets only a few places in the reserve; a
+/// health check from another address still gets one.
+#[tokio::test]
+async fn one_address_cannot_fill_the_reserve() {
+    let server = Server::with_args(&HOLD).await;
+    let _clients = fill_with_clients(&server, LIMIT).await;
+
+    // More silent connections than the reserve has places, from one address, all accepted
+    // by the kernel before the health check below connects (the server accepts in order).
+    let mut silent = Vec::with_capacity(RESERVE + 8);
+    for _ in 0..RESERVE + 8 {
+        silent.push(connect_tcp_from(server.addr, loopback(3)).await);
+    }
+    let health = http_from(server.addr, loopback(2), "GET", "/healthz", &[], b"").await;
+    assert_eq!(health.status, 200, "GET /healthz from another address");
+    let mut admin = Conn::connect_from(server.addr, loopback(4), Some(PASSWORD), "admin").await;
+    admin.server_connect().await;
+    drop(silent);
 }
 
 /// The reserve is let in on the `auth:` header alone; a wrong password must not keep a place
@@ -123,7 +205,7 @@ async fn the_reserve_serves_health_checks_and_admins_and_refuses_the_rest() {
 #[tokio::test]
 async fn a_wrong_password_in_the_reserve_is_closed_not_kept() {
     let server = Server::with_args(&HOLD).await;
-    let _attack = fill(server.addr, LIMIT).await;
+    let _clients = fill_with_clients(&server, LIMIT).await;
     let mut impostor = Conn::connect(&server.url(), Some("not-the-password"), "impostor").await;
     let reason = impostor.expect_close_code(1008).await;
     assert_eq!(reason, "not an admin");
@@ -135,9 +217,9 @@ async fn a_wrong_password_in_the_reserve_is_closed_not_kept() {
 #[tokio::test]
 async fn below_the_limit_clients_are_served_again() {
     let server = Server::with_args(&HOLD).await;
-    let attack = fill(server.addr, LIMIT).await;
+    let clients = fill_with_clients(&server, LIMIT).await;
     assert_eq!(refused_upgrade_status(&server).await, 503);
-    drop(attack);
+    drop(clients);
     // The server sees the closes a moment later: retry, bounded.
     let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
     loop {
@@ -157,11 +239,14 @@ async fn below_the_limit_clients_are_served_again() {
 #[tokio::test]
 async fn past_the_reserve_connections_are_closed_at_once() {
     let server = Server::with_args(&HOLD).await;
-    let _attack = fill(server.addr, LIMIT).await;
-    // Admin WebSockets stay, so they fill the reserve for good.
+    let _clients = fill_with_clients(&server, LIMIT).await;
+    // Admin WebSockets stay, so they fill the reserve for good. All from one address: once
+    // verified, an admin no longer counts against its address's share of the reserve.
     let mut admins = Vec::with_capacity(RESERVE);
     for i in 0..RESERVE {
-        admins.push(Conn::connect(&server.url(), Some(PASSWORD), &format!("admin {i}")).await);
+        let mut admin = Conn::connect(&server.url(), Some(PASSWORD), &format!("admin {i}")).await;
+        admin.server_connect().await;
+        admins.push(admin);
     }
 
     // One more: closed without an answer (not left hanging in the backlog).
@@ -287,16 +372,35 @@ async fn attacker(addr: SocketAddr) -> (Option<TcpStream>, String) {
 
 /// The attack of the issue, on the real binary: more keep-alive connections than it has
 /// descriptors. Without the TCP limit, accept fails with EMFILE and the health check below
-/// times out (checked by hand with `--max-tcp-connections 1000`).
+/// times out.
 #[tokio::test]
 async fn the_binary_keeps_answering_health_checks_with_few_file_descriptors() {
+    attack_with_few_file_descriptors(&[]).await;
+}
+
+/// A `--max-tcp-connections` above what the descriptors allow is lowered, with a warning,
+/// rather than leaving no reserve (accept would then fail with EMFILE as without a limit).
+#[tokio::test]
+async fn a_tcp_limit_above_the_descriptors_is_lowered_with_a_warning() {
+    let log = attack_with_few_file_descriptors(&["--max-tcp-connections", "1000"]).await;
+    assert!(
+        log.contains("--max-tcp-connections leaves no reserve"),
+        "no warning about the lowered limit:\n{log}"
+    );
+}
+
+/// Runs the attack against the binary started with `args` under an open-file limit of 200;
+/// returns its log.
+async fn attack_with_few_file_descriptors(args: &[&str]) -> String {
     const NOFILE: u64 = 200;
     const ATTACKERS: usize = 300;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let binary = Binary::start(port, NOFILE, &["--http-idle-timeout", "60"]);
+    let mut all_args = vec!["--http-idle-timeout", "60"];
+    all_args.extend_from_slice(args);
+    let binary = Binary::start(port, NOFILE, &all_args);
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let started = tokio::time::Instant::now();
     while TcpStream::connect(addr).await.is_err() {
@@ -326,4 +430,5 @@ async fn the_binary_keeps_answering_health_checks_with_few_file_descriptors() {
         "the accept loop ran out of descriptors:\n{log}"
     );
     drop(attack);
+    log
 }

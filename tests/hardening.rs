@@ -449,6 +449,29 @@ async fn max_connections_refuses_the_fourth_with_503_until_one_closes() {
     drop(c3);
 }
 
+/// `--max-connections` full of clients does not lock the backend out: an upgrade carrying
+/// `auth:` may go over the limit, and is closed (1008 "not an admin") if its password fails,
+/// so a client cannot keep such a place.
+#[tokio::test]
+async fn max_connections_full_of_clients_still_lets_an_admin_in() {
+    let server = Server::with_args(&["--max-connections", "3"]).await;
+    let _c1 = server.client("c1").await;
+    let _c2 = server.client("c2").await;
+    let _c3 = server.client("c3").await;
+    assert_eq!(refused_upgrade(&server.url(), None).await, 503);
+
+    let mut admin = server.admin("admin").await;
+    admin.server_connect().await;
+
+    let mut impostor = Conn::connect(&server.url(), Some("not-the-password"), "impostor").await;
+    let reason = impostor.expect_close_code(1008).await;
+    assert_eq!(reason, "not an admin");
+
+    // Clients are still refused; the admin is still served.
+    assert_eq!(refused_upgrade(&server.url(), None).await, 503);
+    admin.ping(1, false).await;
+}
+
 // ------------------------------------------------------------------------ max header bytes
 
 /// A request head over `--max-header-bytes` is refused (hyper answers 431 or closes) and the
