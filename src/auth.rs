@@ -303,6 +303,11 @@ impl Queue {
         if self.total >= MAX_QUEUED && !self.evict_for(ip) {
             return None;
         }
+        // The evicted job may have been this very password's (another address's).
+        let joins = self.pending.contains_key(&digest);
+        if !joins && self.jobs_of(ip) >= MAX_QUEUED_PER_ADDRESS {
+            return None;
+        }
         let (reply, answer) = oneshot::channel();
         self.pending.entry(digest).or_default().add(reply);
         if !joins {
@@ -530,12 +535,13 @@ impl Authenticator {
         }
         let (answer, start_worker) = {
             let mut queue = inner.lock();
-            let Some(answer) = queue.request(ip, digest, password) else {
+            let answer = queue.request(ip, digest, password);
+            inner.metrics.waiting.set(queue.jobs as i64);
+            let Some(answer) = answer else {
                 drop(queue);
                 inner.metrics.busy.inc();
                 return Verdict::Busy;
             };
-            inner.metrics.waiting.set(queue.jobs as i64);
             let start = queue.jobs > 0 && queue.running < inner.workers;
             if start {
                 queue.running += 1;
