@@ -12,12 +12,12 @@ use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::value::RawValue;
-use tracing::warn;
 
 use crate::auth::Verdict;
 use crate::events::{NotifyAll, NotifyClient, NotifyGroup, Publish};
 use crate::protocol::{Data, ProtocolError};
 use crate::server::Shared;
+use crate::warn_throttled;
 
 pub async fn handle(
     State(shared): State<Arc<Shared>>,
@@ -129,7 +129,7 @@ pub(crate) async fn authorize(
     match shared.auth.verify(&password, addr.ip()).await {
         Verdict::Admin => Ok(()),
         Verdict::Busy => {
-            warn!(%addr, "HTTP: admin authentication busy: too many verifications waiting");
+            warn_throttled!(%addr, "HTTP: admin authentication busy: too many verifications waiting");
             let mut response = error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &ProtocolError::RateLimited(
@@ -144,7 +144,8 @@ pub(crate) async fn authorize(
         }
         Verdict::WrongPassword => {
             shared.metrics.auth_failures.inc();
-            warn!(%addr, "HTTP: wrong admin password");
+            // Throttled: wrong passwords cost nothing once the right one is known.
+            warn_throttled!(%addr, "HTTP: wrong admin password");
             Err(error(
                 StatusCode::UNAUTHORIZED,
                 &ProtocolError::Unauthorized,

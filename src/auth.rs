@@ -5,26 +5,28 @@
 //! gets it decides whether a flood of wrong passwords can lock the real backend out. The
 //! rules, cheapest first:
 //!
-//! 1. A password that verified once is remembered as an HMAC under a key made at start (never
-//!    in plain text): Jaseci's frequent reconnects don't pay bcrypt again.
-//! 2. One bcrypt hash admits exactly one password of at most 72 bytes without NUL (bcrypt
-//!    keys on the password and its NUL terminator, cut at 72 bytes). So once the right
-//!    password is known, any other such password is refused at once, without bcrypt: after
-//!    the backend's first login a flood costs nothing and cannot delay it. Longer passwords,
-//!    or ones with NUL, still go to bcrypt (bcrypt truncates them, so they may be equivalent).
-//! 3. Everything else waits in a fair queue served by a few blocking workers (half
-//!    the cores): the address with the fewest recent failures goes first, equals take turns.
-//!    A failing address only loses priority; nothing is refused for its failures, so a right
+//! 1. bcrypt keys on the first 72 bytes of a password (and a NUL terminator), so those bytes
+//!    ([`bcrypt_key`]) decide the verdict and everything here works on them. A password with
+//!    a NUL byte is refused outright, as the original (Python bcrypt) refuses it.
+//! 2. One hash admits one such key. Once a password verified, its key is kept as an HMAC
+//!    under a key made at start (never in plain text), and every password is judged by
+//!    comparing digests, without bcrypt: Jaseci's frequent reconnects pay nothing, and after
+//!    the backend's first login a flood of wrong passwords costs nothing and cannot delay it.
+//! 3. Before that, requests for the same password share one bcrypt run: a host whose
+//!    workers all reconnect at once pays one run, and they all get its verdict.
+//! 4. Distinct passwords wait in a fair queue served by a few blocking workers (half the
+//!    cores): the address with the fewest recent failures goes first, equals take turns. A
+//!    failing address only loses priority; nothing is refused for its failures, so a right
 //!    password is never refused because others behind the same address failed. A waiting
-//!    request whose requester left (its connection closed, its HTTP request dropped) is
+//!    verification whose requesters all left (connections closed, HTTP requests dropped) is
 //!    skipped, never run. The queue is bounded per address and in total; past the bound the
 //!    request is refused as [`Verdict::Busy`] ("busy, retry"), never as a wrong password.
 //!
-//! The bounds also bound what waiting verifications hold elsewhere: an upgrade whose `auth`
+//! The bounds also bound what waiting requesters hold elsewhere: an upgrade whose `auth`
 //! header waits here holds a `--max-connections` slot, so at most [`MAX_QUEUED`] slots (and
-//! [`MAX_QUEUED_PER_ADDRESS`] per address) can be pinned this way, plus one per worker.
+//! [`MAX_WAITING_PER_ADDRESS`] per address) can be pinned this way.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -38,19 +40,21 @@ use crate::metrics::AuthMetrics;
 /// The original relay's default `SOCKET_AUTH`: hex of a bcrypt hash of `12345678`.
 pub const DEFAULT_AUTH_HEX: &str = "24326224313224682e6b576f5762714d43745633516c554e5573645265764142693753473043784b574b355a733033757159323834796c3757425a71";
 
-/// Verifications one address may have waiting (not counting the ones running). A backend
-/// sends one at a time; more from one address is a flood or a reconnect storm.
+/// Distinct passwords one address may have waiting for bcrypt (not counting the ones
+/// running). A backend sends one password; more from one address is a flood.
 pub const MAX_QUEUED_PER_ADDRESS: usize = 8;
-/// Verifications waiting in total.
+/// Requesters one address may have waiting for a verdict, sharing runs included: the
+/// workers of one backend host reconnecting at once all wait for the same run.
+pub const MAX_WAITING_PER_ADDRESS: usize = 64;
+/// Requesters waiting for a verdict in total.
 pub const MAX_QUEUED: usize = 1024;
 /// Failures are counted per address over windows of this length; a new window starts at 0.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Addresses whose failures are tracked at once; beyond it new addresses count as fresh
 /// until old windows expire (the table must not grow with an attacker's address space).
 const MAX_TRACKED: usize = 100_000;
-/// Distinct passwords remembered as verified: one, or a few variants of one longer than 72
-/// bytes (bcrypt ignores what follows).
-const MAX_REMEMBERED: usize = 16;
+/// bcrypt uses this many bytes of a password and ignores the rest.
+const BCRYPT_MAX_BYTES: usize = 72;
 
 /// bcrypt workers: half the cores (at least one), so a flood of wrong passwords leaves the
 /// other half to the relay itself.
@@ -118,7 +122,7 @@ impl PasswordHash {
     }
 
     /// Runs bcrypt: slow and blocking, call it off the runtime.
-    fn verify_blocking(&self, password: &str) -> bool {
+    fn verify_blocking(&self, password: impl AsRef<[u8]>) -> bool {
         bcrypt::verify(password, &self.0).unwrap_or(false)
     }
 }
@@ -141,10 +145,16 @@ pub fn hash_password(password: &str) -> Result<String, bcrypt::BcryptError> {
     Ok(hex::encode(bcrypt::hash(password, bcrypt::DEFAULT_COST)?))
 }
 
-/// True when bcrypt sees all of `password` and nothing else: then the hash admits it and no
-/// other password, and a different one can be refused without running bcrypt.
-fn bcrypt_sees_exactly(password: &str) -> bool {
-    password.len() <= 72 && !password.as_bytes().contains(&0)
+/// What bcrypt sees of `password`: its first 72 bytes. Two passwords with the same key are
+/// the same to any bcrypt hash, two with different keys are not (the key and its NUL
+/// terminator fill bcrypt's key schedule). `None` for a password with a NUL byte, which is
+/// refused without bcrypt.
+fn bcrypt_key(password: &str) -> Option<&[u8]> {
+    let bytes = password.as_bytes();
+    if bytes.contains(&0) {
+        return None;
+    }
+    Some(&bytes[..bytes.len().min(BCRYPT_MAX_BYTES)])
 }
 
 /// The unit of fairness: an IPv4 address, or an IPv6 /64 (what one host or one customer of
@@ -177,29 +187,55 @@ pub struct Authenticator {
     inner: Arc<Inner>,
 }
 
+/// HMAC-SHA256 of a [`bcrypt_key`] under [`Inner::key`].
+type Digest = [u8; 32];
+
 /// What the async side and the blocking workers share.
 struct Inner {
     hash: PasswordHash,
-    /// HMAC key made at start; the remembered digests are useless outside this process.
+    /// HMAC key made at start; the digests are useless outside this process.
     key: [u8; 32],
-    /// Digests of passwords that verified.
-    remembered: Mutex<HashSet<[u8; 32]>>,
-    /// Set once a password that bcrypt sees exactly ([`bcrypt_sees_exactly`]) verified:
-    /// every other such password is then wrong without asking bcrypt.
-    known: OnceLock<()>,
-    /// Waiting verifications and per-address failures. Held only for O(log n) steps, never
+    /// False when the OS gave no randomness for `key`: the digests would then be a plain
+    /// hash of the password, so the verified one is not kept (only speed is lost).
+    keyed: bool,
+    /// The digest of the password that verified: every other one is then wrong without
+    /// asking bcrypt. Exactly one, never evicted.
+    known: OnceLock<Digest>,
+    /// Waiting verifications and per-address failures. Held only for short steps, never
     /// across bcrypt.
     queue: Mutex<Queue>,
     workers: usize,
     metrics: AuthMetrics,
 }
 
-/// One verification waiting for a worker.
+/// One bcrypt run waiting for a worker. Who waits for its verdict is in
+/// [`Queue::pending`] under its digest.
 struct Job {
-    password: String,
-    digest: Option<[u8; 32]>,
-    /// Dropped by the requester when it leaves: the job is then skipped.
-    reply: oneshot::Sender<Verdict>,
+    /// The [`bcrypt_key`] (at most 72 bytes).
+    password: Vec<u8>,
+    digest: Digest,
+}
+
+/// The requesters of one password, waiting or running. Requesters that left are dropped
+/// lazily: whenever the list has doubled since it was last cleaned.
+#[derive(Default)]
+struct Pending {
+    replies: Vec<oneshot::Sender<Verdict>>,
+    cleaned_at: usize,
+}
+
+impl Pending {
+    fn add(&mut self, reply: oneshot::Sender<Verdict>) {
+        if self.replies.len() >= 2 * self.cleaned_at.max(8) {
+            self.replies.retain(|r| !r.is_closed());
+            self.cleaned_at = self.replies.len();
+        }
+        self.replies.push(reply);
+    }
+
+    fn anyone_waits(&self) -> bool {
+        self.replies.iter().any(|r| !r.is_closed())
+    }
 }
 
 /// The fair queue. Addresses with waiting jobs sit in `order` under the key
@@ -212,7 +248,13 @@ struct Queue {
     order: BTreeSet<(u32, u64, IpAddr)>,
     next_turn: u64,
     /// Jobs in `waiting`, abandoned ones included until they are skipped.
-    len: usize,
+    jobs: usize,
+    /// Who waits for each password being verified (waiting or running), by digest: a
+    /// request for a password already here joins it instead of running bcrypt again.
+    pending: HashMap<Digest, Pending>,
+    /// Requesters waiting for a verdict ([`Ticket`]s alive), per address and in total.
+    requesters: HashMap<IpAddr, usize>,
+    total: usize,
     /// Workers running (each on a blocking thread while there are jobs).
     running: usize,
     /// Failures per address in its current window: (count, window start).
@@ -235,34 +277,117 @@ impl Queue {
         }
     }
 
-    /// Adds `job` for `ip`, or gives it back when the queue is full for it. When the total
-    /// is reached, the newest job of the worst-ranked address makes room for an address that
-    /// failed less; that job is answered [`Verdict::Busy`].
-    fn push(&mut self, ip: IpAddr, job: Job) -> Result<(), Job> {
+    /// Registers a requester at `ip` for the password `password` (its bcrypt key) and
+    /// returns where its verdict will arrive, or `None` when the queue is full for it. A
+    /// password already pending is joined; a new one becomes a job. When the total is
+    /// reached, the newest job of the worst-ranked address makes room for an address that
+    /// failed less; its requesters are answered [`Verdict::Busy`]. The caller holds a
+    /// [`Ticket`] for the requester from then on.
+    fn request(
+        &mut self,
+        ip: IpAddr,
+        digest: Digest,
+        password: &[u8],
+    ) -> Option<oneshot::Receiver<Verdict>> {
+        if self.requesters.get(&ip).copied().unwrap_or(0) >= MAX_WAITING_PER_ADDRESS {
+            return None;
+        }
+        let joins = self.pending.contains_key(&digest);
+        if !joins && self.jobs_of(ip) >= MAX_QUEUED_PER_ADDRESS {
+            // At most MAX_QUEUED_PER_ADDRESS to look at: jobs nobody waits for free their place.
+            self.drop_abandoned(ip);
+            if self.jobs_of(ip) >= MAX_QUEUED_PER_ADDRESS {
+                return None;
+            }
+        }
+        if self.total >= MAX_QUEUED && !self.evict_for(ip) {
+            return None;
+        }
+        // The evicted job may have been this very password's (another address's).
+        let joins = self.pending.contains_key(&digest);
+        if !joins && self.jobs_of(ip) >= MAX_QUEUED_PER_ADDRESS {
+            return None;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.pending.entry(digest).or_default().add(reply);
+        if !joins {
+            self.push_job(
+                ip,
+                Job {
+                    password: password.to_vec(),
+                    digest,
+                },
+            );
+        }
+        self.total += 1;
+        *self.requesters.entry(ip).or_insert(0) += 1;
+        Some(answer)
+    }
+
+    /// A requester stopped waiting (answered, or gone).
+    fn release(&mut self, ip: IpAddr) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(count) = self.requesters.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.requesters.remove(&ip);
+            }
+        }
+    }
+
+    fn jobs_of(&self, ip: IpAddr) -> usize {
+        self.waiting.get(&ip).map_or(0, |w| w.jobs.len())
+    }
+
+    /// Forgets the waiting jobs of `ip` whose requesters all left.
+    fn drop_abandoned(&mut self, ip: IpAddr) {
+        let Some(waiting) = self.waiting.get_mut(&ip) else {
+            return;
+        };
+        let pending = &mut self.pending;
+        let before = waiting.jobs.len();
+        waiting.jobs.retain(|job| {
+            let wanted = pending.get(&job.digest).is_some_and(Pending::anyone_waits);
+            if !wanted {
+                pending.remove(&job.digest);
+            }
+            wanted
+        });
+        self.jobs -= before - waiting.jobs.len();
+        if waiting.jobs.is_empty() {
+            let rank = waiting.rank;
+            self.waiting.remove(&ip);
+            self.order.remove(&(rank.0, rank.1, ip));
+        }
+    }
+
+    /// Makes room for a requester at `ip` by refusing the newest job of the worst-ranked
+    /// address, if that address failed more; false when nobody may be evicted. The evicted
+    /// requesters release their places when they read the answer.
+    fn evict_for(&mut self, ip: IpAddr) -> bool {
         let failures = self.failures_of(ip);
-        if let Some(waiting) = self.waiting.get_mut(&ip)
-            && waiting.jobs.len() >= MAX_QUEUED_PER_ADDRESS
-        {
-            // At most MAX_QUEUED_PER_ADDRESS to look at: requesters that left free their place.
-            let before = waiting.jobs.len();
-            waiting.jobs.retain(|job| !job.reply.is_closed());
-            self.len -= before - waiting.jobs.len();
-            if waiting.jobs.len() >= MAX_QUEUED_PER_ADDRESS {
-                return Err(job);
+        let Some(&(worst_failures, _, worst_ip)) = self.order.last() else {
+            return false;
+        };
+        if worst_failures <= failures {
+            return false;
+        }
+        if let Some(job) = self.pop_back(worst_ip) {
+            for reply in self
+                .pending
+                .remove(&job.digest)
+                .into_iter()
+                .flat_map(|p| p.replies)
+            {
+                let _ = reply.send(Verdict::Busy);
             }
         }
-        if self.len >= MAX_QUEUED {
-            let worst = self.order.last().copied();
-            match worst {
-                Some((worst_failures, _, worst_ip)) if worst_failures > failures => {
-                    if let Some(evicted) = self.pop_back(worst_ip) {
-                        let _ = evicted.reply.send(Verdict::Busy);
-                    }
-                }
-                _ => return Err(job),
-            }
-        }
+        true
+    }
+
+    fn push_job(&mut self, ip: IpAddr, job: Job) {
         if !self.waiting.contains_key(&ip) {
+            let failures = self.failures_of(ip);
             let turn = self.take_turn();
             self.order.insert((failures, turn, ip));
             self.waiting.insert(
@@ -276,8 +401,7 @@ impl Queue {
         if let Some(waiting) = self.waiting.get_mut(&ip) {
             waiting.jobs.push_back(job);
         }
-        self.len += 1;
-        Ok(())
+        self.jobs += 1;
     }
 
     fn take_turn(&mut self) -> u64 {
@@ -302,7 +426,7 @@ impl Queue {
                 self.order.insert((failures, turn, ip));
             }
             if let Some(job) = job {
-                self.len -= 1;
+                self.jobs -= 1;
                 return Some((ip, job));
             }
         }
@@ -312,7 +436,7 @@ impl Queue {
     fn pop_back(&mut self, ip: IpAddr) -> Option<Job> {
         let waiting = self.waiting.get_mut(&ip)?;
         let job = waiting.jobs.pop_back()?;
-        self.len -= 1;
+        self.jobs -= 1;
         if waiting.jobs.is_empty() {
             let rank = waiting.rank;
             self.waiting.remove(&ip);
@@ -358,20 +482,32 @@ impl Queue {
     }
 }
 
+/// A requester's place in the queue's counts, released when it stops waiting: answered, or
+/// its future dropped because the peer left.
+struct Ticket<'a> {
+    inner: &'a Inner,
+    ip: IpAddr,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.inner.lock().release(self.ip);
+    }
+}
+
 impl Authenticator {
     /// `metrics` receives the queue length, the bcrypt runs and the busy refusals.
     pub fn new(hash: PasswordHash, metrics: AuthMetrics) -> Authenticator {
         let mut key = [0u8; 32];
-        if getrandom::fill(&mut key).is_err() {
-            // Without OS randomness the digests would be predictable; remembering is then
-            // skipped (see `digest`), which only costs speed.
+        let keyed = getrandom::fill(&mut key).is_ok();
+        if !keyed {
             key = [0u8; 32];
         }
         Authenticator {
             inner: Arc::new(Inner {
                 hash,
                 key,
-                remembered: Mutex::new(HashSet::new()),
+                keyed,
                 known: OnceLock::new(),
                 queue: Mutex::new(Queue::default()),
                 workers: workers(),
@@ -381,40 +517,45 @@ impl Authenticator {
     }
 
     /// Checks `password` from a peer at `ip`. Never blocks the runtime. Dropping the future
-    /// withdraws the request: if it was still waiting, bcrypt never runs for it.
+    /// withdraws the request: if nobody else waits for the same password, bcrypt never runs
+    /// for it.
     pub async fn verify(&self, password: &str, ip: IpAddr) -> Verdict {
-        let inner = &self.inner;
+        let inner = &*self.inner;
         let ip = bucket(ip);
+        let Some(password) = bcrypt_key(password) else {
+            inner.lock().record_failure(ip);
+            return Verdict::WrongPassword;
+        };
         let digest = inner.digest(password);
-        if let Some(verdict) = inner.without_bcrypt(password, digest.as_ref()) {
+        if let Some(verdict) = inner.without_bcrypt(&digest) {
             if verdict == Verdict::WrongPassword {
                 inner.lock().record_failure(ip);
             }
             return verdict;
         }
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            password: password.to_string(),
-            digest,
-            reply,
-        };
-        let start_worker = {
+        let (answer, start_worker) = {
             let mut queue = inner.lock();
-            if queue.push(ip, job).is_err() {
+            let answer = queue.request(ip, digest, password);
+            inner.metrics.waiting.set(queue.jobs as i64);
+            let Some(answer) = answer else {
                 drop(queue);
                 inner.metrics.busy.inc();
                 return Verdict::Busy;
-            }
-            inner.metrics.waiting.set(queue.len as i64);
-            let start = queue.running < inner.workers;
+            };
+            let start = queue.jobs > 0 && queue.running < inner.workers;
             if start {
                 queue.running += 1;
             }
-            start
+            (answer, start)
         };
+        let _ticket = Ticket { inner, ip };
         if start_worker {
-            let worker = Arc::clone(inner);
-            tokio::task::spawn_blocking(move || worker.work());
+            let worker = WorkerSlot {
+                inner: Arc::clone(&self.inner),
+                counted: true,
+            };
+            // At shutdown the closure may be dropped unrun: `WorkerSlot` then uncounts it.
+            drop(tokio::task::spawn_blocking(move || worker.work()));
         }
         // The sender is dropped unanswered only if a worker died: no verdict on the password.
         let verdict = answer.await.unwrap_or(Verdict::Busy);
@@ -432,86 +573,111 @@ impl Inner {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn digest(&self, password: &str) -> Option<[u8; 32]> {
-        if self.key == [0u8; 32] {
-            return None;
-        }
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).ok()?;
-        mac.update(password.as_bytes());
-        Some(mac.finalize().into_bytes().into())
+    fn digest(&self, password: &[u8]) -> Digest {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.key) else {
+            unreachable!("HMAC takes keys of any length");
+        };
+        mac.update(password);
+        mac.finalize().into_bytes().into()
     }
 
-    /// The verdict when it needs no bcrypt: a remembered password, or (once the right one is
-    /// known) any other password bcrypt would see exactly.
-    fn without_bcrypt(&self, password: &str, digest: Option<&[u8; 32]>) -> Option<Verdict> {
-        let remembered = digest.is_some_and(|d| {
-            self.remembered
-                .lock()
-                .map(|set| set.contains(d))
-                .unwrap_or(false)
-        });
-        if remembered {
-            return Some(Verdict::Admin);
-        }
-        // `known` is only set when remembering works, so "not remembered" above is reliable.
-        if self.known.get().is_some() && bcrypt_sees_exactly(password) {
-            return Some(Verdict::WrongPassword);
-        }
-        None
+    /// The verdict when it needs no bcrypt: once a password verified, every password is
+    /// judged by its digest.
+    fn without_bcrypt(&self, digest: &Digest) -> Option<Verdict> {
+        let known = self.known.get()?;
+        Some(if known == digest {
+            Verdict::Admin
+        } else {
+            Verdict::WrongPassword
+        })
     }
 
-    fn remember(&self, password: &str, digest: Option<[u8; 32]>) {
-        let Some(digest) = digest else { return };
-        if let Ok(mut set) = self.remembered.lock() {
-            if set.len() >= MAX_REMEMBERED {
-                set.clear();
+    fn remember(&self, digest: Digest) {
+        if self.keyed {
+            let _ = self.known.set(digest);
+        }
+    }
+
+    /// Runs `job` (or judges it without bcrypt, if the password became known meanwhile)
+    /// and answers everyone who waits for it.
+    fn run(&self, ip: IpAddr, job: Job) {
+        let verdict = match self.without_bcrypt(&job.digest) {
+            Some(verdict) => verdict,
+            None => {
+                self.metrics.verifications.inc();
+                let hash = &self.hash;
+                let password = &job.password;
+                let ok =
+                    std::panic::catch_unwind(|| hash.verify_blocking(password)).unwrap_or(false);
+                if ok {
+                    self.remember(job.digest);
+                    Verdict::Admin
+                } else {
+                    Verdict::WrongPassword
+                }
             }
-            set.insert(digest);
-        }
-        if bcrypt_sees_exactly(password) {
-            let _ = self.known.set(());
+        };
+        let waiters = {
+            let mut queue = self.lock();
+            if verdict == Verdict::WrongPassword {
+                queue.record_failure(ip);
+            }
+            queue.pending.remove(&job.digest)
+        };
+        // Outside the lock: the list is as long as the requesters that shared the run.
+        for reply in waiters.into_iter().flat_map(|p| p.replies) {
+            let _ = reply.send(verdict);
         }
     }
+}
 
-    /// A worker: runs waiting jobs, best-ranked first, until none is left. Runs on a
-    /// blocking thread; takes the queue lock only between jobs.
-    fn work(&self) {
+/// A running worker, counted in [`Queue::running`] until it returns, panics, or is dropped
+/// unrun (`spawn_blocking` at shutdown): a count left high would stop new workers.
+struct WorkerSlot {
+    inner: Arc<Inner>,
+    counted: bool,
+}
+
+impl WorkerSlot {
+    /// Runs waiting jobs, best-ranked first, until none is left. Runs on a blocking thread;
+    /// takes the queue lock only between jobs.
+    fn work(mut self) {
+        let inner = Arc::clone(&self.inner);
         loop {
             let next = {
-                let mut queue = self.lock();
+                let mut queue = inner.lock();
                 let next = queue.pop_next();
-                self.metrics.waiting.set(queue.len as i64);
-                if next.is_none() {
-                    // Under the lock, so a job pushed meanwhile sees this and starts a worker.
-                    queue.running -= 1;
-                }
-                next
-            };
-            let Some((ip, job)) = next else { return };
-            if job.reply.is_closed() {
-                // The requester left while waiting: no work for it.
-                continue;
-            }
-            let verdict = match self.without_bcrypt(&job.password, job.digest.as_ref()) {
-                Some(verdict) => verdict,
-                None => {
-                    self.metrics.verifications.inc();
-                    let hash = &self.hash;
-                    let password = &job.password;
-                    let ok = std::panic::catch_unwind(|| hash.verify_blocking(password))
-                        .unwrap_or(false);
-                    if ok {
-                        self.remember(&job.password, job.digest);
-                        Verdict::Admin
-                    } else {
-                        Verdict::WrongPassword
+                inner.metrics.waiting.set(queue.jobs as i64);
+                match next {
+                    // The requesters all left while it waited: no work for it.
+                    Some((_, job))
+                        if !queue
+                            .pending
+                            .get(&job.digest)
+                            .is_some_and(Pending::anyone_waits) =>
+                    {
+                        queue.pending.remove(&job.digest);
+                        continue;
+                    }
+                    Some(next) => next,
+                    None => {
+                        // Under the lock, so a job pushed meanwhile sees this and starts a
+                        // worker.
+                        queue.running -= 1;
+                        self.counted = false;
+                        return;
                     }
                 }
             };
-            if verdict == Verdict::WrongPassword {
-                self.lock().record_failure(ip);
-            }
-            let _ = job.reply.send(verdict);
+            inner.run(next.0, next.1);
+        }
+    }
+}
+
+impl Drop for WorkerSlot {
+    fn drop(&mut self) {
+        if self.counted {
+            self.inner.lock().running -= 1;
         }
     }
 }
@@ -555,16 +721,18 @@ mod tests {
         assert!(hash.verify_blocking("s3cret"));
     }
 
-    /// The fast reject relies on this: bcrypt ignores what follows byte 72, so such
-    /// passwords are not refused without bcrypt.
+    /// The digest fast path relies on this: bcrypt ignores what follows byte 72, so the
+    /// first 72 bytes decide, and a NUL byte is refused before bcrypt.
     #[test]
-    fn bcrypt_truncates_at_72_bytes() {
+    fn bcrypt_decides_on_the_first_72_bytes() {
         let long = "x".repeat(72);
         let hash = PasswordHash(bcrypt::hash(&long, 4).unwrap());
-        assert!(hash.verify_blocking(&format!("{long}anything")));
-        assert!(bcrypt_sees_exactly(&long));
-        assert!(!bcrypt_sees_exactly(&format!("{long}y")));
-        assert!(!bcrypt_sees_exactly("a\0b"));
+        assert!(hash.verify_blocking(format!("{long}anything")));
+        assert!(!hash.verify_blocking(&long[..71]));
+        assert_eq!(bcrypt_key(&format!("{long}y")), Some(long.as_bytes()));
+        assert_eq!(bcrypt_key("short"), Some(&b"short"[..]));
+        assert_eq!(bcrypt_key("a\0b"), None);
+        assert_eq!(bcrypt_key(&format!("{long}\0")), None);
     }
 
     #[test]
@@ -581,18 +749,15 @@ mod tests {
         );
     }
 
-    fn job() -> (Job, oneshot::Receiver<Verdict>) {
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            password: String::new(),
-            digest: None,
-            reply,
-        };
-        (job, answer)
-    }
-
     fn ip(last: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(192, 0, 2, last))
+    }
+
+    /// A distinct password per `n`.
+    fn digest(n: u32) -> Digest {
+        let mut d = [0u8; 32];
+        d[..4].copy_from_slice(&n.to_be_bytes());
+        d
     }
 
     /// Fewer failures first, round robin among equals, and a failure moves an address back.
@@ -603,10 +768,8 @@ mod tests {
         for _ in 0..3 {
             queue.record_failure(ip(1));
         }
-        for address in [ip(1), ip(1), ip(2), ip(2), ip(3)] {
-            let (job, answer) = job();
-            assert!(queue.push(address, job).is_ok());
-            answers.push(answer);
+        for (n, address) in [ip(1), ip(1), ip(2), ip(2), ip(3)].into_iter().enumerate() {
+            answers.push(queue.request(address, digest(n as u32), b"").unwrap());
         }
         let mut served = Vec::new();
         while let Some((address, _)) = queue.pop_next() {
@@ -617,53 +780,68 @@ mod tests {
             }
         }
         assert_eq!(served, [ip(2), ip(3), ip(2), ip(1), ip(1)]);
-        assert_eq!(queue.len, 0);
+        assert_eq!(queue.jobs, 0);
         assert!(queue.order.is_empty() && queue.waiting.is_empty());
     }
 
-    /// Full per address: the newcomer is refused, unless a waiting requester left. Full in
-    /// total: an address that failed less takes the place of the worst one's newest job.
+    /// The same password twice is one job; its requesters do not count toward the
+    /// per-address job bound, only toward the per-address requester bound.
+    #[test]
+    fn same_password_shares_one_job() {
+        let mut queue = Queue::default();
+        let mut answers = Vec::new();
+        for _ in 0..MAX_WAITING_PER_ADDRESS {
+            answers.push(queue.request(ip(1), digest(0), b"").unwrap());
+        }
+        assert_eq!(queue.jobs, 1);
+        assert_eq!(queue.total, MAX_WAITING_PER_ADDRESS);
+        assert!(
+            queue.request(ip(1), digest(0), b"").is_none(),
+            "requesters bounded"
+        );
+        // Another address may still join it.
+        answers.push(queue.request(ip(2), digest(0), b"").unwrap());
+        assert_eq!(queue.jobs, 1);
+        assert!(queue.pop_next().is_some() && queue.pop_next().is_none());
+    }
+
+    /// Full per address: a new password is refused, unless a waiting one was abandoned.
+    /// Full in total: an address that failed less takes the place of the worst one's newest
+    /// job, whose requesters are answered busy.
     #[test]
     fn queue_bounds_per_address_and_in_total() {
         let mut queue = Queue::default();
         let mut answers = Vec::new();
-        for _ in 0..MAX_QUEUED_PER_ADDRESS {
-            let (job, answer) = job();
-            assert!(queue.push(ip(1), job).is_ok());
-            answers.push(answer);
+        for n in 0..MAX_QUEUED_PER_ADDRESS {
+            answers.push(queue.request(ip(1), digest(n as u32), b"").unwrap());
         }
-        assert!(queue.push(ip(1), job().0).is_err());
+        assert!(queue.request(ip(1), digest(100), b"").is_none());
         answers.pop();
         assert!(
-            queue.push(ip(1), job().0).is_ok(),
-            "a left requester frees its place"
+            queue.request(ip(1), digest(100), b"").is_some(),
+            "an abandoned job frees its place"
         );
+        assert_eq!(queue.jobs, MAX_QUEUED_PER_ADDRESS);
 
         let mut queue = Queue::default();
         let mut answers = Vec::new();
         let mut n = 0u32;
-        while queue.len < MAX_QUEUED {
+        while queue.total < MAX_QUEUED {
             let address = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n / 8));
             queue.record_failure(address);
-            let (job, answer) = job();
-            assert!(queue.push(address, job).is_ok());
-            answers.push(answer);
+            answers.push(queue.request(address, digest(n), b"").unwrap());
             n += 1;
         }
-        let (fresh, _answer) = job();
-        assert!(
-            queue.push(ip(9), fresh).is_ok(),
-            "fewer failures get a place"
-        );
-        assert_eq!(queue.len, MAX_QUEUED);
-        let evicted = answers.pop().unwrap();
-        assert_eq!(evicted.blocking_recv(), Ok(Verdict::Busy));
+        let _fresh = queue.request(ip(9), digest(n), b"").unwrap();
+        assert_eq!(queue.jobs, MAX_QUEUED, "one job evicted, one added");
+        let mut evicted = answers.pop().unwrap();
+        assert_eq!(evicted.try_recv(), Ok(Verdict::Busy));
         // An equally failing newcomer is refused: nobody to evict.
         let failing = ip(10);
         for _ in 0..MAX_QUEUED_PER_ADDRESS {
             queue.record_failure(failing);
         }
-        assert!(queue.push(failing, job().0).is_err());
+        assert!(queue.request(failing, digest(n + 1), b"").is_none());
         assert_eq!(queue.pop_next().map(|(a, _)| a), Some(ip(9)));
     }
 }

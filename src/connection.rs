@@ -93,13 +93,15 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
         // Boxed: bcrypt's future is large and needed once, not for the connection's life.
         // While it waits this connection holds a --max-connections slot; the authenticator's
         // bounded queue (auth::MAX_QUEUED) bounds how many can. A peer that leaves meanwhile
-        // withdraws its verification (dropping the future), so bcrypt never runs for it.
+        // withdraws its verification (dropping the future), so bcrypt never runs for it. At
+        // shutdown the wait is dropped too; the select below then closes with 1001.
         let check = Box::pin(session.check_password(&password));
         tokio::select! {
             () = check => {}
             () = peer_gone(socket.get_ref()) => {
                 return debug!("left while its admin password waited for verification");
             }
+            () = shared.shutdown.cancelled() => {}
         }
     }
     if info.admin_only && !session.admin {

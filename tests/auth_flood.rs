@@ -159,9 +159,9 @@ async fn http_api_password_accepted_after_30_failures_from_the_same_address() {
     failures_do_not_lock_the_address_out(Way::HttpApi).await;
 }
 
-/// Once the right password verified, a wrong one is refused without bcrypt, whatever way it
-/// comes; a wrong one longer than bcrypt's 72 bytes still goes to bcrypt (it could be
-/// equivalent), and a remembered right one never does.
+/// Once the right password verified, every other one is refused without bcrypt, whatever
+/// way it comes: a wrong one, one longer than bcrypt's 72 bytes (bcrypt only sees those, so
+/// their digest decides), one with a NUL byte; and the remembered right one never runs it.
 #[tokio::test]
 async fn known_password_refuses_others_without_bcrypt() {
     let server = Server::start().await;
@@ -171,20 +171,81 @@ async fn known_password_refuses_others_without_bcrypt() {
         counter(server.addr, "jssocket_auth_verifications_total").await,
         1.0
     );
+    let long = "w".repeat(73);
     for way in [Way::Header, Way::ServerConnectData, Way::HttpApi] {
         assert!(!log_in(&server, me, way, "wrong password").await, "{way:?}");
+        assert!(!log_in(&server, me, way, &long).await, "{way:?}");
         assert!(log_in(&server, me, way, PASSWORD).await, "{way:?}");
     }
+    let with_nul = format!("{PASSWORD}\0");
+    assert!(!log_in(&server, me, Way::ServerConnectData, &with_nul).await);
+    let scrape = scrape(server.addr).await;
     assert_eq!(
-        counter(server.addr, "jssocket_auth_verifications_total").await,
-        1.0
+        runs(&scrape),
+        1.0,
+        "bcrypt ran after the right password was known"
     );
-    let long = "w".repeat(80);
-    assert!(!log_in(&server, me, Way::HttpApi, &long).await);
-    assert_eq!(
-        counter(server.addr, "jssocket_auth_verifications_total").await,
-        2.0
-    );
+    assert_eq!(scrape.value("jssocket_auth_failures_total", &[]), 7.0);
+}
+
+/// A password with a NUL byte is refused without bcrypt, as the original relay (Python
+/// bcrypt) refuses it, even before any password is known and even when the rest is right.
+#[tokio::test]
+async fn password_with_nul_is_refused_without_bcrypt() {
+    let server = Server::start().await;
+    let me = loopback(1);
+    let frame = format!(r#"{{"type":"server_connect","data":{{"auth":"{PASSWORD}\u0000"}}}}"#);
+    let mut conn = Conn::connect_from(server.addr, me, None, "nul").await;
+    conn.send_text(&frame).await;
+    assert!(!server_connect_answer(&mut conn).await);
+    let scrape = scrape(server.addr).await;
+    assert_eq!(runs(&scrape), 0.0, "bcrypt ran for a password with NUL");
+    assert_eq!(scrape.value("jssocket_auth_failures_total", &[]), 1.0);
+    // The right password itself still verifies.
+    assert!(log_in(&server, me, Way::ServerConnectData, PASSWORD).await);
+}
+
+/// 20 requesters present the right password at once from one address (a backend host whose
+/// workers reconnect together), more than the per-address queue bound: they share one
+/// bcrypt run and are all admitted, none refused as busy.
+#[tokio::test]
+async fn the_same_password_at_once_shares_one_bcrypt_run() {
+    const AT_ONCE: usize = 20;
+    let hash = slow_hash();
+    let server = Server::with_args(&["--auth", &hash]).await;
+    let host = loopback(40);
+    let ways = [Way::Header, Way::ServerConnectData, Way::HttpApi];
+    let logins = join_all((0..AT_ONCE).map(|i| log_in(&server, host, ways[i % 3], PASSWORD)));
+    let admitted = timeout(FLOOD_TIMEOUT, logins)
+        .await
+        .expect("every login answered");
+    assert!(admitted.iter().all(|ok| *ok), "{admitted:?}");
+    let scrape = scrape(server.addr).await;
+    assert_eq!(runs(&scrape), 1.0, "the logins did not share the run");
+    assert_eq!(scrape.value("jssocket_auth_busy_total", &[]), 0.0);
+}
+
+/// At shutdown, an upgrade whose `auth` header waits for verification is closed with 1001
+/// at once, not after its bcrypt run: it waits behind another address's run of a cost-14
+/// hash (seconds in a debug build), longer than `--shutdown-timeout 1`, after which the
+/// server's runtime would drop it without a close frame.
+#[tokio::test]
+async fn shutdown_closes_upgrades_waiting_for_verification() {
+    // The default hash with its cost raised to 14: valid, slow, and no password matches.
+    const COST_14: &str = "$2b$14$h.kWoWbqMCtV3QlUNUsdRevABi7SG0CxKWK5Zs03uqY284yl7WBZq";
+    let mut server = Server::with_args(&["--auth", COST_14, "--shutdown-timeout", "1"]).await;
+    let addr = server.addr;
+    let mut running = Conn::connect_from(addr, loopback(50), Some("first"), "running").await;
+    wait_until(addr, "the first verification running", |s| runs(s) == 1.0).await;
+    let mut waiting = Conn::connect_from(addr, loopback(51), Some("second"), "waiting").await;
+    wait_until(addr, "the second verification queued", |s| queued(s) == 1.0).await;
+    server.signal_shutdown();
+    for conn in [&mut waiting, &mut running] {
+        match conn.next_event(FLOOD_TIMEOUT).await {
+            Some(Event::Close(Some((code, _)))) => assert_eq!(code, 1001, "{}", conn.name),
+            other => panic!("{}: expected close 1001, got {other:?}", conn.name),
+        }
+    }
 }
 
 /// 10 addresses open 8 wrong-password upgrades each (80 verifications queued at bcrypt cost
@@ -205,8 +266,9 @@ async fn backend_logs_in_first_under_a_flood_from_ten_addresses() {
     for a in 0..ADDRESSES {
         for i in 0..PER_ADDRESS {
             let name = format!("flood{a}.{i}");
-            let mut conn =
-                Conn::connect_from(addr, loopback(2 + a), Some("wrong password"), &name).await;
+            // Distinct: the same password from many requesters shares one bcrypt run.
+            let password = format!("wrong {name}");
+            let mut conn = Conn::connect_from(addr, loopback(2 + a), Some(&password), &name).await;
             conn.send_text(r#"{"type":"server_connect","data":{}}"#)
                 .await;
             flood.push(conn);
@@ -285,8 +347,8 @@ async fn closed_connections_get_no_bcrypt_run() {
     for a in 0..ADDRESSES {
         for i in 0..PER_ADDRESS {
             let name = format!("flood{a}.{i}");
-            let mut conn =
-                Conn::connect_from(addr, loopback(20 + a), Some("wrong password"), &name).await;
+            let password = format!("wrong {name}");
+            let mut conn = Conn::connect_from(addr, loopback(20 + a), Some(&password), &name).await;
             conn.send_text(r#"{"type":"server_connect","data":{}}"#)
                 .await;
             flood.push(conn);
@@ -340,7 +402,8 @@ async fn a_full_queue_refuses_as_busy() {
     let addr = server.addr;
     let upgrades = join_all((0..FLOOD).map(|i| async move {
         let name = format!("ws{i}");
-        let mut conn = Conn::connect_from(addr, loopback(30), Some("wrong"), &name).await;
+        let password = format!("wrong {name}");
+        let mut conn = Conn::connect_from(addr, loopback(30), Some(&password), &name).await;
         conn.send_text(r#"{"type":"server_connect","data":{}}"#)
             .await;
         match conn.next_event(FLOOD_TIMEOUT).await {
@@ -356,15 +419,17 @@ async fn a_full_queue_refuses_as_busy() {
             other => panic!("{name}: expected busy or false, got {other:?}"),
         }
     }));
-    let requests = join_all((0..FLOOD).map(|_| {
+    let requests = join_all((0..FLOOD).map(|i| async move {
+        let auth = format!("Bearer wrong {i}");
         http_from(
             addr,
             loopback(31),
             "POST",
             "/api/notify_all",
-            &[("Authorization", "Bearer wrong")],
+            &[("Authorization", &auth)],
             b"{}",
         )
+        .await
     }));
     let (upgrades, responses) = timeout(FLOOD_TIMEOUT, async { tokio::join!(upgrades, requests) })
         .await

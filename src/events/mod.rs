@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_tungstenite::tungstenite::Utf8Bytes;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::auth::Verdict;
 use crate::config::ClientSend;
 use crate::hub::{Close, Peer};
 use crate::protocol::{Envelope, ProtocolError, compact, event_frame, is_falsy};
 use crate::server::Shared;
+use crate::warn_throttled;
 
 pub use client_connect::ClientConnect;
 pub use client_connected::ClientConnected;
@@ -140,8 +141,10 @@ impl Session {
                 self.admin = true;
                 self.shared.metrics.admins.inc();
             }
+            // Both lines can be had at will (wrong passwords cost nothing once one is known):
+            // throttled.
             Verdict::Busy => {
-                warn!(
+                warn_throttled!(
                     conn_id = %self.peer.target,
                     addr = %self.addr,
                     "admin authentication busy: too many verifications waiting"
@@ -151,7 +154,7 @@ impl Session {
             }
             verdict @ Verdict::WrongPassword => {
                 self.shared.metrics.auth_failures.inc();
-                warn!(
+                warn_throttled!(
                     conn_id = %self.peer.target,
                     addr = %self.addr,
                     ?verdict,
