@@ -42,7 +42,7 @@ const SWEEP_PERIOD: Duration = Duration::from_millis(50);
 const RELIEVED: usize = 9;
 
 /// Over this share of the budget (in quarters), a push to a queue that already holds
-/// something is refused, and the target closed as a slow consumer.
+/// something is refused, and the target closed as a slow consumer (never an admin's).
 const HARD_LIMIT: usize = 5;
 
 /// Smallest and largest default budget, whatever the machine.
