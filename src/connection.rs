@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, info};
 
 use crate::events::{self, Flow, Session};
-use crate::hub::{Close, Outgoing, Peer};
+use crate::hub::{Close, Peer};
 use crate::memory::Counted;
+use crate::outbox::{self, Taken};
 use crate::server::Shared;
 
 /// The stream counts what it reads toward the memory budget (see `memory::Counted`).
@@ -139,7 +140,7 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
     if let End::Close { flush: true, .. } = end {
         unsent = Box::pin(flush(&mut sink, unsent)).await;
     }
-    shared.hub.reforward(unsent);
+    shared.hub.reforward(outbox::items(unsent));
     if session.in_pool
         && let Some(cluster) = &shared.cluster
     {
@@ -180,12 +181,20 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
     loop {
         let message = match stream.next().await {
             None => return End::Gone,
-            Some(Ok(message)) => {
-                session.shared.memory.message_complete(&session.peer);
-                message
-            }
+            Some(Ok(message)) => message,
             Some(Err(e)) => return read_error(e),
         };
+        let memory = &session.shared.memory;
+        match &message {
+            Message::Text(_) | Message::Binary(_) | Message::Close(_) => {
+                memory.message_complete(&session.peer);
+            }
+            // May come between a message's fragments: the message is still unfinished.
+            Message::Ping(payload) | Message::Pong(payload) => {
+                memory.control_frame(&session.peer, payload.len());
+            }
+            Message::Frame(_) => {}
+        }
         alive.store(true, Ordering::Relaxed);
         let payload: Bytes = match message {
             Message::Text(text) => text.into(),
@@ -194,7 +203,9 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
         };
         if let Flow::Close(close) = events::handle(session, &payload).await {
-            return End::Close { close, flush: true };
+            // A peer closed for not reading its replies would not read these either.
+            let flush = close != Close::NOT_READING;
+            return End::Close { close, flush };
         }
     }
 }
@@ -277,38 +288,42 @@ async fn write_loop(sink: &mut Sink, peer: &Peer, shared: &Shared, alive: &Atomi
     }
 }
 
-/// Writes up to a batch of queued frames, then flushes once.
+/// Writes up to a batch of queued frames, then flushes once. The frames stay counted (queue
+/// bytes and memory budget) until the flush is done: until then tungstenite's write buffer
+/// holds them, for as long as the socket is stalled.
 async fn write_batch(sink: &mut Sink, peer: &Peer) -> Result<(), WsError> {
-    let mut written = 0;
+    let mut batch = Vec::new();
     // Bounded, so a busy connection still answers pings between batches.
-    while written < WRITE_BATCH {
-        let Some(item) = peer.outbox.pop() else { break };
-        let frame = match item {
-            Outgoing::Text(frame) | Outgoing::Forward { frame, .. } => frame,
+    while batch.len() < WRITE_BATCH {
+        let Some(taken) = peer.outbox.take() else {
+            break;
         };
-        sink.feed(Message::Text(frame)).await?;
-        written += 1;
+        sink.feed(Message::Text(taken.frame().clone())).await?;
+        batch.push(taken);
     }
     sink.flush().await
 }
 
 /// Writes the frames still queued when the connection decided to close (the answer to the
-/// request that closed it, for instance); returns those it could not write.
-async fn flush(sink: &mut Sink, items: Vec<Outgoing>) -> Vec<Outgoing> {
+/// request that closed it, for instance); returns those it could not write. They stay
+/// counted until written.
+async fn flush<'a>(sink: &mut Sink, items: Vec<Taken<'a>>) -> Vec<Taken<'a>> {
     let deadline = Instant::now() + CLOSE_GRACE;
+    let mut written = Vec::new();
     let mut items = items.into_iter();
     while let Some(item) = items.next() {
         // Checked per frame: a fast reader never makes `feed` wait, so a timeout on it alone
         // would not bound a long queue.
         let left = deadline.saturating_duration_since(Instant::now());
-        let written = !left.is_zero()
+        let fed = !left.is_zero()
             && matches!(
                 timeout(left, sink.feed(Message::Text(item.frame().clone()))).await,
                 Ok(Ok(()))
             );
-        if !written {
+        if !fed {
             return std::iter::once(item).chain(items).collect();
         }
+        written.push(item);
     }
     let _ = timeout(CLOSE_GRACE, sink.flush()).await;
     Vec::new()
@@ -355,10 +370,13 @@ async fn finish(mut sink: Sink, mut stream: Stream, end: End, shutdown: &Cancell
 /// and thrown away, bounded, until the peer's FIN: closing with unread bytes would send a
 /// reset, which can destroy our close frame before the peer reads it.
 async fn drain(sink: Sink, stream: Stream) {
-    let Ok(mut socket) = sink.reunite(stream) else {
+    let Ok(socket) = sink.reunite(stream) else {
         return;
     };
-    let io = socket.get_mut();
+    // Only the TCP stream is kept: tungstenite's buffers, with the unfinished message that
+    // may have closed this connection for memory, go now, not after the drain.
+    let mut io = socket.into_inner();
+    io.buffers_dropped();
     let _ = timeout(CLOSE_GRACE, io.shutdown()).await;
     let mut buf = vec![0u8; 16 * 1024];
     let mut drained = 0usize;

@@ -9,7 +9,7 @@
 //! `channels` shard is locked, never the other way round; nothing is awaited while any lock is held.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 use crate::memory::Memory;
-use crate::outbox::{Outbox, Push};
+use crate::outbox::{Outbox, Push, SharedFrame};
 use crate::protocol::ProtocolError;
 
 /// Why the server closes a connection, as sent in the close frame.
@@ -98,12 +98,20 @@ pub enum Outgoing {
         frame: Utf8Bytes,
         client: Weak<Peer>,
     },
+    /// One frame for many connections (a broadcast), charged to the memory budget once.
+    Shared(Arc<SharedFrame>),
+    /// An error reply the peer provoked: counted apart, so a peer that does not read its
+    /// errors is told from one that is merely busy (`events::UNREAD_REPLIES`).
+    Error(Utf8Bytes),
 }
 
 impl Outgoing {
     pub fn frame(&self) -> &Utf8Bytes {
         match self {
-            Outgoing::Text(frame) | Outgoing::Forward { frame, .. } => frame,
+            Outgoing::Text(frame) | Outgoing::Forward { frame, .. } | Outgoing::Error(frame) => {
+                frame
+            }
+            Outgoing::Shared(shared) => shared.frame(),
         }
     }
 }
@@ -149,6 +157,10 @@ pub struct Peer {
     /// per connection so one client cannot take the whole backlog. Raised when the cluster
     /// queues a message for it, lowered when the publisher takes it.
     pub cluster_bytes: AtomicUsize,
+    /// Presented the admin password: never closed, nor refused a frame, for the memory
+    /// budget (a backend's queue of forwarded client connects is often the biggest, and
+    /// closing it would let any crowd of clients cut the backend off).
+    admin: AtomicBool,
 }
 
 impl Peer {
@@ -163,6 +175,7 @@ impl Peer {
             kill: Notify::new(),
             state: Mutex::new(PeerState::default()),
             cluster_bytes: AtomicUsize::new(0),
+            admin: AtomicBool::new(false),
         };
         Arc::new(peer)
     }
@@ -173,8 +186,22 @@ impl Peer {
         self.enqueue(Outgoing::Text(frame))
     }
 
+    /// Queues an error reply this peer provoked (see [`Outgoing::Error`]).
+    pub fn send_error(&self, frame: Utf8Bytes) -> bool {
+        self.enqueue(Outgoing::Error(frame))
+    }
+
+    /// Marks this connection as an admin's (its password verified).
+    pub fn set_admin(&self) {
+        self.admin.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.admin.load(Ordering::Relaxed)
+    }
+
     fn enqueue(&self, item: Outgoing) -> bool {
-        match self.outbox.push(item) {
+        match self.outbox.push(item, self.is_admin()) {
             Push::Queued => true,
             Push::Full => {
                 self.close(Close::SLOW_CONSUMER);
@@ -187,7 +214,7 @@ impl Peer {
     /// Queues if there is room, without closing the connection when there is not: for
     /// client connects, which can wait in the pending queue instead.
     fn offer(&self, item: Outgoing) -> bool {
-        self.outbox.push(item) == Push::Queued
+        self.outbox.push(item, self.is_admin()) == Push::Queued
     }
 
     /// Asks this connection's task to close it; the first reason wins.
@@ -223,6 +250,33 @@ impl Peer {
 
     pub fn group(&self) -> Option<Arc<str>> {
         self.state().group.clone()
+    }
+}
+
+/// One frame delivered to many connections: every queue holds the same [`SharedFrame`], so
+/// its bytes are charged to the memory budget once, not once per recipient (a 20 KiB
+/// `notify_all` to 15,000 clients is 20 KiB, not 300 MiB, and must not look like a flood).
+struct Broadcast<'a> {
+    frame: &'a Utf8Bytes,
+    /// Made for the first recipient, so a broadcast that reaches nobody charges nothing.
+    shared: Option<Arc<SharedFrame>>,
+}
+
+impl<'a> Broadcast<'a> {
+    fn new(frame: &'a Utf8Bytes) -> Broadcast<'a> {
+        Broadcast {
+            frame,
+            shared: None,
+        }
+    }
+
+    /// Queues the frame for `peer`, as [`Peer::send`] does.
+    fn send(&mut self, peer: &Peer) -> bool {
+        let frame = self.frame;
+        let shared = self
+            .shared
+            .get_or_insert_with(|| SharedFrame::new(frame.clone(), peer.outbox.memory()));
+        peer.enqueue(Outgoing::Shared(Arc::clone(shared)))
     }
 }
 
@@ -505,20 +559,19 @@ impl Hub {
 
     /// Delivers `frame` to every member of `group`.
     pub fn notify_group(&self, group: &str, frame: &Utf8Bytes) -> usize {
+        let mut broadcast = Broadcast::new(frame);
         match self.groups.get(group) {
-            Some(members) => members
-                .values()
-                .filter(|peer| peer.send(frame.clone()))
-                .count(),
+            Some(members) => members.values().filter(|peer| broadcast.send(peer)).count(),
             None => 0,
         }
     }
 
     /// Delivers `frame` to every registered client.
     pub fn notify_all(&self, frame: &Utf8Bytes) -> usize {
+        let mut broadcast = Broadcast::new(frame);
         self.clients
             .iter()
-            .filter(|entry| entry.value().send(frame.clone()))
+            .filter(|entry| broadcast.send(entry.value()))
             .count()
     }
 
@@ -728,10 +781,11 @@ impl Hub {
             Some(members) => members.values().cloned().collect(),
             None => return 0,
         };
+        let mut broadcast = Broadcast::new(frame);
         subscribers
             .iter()
             .filter(|peer| filter.admits(&peer.state()))
-            .filter(|peer| peer.send(frame.clone()))
+            .filter(|peer| broadcast.send(peer))
             .count()
     }
 

@@ -42,7 +42,7 @@ const SWEEP_PERIOD: Duration = Duration::from_millis(50);
 const RELIEVED: usize = 9;
 
 /// Over this share of the budget (in quarters), a push to a queue that already holds
-/// something is refused, and the target closed as a slow consumer.
+/// something is refused, and the target closed as a slow consumer (never an admin's).
 const HARD_LIMIT: usize = 5;
 
 /// Smallest and largest default budget, whatever the machine.
@@ -123,12 +123,29 @@ impl Memory {
         self.wake_if_over();
     }
 
-    /// `peer`'s reader got a whole message (or frame) out of what was read: those bytes are
-    /// no longer a partial message.
+    /// `peer`'s reader got a whole data message (or a close frame) out of what was read:
+    /// those bytes are no longer a partial message.
     pub fn message_complete(&self, peer: &Peer) {
         let n = peer.inbound.swap(0, Ordering::Relaxed);
         if n > 0 {
             self.inbound.dec_by(as_i64(n));
+        }
+    }
+
+    /// `peer`'s reader got a ping or pong with `payload` bytes. RFC 6455 lets one come
+    /// between the fragments of a message, so only the control frame's own bytes are given
+    /// back, never the unfinished message around it: a client's control frame is exactly a
+    /// 2-byte header (its payload is at most 125 bytes), a 4-byte mask and the payload.
+    pub fn control_frame(&self, peer: &Peer, payload: usize) {
+        let frame = 2 + 4 + payload;
+        let released = peer
+            .inbound
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(frame))
+            })
+            .map_or(0, |n| n.min(frame));
+        if released > 0 {
+            self.inbound.dec_by(as_i64(released));
         }
     }
 
@@ -139,17 +156,23 @@ impl Memory {
     }
 
     /// Closes the biggest consumers until usage is back under [`RELIEVED`] of the budget.
+    /// Admins are never closed: their queues count, but the pressure is for the peers that
+    /// cause it.
     ///
     /// A closed connection's queue is dropped here, so that memory is back at once (nothing
     /// would be written to it anyway); a partial message comes back when the connection's
     /// task drops the socket, so until then the connection is skipped and its bytes are
-    /// counted as already on their way out.
+    /// counted as already on their way out. Usage is read again after each close: a queue's
+    /// size overstates what closing it frees when it holds broadcast frames that other queues
+    /// share ([`SharedFrame`](crate::outbox::SharedFrame), charged once), so the sweeper
+    /// goes on until the budget itself says enough.
     fn relieve(&self, shared: &Shared) {
         let goal = self.budget / 10 * RELIEVED;
-        let mut used = self.used();
-        if used <= self.budget {
+        if self.used() <= self.budget {
             return;
         }
+        // Bytes of connections already closing, given back when their tasks get to them.
+        let mut leaving = 0;
         // Weak handles only, so no map shard stays locked while queues are inspected.
         let peers: Vec<_> = self.peers.iter().map(|e| e.value().clone()).collect();
         let mut consumers = Vec::new();
@@ -159,17 +182,17 @@ impl Memory {
             if peer.is_closing() {
                 // Already on its way out, for this reason or another: its memory comes back
                 // when its task gets to it.
-                used = used.saturating_sub(inbound + outbound);
+                leaving += inbound + outbound;
                 continue;
             }
-            if inbound + outbound > 0 {
+            if inbound + outbound > 0 && !peer.is_admin() {
                 consumers.push((outbound, inbound, peer));
             }
         }
         consumers
             .sort_unstable_by_key(|(outbound, inbound, _)| std::cmp::Reverse(outbound + inbound));
         for (outbound, inbound, peer) in consumers {
-            if used <= goal {
+            if self.used().saturating_sub(leaving) <= goal {
                 break;
             }
             let close = if outbound >= inbound {
@@ -178,9 +201,12 @@ impl Memory {
                 Close::MEMORY_INBOUND
             };
             peer.close(close);
-            shared.hub.reforward(peer.outbox.close());
+            shared
+                .hub
+                .reforward(crate::outbox::items(peer.outbox.close()));
             self.closes.inc();
-            used = used.saturating_sub(outbound + inbound);
+            // Its partial message, and a frame its writer holds, go when its task ends.
+            leaving += inbound + peer.outbox.bytes();
             info!(
                 conn_id = %peer.target,
                 outbound,
@@ -294,6 +320,12 @@ impl Counted {
 
     pub fn get_mut(&mut self) -> &mut TcpStream {
         &mut self.io
+    }
+
+    /// The reader's buffers were dropped (the socket only drains now): nothing of a partial
+    /// message is held any more.
+    pub fn buffers_dropped(&self) {
+        self.memory.message_complete(&self.peer);
     }
 }
 

@@ -6,12 +6,18 @@
 //! mutex and a `Notify`. The lock is held only to push or pop one item.
 //!
 //! Every queued byte is also charged to the server's memory budget ([`Memory`]), so that the
-//! sum over all connections is bounded, not only each queue.
+//! sum over all connections is bounded, not only each queue. A frame stays charged until it
+//! is written to the socket, not merely taken from the queue ([`Taken`]): a stalled socket
+//! holds the frame in the writer's buffer just as long. A frame shared by many queues (a
+//! broadcast, [`SharedFrame`]) is charged once, by itself; each queue holding it is charged
+//! only its [`ITEM_OVERHEAD`], while its own byte limit still counts the whole frame.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::hub::Outgoing;
 use crate::memory::Memory;
@@ -25,12 +31,19 @@ pub struct Outbox {
     max_bytes: usize,
     /// The server's budget, charged with what this queue holds.
     memory: Arc<Memory>,
+    /// Bytes of frames taken from the queue and not yet written ([`Taken`]).
+    in_flight: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
     items: VecDeque<Outgoing>,
+    /// What the items count against `max_bytes`: their whole frames and overhead.
     bytes: usize,
+    /// What the items charge the budget (a shared frame only its overhead).
+    charged: usize,
+    /// Bytes of error replies among the items: what the peer provoked and has not read.
+    errors: usize,
     /// The connection is closing: pushes are refused.
     closed: bool,
 }
@@ -53,6 +66,89 @@ const ITEM_OVERHEAD: usize = 64;
 /// A queue that grew this large during a burst gives its memory back once drained.
 const SHRINK_ABOVE: usize = 64;
 
+/// One frame queued for many connections (`notify_all`, `notify_group`, `publish`): its bytes
+/// exist once, so they are charged to the budget once, from when it is made until the last
+/// queue or writer holding it lets it go.
+#[derive(Debug)]
+pub struct SharedFrame {
+    frame: Utf8Bytes,
+    memory: Arc<Memory>,
+}
+
+impl SharedFrame {
+    pub fn new(frame: Utf8Bytes, memory: &Arc<Memory>) -> Arc<SharedFrame> {
+        memory.charge_outbound(frame.len());
+        Arc::new(SharedFrame {
+            frame,
+            memory: Arc::clone(memory),
+        })
+    }
+
+    pub fn frame(&self) -> &Utf8Bytes {
+        &self.frame
+    }
+}
+
+impl Drop for SharedFrame {
+    fn drop(&mut self) {
+        self.memory.release_outbound(self.frame.len());
+    }
+}
+
+/// What `item` counts against the queue's byte limit.
+fn size(item: &Outgoing) -> usize {
+    item.frame().len() + ITEM_OVERHEAD
+}
+
+/// What `item` charges the budget while queued: a shared frame is charged by itself.
+fn charge(item: &Outgoing) -> usize {
+    match item {
+        Outgoing::Shared(_) => ITEM_OVERHEAD,
+        _ => size(item),
+    }
+}
+
+/// A frame taken from the queue to be written. It stays counted, in the queue's bytes and in
+/// the budget, until dropped: the writer drops it once the socket took it (after the flush).
+#[derive(Debug)]
+pub struct Taken<'a> {
+    item: Option<Outgoing>,
+    outbox: &'a Outbox,
+    size: usize,
+    charge: usize,
+}
+
+impl Taken<'_> {
+    pub fn frame(&self) -> &Utf8Bytes {
+        match &self.item {
+            Some(item) => item.frame(),
+            None => unreachable!("a Taken holds its item until dropped or unwrapped"),
+        }
+    }
+
+    /// The item itself, no longer counted (it is going elsewhere, or nowhere).
+    pub fn into_item(mut self) -> Outgoing {
+        match self.item.take() {
+            Some(item) => item,
+            None => unreachable!("a Taken holds its item until dropped or unwrapped"),
+        }
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.outbox
+            .in_flight
+            .fetch_sub(self.size, Ordering::Relaxed);
+        self.outbox.memory.release_outbound(self.charge);
+    }
+}
+
+/// The items of taken frames, uncounted: for a closed connection's frames that go elsewhere.
+pub fn items(taken: Vec<Taken<'_>>) -> Vec<Outgoing> {
+    taken.into_iter().map(Taken::into_item).collect()
+}
+
 impl Outbox {
     pub fn new(max_bytes: usize, memory: Arc<Memory>) -> Outbox {
         Outbox {
@@ -60,6 +156,7 @@ impl Outbox {
             ready: Notify::new(),
             max_bytes,
             memory,
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -67,26 +164,40 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn push(&self, item: Outgoing) -> Push {
-        let len = item.frame().len() + ITEM_OVERHEAD;
+    /// The budget this queue charges, for frames shared with other queues.
+    pub fn memory(&self) -> &Arc<Memory> {
+        &self.memory
+    }
+
+    /// Queues `item`. `exempt` (an admin's queue) is never refused for the memory budget,
+    /// only for its own byte limit: the budget's pressure is for the peers that cause it.
+    pub fn push(&self, item: Outgoing, exempt: bool) -> Push {
+        let len = size(&item);
+        let charge = charge(&item);
+        let error = match item {
+            Outgoing::Error(_) => len,
+            _ => 0,
+        };
         {
             let mut queue = self.lock();
             if queue.closed {
                 return Push::Closed;
             }
-            if queue.bytes + len > self.max_bytes {
+            if queue.bytes + self.in_flight.load(Ordering::Relaxed) + len > self.max_bytes {
                 return Push::Full;
             }
             // Far over the budget, only a queue that is empty (its reader keeps up) may take
             // one more frame: the sweeper is about to close the biggest consumers, and until
             // it has, the memory is not allowed to grow with the slow ones.
-            if !queue.items.is_empty() && self.memory.far_over(len) {
+            if !exempt && !queue.items.is_empty() && self.memory.far_over(charge) {
                 self.memory.refused();
                 return Push::Full;
             }
             queue.bytes += len;
+            queue.charged += charge;
+            queue.errors += error;
             queue.items.push_back(item);
-            self.memory.charge_outbound(len);
+            self.memory.charge_outbound(charge);
         }
         self.ready.notify_one();
         Push::Queued
@@ -97,25 +208,53 @@ impl Outbox {
         len + ITEM_OVERHEAD <= self.max_bytes
     }
 
-    pub fn pop(&self) -> Option<Outgoing> {
+    /// Takes the oldest frame to write it; it stays counted until the [`Taken`] is dropped.
+    pub fn take(&self) -> Option<Taken<'_>> {
         let mut queue = self.lock();
         let item = queue.items.pop_front()?;
-        let len = item.frame().len() + ITEM_OVERHEAD;
-        queue.bytes -= len;
-        self.memory.release_outbound(len);
+        let taken = self.taken(&mut queue, item);
         if queue.items.is_empty() && queue.items.capacity() > SHRINK_ABOVE {
             queue.items = VecDeque::new();
         }
-        Some(item)
+        Some(taken)
+    }
+
+    /// Moves `item`'s counts from the queue to a [`Taken`].
+    fn taken(&self, queue: &mut Queue, item: Outgoing) -> Taken<'_> {
+        let (size, charge) = (size(&item), charge(&item));
+        queue.bytes -= size;
+        queue.charged -= charge;
+        if let Outgoing::Error(_) = item {
+            queue.errors -= size;
+        }
+        self.in_flight.fetch_add(size, Ordering::Relaxed);
+        Taken {
+            item: Some(item),
+            outbox: self,
+            size,
+            charge,
+        }
+    }
+
+    /// Takes the oldest item, no longer counted (for whoever does not write it).
+    pub fn pop(&self) -> Option<Outgoing> {
+        self.take().map(Taken::into_item)
     }
 
     pub fn is_empty(&self) -> bool {
         self.lock().items.is_empty()
     }
 
-    /// Bytes queued now (frames and their overhead), as counted against the limit.
+    /// Bytes queued now (frames and their overhead), as counted against the limit, with the
+    /// frames taken and not yet written.
     pub fn bytes(&self) -> usize {
-        self.lock().bytes
+        self.lock().bytes + self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of error replies queued and not yet taken by the writer: replies the peer
+    /// provoked and is not reading.
+    pub fn unread_errors(&self) -> usize {
+        self.lock().errors
     }
 
     /// Resolves after a push (or at once if one happened since the last wait).
@@ -123,13 +262,16 @@ impl Outbox {
         self.ready.notified().await;
     }
 
-    /// Refuses further pushes and returns what was still queued.
-    pub fn close(&self) -> Vec<Outgoing> {
+    /// Refuses further pushes and returns what was still queued, counted until dropped or
+    /// written.
+    pub fn close(&self) -> Vec<Taken<'_>> {
         let mut queue = self.lock();
         queue.closed = true;
-        self.memory.release_outbound(queue.bytes);
-        queue.bytes = 0;
-        queue.items.drain(..).collect()
+        let items: Vec<Outgoing> = queue.items.drain(..).collect();
+        items
+            .into_iter()
+            .map(|item| self.taken(&mut queue, item))
+            .collect()
     }
 }
 
@@ -138,6 +280,6 @@ impl Drop for Outbox {
     /// its bytes back too.
     fn drop(&mut self) {
         let queue = self.lock();
-        self.memory.release_outbound(queue.bytes);
+        self.memory.release_outbound(queue.charged);
     }
 }

@@ -21,9 +21,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{WebSocketStream, client_async};
 
-use common::{RECV_TIMEOUT, SILENCE, Server, register, scrape};
+use common::{PASSWORD, RECV_TIMEOUT, SILENCE, Server, register, scrape};
 use jssocket::hub::Close;
 
 const OUTBOUND: &str = "jssocket_memory_outbound_bytes";
@@ -39,19 +40,29 @@ struct Lazy {
 
 impl Lazy {
     async fn connect(addr: SocketAddr, name: &str) -> Lazy {
+        Lazy::connect_as(addr, name, None).await
+    }
+
+    /// Connects with the `auth` header when `password` is given.
+    async fn connect_as(addr: SocketAddr, name: &str, password: Option<&str>) -> Lazy {
+        let mut request = format!("ws://{addr}/ws")
+            .into_client_request()
+            .expect("request");
+        if let Some(password) = password {
+            request
+                .headers_mut()
+                .insert("auth", password.parse().expect("header value"));
+        }
         let socket = TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
         let stream = timeout(RECV_TIMEOUT, socket.connect(addr))
             .await
             .unwrap_or_else(|_| panic!("{name}: connect timed out"))
             .unwrap_or_else(|e| panic!("{name}: connect failed: {e}"));
-        let (ws, response) = timeout(
-            RECV_TIMEOUT,
-            client_async(format!("ws://{addr}/ws"), stream),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{name}: handshake timed out"))
-        .unwrap_or_else(|e| panic!("{name}: handshake failed: {e}"));
+        let (ws, response) = timeout(RECV_TIMEOUT, client_async(request, stream))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: handshake timed out"))
+            .unwrap_or_else(|e| panic!("{name}: handshake failed: {e}"));
         assert_eq!(response.status(), 101, "{name}: upgrade refused");
         Lazy {
             name: name.to_string(),
@@ -105,6 +116,25 @@ impl Lazy {
                 other => panic!("{}: frame {i} of {n}: got {other:?}", self.name),
             }
         }
+    }
+
+    /// Reads up to `n` text frames; returns how many arrived and the close that ended them
+    /// early, if any (`Some(None)`: reset without a close frame).
+    async fn read_up_to(&mut self, n: usize) -> (usize, Option<Option<(u16, String)>>) {
+        let mut texts = 0;
+        while texts < n {
+            match timeout(RECV_TIMEOUT, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(_)))) => texts += 1,
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    let close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                    return (texts, Some(close));
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(_)) | None) => return (texts, Some(None)),
+                Err(_) => panic!("{}: after {texts} of {n} frames: nothing", self.name),
+            }
+        }
+        (texts, None)
     }
 
     /// Asserts the connection is still open: nothing, not even a close, arrives.
@@ -435,4 +465,292 @@ async fn over_the_budget_the_biggest_unfinished_messages_are_closed_first() {
         v < 64.0 * 1024.0
     })
     .await;
+}
+
+/// `n` non-reading clients registered through `backend`, with their ids.
+async fn lazy_clients(
+    server: &Server,
+    backend: &mut common::Conn,
+    prefix: &str,
+    n: usize,
+) -> (Vec<Lazy>, Vec<String>) {
+    let mut lazies = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let mut lazy = Lazy::connect(server.addr, &format!("{prefix} {i}")).await;
+        ids.push(lazy.register(backend).await);
+        lazies.push(lazy);
+    }
+    (lazies, ids)
+}
+
+/// Review finding 1: a broadcast's frame is one buffer shared by every queue, so it is
+/// charged to the budget once. Charged per recipient, 8 admin `notify_all`s of 20 KiB to 200
+/// clients count as 32 MiB against a 2 MiB budget, and the server closed legitimate clients
+/// that were merely a few frames behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_to_many_clients_is_charged_once() {
+    const CLIENTS: usize = 200;
+    const FRAMES: usize = 8;
+    let server = Server::with_args(&["--max-memory", "2M"]).await;
+    let mut backend = server.backend("backend").await;
+    let (mut lazies, _) = lazy_clients(&server, &mut backend, "client", CLIENTS).await;
+    let addr = server.addr;
+    let sampler = tokio::spawn(async move {
+        let mut most = 0f64;
+        for _ in 0..40 {
+            most = most.max(scrape(addr).await.value(OUTBOUND, &[]));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        most
+    });
+    // Sent before any client reads: every queue holds all of them at once.
+    for i in 0..FRAMES {
+        backend
+            .send_json(&json!({"type": "notify_all", "data": {"i": i, "p": "x".repeat(20 * 1024)}}))
+            .await;
+    }
+    // Shared, that is 160 KiB of frames and 100 KiB of queue slots: under a tenth of the
+    // budget (charged per recipient it was 32 MiB).
+    let most = sampler.await.expect("sampler");
+    assert!(most < 512.0 * 1024.0, "{most} bytes charged");
+    for lazy in &mut lazies {
+        let (texts, close) = lazy.read_up_to(FRAMES).await;
+        assert_eq!((texts, close), (FRAMES, None), "{}", lazy.name);
+    }
+    let metrics = scrape(server.addr).await;
+    assert_eq!(metrics.value(PRESSURE_CLOSES, &[]), 0.0);
+    assert_eq!(
+        metrics.value("jssocket_slow_consumer_closes_total", &[]),
+        0.0
+    );
+    wait_gauge(server.addr, OUTBOUND, "back to nothing", |v| v < 4096.0).await;
+}
+
+/// Charged once is not charged zero times: groups of 2 non-reading members each getting
+/// frames of their own still hit the budget, and the biggest are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_frames_still_count_toward_the_budget() {
+    const BUDGET_BYTES: f64 = 2.0 * 1024.0 * 1024.0;
+    const GROUPS: usize = 4;
+    const ROUNDS: usize = 96;
+    let server = Server::with_args(&["--max-memory", "2M", "--max-queue-bytes", "67108864"]).await;
+    let mut backend = server.backend("backend").await;
+    let (mut lazies, ids) = lazy_clients(&server, &mut backend, "member", GROUPS * 2).await;
+    for (i, id) in ids.iter().enumerate() {
+        let user = format!("group {}", i / 2);
+        backend
+            .send_json(&json!({"type": "client_connected", "data": {"target": id, "user": user}}))
+            .await;
+    }
+    let addr = server.addr;
+    let sampler = tokio::spawn(async move {
+        let mut most = 0f64;
+        for _ in 0..40 {
+            most = most.max(scrape(addr).await.value(OUTBOUND, &[]));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        most
+    });
+    // 24 MiB of distinct frames, 6 MiB per group (more than the kernel's socket buffers
+    // take, up to 4 MiB), each queued for both members.
+    for round in 0..ROUNDS {
+        for group in 0..GROUPS {
+            let p = format!("{round} {group} {}", "x".repeat(64 * 1024));
+            backend
+                .send_json(&json!({"type": "notify_group", "data": {"target": format!("group {group}"), "data": {"p": p}}}))
+                .await;
+        }
+    }
+    let most = sampler.await.expect("sampler");
+    assert!(
+        most <= BUDGET_BYTES * 1.25 + 256.0 * 1024.0,
+        "outbound queues held {most} bytes against a budget of {BUDGET_BYTES}"
+    );
+    wait_gauge(server.addr, OUTBOUND, "within the budget", |v| {
+        v <= BUDGET_BYTES
+    })
+    .await;
+    assert!(scrape(server.addr).await.value(PRESSURE_CLOSES, &[]) >= 1.0);
+    let mut closed = 0;
+    for lazy in &mut lazies {
+        // client_connected, then the frames (or some of them, and the close).
+        if let (_, Some(close)) = lazy.read_up_to(1 + ROUNDS).await {
+            if let Some(close) = close {
+                assert_eq!(close, (1008, Close::SLOW_CONSUMER.reason.into()));
+            }
+            closed += 1;
+        }
+    }
+    assert!(closed >= 1, "nobody was closed");
+}
+
+/// Review finding 2: an admin is never closed for the budget, nor refused a frame: a
+/// backend's queue of forwarded client connects is often the biggest, and a crowd of clients
+/// must not be able to cut it off. Here the backend does not read, its queue holds most of
+/// the budget, and an unfinished message takes the server over it: the message's sender is
+/// closed, not the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_is_never_closed_for_the_memory_budget() {
+    const PART: usize = 700_000;
+    let server = Server::with_args(&["--max-memory", "2M", "--max-queue-bytes", "67108864"]).await;
+    let mut backend = Lazy::connect_as(server.addr, "backend", Some(PASSWORD)).await;
+    backend
+        .ws
+        .send(Message::text(r#"{"type":"server_connect","data":{}}"#))
+        .await
+        .expect("server_connect");
+    backend.read_texts(1).await;
+    // Client connects of 256 KiB, forwarded to the backend, which reads none, until its queue
+    // holds 1.5 MiB (past what the kernel's buffers take).
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(server.client(&format!("client {i}")).await);
+    }
+    let connect = json!({"type": "client_connect", "data": {"p": "x".repeat(256 * 1024)}});
+    let mut forwarded = 0;
+    'fill: for _ in 0..15 {
+        for client in &mut clients {
+            client.send_json(&connect).await;
+            forwarded += 1;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            if scrape(server.addr).await.value(OUTBOUND, &[]) >= 1.5 * 1024.0 * 1024.0 {
+                break 'fill;
+            }
+        }
+    }
+    wait_gauge(
+        server.addr,
+        OUTBOUND,
+        "1.5 MiB queued for the backend",
+        |v| v >= 1.5 * 1024.0 * 1024.0,
+    )
+    .await;
+    // A 700 kB unfinished message: over the budget, the biggest non-admin consumer.
+    let mut attacker = Lazy::connect(server.addr, "attacker").await;
+    let (header, payload) = frame_of(1_000_000);
+    attacker.write_raw(&header).await;
+    attacker.write_raw(&payload[..PART]).await;
+    let (texts, close) = attacker.read_to_close().await;
+    assert!(texts.is_empty(), "{texts:?}");
+    assert_eq!(
+        (close.0, close.1.as_str()),
+        (1009, Close::MEMORY_INBOUND.reason)
+    );
+    // The backend gets every client connect, and is still served.
+    let (texts, close) = backend.read_up_to(forwarded).await;
+    assert_eq!((texts, close), (forwarded, None), "backend");
+    backend
+        .ws
+        .send(Message::text(
+            r#"{"type":"notify_client","data":{"callback":"still here"}}"#,
+        ))
+        .await
+        .expect("send");
+    match timeout(RECV_TIMEOUT, backend.ws.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => assert!(text.contains("still here"), "{text}"),
+        other => panic!("backend: {other:?}"),
+    }
+}
+
+/// Review finding 3: RFC 6455 allows a ping between the fragments of a message; the ping
+/// must not make the unfinished message before it look finished to the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_between_fragments_does_not_hide_the_unfinished_message() {
+    const FRAGMENT: usize = 1_000_000;
+    let server = Server::start().await;
+    let mut peer = Lazy::connect(server.addr, "fragments").await;
+    // A text fragment without FIN (opcode 1), masked with a zero key.
+    let mut fragment = br#"{"type":"pad","data":""#.to_vec();
+    fragment.resize(FRAGMENT, b'x');
+    let mut header = vec![0x01, 0x80 | 127];
+    header.extend_from_slice(&(FRAGMENT as u64).to_be_bytes());
+    header.extend_from_slice(&[0, 0, 0, 0]);
+    peer.write_raw(&header).await;
+    peer.write_raw(&fragment).await;
+    wait_gauge(server.addr, INBOUND, "the first fragment", |v| {
+        v >= FRAGMENT as f64
+    })
+    .await;
+    // A ping (FIN, opcode 9, masked, 4 bytes); its pong proves the server read it.
+    peer.write_raw(&[0x89, 0x84, 0, 0, 0, 0, b'p', b'i', b'n', b'g'])
+        .await;
+    match timeout(RECV_TIMEOUT, peer.ws.next()).await {
+        Ok(Some(Ok(Message::Pong(payload)))) => assert_eq!(&payload[..], b"ping"),
+        other => panic!("expected the pong: {other:?}"),
+    }
+    let inbound = scrape(server.addr).await.value(INBOUND, &[]);
+    assert!(
+        inbound >= FRAGMENT as f64,
+        "{inbound} bytes charged while the server holds a {FRAGMENT}-byte fragment"
+    );
+    // The last fragment (FIN, opcode 0) completes the message: nothing is charged any more.
+    peer.write_raw(&[0x80, 0x82, 0, 0, 0, 0, b'"', b'}']).await;
+    wait_gauge(server.addr, INBOUND, "nothing unfinished", |v| v < 1024.0).await;
+    peer.expect_open().await;
+}
+
+/// Review finding 9: a frame taken from the queue stays counted until the socket took it,
+/// not only until the writer took it from the queue: a stalled socket holds it just as long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_being_written_stays_counted() {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let server = Server::with_args(&[
+        "--max-message-size",
+        "16777216",
+        "--max-queue-bytes",
+        "67108864",
+    ])
+    .await;
+    let mut backend = server.backend("backend").await;
+    let (mut lazies, ids) = lazy_clients(&server, &mut backend, "stalled", 1).await;
+    // One 8 MiB frame: more than the kernel's buffers take from a reader that doesn't read,
+    // so the writer is stuck on it.
+    backend
+        .send_json(&json!({"type": "notify_client", "data": {"target": ids[0], "data": {"p": "x".repeat(8 << 20)}}}))
+        .await;
+    wait_gauge(server.addr, OUTBOUND, "the frame", |v| v >= 4.0 * MIB).await;
+    tokio::time::sleep(SILENCE).await;
+    let outbound = scrape(server.addr).await.value(OUTBOUND, &[]);
+    assert!(
+        outbound >= 4.0 * MIB,
+        "{outbound} bytes charged while an 8 MiB frame is being written"
+    );
+    lazies[0].read_texts(1).await;
+    wait_gauge(server.addr, OUTBOUND, "back to nothing", |v| v < 4096.0).await;
+}
+
+/// Review finding 10: only unread *error replies* close a peer as not reading: a subscriber
+/// with plenty of normal traffic queued that makes one mistake gets its error, and stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_client_is_not_closed_for_one_error() {
+    let server = Server::with_args(&["--max-queue-bytes", "67108864"]).await;
+    let mut backend = server.backend("backend").await;
+    let (mut lazies, ids) = lazy_clients(&server, &mut backend, "busy", 1).await;
+    let busy = &mut lazies[0];
+    // Normal traffic until 256 KiB of it waits in the server's queue (past the kernel's
+    // buffers).
+    let mut sent = 0;
+    for _ in 0..100 {
+        backend
+            .send_json(&json!({"type": "notify_client", "data": {"target": ids[0], "data": {"p": "x".repeat(128 * 1024)}}}))
+            .await;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if scrape(server.addr).await.value(OUTBOUND, &[]) >= 256.0 * 1024.0 {
+            break;
+        }
+    }
+    wait_gauge(server.addr, OUTBOUND, "256 KiB queued", |v| {
+        v >= 256.0 * 1024.0
+    })
+    .await;
+    // One refused event.
+    busy.ws
+        .send(Message::text(r#"{"type":"notify_all","data":{}}"#))
+        .await
+        .expect("send");
+    let (texts, close) = busy.read_up_to(sent + 1).await;
+    assert_eq!((texts, close), (sent + 1, None));
+    busy.expect_open().await;
 }

@@ -197,7 +197,7 @@ fn close(conns: &mut [Conn], i: usize) {
     };
     let shared = Arc::clone(&session.shared);
     shared.hub.remove(&conns[i].peer);
-    let unsent = conns[i].peer.outbox.close();
+    let unsent = jssocket::outbox::items(conns[i].peer.outbox.close());
     for item in &unsent {
         check_frame(item);
     }

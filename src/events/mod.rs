@@ -73,9 +73,11 @@ pub enum Flow {
 /// `client_connect`s (first one and re-authentications) one connection may send per window.
 const MAX_CONNECTS_PER_WINDOW: u32 = 20;
 
-/// A non-admin whose outbound queue holds more than this when it provokes an error is not
-/// reading its replies, and is closed: far sooner than its queue would overflow (4 MiB by
-/// default), so a crowd of such peers cannot pin memory with answers nobody reads.
+/// A non-admin whose outbound queue holds more than this of error replies when it provokes
+/// another is not reading its replies, and is closed: far sooner than its queue would
+/// overflow (4 MiB by default), so a crowd of such peers cannot pin memory with answers
+/// nobody reads. Only error replies count: a busy subscriber with normal traffic queued is
+/// not closed for its first mistake.
 const UNREAD_REPLIES: usize = 64 * 1024;
 
 /// Window over which bad input is counted for `--bad-input-limit`.
@@ -139,6 +141,7 @@ impl Session {
             Verdict::Admin => {
                 debug!("admin authenticated");
                 self.admin = true;
+                self.peer.set_admin();
                 self.shared.metrics.admins.inc();
             }
             // Both lines can be had at will (wrong passwords cost nothing once one is known):
@@ -215,16 +218,19 @@ impl Session {
     /// peer that never reads them would otherwise pin memory with them. An admin's refusals
     /// describe the world (a client that just left, no server yet), not abuse, so for an admin
     /// only malformed input counts. A non-admin whose queue already holds more than
-    /// [`UNREAD_REPLIES`] is not reading: it is closed instead of being answered again.
+    /// [`UNREAD_REPLIES`] of error replies is not reading them: it is closed instead of being
+    /// answered again.
     fn reject(&mut self, error: &ProtocolError, event: Option<&str>) -> Flow {
         // `?`: Debug formatting escapes control characters, so nothing a peer sends can
         // forge a log line or a terminal escape.
         debug!(code = error.code(), event = ?event, reason = ?error.to_string(), "rejected");
         self.shared.metrics.error(error.code());
-        if !self.admin && self.peer.outbox.bytes() > UNREAD_REPLIES {
+        if !self.admin && self.peer.outbox.unread_errors() > UNREAD_REPLIES {
             return Flow::Close(Close::NOT_READING);
         }
-        self.send_counted("error", error.to_frame(event));
+        let frame = error.to_frame(event);
+        self.shared.metrics.sent("error", 1, frame.len());
+        self.peer.send_error(frame);
         if self.admin && !error.is_bad_input() {
             return Flow::Continue;
         }
