@@ -222,6 +222,10 @@ impl Session {
             return Flow::Close(Close::NOT_READING);
         }
         self.send_counted("error", error.to_frame(event));
+        // Load that others caused (a full cluster lane) is not this peer's bad input.
+        if error.is_load() {
+            return Flow::Continue;
+        }
         if self.admin && !error.is_bad_input() {
             return Flow::Continue;
         }
