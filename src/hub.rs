@@ -269,8 +269,9 @@ impl Filter {
 const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
 /// The refusal when the queue of waiting client connects is full.
-const PENDING_FULL: ProtocolError =
-    ProtocolError::NoServer("no server can take it now and the queue of waiting client connects is full");
+const PENDING_FULL: ProtocolError = ProtocolError::NoServer(
+    "no server can take it now and the queue of waiting client connects is full",
+);
 
 /// Most waiting client connects handed to servers per hold of the pool lock: a long queue is
 /// flushed in batches, so other connections' events get the lock in between.

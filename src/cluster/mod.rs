@@ -331,6 +331,13 @@ impl InFlightTable {
         Some(entry)
     }
 
+    /// Removes forward `id` of `client`, if it is still the one in flight.
+    fn remove_forward(&mut self, client: Uuid, id: u64) {
+        if self.by_client.get(&client).is_some_and(|e| e.id == id) {
+            self.remove(client);
+        }
+    }
+
     fn insert(&mut self, client: Uuid, entry: InFlight) {
         self.remove(client);
         self.bytes += entry.frame.len();
@@ -542,13 +549,15 @@ impl Cluster {
             frame: SharedFrame(frame),
             id,
         };
+        let forward = Some((client.id, id));
         let queued = self
-            .enqueue(shared, Lane::Clients, op, Some(client), Some((client.id, id)))
+            .enqueue(shared, Lane::Clients, op, Some(client), forward)
             .is_ok();
         let count = {
             let mut in_flight = self.in_flight();
-            if !queued && in_flight.by_client.get(&client.id).is_some_and(|e| e.id == id) {
-                in_flight.remove(client.id);
+            if !queued {
+                // The lane filled up meanwhile: it waits in the local queue instead.
+                in_flight.remove_forward(client.id, id);
             }
             in_flight.by_client.len()
         };
