@@ -322,6 +322,11 @@ impl Filter {
 /// Most bytes of client connects waiting for a server, whatever their count.
 const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
+/// The refusal when the queue of waiting client connects is full.
+const PENDING_FULL: ProtocolError = ProtocolError::NoServer(
+    "no server can take it now and the queue of waiting client connects is full",
+);
+
 /// Most waiting client connects handed to servers per hold of the pool lock: a long queue is
 /// flushed in batches, so other connections' events get the lock in between.
 const FLUSH_BATCH: usize = 64;
@@ -594,6 +599,11 @@ impl Hub {
     /// Forwards a client's `client_connect` to one local server, round robin; else to a
     /// server elsewhere (`remote`, in a cluster); else queues it until a server joins.
     /// O(1) amortised, whatever the queue holds (see [`PendingQueue`]).
+    ///
+    /// `remote` runs under the pool lock: that keeps the queue's order (oldest first, a new
+    /// request straight out only when none waits) without a second queue, so it must be
+    /// cheap whatever the frame's size (the cluster's checks its lane's room first and copies
+    /// and encodes nothing).
     pub fn forward_connect(
         &self,
         client: &Arc<Peer>,
@@ -610,15 +620,17 @@ impl Hub {
         {
             return Ok(Forwarded::Sent);
         }
-        if pool.pending.len() >= self.pending_limit
-            || pool.pending.bytes + frame.len() > MAX_PENDING_BYTES
-        {
-            return Err(ProtocolError::NoServer(
-                "no server can take it now and the queue of waiting client connects is full",
-            ));
+        if !self.pending_has_room(&pool.pending, frame.len()) {
+            return Err(PENDING_FULL);
         }
         pool.pending.push(client, frame);
         Ok(Forwarded::Queued)
+    }
+
+    /// Room in the waiting queue for one more request of `len` bytes (`--pending-connects`
+    /// requests, [`MAX_PENDING_BYTES`]).
+    fn pending_has_room(&self, pending: &PendingQueue, len: usize) -> bool {
+        pending.len() < self.pending_limit && pending.bytes + len <= MAX_PENDING_BYTES
     }
 
     /// Hands the waiting client connects to servers, oldest first: this node's, else
@@ -726,17 +738,29 @@ impl Hub {
 
     /// Sends the `client_connect` forwards a closed server never wrote to another server (or
     /// back to the waiting queue), so a server closing never loses a client's request.
+    /// The waiting queue's limits hold here too: a request it has no room for is answered
+    /// with an error (outside the lock), like a new one would be.
     pub fn reforward(&self, unsent: Vec<Outgoing>) {
-        let mut pool = self.pool();
-        for item in unsent {
-            if let Outgoing::Forward { frame, client } = item
-                && let Some(client) = client.upgrade()
-                && !forward(&mut pool, &client, frame.clone())
-                // A newer request of the same client, already waiting, wins.
-                && !pool.pending.slots.contains_key(&client.id)
-            {
-                pool.pending.push(&client, frame);
+        let mut refused = Vec::new();
+        {
+            let mut pool = self.pool();
+            for item in unsent {
+                if let Outgoing::Forward { frame, client } = item
+                    && let Some(client) = client.upgrade()
+                    && !forward(&mut pool, &client, frame.clone())
+                    // A newer request of the same client, already waiting, wins.
+                    && !pool.pending.slots.contains_key(&client.id)
+                {
+                    if self.pending_has_room(&pool.pending, frame.len()) {
+                        pool.pending.push(&client, frame);
+                    } else {
+                        refused.push(client);
+                    }
+                }
             }
+        }
+        for client in refused {
+            client.send(PENDING_FULL.to_frame(Some("client_connect")));
         }
     }
 

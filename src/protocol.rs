@@ -48,6 +48,11 @@ pub enum ProtocolError {
     Unauthorized,
     #[error("{0}")]
     RateLimited(&'static str),
+    /// Refused because something shared is full (the cluster's client lane, filled by many
+    /// senders), not because of what this sender did: sent as `rate_limited`, never counted
+    /// against the sender (see [`ProtocolError::is_load`]).
+    #[error("{0}")]
+    ClusterBusy(&'static str),
 }
 
 /// Longest channel name.
@@ -86,7 +91,7 @@ impl ProtocolError {
             ProtocolError::TooManySubscriptions(_) => "too_many_subscriptions",
             ProtocolError::ConflictingFilters => "conflicting_filters",
             ProtocolError::Unauthorized => "unauthorized",
-            ProtocolError::RateLimited(_) => "rate_limited",
+            ProtocolError::RateLimited(_) | ProtocolError::ClusterBusy(_) => "rate_limited",
         }
     }
 
@@ -102,7 +107,15 @@ impl ProtocolError {
                 | ProtocolError::TooManySubscriptions(_)
                 | ProtocolError::Unauthorized
                 | ProtocolError::RateLimited(_)
+                | ProtocolError::ClusterBusy(_)
         )
+    }
+
+    /// True for refusals caused by load that others put on the server, which the sender
+    /// cannot avoid: they must not count toward its bad-input limit, or a flood of attackers
+    /// would get bystanders closed.
+    pub fn is_load(&self) -> bool {
+        matches!(self, ProtocolError::ClusterBusy(_))
     }
 
     /// `{"type":"error","data":{"code":…,"message":…,"event":…}}`.

@@ -11,7 +11,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{Conn, Event, RECV_TIMEOUT, register, scrape};
+use futures_util::StreamExt;
 use futures_util::future::join_all;
+use jssocket::cluster::{CHANNEL, RECEIPT_TIMEOUT};
 use nodes::{CLUSTER_TIMEOUT, Node, Proxy, Redis, cluster, wait_all, wait_cluster};
 use serde_json::{Value, json};
 
@@ -295,4 +297,122 @@ async fn connects_forwarded_to_a_dead_node_are_forwarded_again() {
         served.len()
     );
     backend.expect_silence().await;
+}
+
+/// Review finding 10: when other clients have filled the cluster's client lane, a bystander's
+/// cross-node `notify_client` is refused (`rate_limited`) but the refusal is load, not the
+/// bystander's bad input: it is refused many times over its bad-input limit and stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_client_lane_is_not_held_against_a_bystander() {
+    const LIMIT: usize = 3;
+    // Flooders' messages, one each (the first is always let in while the lane has room):
+    // ~900 KiB until the 16 MiB lane is refused one (the publisher, cut off from Redis, may
+    // hold one taken message), then halving sizes: the lane is filled to a few bytes.
+    let pads: Vec<usize> = std::iter::repeat_n(900 * 1024, 19)
+        .chain((0..20).rev().map(|k| 1 << k))
+        .collect();
+    let redis = Redis::start();
+    let proxy = Proxy::start(&redis).await;
+    let n0 = Node::start_with("n0", &proxy.url(), &["--bad-input-limit", "3"]);
+    let n1 = Node::start("n1", &redis.url());
+    wait_cluster(&[&n0, &n1]).await;
+    let mut backend = n1.backend("backend").await;
+    let mut flooders = Vec::new();
+    for i in 0..pads.len() {
+        flooders.push(acked(&n0, &format!("flooder{i}"), &mut backend, "f").await);
+    }
+    let mut bystander = acked(&n0, "bystander", &mut backend, "b").await;
+    proxy.set_open(false);
+    wait_all(&[&n0], "jssocket_cluster_connected", 0.0, RECV_TIMEOUT).await;
+
+    let mut let_in = 0;
+    for (flooder, pad) in flooders.iter_mut().zip(&pads) {
+        let nobody = uuid::Uuid::new_v4().to_string();
+        let data = json!({"target": nobody, "data": {"pad": "x".repeat(*pad)}, "callback": 1});
+        flooder.send_event("notify_client", data).await;
+        let reply = flooder.recv().await;
+        match reply["type"].as_str() {
+            Some("callback") => let_in += 1,
+            Some("error") => assert_eq!(reply["data"]["code"], "rate_limited", "{reply}"),
+            _ => panic!("unexpected {reply}"),
+        }
+    }
+    assert!(
+        let_in > 18,
+        "the lane took only {let_in} flooders' messages"
+    );
+
+    // The lane has no room for a message of 300 bytes and more: each is refused.
+    for k in 0..3 * LIMIT {
+        let nobody = uuid::Uuid::new_v4().to_string();
+        let data = json!({"target": nobody, "data": {"k": k, "pad": "y".repeat(300)}});
+        bystander.send_event("notify_client", data).await;
+        let error = bystander
+            .expect_error("rate_limited", Some("notify_client"))
+            .await;
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cluster busy")),
+            "{error}"
+        );
+    }
+    // Still open and served: a notify to itself is delivered on this node.
+    bystander
+        .send_event("notify_client", json!({"data": {"still": "here"}}))
+        .await;
+    bystander.expect_text(r#"{"still":"here"}"#).await;
+    drop(flooders);
+}
+
+/// Review finding 13: a node of an earlier version sends no receipts (its heartbeat does not
+/// say it does). A forward to its server is held, not judged by a receipt that cannot come:
+/// it is sent once, not again every receipt timeout while that node is alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_sends_no_receipts_gets_each_forward_once() {
+    let redis = Redis::start();
+    let n0 = Node::start("n0", &redis.url());
+    let old = redis::Client::open(redis.url()).expect("redis url");
+    let mut pubsub = old.get_async_pubsub().await.expect("subscribe to redis");
+    pubsub.subscribe(CHANNEL).await.expect("subscribe");
+    let mut publisher = old
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    // The old node: bare JSON heartbeats (no sequence number, no `receipts`) twice a second.
+    let heartbeat = tokio::spawn(async move {
+        let beat = r#"{"from":"old-node","op":"servers","servers":["old-server"]}"#;
+        loop {
+            let _: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                .arg(CHANNEL)
+                .arg(beat)
+                .query_async(&mut publisher)
+                .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    wait_all(&[&n0], "jssocket_cluster_nodes", 2.0, CLUSTER_TIMEOUT).await;
+
+    let mut client = n0.client("client").await;
+    client.send_event("client_connect", json!({"i": 1})).await;
+    // Past the receipt timeout, a sweep and a heartbeat: a forward judged by a missing
+    // receipt would have been sent again by then.
+    let window = RECEIPT_TIMEOUT + Duration::from_millis(2500);
+    let mut messages = pubsub.on_message();
+    let mut forwards = Vec::new();
+    let _ = tokio::time::timeout(window, async {
+        while let Some(message) = messages.next().await {
+            let text: String = message.get_payload().expect("text message");
+            let json = text.split_once(' ').map_or(text.as_str(), |(_, json)| json);
+            let wire: Value = serde_json::from_str(json).expect("JSON message");
+            if wire["op"] == "forward" {
+                assert_eq!(wire["server"], "old-server", "{wire}");
+                forwards.push(wire["client"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    })
+    .await;
+    heartbeat.abort();
+    assert_eq!(forwards.len(), 1, "forwards seen: {forwards:?}");
+    client.expect_silence().await;
 }

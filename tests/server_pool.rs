@@ -193,3 +193,48 @@ async fn thousands_of_queued_connects_stall_nobody_and_are_handed_over_in_order(
         .expect("bystander answered every round trip");
     assert!(pings > 0);
 }
+
+/// Review nit: the forwards a closed backend never wrote go back to the waiting queue within
+/// its limits (`--pending-connects`), as a new request would; those it has no room for are
+/// answered `no_server` instead of overfilling it.
+#[tokio::test]
+async fn forwards_a_closed_backend_never_wrote_respect_the_pending_limit() {
+    const CLIENTS: usize = 40;
+    let server =
+        Server::with_args(&["--pending-connects", "2", "--max-queue-bytes", "33554432"]).await;
+    // It never reads: what the kernel cannot take stays in its queue.
+    let stalled = server.backend("stalled").await;
+    // 12 MB of forwards, far more than the socket buffers hold.
+    let token = "t".repeat(300_000);
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut client = server.client(&format!("client{i}")).await;
+        client
+            .send_event("client_connect", json!({ "token": token }))
+            .await;
+        clients.push(client);
+    }
+    let received = [("type", "client_connect")];
+    wait_metric(
+        server.addr,
+        "jssocket_messages_received_total",
+        &received,
+        CLIENTS as f64,
+    )
+    .await;
+    drop(stalled);
+
+    // Two go back to the queue; each of the other unsent ones gets an error.
+    wait_metric(server.addr, "jssocket_pending_connects", &[], 2.0).await;
+    let mut refused = 0;
+    for client in &mut clients {
+        if let Some(common::Event::Text(text)) = client.next_event(Duration::from_millis(200)).await
+        {
+            let reply: Value = serde_json::from_str(&text).expect("JSON reply");
+            assert_eq!(reply["data"]["code"], "no_server", "{reply}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "no unsent forward was refused");
+    eprintln!("{refused} of {CLIENTS} unsent forwards refused, 2 queued again");
+}

@@ -33,7 +33,7 @@
 
 mod wire;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ use crate::protocol::ProtocolError;
 use crate::server::Shared;
 use crate::warn_throttled;
 pub use wire::Op;
-use wire::Wire;
+use wire::{SharedFrame, Wire};
 
 /// The Pub/Sub channel every node uses.
 pub const CHANNEL: &str = "jssocket:relay";
@@ -101,8 +101,9 @@ pub struct Cluster {
     in_flight: Mutex<InFlightTable>,
     /// Number of the next forward this node sends.
     next_forward: AtomicU64,
-    /// Other nodes: their servers and when they were last heard from.
-    nodes: Mutex<HashMap<String, RemoteNode>>,
+    /// Other nodes: their servers and when they were last heard from. Ordered by id, so
+    /// round robin over their servers needs no sorted copy per forward.
+    nodes: Mutex<BTreeMap<String, RemoteNode>>,
     /// Round-robin cursor over the other nodes' servers.
     next_server: AtomicUsize,
     /// Subscribed to Redis right now.
@@ -119,10 +120,13 @@ pub struct Cluster {
 }
 
 struct RemoteNode {
+    /// Sorted, for a stable round robin.
     servers: Vec<String>,
     seen: Instant,
     /// A forward to it got no receipt in time: not chosen until its next heartbeat.
     suspect: bool,
+    /// It answers forwards with receipts (its heartbeat says so).
+    receipts: bool,
 }
 
 /// Which lane a message waits in (see [`Backlog`]).
@@ -138,6 +142,10 @@ enum Lane {
 /// Messages waiting for the publisher, in two lanes with budgets of their own. The publisher
 /// empties the control lane first, so an admin's message waits behind at most one client
 /// message. The lock is held to push or pop one message.
+///
+/// Messages wait unencoded: queuing one costs no JSON encoding and no copy of its frame
+/// (a forward shares its frame with the forwards in flight), which matters because a
+/// forward is queued under the hub's pool lock. The publisher encodes each as it goes out.
 struct Backlog {
     lanes: Mutex<Lanes>,
     /// Wakes the publisher after a push.
@@ -146,16 +154,18 @@ struct Backlog {
 
 #[derive(Default)]
 struct Lanes {
-    control: VecDeque<String>,
+    control: VecDeque<Queued>,
     clients: VecDeque<Queued>,
     control_bytes: usize,
     client_bytes: usize,
 }
 
-/// A client-originated message waiting in the client lane.
+/// A message waiting in a lane.
 struct Queued {
-    text: String,
-    /// Whose share of the lane it takes.
+    op: Op,
+    /// What it is charged: [`Op::size`] plus [`MESSAGE_OVERHEAD`].
+    cost: usize,
+    /// Whose share of the client lane it takes.
     sender: Option<Arc<Peer>>,
     /// A forward: (client, forward id), so its receipt clock starts when it goes out.
     forward: Option<(Uuid, u64)>,
@@ -163,14 +173,14 @@ struct Queued {
 
 /// A message taken for publishing.
 struct Taken {
-    text: String,
+    op: Op,
     forward: Option<(Uuid, u64)>,
 }
 
 /// Why a message was not queued.
 #[derive(Debug, PartialEq, Eq)]
 enum Refused {
-    /// The lane is full.
+    /// The lane is full: load on everyone, not the sender's doing.
     Full,
     /// The sending connection has its share waiting already.
     SenderBusy,
@@ -191,39 +201,31 @@ impl Backlog {
     fn push(
         &self,
         lane: Lane,
-        text: String,
+        op: Op,
         sender: Option<&Arc<Peer>>,
         forward: Option<(Uuid, u64)>,
     ) -> Result<(), Refused> {
-        let cost = text.len() + MESSAGE_OVERHEAD;
+        let cost = op.size() + MESSAGE_OVERHEAD;
         {
             let mut lanes = self.lanes();
+            lanes.room(lane, cost, sender)?;
+            let queued = Queued {
+                op,
+                cost,
+                sender: sender.cloned(),
+                forward,
+            };
             match lane {
                 Lane::Control => {
-                    if lanes.control.len() >= BACKLOG || lanes.control_bytes + cost > BACKLOG_BYTES
-                    {
-                        return Err(Refused::Full);
-                    }
                     lanes.control_bytes += cost;
-                    lanes.control.push_back(text);
+                    lanes.control.push_back(queued);
                 }
                 Lane::Clients => {
-                    if lanes.client_bytes + cost > CLIENT_BACKLOG_BYTES {
-                        return Err(Refused::Full);
-                    }
                     if let Some(sender) = sender {
-                        let waiting = sender.cluster_bytes.load(Ordering::Relaxed);
-                        if waiting > 0 && waiting + cost > PER_CLIENT_BYTES {
-                            return Err(Refused::SenderBusy);
-                        }
                         sender.cluster_bytes.fetch_add(cost, Ordering::Relaxed);
                     }
                     lanes.client_bytes += cost;
-                    lanes.clients.push_back(Queued {
-                        text,
-                        sender: sender.cloned(),
-                        forward,
-                    });
+                    lanes.clients.push_back(queued);
                 }
             }
         }
@@ -231,33 +233,39 @@ impl Backlog {
         Ok(())
     }
 
+    /// Whether a message of at least `cost` bytes from `sender` could be queued in the
+    /// client lane now: asked before doing any work for a message that would be refused.
+    fn client_room(&self, cost: usize, sender: &Arc<Peer>) -> Result<(), Refused> {
+        self.lanes().room(Lane::Clients, cost, Some(sender))
+    }
+
     /// The next message to publish: control first.
     fn try_pop(&self) -> Option<Taken> {
         let mut lanes = self.lanes();
-        if let Some(text) = lanes.control.pop_front() {
-            lanes.control_bytes -= text.len() + MESSAGE_OVERHEAD;
+        if let Some(queued) = lanes.control.pop_front() {
+            lanes.control_bytes -= queued.cost;
             return Some(Taken {
-                text,
+                op: queued.op,
                 forward: None,
             });
         }
         let Queued {
-            text,
+            op,
+            cost,
             sender,
             forward,
         } = lanes.clients.pop_front()?;
-        let cost = text.len() + MESSAGE_OVERHEAD;
         lanes.client_bytes -= cost;
         if let Some(sender) = sender {
             sender.cluster_bytes.fetch_sub(cost, Ordering::Relaxed);
         }
-        Some(Taken { text, forward })
+        Some(Taken { op, forward })
     }
 
     async fn pop(&self) -> Taken {
         loop {
-            if let Some(text) = self.try_pop() {
-                return text;
+            if let Some(taken) = self.try_pop() {
+                return taken;
             }
             self.ready.notified().await;
         }
@@ -266,6 +274,31 @@ impl Backlog {
     fn bytes(&self) -> usize {
         let lanes = self.lanes();
         lanes.control_bytes + lanes.client_bytes
+    }
+}
+
+impl Lanes {
+    /// Room in `lane` for `cost` more bytes from `sender` (its share, in the client lane).
+    fn room(&self, lane: Lane, cost: usize, sender: Option<&Arc<Peer>>) -> Result<(), Refused> {
+        match lane {
+            Lane::Control => {
+                if self.control.len() >= BACKLOG || self.control_bytes + cost > BACKLOG_BYTES {
+                    return Err(Refused::Full);
+                }
+            }
+            Lane::Clients => {
+                if self.client_bytes + cost > CLIENT_BACKLOG_BYTES {
+                    return Err(Refused::Full);
+                }
+                if let Some(sender) = sender {
+                    let waiting = sender.cluster_bytes.load(Ordering::Relaxed);
+                    if waiting > 0 && waiting + cost > PER_CLIENT_BYTES {
+                        return Err(Refused::SenderBusy);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -298,6 +331,13 @@ impl InFlightTable {
         Some(entry)
     }
 
+    /// Removes forward `id` of `client`, if it is still the one in flight.
+    fn remove_forward(&mut self, client: Uuid, id: u64) {
+        if self.by_client.get(&client).is_some_and(|e| e.id == id) {
+            self.remove(client);
+        }
+    }
+
     fn insert(&mut self, client: Uuid, entry: InFlight) {
         self.remove(client);
         self.bytes += entry.frame.len();
@@ -322,7 +362,7 @@ impl Cluster {
             backlog: Backlog::new(),
             in_flight: Mutex::new(InFlightTable::default()),
             next_forward: AtomicU64::new(1),
-            nodes: Mutex::new(HashMap::new()),
+            nodes: Mutex::new(BTreeMap::new()),
             next_server: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
             next_seq: AtomicU64::new(0),
@@ -331,7 +371,7 @@ impl Cluster {
         })
     }
 
-    fn nodes(&self) -> MutexGuard<'_, HashMap<String, RemoteNode>> {
+    fn nodes(&self) -> MutexGuard<'_, BTreeMap<String, RemoteNode>> {
         self.nodes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -357,11 +397,17 @@ impl Cluster {
         sender: &Arc<Peer>,
     ) -> Result<(), ProtocolError> {
         self.enqueue(shared, Lane::Clients, op, Some(sender), None)
-            .map_err(|_| {
+            .map_err(|refused| {
                 shared.metrics.cluster_dropped.inc();
-                ProtocolError::RateLimited(
-                    "cluster busy: too much is waiting for the other nodes; send it again later",
-                )
+                match refused {
+                    // Many other clients filled the lane: not held against this one.
+                    Refused::Full => ProtocolError::ClusterBusy(
+                        "cluster busy: too much is waiting for the other nodes; send it again later",
+                    ),
+                    Refused::SenderBusy => ProtocolError::RateLimited(
+                        "too much of yours is waiting for the other nodes; send it again later",
+                    ),
+                }
             })
     }
 
@@ -373,12 +419,7 @@ impl Cluster {
         sender: Option<&Arc<Peer>>,
         forward: Option<(Uuid, u64)>,
     ) -> Result<(), Refused> {
-        let text = Wire {
-            from: self.node.clone(),
-            op,
-        }
-        .encode();
-        self.backlog.push(lane, text, sender, forward)?;
+        self.backlog.push(lane, op, sender, forward)?;
         let bytes = self.backlog.bytes();
         shared
             .metrics
@@ -392,6 +433,15 @@ impl Cluster {
     fn stamp(&self, message: &str) -> String {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         format!("{seq} {message}")
+    }
+
+    /// Encodes `op` as this node's message and stamps it (publisher only).
+    fn encode(&self, op: Op) -> String {
+        let wire = Wire {
+            from: self.node.clone(),
+            op,
+        };
+        self.stamp(&wire.encode())
     }
 
     /// True the first time `seq` from node `from` is seen (messages from one node arrive in
@@ -422,18 +472,28 @@ impl Cluster {
         nodes.len()
     }
 
-    /// Servers on other nodes that may be chosen (alive, not suspect), as (node, server
-    /// id), in a stable order.
-    fn remote_servers(&self) -> Vec<(String, String)> {
-        let mut nodes = self.nodes();
-        nodes.retain(|_, n| n.seen.elapsed() < NODE_EXPIRY);
-        let mut all: Vec<(String, String)> = nodes
-            .iter()
-            .filter(|(_, n)| !n.suspect)
-            .flat_map(|(node, n)| n.servers.iter().map(|s| (node.clone(), s.clone())))
-            .collect();
-        all.sort();
-        all
+    /// The next server on another node that may be chosen (alive, not suspect), round
+    /// robin in a stable order, as (node, server id, whether that node sends receipts).
+    /// O(nodes), nothing sorted or copied but the pick: it runs under the hub's pool lock.
+    fn pick_server(&self) -> Option<(String, String, bool)> {
+        let nodes = self.nodes();
+        let usable = || {
+            nodes
+                .iter()
+                .filter(|(_, n)| !n.suspect && n.seen.elapsed() < NODE_EXPIRY)
+        };
+        let total: usize = usable().map(|(_, n)| n.servers.len()).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut i = self.next_server.fetch_add(1, Ordering::Relaxed) % total;
+        for (node, n) in usable() {
+            match n.servers.get(i) {
+                Some(server) => return Some((node.clone(), server.clone(), n.receipts)),
+                None => i -= n.servers.len(),
+            }
+        }
+        None
     }
 
     /// Sends a client's `client_connect` to a server on another node, round robin, and keeps
@@ -444,6 +504,9 @@ impl Cluster {
         self.send_forward(shared, client, frame, 1)
     }
 
+    /// Runs under the hub's pool lock (the pending queue's order depends on it), so it does
+    /// only O(1) work in the frame's size: the client lane's room is checked first, the frame
+    /// is shared (not copied) and it is encoded later by the publisher.
     fn send_forward(
         &self,
         shared: &Shared,
@@ -451,43 +514,55 @@ impl Cluster {
         frame: Utf8Bytes,
         attempt: u32,
     ) -> bool {
-        let servers = self.remote_servers();
-        if servers.is_empty() || !self.in_flight().has_room(client.id, frame.len()) {
+        // Cheapest first: a full lane (a flood) refuses before anything else is done.
+        let least = frame.len() + MESSAGE_OVERHEAD;
+        if self.backlog.client_room(least, client).is_err() {
             return false;
         }
-        let i = self.next_server.fetch_add(1, Ordering::Relaxed) % servers.len();
-        let (node, server) = servers[i].clone();
+        let Some((node, server, receipts)) = self.pick_server() else {
+            return false;
+        };
         let id = self.next_forward.fetch_add(1, Ordering::Relaxed);
+        // In flight before it is queued: its receipt may come back before this returns.
+        {
+            let mut in_flight = self.in_flight();
+            if !in_flight.has_room(client.id, frame.len()) {
+                return false;
+            }
+            let entry = InFlight {
+                id,
+                node: node.clone(),
+                client: Arc::downgrade(client),
+                frame: frame.clone(),
+                since: Instant::now(),
+                // A node that sends no receipts is not judged by one: the forward is held
+                // as if receipted, and sent again only if that node dies.
+                receipted: !receipts,
+                attempt,
+            };
+            in_flight.insert(client.id, entry);
+        }
         let op = Op::Forward {
-            node: node.clone(),
+            node,
             server,
             client: client.target.to_string(),
-            frame: frame.as_str().to_string(),
+            frame: SharedFrame(frame),
             id,
         };
         let forward = Some((client.id, id));
-        if self
+        let queued = self
             .enqueue(shared, Lane::Clients, op, Some(client), forward)
-            .is_err()
-        {
-            return false;
-        }
-        let entry = InFlight {
-            id,
-            node,
-            client: Arc::downgrade(client),
-            frame,
-            since: Instant::now(),
-            receipted: false,
-            attempt,
-        };
+            .is_ok();
         let count = {
             let mut in_flight = self.in_flight();
-            in_flight.insert(client.id, entry);
+            if !queued {
+                // The lane filled up meanwhile: it waits in the local queue instead.
+                in_flight.remove_forward(client.id, id);
+            }
             in_flight.by_client.len()
         };
         shared.metrics.cluster_forwards_in_flight.set(count as i64);
-        true
+        queued
     }
 
     /// The publisher took forward `id` for `client`: its receipt is due from now, not from
@@ -625,7 +700,8 @@ impl Cluster {
     /// change, so a new server is usable cluster-wide at once).
     pub fn announce(&self, shared: &Shared) {
         let servers = shared.hub.local_servers();
-        self.publish(shared, Op::Servers { servers });
+        let receipts = true;
+        self.publish(shared, Op::Servers { servers, receipts });
     }
 
     /// Applies one message from another node to this node's connections.
@@ -717,14 +793,18 @@ impl Cluster {
                 if node != self.node {
                     return;
                 }
-                let len = frame.len();
-                let queued = hub.offer_to_server(&server, Utf8Bytes::from(frame));
+                let len = frame.0.len();
+                let queued = hub.offer_to_server(&server, frame.0);
                 if queued {
                     shared.metrics.sent("client_connect", 1, len);
                 } else {
                     // The server left (or is full) after the sender chose it: the sender
                     // forwards it elsewhere; a backend is never closed over a client's request.
                     debug!(%server, "forward for a server that has left or is full");
+                }
+                if id == 0 {
+                    // From a node of an earlier version: it reads no receipts.
+                    return;
                 }
                 let node = wire.from;
                 let op = if queued {
@@ -744,14 +824,19 @@ impl Cluster {
                     self.settle(shared, &client, id, false);
                 }
             }
-            Op::Servers { servers } => {
+            Op::Servers {
+                mut servers,
+                receipts,
+            } => {
                 let has_servers = !servers.is_empty();
+                servers.sort();
                 self.nodes().insert(
                     wire.from,
                     RemoteNode {
                         servers,
                         seen: Instant::now(),
                         suspect: false,
+                        receipts,
                     },
                 );
                 if has_servers {
@@ -846,7 +931,7 @@ async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>) {
                     if let Some((client, id)) = taken.forward {
                         cluster.going_out(client, id);
                     }
-                    cluster.stamp(&taken.text)
+                    cluster.encode(taken.op)
                 }
                 _ = shared.shutdown.cancelled() => {
                     return farewell(&cluster, connection).await;
@@ -904,16 +989,11 @@ async fn farewell(cluster: &Cluster, connection: Option<redis::aio::MultiplexedC
     let Some(mut conn) = connection else {
         return;
     };
-    let leaving = Wire {
-        from: cluster.node.clone(),
-        op: Op::Leaving,
-    }
-    .encode();
     let last = async {
-        let queued = std::iter::from_fn(|| cluster.backlog.try_pop().map(|taken| taken.text))
+        let queued = std::iter::from_fn(|| cluster.backlog.try_pop().map(|taken| taken.op))
             .collect::<Vec<_>>();
-        for message in queued.into_iter().chain([leaving]) {
-            let message = cluster.stamp(&message);
+        for op in queued.into_iter().chain([Op::Leaving]) {
+            let message = cluster.encode(op);
             let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
                 .arg(CHANNEL)
                 .arg(&message)

@@ -1,7 +1,8 @@
 //! What nodes say to each other over Redis: a sequence number, a space, and one JSON object
 //! tagged by `op`, carrying frames already encoded for the recipients.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::hub::Filter;
 
@@ -57,7 +58,7 @@ pub enum Op {
         node: String,
         server: String,
         client: String,
-        frame: String,
+        frame: SharedFrame,
         #[serde(default)]
         id: u64,
     },
@@ -74,12 +75,85 @@ pub enum Op {
         client: String,
         id: u64,
     },
-    /// Heartbeat: the sender is alive and has these servers.
+    /// Heartbeat: the sender is alive and has these servers. `receipts`: it answers forwards
+    /// with `Forwarded`/`ForwardFailed` (false from nodes of an earlier version, which never
+    /// do: a forward to them is not judged by a receipt that cannot come).
     Servers {
         servers: Vec<String>,
+        #[serde(default)]
+        receipts: bool,
     },
     /// The sender is shutting down.
     Leaving,
+}
+
+/// A frame carried to another node, shared with the local queues that hold it too (the
+/// pending queue, the forwards in flight): queuing it copies nothing, and it is encoded as a
+/// JSON string only when published.
+#[derive(Debug, Clone)]
+pub struct SharedFrame(pub Utf8Bytes);
+
+impl Serialize for SharedFrame {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedFrame {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(|text| SharedFrame(Utf8Bytes::from(text)))
+    }
+}
+
+impl Op {
+    /// Bytes this message holds while it waits (its texts, not their JSON escaping), what
+    /// the backlog charges for it; known without encoding it.
+    pub fn size(&self) -> usize {
+        let texts = |texts: &[&str]| texts.iter().map(|t| t.len()).sum::<usize>();
+        match self {
+            Op::NotifyAll { frame } => frame.len(),
+            Op::NotifyClient { target, frame } | Op::NotifyGroupOf { target, frame, .. } => {
+                texts(&[target, frame])
+            }
+            Op::NotifyGroup { group, frame } => texts(&[group, frame]),
+            Op::Publish {
+                channel,
+                filter,
+                frame,
+            } => {
+                let names = match filter {
+                    Filter::All => 0,
+                    Filter::Roles(names) | Filter::Groups(names) | Filter::Users(names) => {
+                        names.iter().map(|n| n.len()).sum()
+                    }
+                };
+                texts(&[channel, frame]) + names
+            }
+            Op::Acknowledge {
+                target,
+                group,
+                user,
+                roles,
+                groups,
+                frame,
+            } => {
+                texts(&[target, group, user.as_deref().unwrap_or_default(), frame])
+                    + roles.iter().chain(groups).map(|r| r.len()).sum::<usize>()
+            }
+            Op::Forward {
+                node,
+                server,
+                client,
+                frame,
+                ..
+            } => texts(&[node, server, client, frame.0.as_str()]),
+            Op::Forwarded { node, client, .. } | Op::ForwardFailed { node, client, .. } => {
+                texts(&[node, client])
+            }
+            Op::Servers { servers, .. } => servers.iter().map(|s| s.len()).sum(),
+            Op::Leaving => 0,
+        }
+    }
 }
 
 impl Wire {

@@ -231,6 +231,10 @@ impl Session {
         let frame = error.to_frame(event);
         self.shared.metrics.sent("error", 1, frame.len());
         self.peer.send_error(frame);
+        // Load that others caused (a full cluster lane) is not this peer's bad input.
+        if error.is_load() {
+            return Flow::Continue;
+        }
         if self.admin && !error.is_bad_input() {
             return Flow::Continue;
         }
