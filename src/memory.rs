@@ -16,7 +16,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -69,6 +69,9 @@ pub struct Memory {
     /// partial messages too), for the sweeper to scan. Touched on connect and disconnect
     /// only, never on the message path.
     peers: DashMap<Uuid, std::sync::Weak<Peer>>,
+    /// What admins' queues held at the last sweep: exempt from the budget's pressure (see
+    /// [`Memory::far_over`]).
+    exempt: AtomicUsize,
 }
 
 impl Memory {
@@ -83,6 +86,7 @@ impl Memory {
             closes: metrics.memory_pressure_closes.clone(),
             over: Notify::new(),
             peers: DashMap::new(),
+            exempt: AtomicUsize::new(0),
         }
     }
 
@@ -98,8 +102,13 @@ impl Memory {
     }
 
     /// Would `len` more bytes take usage far over the budget? Then a push is refused.
+    /// Admins' queues are left out: they are never closed for the budget, so counting them
+    /// would make clients pay for a backlog they did not cause.
     pub fn far_over(&self, len: usize) -> bool {
-        self.used() + len > self.budget / 4 * HARD_LIMIT
+        let used = self
+            .used()
+            .saturating_sub(self.exempt.load(Ordering::Relaxed));
+        used + len > self.budget / 4 * HARD_LIMIT
     }
 
     /// Counts one connection closed, or push refused, for the budget.
@@ -149,8 +158,15 @@ impl Memory {
         }
     }
 
+    /// Over the budget, admins' queues left out (they are never closed for it).
+    fn over_budget(&self) -> bool {
+        self.used()
+            .saturating_sub(self.exempt.load(Ordering::Relaxed))
+            > self.budget
+    }
+
     fn wake_if_over(&self) {
-        if self.used() > self.budget {
+        if self.over_budget() {
             self.over.notify_one();
         }
     }
@@ -168,7 +184,7 @@ impl Memory {
     /// goes on until the budget itself says enough.
     fn relieve(&self, shared: &Shared) {
         let goal = self.budget / 10 * RELIEVED;
-        if self.used() <= self.budget {
+        if !self.over_budget() {
             return;
         }
         // Bytes of connections already closing, given back when their tasks get to them.
@@ -176,23 +192,30 @@ impl Memory {
         // Weak handles only, so no map shard stays locked while queues are inspected.
         let peers: Vec<_> = self.peers.iter().map(|e| e.value().clone()).collect();
         let mut consumers = Vec::new();
+        // What admins hold: counted in `used`, but never relieved by closing anyone.
+        let mut exempt = 0;
         for peer in peers.iter().filter_map(std::sync::Weak::upgrade) {
             let inbound = peer.inbound.load(Ordering::Relaxed);
-            let outbound = peer.outbox.bytes();
+            // What closing it gives back: a broadcast frame its queue shares with others is
+            // charged once, by itself, so it is not counted here in full.
+            let outbound = peer.outbox.charged();
             if peer.is_closing() {
                 // Already on its way out, for this reason or another: its memory comes back
                 // when its task gets to it.
                 leaving += inbound + outbound;
                 continue;
             }
-            if inbound + outbound > 0 && !peer.is_admin() {
+            if peer.is_admin() {
+                exempt += inbound + outbound;
+            } else if inbound + outbound > 0 {
                 consumers.push((outbound, inbound, peer));
             }
         }
+        self.exempt.store(exempt, Ordering::Relaxed);
         consumers
             .sort_unstable_by_key(|(outbound, inbound, _)| std::cmp::Reverse(outbound + inbound));
         for (outbound, inbound, peer) in consumers {
-            if self.used().saturating_sub(leaving) <= goal {
+            if self.used().saturating_sub(leaving + exempt) <= goal {
                 break;
             }
             let close = if outbound >= inbound {
@@ -206,7 +229,7 @@ impl Memory {
                 .reforward(crate::outbox::items(peer.outbox.close()));
             self.closes.inc();
             // Its partial message, and a frame its writer holds, go when its task ends.
-            leaving += inbound + peer.outbox.bytes();
+            leaving += inbound + peer.outbox.charged();
             info!(
                 conn_id = %peer.target,
                 outbound,
@@ -243,7 +266,7 @@ pub async fn sweep(shared: Arc<Shared>) {
         tokio::time::sleep(SWEEP_PERIOD).await;
         // Closed connections give their partial messages back when their tasks get to it;
         // look again rather than wait for the next charge to wake us.
-        if memory.used() > memory.budget {
+        if memory.over_budget() {
             memory.over.notify_one();
         }
     }

@@ -219,20 +219,25 @@ impl Outbox {
         Some(taken)
     }
 
-    /// Moves `item`'s counts from the queue to a [`Taken`].
+    /// Moves `item`'s counts from the queue to a [`Taken`]. A taken frame is charged in full,
+    /// shared or not: the writer copies it into the socket's write buffer, a copy of this
+    /// connection's own that lives until the peer takes the bytes.
     fn taken(&self, queue: &mut Queue, item: Outgoing) -> Taken<'_> {
-        let (size, charge) = (size(&item), charge(&item));
+        let (size, queued) = (size(&item), charge(&item));
         queue.bytes -= size;
-        queue.charged -= charge;
+        queue.charged -= queued;
         if let Outgoing::Error(_) = item {
             queue.errors -= size;
+        }
+        if size > queued {
+            self.memory.charge_outbound(size - queued);
         }
         self.in_flight.fetch_add(size, Ordering::Relaxed);
         Taken {
             item: Some(item),
             outbox: self,
             size,
-            charge,
+            charge: size,
         }
     }
 
@@ -249,6 +254,14 @@ impl Outbox {
     /// frames taken and not yet written.
     pub fn bytes(&self) -> usize {
         self.lock().bytes + self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// What this queue charges the memory budget now: its own frames in full, a shared
+    /// broadcast frame by its overhead only (the frame is charged once, by itself), and the
+    /// frames being written in full. What closing this connection gives back, roughly.
+    pub fn charged(&self) -> usize {
+        // Taken frames are charged their full size (see `taken`), which `in_flight` counts.
+        self.lock().charged + self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Bytes of error replies queued and not yet taken by the writer: replies the peer

@@ -626,12 +626,20 @@ async fn an_admin_is_never_closed_for_the_memory_budget() {
         |v| v >= 1.5 * 1024.0 * 1024.0,
     )
     .await;
-    // A 700 kB unfinished message: over the budget, the biggest non-admin consumer.
-    let mut attacker = Lazy::connect(server.addr, "attacker").await;
+    // The backend's 1.5 MiB alone put nobody over the budget: admins' queues are exempt.
+    // Unfinished messages of 900, 700 and 600 kB do: the biggest of them is closed.
     let (header, payload) = frame_of(1_000_000);
-    attacker.write_raw(&header).await;
-    attacker.write_raw(&payload[..PART]).await;
-    let (texts, close) = attacker.read_to_close().await;
+    let mut attackers = Vec::new();
+    for (i, part) in [PART + 200_000, PART, PART - 100_000]
+        .into_iter()
+        .enumerate()
+    {
+        let mut attacker = Lazy::connect(server.addr, &format!("attacker {i}")).await;
+        attacker.write_raw(&header).await;
+        attacker.write_raw(&payload[..part]).await;
+        attackers.push(attacker);
+    }
+    let (texts, close) = attackers[0].read_to_close().await;
     assert!(texts.is_empty(), "{texts:?}");
     assert_eq!(
         (close.0, close.1.as_str()),
