@@ -178,8 +178,15 @@ async fn peer_gone(tcp: &TcpStream) {
 }
 
 async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBool) -> End {
+    // What the peer sent while its previous message was still being handled (an admin
+    // password in `server_connect` waiting for bcrypt): handled next, in order.
+    let mut early = None;
     loop {
-        let message = match stream.next().await {
+        let next = match early.take() {
+            Some(next) => next,
+            None => stream.next().await,
+        };
+        let message = match next {
             None => return End::Gone,
             Some(Ok(message)) => message,
             Some(Err(e)) => return read_error(e),
@@ -202,7 +209,24 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
             Message::Close(_) => return End::Gone,
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
         };
-        if let Flow::Close(close) = events::handle(session, &payload).await {
+        // Most events are handled at once. One that waits (a password verification) keeps
+        // watching the socket: a peer that leaves meanwhile withdraws its request, so bcrypt
+        // never runs for a connection that is gone. One message read meanwhile waits its turn
+        // (`early`); reading stops there, so the peer's bytes wait in the kernel.
+        let handling = events::handle(session, &payload);
+        tokio::pin!(handling);
+        let flow = loop {
+            tokio::select! {
+                biased;
+                flow = &mut handling => break flow,
+                next = stream.next(), if early.is_none() => match next {
+                    Some(Ok(message)) => early = Some(Some(Ok(message))),
+                    None => return End::Gone,
+                    Some(Err(e)) => return read_error(e),
+                },
+            }
+        };
+        if let Flow::Close(close) = flow {
             // A peer closed for not reading its replies would not read these either.
             let flush = close != Close::NOT_READING;
             return End::Close { close, flush };

@@ -388,6 +388,62 @@ async fn closed_connections_get_no_bcrypt_run() {
     );
 }
 
+/// The same for the old protocol's password in `server_connect` data: the connection is
+/// already upgraded and its verification waits inside the event, which still watches the
+/// socket, so a requester that leaves withdraws it.
+#[tokio::test]
+async fn closed_connections_get_no_bcrypt_run_for_server_connect_data() {
+    const ADDRESSES: u8 = 4;
+    const PER_ADDRESS: usize = 8;
+    const KEPT_PER_ADDRESS: usize = 2;
+    let hash = slow_hash();
+    let server = Server::with_args(&["--auth", &hash]).await;
+    let addr = server.addr;
+    let mut flood = Vec::new();
+    for a in 0..ADDRESSES {
+        for i in 0..PER_ADDRESS {
+            let name = format!("data flood{a}.{i}");
+            let mut conn = Conn::connect_from(addr, loopback(40 + a), None, &name).await;
+            let event = serde_json::json!(
+                {"type": "server_connect", "data": {"auth": format!("wrong {name}")}}
+            );
+            conn.send_json(&event).await;
+            flood.push(conn);
+        }
+    }
+    let total = flood.len() as f64;
+    wait_until(addr, "flood verifications queued", |s| {
+        queued(s) + runs(s) == total
+    })
+    .await;
+    let (open, closing): (Vec<_>, Vec<_>) = flood
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % PER_ADDRESS < KEPT_PER_ADDRESS);
+    let before_close = runs(&scrape(addr).await);
+    drop(closing);
+
+    let answers = join_all(open.into_iter().map(|(_, mut conn)| async move {
+        assert!(!server_connect_answer(&mut conn).await, "{}", conn.name);
+    }));
+    timeout(FLOOD_TIMEOUT, answers)
+        .await
+        .expect("every open flood connection answered");
+    let done = wait_until(addr, "queue drained", |s| queued(s) == 0.0).await;
+    let kept = f64::from(ADDRESSES) * KEPT_PER_ADDRESS as f64;
+    let total_runs = runs(&done);
+    eprintln!("{total} queued, {before_close} ran before the close, {total_runs} in all");
+    let bound = before_close + kept + workers();
+    assert!(
+        total_runs <= bound,
+        "bcrypt ran {total_runs} times (bound {bound}): closed connections were verified"
+    );
+    assert!(
+        bound < total,
+        "the flood ran before it was measured ({before_close} runs of {total}): not a test"
+    );
+}
+
 /// More verifications than the queue holds for one address: the excess is refused clearly,
 /// without being judged — an upgrade is closed with 1008 "authentication busy, retry", the
 /// HTTP API answers 503 with Retry-After — and counted in `jssocket_auth_busy_total`; the
