@@ -786,7 +786,9 @@ impl Drop for WorkerSlot {
             queue.running -= 1;
         }
         // Dropping the replies unanswered tells each requester "busy".
-        let abandoned = self.current.and_then(|digest| queue.pending.remove(&digest));
+        let abandoned = self
+            .current
+            .and_then(|digest| queue.pending.remove(&digest));
         drop(queue);
         drop(abandoned);
     }
@@ -934,7 +936,10 @@ mod tests {
             answers.push(queue.request(ip(1), digest(n), b"").unwrap());
         }
         let right = digest(1000);
-        assert!(queue.request(ip(1), right, b"").is_none(), "first try: busy");
+        assert!(
+            queue.request(ip(1), right, b"").is_none(),
+            "first try: busy"
+        );
         let mut admitted = queue.request(ip(1), right, b"").expect("second try queued");
         let mut displaced = answers.pop().unwrap();
         assert_eq!(displaced.try_recv(), Ok(Verdict::Busy));
@@ -942,8 +947,8 @@ mod tests {
             assert!(queue.request(ip(1), digest(n), b"").is_none());
         }
         assert!(admitted.try_recv().is_err(), "still waiting");
-        let served: Vec<Digest> = std::iter::from_fn(|| queue.pop_next().map(|(_, j)| j.digest))
-            .collect();
+        let served: Vec<Digest> =
+            std::iter::from_fn(|| queue.pop_next().map(|(_, j)| j.digest)).collect();
         assert_eq!(served.len(), MAX_QUEUED_PER_ADDRESS);
         assert_eq!(served.last(), Some(&right));
     }

@@ -367,6 +367,20 @@ fn empty_object() -> Box<RawValue> {
 mod tests {
     use super::*;
 
+    /// Refusals caused by others' load are neither bad input nor counted against the
+    /// sender; they keep their wire code.
+    #[test]
+    fn load_refusals_are_not_held_against_the_sender() {
+        for error in [
+            ProtocolError::ClusterBusy("lane full"),
+            ProtocolError::QueueFull("queue full"),
+        ] {
+            assert!(error.is_load() && !error.is_bad_input(), "{error:?}");
+        }
+        assert_eq!(ProtocolError::QueueFull("x").code(), "no_server");
+        assert!(!ProtocolError::NoServer("x").is_load());
+    }
+
     fn raw(s: &str) -> &RawValue {
         serde_json::from_str(s).unwrap()
     }

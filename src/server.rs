@@ -561,9 +561,8 @@ impl Slot {
         };
         let share = over.then(|| address_key(ip));
         let refused = max.is_some_and(|max| open > room(max))
-            || share.is_some_and(|key| {
-                !take_share(&shared.admin_by_address, key, ADMIN_PER_ADDRESS)
-            });
+            || share
+                .is_some_and(|key| !take_share(&shared.admin_by_address, key, ADMIN_PER_ADDRESS));
         if refused {
             shared.connections.fetch_sub(1, Ordering::AcqRel);
             return None;

@@ -494,7 +494,11 @@ async fn one_address_cannot_hold_every_admin_place() {
     let mut fifth = common::connect_tcp_from(server.addr, attacker).await;
     let request = upgrade_request(server.addr, "auth: garbage 4\r\n");
     fifth.write_all(request.as_bytes()).await.expect("write");
-    assert_eq!(read_status(&mut fifth).await, Some(503), "a 5th from one address");
+    assert_eq!(
+        read_status(&mut fifth).await,
+        Some(503),
+        "a 5th from one address"
+    );
 
     let backend = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
     let mut workers = Vec::new();
