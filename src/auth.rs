@@ -21,10 +21,14 @@
 //!    verification whose requesters all left (connections closed, HTTP requests dropped) is
 //!    skipped, never run. The queue is bounded per address and in total; past the bound the
 //!    request is refused as [`Verdict::Busy`] ("busy, retry"), never as a wrong password.
+//!    Within an address's full share, a password asked for more often (a backend retrying
+//!    after "busy") takes the place of one asked for less (see [`Queue::request`]), so an
+//!    attacker behind the backend's own NAT cannot keep it out with a few wrong passwords.
 //!
 //! The bounds also bound what waiting requesters hold elsewhere: an upgrade whose `auth`
-//! header waits here holds a `--max-connections` slot, so at most [`MAX_QUEUED`] slots (and
-//! [`MAX_WAITING_PER_ADDRESS`] per address) can be pinned this way.
+//! header waits here holds a `--max-connections` slot, so at most [`MAX_QUEUED`] slots can
+//! be pinned this way (and the server lets one address hold only a few of the places kept
+//! for admins above `--max-connections`).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -43,9 +47,11 @@ pub const DEFAULT_AUTH_HEX: &str = "24326224313224682e6b576f5762714d43745633516c
 /// Distinct passwords one address may have waiting for bcrypt (not counting the ones
 /// running). A backend sends one password; more from one address is a flood.
 pub const MAX_QUEUED_PER_ADDRESS: usize = 8;
-/// Requesters one address may have waiting for a verdict, sharing runs included: the
-/// workers of one backend host reconnecting at once all wait for the same run.
-pub const MAX_WAITING_PER_ADDRESS: usize = 64;
+/// Requesters one password may have waiting for its verdict: the workers of one backend
+/// host reconnecting at once all wait for the same run. Bounded per password, not per
+/// address, so cheap joiners of one password cannot fill an address's share and get
+/// another password (the backend's, behind the same NAT) refused.
+pub const MAX_WAITING_PER_PASSWORD: usize = 64;
 /// Requesters waiting for a verdict in total.
 pub const MAX_QUEUED: usize = 1024;
 /// Failures are counted per address over windows of this length; a new window starts at 0.
@@ -55,6 +61,11 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 const MAX_TRACKED: usize = 100_000;
 /// bcrypt uses this many bytes of a password and ignores the rest.
 const BCRYPT_MAX_BYTES: usize = 72;
+/// Counters of how often passwords were asked for ([`Queue::asks`]), indexed by digest.
+const ASK_COUNTERS: usize = 4096;
+/// The ask counters are halved this often, so old asks (an attacker pumping a password
+/// ahead of time) fade.
+const ASK_DECAY: Duration = Duration::from_secs(30);
 
 /// bcrypt workers: half the cores (at least one), so a flood of wrong passwords leaves the
 /// other half to the relay itself.
@@ -157,6 +168,12 @@ fn bcrypt_key(password: &str) -> Option<&[u8]> {
     Some(&bytes[..bytes.len().min(BCRYPT_MAX_BYTES)])
 }
 
+/// `digest`'s counter in [`Queue::asks`]. The digest is a keyed HMAC: an outsider cannot
+/// aim two passwords at one counter.
+fn ask_index(digest: &Digest) -> usize {
+    usize::from(u16::from_be_bytes([digest[0], digest[1]])) % ASK_COUNTERS
+}
+
 /// The unit of fairness: an IPv4 address, or an IPv6 /64 (what one host or one customer of
 /// a provider usually gets, so rotating addresses inside it earns no extra turns).
 fn bucket(ip: IpAddr) -> IpAddr {
@@ -236,6 +253,15 @@ impl Pending {
     fn anyone_waits(&self) -> bool {
         self.replies.iter().any(|r| !r.is_closed())
     }
+
+    /// Whether another requester may join: [`MAX_WAITING_PER_PASSWORD`] still waiting.
+    fn has_room(&mut self) -> bool {
+        if self.replies.len() >= MAX_WAITING_PER_PASSWORD {
+            self.replies.retain(|r| !r.is_closed());
+            self.cleaned_at = self.replies.len();
+        }
+        self.replies.len() < MAX_WAITING_PER_PASSWORD
+    }
 }
 
 /// The fair queue. Addresses with waiting jobs sit in `order` under the key
@@ -252,9 +278,14 @@ struct Queue {
     /// Who waits for each password being verified (waiting or running), by digest: a
     /// request for a password already here joins it instead of running bcrypt again.
     pending: HashMap<Digest, Pending>,
-    /// Requesters waiting for a verdict ([`Ticket`]s alive), per address and in total.
-    requesters: HashMap<IpAddr, usize>,
+    /// Requesters waiting for a verdict ([`Ticket`]s alive).
     total: usize,
+    /// How often each password was asked for lately, by digest (a count-min style table:
+    /// passwords sharing a counter add up, which only ever overstates). Decides which of an
+    /// address's waiting jobs gives way to a newcomer; see [`Queue::request`].
+    asks: Vec<u32>,
+    /// When `asks` was last halved.
+    asks_decayed: Option<Instant>,
     /// Workers running (each on a blocking thread while there are jobs).
     running: usize,
     /// Failures per address in its current window: (count, window start).
@@ -279,24 +310,42 @@ impl Queue {
 
     /// Registers a requester at `ip` for the password `password` (its bcrypt key) and
     /// returns where its verdict will arrive, or `None` when the queue is full for it. A
-    /// password already pending is joined; a new one becomes a job. When the total is
-    /// reached, the newest job of the worst-ranked address makes room for an address that
-    /// failed less; its requesters are answered [`Verdict::Busy`]. The caller holds a
-    /// [`Ticket`] for the requester from then on.
+    /// password already pending is joined (up to [`MAX_WAITING_PER_PASSWORD`]); a new one
+    /// becomes a job. When the total is reached, the newest job of the worst-ranked address
+    /// makes room for an address that failed less; its requesters are answered
+    /// [`Verdict::Busy`]. The caller holds a [`Ticket`] for the requester from then on.
+    ///
+    /// When the address's own share ([`MAX_QUEUED_PER_ADDRESS`]) is full, a newcomer asked
+    /// for more often than one of the waiting passwords takes its place (the least asked,
+    /// newest first; its requesters are answered busy); otherwise the newcomer is refused
+    /// busy. This is for an address shared by the backend and an attacker (a NAT, a proxy):
+    /// refusing every newcomer would let the attacker keep the share full with a few wrong
+    /// passwords and the backend refused for ever. A backend retries its one password after
+    /// "busy", so its count grows with every try, while an attacker's fresh passwords are
+    /// asked for once each: after a few tries the backend's job no longer gives way, and it
+    /// runs within [`MAX_QUEUED_PER_ADDRESS`] turns of its address.
+    ///
+    /// Residual risk: nothing tells two requesters behind one address apart but what they
+    /// send. An attacker there who asks for each of its wrong passwords more often than the
+    /// backend retries (sustaining, per bcrypt run of its address, as many requests as the
+    /// backend has made in the last [`ASK_DECAY`] or so) keeps the backend waiting; it pays
+    /// for that with a request rate that grows with the backend's patience, and once the
+    /// backend is in, every password is judged without bcrypt.
     fn request(
         &mut self,
         ip: IpAddr,
         digest: Digest,
         password: &[u8],
     ) -> Option<oneshot::Receiver<Verdict>> {
-        if self.requesters.get(&ip).copied().unwrap_or(0) >= MAX_WAITING_PER_ADDRESS {
-            return None;
-        }
-        let joins = self.pending.contains_key(&digest);
-        if !joins && self.jobs_of(ip) >= MAX_QUEUED_PER_ADDRESS {
+        let asks = self.ask(&digest);
+        if let Some(pending) = self.pending.get_mut(&digest) {
+            if !pending.has_room() {
+                return None;
+            }
+        } else if self.jobs_of(ip) >= MAX_QUEUED_PER_ADDRESS {
             // At most MAX_QUEUED_PER_ADDRESS to look at: jobs nobody waits for free their place.
             self.drop_abandoned(ip);
-            if self.jobs_of(ip) >= MAX_QUEUED_PER_ADDRESS {
+            if self.jobs_of(ip) >= MAX_QUEUED_PER_ADDRESS && !self.evict_less_asked(ip, asks) {
                 return None;
             }
         }
@@ -320,19 +369,69 @@ impl Queue {
             );
         }
         self.total += 1;
-        *self.requesters.entry(ip).or_insert(0) += 1;
         Some(answer)
     }
 
     /// A requester stopped waiting (answered, or gone).
-    fn release(&mut self, ip: IpAddr) {
+    fn release(&mut self) {
         self.total = self.total.saturating_sub(1);
-        if let Some(count) = self.requesters.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
-                self.requesters.remove(&ip);
+    }
+
+    /// Counts one more ask for `digest` and returns its count. O(1) amortised: the table
+    /// is halved once per [`ASK_DECAY`].
+    fn ask(&mut self, digest: &Digest) -> u32 {
+        let now = Instant::now();
+        if self.asks.is_empty() {
+            self.asks = vec![0; ASK_COUNTERS];
+            self.asks_decayed = Some(now);
+        }
+        if self
+            .asks_decayed
+            .is_none_or(|at| now.duration_since(at) >= ASK_DECAY)
+        {
+            self.asks.iter_mut().for_each(|count| *count /= 2);
+            self.asks_decayed = Some(now);
+        }
+        let slot = &mut self.asks[ask_index(digest)];
+        *slot = slot.saturating_add(1);
+        *slot
+    }
+
+    fn asked(&self, digest: &Digest) -> u32 {
+        self.asks.get(ask_index(digest)).copied().unwrap_or(0)
+    }
+
+    /// Refuses (busy) the least asked waiting job of `ip`, the newest among equals, if it
+    /// was asked for less than `asks`; false when every waiting job was asked for as often
+    /// or more. At most [`MAX_QUEUED_PER_ADDRESS`] jobs to look at.
+    fn evict_less_asked(&mut self, ip: IpAddr, asks: u32) -> bool {
+        let Some(waiting) = self.waiting.get(&ip) else {
+            return false;
+        };
+        let mut least: Option<(usize, u32)> = None;
+        for (i, job) in waiting.jobs.iter().enumerate().rev() {
+            let count = self.asked(&job.digest);
+            if least.is_none_or(|(_, fewest)| count < fewest) {
+                least = Some((i, count));
             }
         }
+        let Some((i, _)) = least.filter(|&(_, count)| count < asks) else {
+            return false;
+        };
+        let Some(job) = self.waiting.get_mut(&ip).and_then(|w| w.jobs.remove(i)) else {
+            return false;
+        };
+        self.jobs -= 1;
+        // The address keeps MAX_QUEUED_PER_ADDRESS - 1 jobs: its entry in `order` stays.
+        for reply in self
+            .pending
+            .remove(&job.digest)
+            .into_iter()
+            .flat_map(|p| p.replies)
+        {
+            let _ = reply.send(Verdict::Busy);
+        }
+        true
     }
 
     fn jobs_of(&self, ip: IpAddr) -> usize {
@@ -486,12 +585,11 @@ impl Queue {
 /// its future dropped because the peer left.
 struct Ticket<'a> {
     inner: &'a Inner,
-    ip: IpAddr,
 }
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.inner.lock().release(self.ip);
+        self.inner.lock().release();
     }
 }
 
@@ -548,11 +646,12 @@ impl Authenticator {
             }
             (answer, start)
         };
-        let _ticket = Ticket { inner, ip };
+        let _ticket = Ticket { inner };
         if start_worker {
             let worker = WorkerSlot {
                 inner: Arc::clone(&self.inner),
                 counted: true,
+                current: None,
             };
             // At shutdown the closure may be dropped unrun: `WorkerSlot` then uncounts it.
             drop(tokio::task::spawn_blocking(move || worker.work()));
@@ -636,6 +735,10 @@ impl Inner {
 struct WorkerSlot {
     inner: Arc<Inner>,
     counted: bool,
+    /// The password being verified. If the run panics, its requesters are let go (answered
+    /// busy) and its entry in [`Queue::pending`] removed: left there, everyone who asks for
+    /// that password later would join a run that never ends.
+    current: Option<Digest>,
 }
 
 impl WorkerSlot {
@@ -669,16 +772,25 @@ impl WorkerSlot {
                     }
                 }
             };
+            self.current = Some(next.1.digest);
             inner.run(next.0, next.1);
+            self.current = None;
         }
     }
 }
 
 impl Drop for WorkerSlot {
     fn drop(&mut self) {
+        let mut queue = self.inner.lock();
         if self.counted {
-            self.inner.lock().running -= 1;
+            queue.running -= 1;
         }
+        // Dropping the replies unanswered tells each requester "busy".
+        let abandoned = self
+            .current
+            .and_then(|digest| queue.pending.remove(&digest));
+        drop(queue);
+        drop(abandoned);
     }
 }
 
@@ -753,10 +865,11 @@ mod tests {
         IpAddr::V4(Ipv4Addr::new(192, 0, 2, last))
     }
 
-    /// A distinct password per `n`.
+    /// A distinct password per `n`, with its own ask counter (for `n` below 4096).
     fn digest(n: u32) -> Digest {
         let mut d = [0u8; 32];
-        d[..4].copy_from_slice(&n.to_be_bytes());
+        d[..2].copy_from_slice(&(n as u16).to_be_bytes());
+        d[2..6].copy_from_slice(&n.to_be_bytes());
         d
     }
 
@@ -785,24 +898,59 @@ mod tests {
     }
 
     /// The same password twice is one job; its requesters do not count toward the
-    /// per-address job bound, only toward the per-address requester bound.
+    /// per-address job bound, only toward the per-password requester bound, which does not
+    /// stop another password from the same address.
     #[test]
     fn same_password_shares_one_job() {
         let mut queue = Queue::default();
         let mut answers = Vec::new();
-        for _ in 0..MAX_WAITING_PER_ADDRESS {
+        for _ in 0..MAX_WAITING_PER_PASSWORD {
             answers.push(queue.request(ip(1), digest(0), b"").unwrap());
         }
         assert_eq!(queue.jobs, 1);
-        assert_eq!(queue.total, MAX_WAITING_PER_ADDRESS);
+        assert_eq!(queue.total, MAX_WAITING_PER_PASSWORD);
         assert!(
             queue.request(ip(1), digest(0), b"").is_none(),
             "requesters bounded"
         );
-        // Another address may still join it.
+        assert!(
+            queue.request(ip(2), digest(0), b"").is_none(),
+            "from any address"
+        );
+        answers.pop();
         answers.push(queue.request(ip(2), digest(0), b"").unwrap());
-        assert_eq!(queue.jobs, 1);
-        assert!(queue.pop_next().is_some() && queue.pop_next().is_none());
+        answers.push(queue.request(ip(1), digest(1), b"").unwrap());
+        assert_eq!(queue.jobs, 2, "another password from the same address");
+        assert!(queue.pop_next().is_some() && queue.pop_next().is_some());
+        assert!(queue.pop_next().is_none());
+    }
+
+    /// An address's share full of once-asked passwords: a newcomer asked for once is
+    /// refused, a password asked for again (a retry after busy) takes the newest one's
+    /// place, and is itself not displaced by fresh passwords afterwards.
+    #[test]
+    fn a_retried_password_displaces_a_once_asked_one() {
+        let mut queue = Queue::default();
+        let mut answers = Vec::new();
+        for n in 0..MAX_QUEUED_PER_ADDRESS as u32 {
+            answers.push(queue.request(ip(1), digest(n), b"").unwrap());
+        }
+        let right = digest(1000);
+        assert!(
+            queue.request(ip(1), right, b"").is_none(),
+            "first try: busy"
+        );
+        let mut admitted = queue.request(ip(1), right, b"").expect("second try queued");
+        let mut displaced = answers.pop().unwrap();
+        assert_eq!(displaced.try_recv(), Ok(Verdict::Busy));
+        for n in 100..200 {
+            assert!(queue.request(ip(1), digest(n), b"").is_none());
+        }
+        assert!(admitted.try_recv().is_err(), "still waiting");
+        let served: Vec<Digest> =
+            std::iter::from_fn(|| queue.pop_next().map(|(_, j)| j.digest)).collect();
+        assert_eq!(served.len(), MAX_QUEUED_PER_ADDRESS);
+        assert_eq!(served.last(), Some(&right));
     }
 
     /// Full per address: a new password is refused, unless a waiting one was abandoned.

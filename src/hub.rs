@@ -323,7 +323,8 @@ impl Filter {
 const MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
 /// The refusal when the queue of waiting client connects is full.
-const PENDING_FULL: ProtocolError = ProtocolError::NoServer(
+/// A load refusal: it says nothing about what this client did.
+const PENDING_FULL: ProtocolError = ProtocolError::QueueFull(
     "no server can take it now and the queue of waiting client connects is full",
 );
 

@@ -53,6 +53,12 @@ pub enum ProtocolError {
     /// against the sender (see [`ProtocolError::is_load`]).
     #[error("{0}")]
     ClusterBusy(&'static str),
+    /// No server can take a `client_connect` now and the queue of waiting ones is full, of
+    /// other clients' requests: sent as `no_server`, and like [`ProtocolError::ClusterBusy`]
+    /// never counted against the sender (a flood of others' connects must not get a
+    /// bystander closed for asking once).
+    #[error("{0}")]
+    QueueFull(&'static str),
 }
 
 /// Longest channel name.
@@ -86,7 +92,7 @@ impl ProtocolError {
             ProtocolError::Forbidden(_) => "forbidden",
             ProtocolError::PolicyDenied(_) => "policy_denied",
             ProtocolError::UnknownTarget(_) => "unknown_target",
-            ProtocolError::NoServer(_) => "no_server",
+            ProtocolError::NoServer(_) | ProtocolError::QueueFull(_) => "no_server",
             ProtocolError::InvalidChannel => "invalid_channel",
             ProtocolError::TooManySubscriptions(_) => "too_many_subscriptions",
             ProtocolError::ConflictingFilters => "conflicting_filters",
@@ -108,6 +114,7 @@ impl ProtocolError {
                 | ProtocolError::Unauthorized
                 | ProtocolError::RateLimited(_)
                 | ProtocolError::ClusterBusy(_)
+                | ProtocolError::QueueFull(_)
         )
     }
 
@@ -115,7 +122,10 @@ impl ProtocolError {
     /// cannot avoid: they must not count toward its bad-input limit, or a flood of attackers
     /// would get bystanders closed.
     pub fn is_load(&self) -> bool {
-        matches!(self, ProtocolError::ClusterBusy(_))
+        matches!(
+            self,
+            ProtocolError::ClusterBusy(_) | ProtocolError::QueueFull(_)
+        )
     }
 
     /// `{"type":"error","data":{"code":…,"message":…,"event":…}}`.
@@ -356,6 +366,20 @@ fn empty_object() -> Box<RawValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refusals caused by others' load are neither bad input nor counted against the
+    /// sender; they keep their wire code.
+    #[test]
+    fn load_refusals_are_not_held_against_the_sender() {
+        for error in [
+            ProtocolError::ClusterBusy("lane full"),
+            ProtocolError::QueueFull("queue full"),
+        ] {
+            assert!(error.is_load() && !error.is_bad_input(), "{error:?}");
+        }
+        assert_eq!(ProtocolError::QueueFull("x").code(), "no_server");
+        assert!(!ProtocolError::NoServer("x").is_load());
+    }
 
     fn raw(s: &str) -> &RawValue {
         serde_json::from_str(s).unwrap()

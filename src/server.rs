@@ -79,6 +79,12 @@ const SHED_EVERY: Duration = Duration::from_millis(500);
 /// admin") unless its password verifies, so a client cannot keep one.
 const ADMIN_CONNECTIONS: usize = 64;
 
+/// Of the [`ADMIN_CONNECTIONS`] places, how many one address (an IPv6 /64) may hold until
+/// it proves to be an admin. Without a cap, one address's upgrades with garbage passwords
+/// hold every place while bcrypt judges them, and the backend's upgrade is refused 503
+/// before its password is even queued.
+const ADMIN_PER_ADDRESS: usize = 4;
+
 /// What every task shares: configuration, the hub, the authenticator, the shutdown signal.
 pub struct Shared {
     pub config: Config,
@@ -101,6 +107,9 @@ pub struct Shared {
     /// Places in the TCP reserve held per address (see [`RESERVE_PER_ADDRESS`]); at most as
     /// many entries as the reserve has places.
     reserve_by_address: Mutex<HashMap<IpAddr, usize>>,
+    /// Places above `--max-connections` held per address (see [`ADMIN_PER_ADDRESS`]); at
+    /// most [`ADMIN_CONNECTIONS`] entries.
+    admin_by_address: Mutex<HashMap<IpAddr, usize>>,
     /// Notified to close idle keep-alive HTTP connections, when the TCP limit is reached.
     shed_idle: Notify,
     /// When idle connections were last shed (see [`SHED_EVERY`]).
@@ -128,6 +137,7 @@ impl Shared {
             tcp_connections: AtomicUsize::new(0),
             tcp_limits: TcpLimits::new(config.max_tcp_connections),
             reserve_by_address: Mutex::new(HashMap::new()),
+            admin_by_address: Mutex::new(HashMap::new()),
             shed_idle: Notify::new(),
             shed_at: Mutex::new(None),
             config,
@@ -420,7 +430,7 @@ async fn upgrade(
     let password = headers
         .get("auth")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let Some(slot) = Slot::take(&shared, password.is_some()) else {
+    let Some(slot) = Slot::take(&shared, password.is_some(), addr.ip()) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "503 Service Unavailable: connection limit reached\n",
@@ -430,15 +440,23 @@ async fn upgrade(
     let accept = derive_accept_key(key.as_bytes());
     // The socket outlives this HTTP exchange: keep it counted until the WebSocket ends.
     let tcp = request.extensions().get::<Arc<TcpGuard>>().cloned();
+    let slot = Arc::new(slot);
     let info = PeerInfo {
         addr,
         password,
         admin_only: slot.admin_only || tcp.as_ref().is_some_and(|tcp| tcp.reserved),
-        // A verified admin no longer counts against its address's share of the reserve, so
-        // a backend's many workers can all come in through it.
-        on_admin: tcp
-            .clone()
-            .map(|tcp| Box::new(move || tcp.leave_address_share()) as Box<dyn FnOnce() + Send>),
+        // A verified admin no longer counts against its address's share of the reserve (nor
+        // of the admins' places), so a backend's many workers can all come in through it.
+        on_admin: Some({
+            let tcp = tcp.clone();
+            let slot = Arc::clone(&slot);
+            Box::new(move || {
+                if let Some(tcp) = tcp {
+                    tcp.leave_address_share();
+                }
+                slot.leave_address_share();
+            }) as Box<dyn FnOnce() + Send>
+        }),
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let token = shared.tracker.token();
@@ -525,12 +543,15 @@ struct Slot {
     shared: Arc<Shared>,
     /// Beyond `--max-connections`, in the admins' reserve ([`ADMIN_CONNECTIONS`]).
     admin_only: bool,
+    /// In the admins' reserve, the address whose share ([`ADMIN_PER_ADDRESS`]) this
+    /// connection counts against, until it closes or proves to be an admin.
+    share: Mutex<Option<IpAddr>>,
 }
 
 impl Slot {
     /// `has_password`: the upgrade carries `auth:`, so it may take a place in the admins'
-    /// reserve when `--max-connections` is reached.
-    fn take(shared: &Arc<Shared>, has_password: bool) -> Option<Slot> {
+    /// reserve when `--max-connections` is reached (one of its address's few there).
+    fn take(shared: &Arc<Shared>, has_password: bool, ip: IpAddr) -> Option<Slot> {
         let open = shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
         let max = shared.config.max_connections;
         let over = max.is_some_and(|max| open > max);
@@ -538,7 +559,11 @@ impl Slot {
             true => max.saturating_add(ADMIN_CONNECTIONS),
             false => max,
         };
-        if max.is_some_and(|max| open > room(max)) {
+        let share = over.then(|| address_key(ip));
+        let refused = max.is_some_and(|max| open > room(max))
+            || share
+                .is_some_and(|key| !take_share(&shared.admin_by_address, key, ADMIN_PER_ADDRESS));
+        if refused {
             shared.connections.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
@@ -546,12 +571,23 @@ impl Slot {
         Some(Slot {
             shared: Arc::clone(shared),
             admin_only: over,
+            share: Mutex::new(share),
         })
+    }
+
+    /// Gives the place back to the address's share of the admins' reserve (the connection
+    /// itself stays counted). Idempotent.
+    fn leave_address_share(&self) {
+        let key = self.share.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(key) = key {
+            leave_share(&self.shared.admin_by_address, key);
+        }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.leave_address_share();
         self.shared.connections.fetch_sub(1, Ordering::AcqRel);
         self.shared.metrics.connections.dec();
     }
@@ -641,7 +677,9 @@ impl TcpGuard {
             shed_idle(shared);
         }
         let refused = open > shared.tcp_limits.ceiling
-            || share.is_some_and(|key| !take_address_share(shared, key));
+            || share.is_some_and(|key| {
+                !take_share(&shared.reserve_by_address, key, RESERVE_PER_ADDRESS)
+            });
         if refused {
             shared.tcp_connections.fetch_sub(1, Ordering::AcqRel);
             return None;
@@ -659,17 +697,7 @@ impl TcpGuard {
     fn leave_address_share(&self) {
         let key = self.share.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(key) = key {
-            let mut by_address = self
-                .shared
-                .reserve_by_address
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(held) = by_address.get_mut(&key) {
-                *held -= 1;
-                if *held == 0 {
-                    by_address.remove(&key);
-                }
-            }
+            leave_share(&self.shared.reserve_by_address, key);
         }
     }
 }
@@ -682,18 +710,27 @@ impl Drop for TcpGuard {
     }
 }
 
-/// Takes one of `key`'s places in the reserve; `false` when it holds them all.
-fn take_address_share(shared: &Shared, key: IpAddr) -> bool {
-    let mut by_address = shared
-        .reserve_by_address
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+/// Takes one of `key`'s places in a reserve shared out per address (`cap` each); `false`
+/// when it holds them all.
+fn take_share(by_address: &Mutex<HashMap<IpAddr, usize>>, key: IpAddr, cap: usize) -> bool {
+    let mut by_address = by_address.lock().unwrap_or_else(|e| e.into_inner());
     let held = by_address.entry(key).or_insert(0);
-    if *held >= RESERVE_PER_ADDRESS {
+    if *held >= cap {
         return false;
     }
     *held += 1;
     true
+}
+
+/// Gives back one of `key`'s places taken by [`take_share`].
+fn leave_share(by_address: &Mutex<HashMap<IpAddr, usize>>, key: IpAddr) {
+    let mut by_address = by_address.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(held) = by_address.get_mut(&key) {
+        *held -= 1;
+        if *held == 0 {
+            by_address.remove(&key);
+        }
+    }
 }
 
 /// What the per-address share of the reserve is keyed by: an IPv4 address, or an IPv6 /64

@@ -553,3 +553,64 @@ async fn metrics_auth_on_requires_the_admin_password() {
         200
     );
 }
+
+/// An attacker behind the backend's own address (a NAT) keeps the address's share of the
+/// queue full with fresh wrong passwords, each answered at once by the next; the backend
+/// retries its right password after every "busy". Its retries make it the most asked for,
+/// so it takes a waiting place instead of being refused for ever, and gets in within a
+/// bounded number of tries.
+#[tokio::test]
+async fn the_backend_behind_a_flooding_nat_gets_in_by_retrying() {
+    const FLOODERS: usize = 16;
+    const TRIES: usize = 40;
+    let hash = slow_hash();
+    let server = Server::with_args(&["--auth", &hash]).await;
+    let addr = server.addr;
+    let nat = loopback(40);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Vec<_> = (0..FLOODERS)
+        .map(|f| {
+            let stop = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let auth = format!("Bearer wrong {f} {n}");
+                    let headers = [("Authorization", auth.as_str())];
+                    let request = http_from(addr, nat, "POST", "/api/notify_all", &headers, b"{}");
+                    let _ = timeout(FLOOD_TIMEOUT, request).await;
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    // The share is full before the backend starts.
+    wait_until(addr, "attacker's queue full", |s| queued(s) >= 8.0).await;
+    let auth = format!("Bearer {PASSWORD}");
+    let mut tries = 0;
+    let admitted = loop {
+        tries += 1;
+        let response = http_from(
+            addr,
+            nat,
+            "POST",
+            "/api/notify_all",
+            &[("Authorization", &auth)],
+            b"{}",
+        )
+        .await;
+        match response.status {
+            200 => break true,
+            503 if tries < TRIES => tokio::time::sleep(Duration::from_millis(100)).await,
+            503 => break false,
+            other => panic!("backend: unexpected {other}: {}", response.text()),
+        }
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let busy = counter(addr, "jssocket_auth_busy_total").await;
+    for flooder in flooders {
+        let _ = timeout(FLOOD_TIMEOUT, flooder).await;
+    }
+    eprintln!("backend admitted after {tries} tries; {busy} busy refusals in all");
+    assert!(admitted, "backend still busy after {TRIES} tries");
+    assert!(busy >= 1.0, "the attacker did fill the share");
+}

@@ -472,6 +472,48 @@ async fn max_connections_full_of_clients_still_lets_an_admin_in() {
     admin.ping(1, false).await;
 }
 
+/// The admins' places above `--max-connections` are shared out per address until verified:
+/// one address's upgrades with garbage passwords, waiting for bcrypt, hold 4 of them and no
+/// more (the 5th is refused 503), so the backend from elsewhere still gets in; and a verified
+/// admin gives its address's place back, so a backend's many workers all get in.
+#[tokio::test]
+async fn one_address_cannot_hold_every_admin_place() {
+    // Cost 10: the garbage passwords stay queued while the 5th upgrade is tried.
+    let hash = bcrypt::hash(PASSWORD, 10).expect("hash the test password");
+    let server = Server::with_args(&["--max-connections", "1", "--auth", &hash]).await;
+    let _client = server.client("client").await;
+    let attacker = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let mut stream = common::connect_tcp_from(server.addr, attacker).await;
+        let request = upgrade_request(server.addr, &format!("auth: garbage {i}\r\n"));
+        stream.write_all(request.as_bytes()).await.expect("write");
+        assert_eq!(read_status(&mut stream).await, Some(101), "garbage {i}");
+        held.push(stream);
+    }
+    let mut fifth = common::connect_tcp_from(server.addr, attacker).await;
+    let request = upgrade_request(server.addr, "auth: garbage 4\r\n");
+    fifth.write_all(request.as_bytes()).await.expect("write");
+    assert_eq!(
+        read_status(&mut fifth).await,
+        Some(503),
+        "a 5th from one address"
+    );
+
+    let backend = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+    let mut workers = Vec::new();
+    for i in 0..6 {
+        let name = format!("worker {i}");
+        let mut worker = Conn::connect_from(server.addr, backend, Some(PASSWORD), &name).await;
+        worker.server_connect().await;
+        workers.push(worker);
+    }
+    for worker in &mut workers {
+        worker.ping(1, false).await;
+    }
+    drop(held);
+}
+
 // ------------------------------------------------------------------------ max header bytes
 
 /// A request head over `--max-header-bytes` is refused (hyper answers 431 or closes) and the

@@ -287,14 +287,16 @@ impl Lanes {
                 }
             }
             Lane::Clients => {
-                if self.client_bytes + cost > CLIENT_BACKLOG_BYTES {
-                    return Err(Refused::Full);
-                }
+                // The sender's own share first: a sender over it is told so (and it counts
+                // against it), even when others have filled the lane meanwhile.
                 if let Some(sender) = sender {
                     let waiting = sender.cluster_bytes.load(Ordering::Relaxed);
                     if waiting > 0 && waiting + cost > PER_CLIENT_BYTES {
                         return Err(Refused::SenderBusy);
                     }
+                }
+                if self.client_bytes + cost > CLIENT_BACKLOG_BYTES {
+                    return Err(Refused::Full);
                 }
             }
         }
