@@ -186,9 +186,15 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
         };
         let memory = &session.shared.memory;
         match &message {
-            Message::Text(_) | Message::Binary(_) | Message::Close(_) => {
+            Message::Text(text) => {
                 memory.message_complete(&session.peer);
+                memory.retain(&session.peer, text.len());
             }
+            Message::Binary(bytes) => {
+                memory.message_complete(&session.peer);
+                memory.retain(&session.peer, bytes.len());
+            }
+            Message::Close(_) => memory.message_complete(&session.peer),
             // May come between a message's fragments: the message is still unfinished.
             Message::Ping(payload) | Message::Pong(payload) => {
                 memory.control_frame(&session.peer, payload.len());

@@ -125,6 +125,8 @@ pub struct Metrics {
     pub memory_budget_bytes: Gauge,
     pub memory_outbound_bytes: Gauge,
     pub memory_inbound_bytes: Gauge,
+    /// Bytes the WebSocket reader keeps after a big message (see `memory::RETAINED_FROM`).
+    pub memory_retained_bytes: Gauge,
     pub memory_pressure_closes: Counter,
     /// Cluster: bytes waiting to be published (both lanes), and client connects forwarded to
     /// other nodes and not yet settled (see `cluster` on forwards in flight).
@@ -256,6 +258,10 @@ impl Metrics {
             "memory_inbound_bytes",
             "Bytes of inbound messages begun but not yet complete, charged to the memory budget",
         );
+        let memory_retained_bytes = gauge(
+            "memory_retained_bytes",
+            "Bytes connections' read buffers keep after a big message (the biggest frame each received), charged to the memory budget",
+        );
         let pending_connect_bytes = gauge(
             "pending_connect_bytes",
             "Bytes of client_connect messages waiting for a server",
@@ -320,6 +326,7 @@ impl Metrics {
             memory_budget_bytes,
             memory_outbound_bytes,
             memory_inbound_bytes,
+            memory_retained_bytes,
             memory_pressure_closes,
             cluster_backlog_bytes,
             cluster_forwards_in_flight,
