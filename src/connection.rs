@@ -208,6 +208,11 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
             Message::Close(_) => return End::Gone,
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
         };
+        // Under overload, a client's message waits its turn (its peer's next bytes wait in
+        // the kernel meanwhile); an admin's never does.
+        if !session.admin {
+            session.shared.overload.admit().await;
+        }
         if let Flow::Close(close) = events::handle(session, &payload).await {
             // A peer closed for not reading its replies would not read these either.
             let flush = close != Close::NOT_READING;
