@@ -179,6 +179,14 @@ async fn peer_gone(tcp: &TcpStream) {
 
 async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBool) -> End {
     loop {
+        // Under overload, a client's next message waits its turn before it is even read:
+        // reading it is much of its cost, and meanwhile its bytes wait in the kernel, which
+        // pushes back on the peer. An admin's never waits.
+        if !session.admin {
+            session.shared.overload.admit().await;
+            // The wait was ours, not the peer's: a pong it sent meanwhile is still unread.
+            alive.store(true, Ordering::Relaxed);
+        }
         let message = match stream.next().await {
             None => return End::Gone,
             Some(Ok(message)) => message,
@@ -208,11 +216,6 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
             Message::Close(_) => return End::Gone,
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
         };
-        // Under overload, a client's message waits its turn (its peer's next bytes wait in
-        // the kernel meanwhile); an admin's never does.
-        if !session.admin {
-            session.shared.overload.admit().await;
-        }
         if let Flow::Close(close) = events::handle(session, &payload).await {
             // A peer closed for not reading its replies would not read these either.
             let flush = close != Close::NOT_READING;

@@ -9,7 +9,7 @@
 //!
 //! A monitor task measures how late a short sleep wakes up: the runtime's scheduling lag.
 //! When it stays over `--overload-lag`, every message from a non-admin connection must take a
-//! permit from a global limiter before it is handled. Permits come in each tick, fewer while
+//! permit from a global limiter before it is read. Permits come in each tick, fewer while
 //! the lag persists and more as it clears (AIMD), until it has stayed clear a while. A
 //! connection waiting for one is asleep, not runnable; it reads nothing more meanwhile, so
 //! its peer's bytes stay in the kernel and TCP pushes back on the peer. Its writer still
@@ -38,13 +38,14 @@ const TICK: Duration = Duration::from_millis(10);
 const TIMER_GRAIN: Duration = Duration::from_millis(1);
 /// Ticks in a row over the limit before the limiter engages: a single late wake-up (another
 /// process took the CPU for a moment) is not an overload.
-const ENTER_TICKS: u32 = 2;
+const ENTER_TICKS: u32 = 3;
 /// Ticks in a row under half the limit before the limiter lets everyone go again.
 const CALM_TICKS: u32 = 20;
 /// Messages admitted per tick when the limiter engages (the rate it starts from).
 const START_RATE: usize = 32;
-/// The rate never drops below this, so every sender keeps making progress.
-const MIN_RATE: usize = 2;
+/// The rate never drops below this, so every sender keeps making progress (a connection
+/// waiting longer than `--ping-timeout` would be taken for dead).
+const MIN_RATE: usize = 8;
 /// Nor grows above this (it is left when the lag clears anyway).
 const MAX_RATE: usize = 8192;
 /// What a calm tick adds to the rate (a lagging one halves it).
