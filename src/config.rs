@@ -168,6 +168,12 @@ pub struct Options {
     /// --handshake-timeout.
     #[arg(long, env = "SOCKET_HTTP_IDLE_TIMEOUT", default_value_t = 5)]
     pub http_idle_timeout: u64,
+
+    /// Milliseconds of scheduling lag (how late a 10 ms timer fires) over which the server
+    /// counts as overloaded: messages from non-admin connections then wait for a global
+    /// limiter, so admins and receivers are served first. 0: never.
+    #[arg(long, env = "SOCKET_OVERLOAD_LAG", default_value_t = 25)]
+    pub overload_lag: u64,
 }
 
 /// Validated configuration, shared read-only by every task.
@@ -204,6 +210,8 @@ pub struct Config {
     /// `None`: derived from the open-file limit (see `server::TcpLimits`).
     pub max_tcp_connections: Option<usize>,
     pub http_idle_timeout: Duration,
+    /// `None`: the overload limiter never engages.
+    pub overload_lag: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +297,7 @@ impl Config {
             max_memory: o.max_memory.unwrap_or_else(crate::memory::default_budget),
             max_tcp_connections: (o.max_tcp_connections > 0).then_some(o.max_tcp_connections),
             http_idle_timeout: Duration::from_secs(o.http_idle_timeout),
+            overload_lag: (o.overload_lag > 0).then(|| Duration::from_millis(o.overload_lag)),
         })
     }
 }
@@ -320,6 +329,7 @@ impl Default for Config {
             max_memory: None,
             max_tcp_connections: 0,
             http_idle_timeout: 5,
+            overload_lag: 25,
         };
         match Config::from_options(options) {
             Ok(config) => config,

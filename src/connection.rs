@@ -184,7 +184,17 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
     loop {
         let next = match early.take() {
             Some(next) => next,
-            None => stream.next().await,
+            None => {
+                // Under overload, a client's next message waits its turn before it is even
+                // read: reading it is much of its cost, and meanwhile its bytes wait in the
+                // kernel, which pushes back on the peer. An admin's never waits.
+                if !session.admin {
+                    session.shared.overload.admit().await;
+                    // The wait was ours, not the peer's: a pong it sent meanwhile is unread.
+                    alive.store(true, Ordering::Relaxed);
+                }
+                stream.next().await
+            }
         };
         let message = match next {
             None => return End::Gone,
@@ -193,9 +203,15 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
         };
         let memory = &session.shared.memory;
         match &message {
-            Message::Text(_) | Message::Binary(_) | Message::Close(_) => {
+            Message::Text(text) => {
                 memory.message_complete(&session.peer);
+                memory.retain(&session.peer, text.len());
             }
+            Message::Binary(bytes) => {
+                memory.message_complete(&session.peer);
+                memory.retain(&session.peer, bytes.len());
+            }
+            Message::Close(_) => memory.message_complete(&session.peer),
             // May come between a message's fragments: the message is still unfinished.
             Message::Ping(payload) | Message::Pong(payload) => {
                 memory.control_frame(&session.peer, payload.len());

@@ -85,6 +85,12 @@ impl Close {
         code: 1009,
         reason: "unfinished message too big for the server's memory",
     };
+    /// What its big messages left in its read buffer took the server over `--max-memory`;
+    /// this connection held the most.
+    pub const MEMORY_RETAINED: Close = Close {
+        code: 1008,
+        reason: "messages too big for the server's memory",
+    };
 }
 
 /// One entry of a connection's outbound queue.
@@ -149,6 +155,9 @@ pub struct Peer {
     /// Bytes read from its socket since its last complete message: a message it has begun
     /// and not finished, held in the reader's buffer. Charged to the memory budget.
     pub inbound: AtomicUsize,
+    /// Bytes its reader's buffer keeps for good because of a big message it sent: the
+    /// biggest so far, over `memory::RETAINED_FROM`. Charged to the memory budget.
+    pub retained: AtomicUsize,
     /// Set once when something decides to close this connection; `kill` wakes its task.
     closing: OnceLock<Close>,
     kill: Notify,
@@ -171,6 +180,7 @@ impl Peer {
             target: id.hyphenated().to_string().into_boxed_str(),
             outbox: Outbox::new(max_queue, Arc::clone(memory)),
             inbound: AtomicUsize::new(0),
+            retained: AtomicUsize::new(0),
             closing: OnceLock::new(),
             kill: Notify::new(),
             state: Mutex::new(PeerState::default()),

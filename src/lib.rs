@@ -12,6 +12,7 @@
 //! - [`hub`]: who is connected: clients, groups, server pool.
 //! - [`outbox`]: a connection's bounded outbound queue.
 //! - [`memory`]: the global memory budget (`--max-memory`) over every queue and partial message.
+//! - [`overload`]: when the runtime lags, clients' messages wait so bystanders are served.
 //! - [`auth`]: `SOCKET_AUTH` and bcrypt verification off the runtime.
 //! - [`api`]: the HTTP publish API (`POST /api/…`).
 //! - [`metrics`]: Prometheus metrics at `GET /metrics`.
@@ -31,5 +32,6 @@ pub mod log_throttle;
 pub mod memory;
 pub mod metrics;
 pub mod outbox;
+pub mod overload;
 pub mod protocol;
 pub mod server;

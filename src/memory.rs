@@ -2,11 +2,12 @@
 //! of its peer, summed, so that many peers cannot together pin more than the budget even when
 //! each stays within its own limits.
 //!
-//! Two things a peer controls are counted: its outbound queue (frames waiting for it to read,
-//! charged by [`Outbox`](crate::outbox::Outbox)), and the bytes of a message it has started
+//! Three things a peer controls are counted: its outbound queue (frames waiting for it to
+//! read, charged by [`Outbox`](crate::outbox::Outbox)); the bytes of a message it has started
 //! but not finished sending (a frame header announcing 1 MiB and half the payload, or
 //! fragments without the last one), charged by [`Counted`] as they are read from the socket
-//! and released by the reader when the message completes.
+//! and released by the reader when the message completes; and what its reader's buffer keeps
+//! after a big message ([`Memory::retain`]), until the connection closes.
 //!
 //! The message path only adds and subtracts atomics. When the sum goes over the budget, one
 //! background task ([`sweep`]) looks for the biggest consumers and closes them until usage is
@@ -45,6 +46,13 @@ const RELIEVED: usize = 9;
 /// something is refused, and the target closed as a slow consumer (never an admin's).
 const HARD_LIMIT: usize = 5;
 
+/// A message bigger than this leaves its size behind in the connection's read buffer, for
+/// the connection's life: tungstenite reserves a whole frame in its buffer when the frame's
+/// header arrives and never shrinks it (and offers no way to), so one valid 1 MiB message
+/// from each of many connections would pin gigabytes nobody counts. Below this, what a
+/// buffer keeps is small and part of what every connection costs anyway.
+pub const RETAINED_FROM: usize = 8 * 1024;
+
 /// Smallest and largest default budget, whatever the machine.
 const MIN_DEFAULT: usize = 64 * 1024 * 1024;
 const MAX_DEFAULT: usize = 2 * 1024 * 1024 * 1024;
@@ -61,6 +69,8 @@ pub struct Memory {
     outbound: Gauge,
     /// Bytes of inbound messages begun and not yet complete, over every connection.
     inbound: Gauge,
+    /// Bytes read buffers keep after big messages (see [`RETAINED_FROM`]).
+    retained: Gauge,
     /// Connections closed (or pushes refused) because of the budget.
     closes: Counter,
     /// Wakes the sweeper; set when usage goes over the budget.
@@ -83,6 +93,7 @@ impl Memory {
             budget,
             outbound: metrics.memory_outbound_bytes.clone(),
             inbound: metrics.memory_inbound_bytes.clone(),
+            retained: metrics.memory_retained_bytes.clone(),
             closes: metrics.memory_pressure_closes.clone(),
             over: Notify::new(),
             peers: DashMap::new(),
@@ -94,11 +105,13 @@ impl Memory {
         self.budget
     }
 
-    /// Bytes charged now: outbound queues and partial inbound messages.
+    /// Bytes charged now: outbound queues, partial inbound messages and what read buffers
+    /// keep after big messages.
     pub fn used(&self) -> usize {
         let outbound = usize::try_from(self.outbound.get()).unwrap_or(0);
         let inbound = usize::try_from(self.inbound.get()).unwrap_or(0);
-        outbound + inbound
+        let retained = usize::try_from(self.retained.get()).unwrap_or(0);
+        outbound + inbound + retained
     }
 
     /// Would `len` more bytes take usage far over the budget? Then a push is refused.
@@ -138,6 +151,30 @@ impl Memory {
         let n = peer.inbound.swap(0, Ordering::Relaxed);
         if n > 0 {
             self.inbound.dec_by(as_i64(n));
+        }
+    }
+
+    /// `peer`'s reader got a whole data message of `len` bytes: its buffer keeps room for
+    /// the biggest frame so far, which a single-frame message is (a fragmented one's frames
+    /// are smaller, so this may overstate it, never understate it). Charged from
+    /// [`RETAINED_FROM`] on, only by what the new biggest adds; given back when the
+    /// connection's reader goes ([`Counted`]).
+    pub fn retain(&self, peer: &Peer, len: usize) {
+        if len <= RETAINED_FROM {
+            return;
+        }
+        let before = peer.retained.fetch_max(len, Ordering::Relaxed);
+        if len > before {
+            self.retained.inc_by(as_i64(len - before));
+            self.wake_if_over();
+        }
+    }
+
+    /// `peer`'s reader and its buffers are gone: nothing is kept for its big messages.
+    fn release_retained(&self, peer: &Peer) {
+        let n = peer.retained.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            self.retained.dec_by(as_i64(n));
         }
     }
 
@@ -199,41 +236,48 @@ impl Memory {
             // What closing it gives back: a broadcast frame its queue shares with others is
             // charged once, by itself, so it is not counted here in full.
             let outbound = peer.outbox.charged();
+            let retained = peer.retained.load(Ordering::Relaxed);
             if peer.is_closing() {
                 // Already on its way out, for this reason or another: its memory comes back
                 // when its task gets to it.
-                leaving += inbound + outbound;
+                leaving += inbound + outbound + retained;
                 continue;
             }
             if peer.is_admin() {
-                exempt += inbound + outbound;
-            } else if inbound + outbound > 0 {
-                consumers.push((outbound, inbound, peer));
+                exempt += inbound + outbound + retained;
+            } else if inbound + outbound + retained > 0 {
+                consumers.push((outbound, inbound, retained, peer));
             }
         }
         self.exempt.store(exempt, Ordering::Relaxed);
-        consumers
-            .sort_unstable_by_key(|(outbound, inbound, _)| std::cmp::Reverse(outbound + inbound));
-        for (outbound, inbound, peer) in consumers {
+        consumers.sort_unstable_by_key(|(outbound, inbound, retained, _)| {
+            std::cmp::Reverse(outbound + inbound + retained)
+        });
+        for (outbound, inbound, retained, peer) in consumers {
             if self.used().saturating_sub(leaving + exempt) <= goal {
                 break;
             }
-            let close = if outbound >= inbound {
+            // Named for what it holds most of.
+            let close = if outbound >= inbound && outbound >= retained {
                 Close::SLOW_CONSUMER
-            } else {
+            } else if inbound >= retained {
                 Close::MEMORY_INBOUND
+            } else {
+                Close::MEMORY_RETAINED
             };
             peer.close(close);
             shared
                 .hub
                 .reforward(crate::outbox::items(peer.outbox.close()));
             self.closes.inc();
-            // Its partial message, and a frame its writer holds, go when its task ends.
-            leaving += inbound + peer.outbox.charged();
+            // Its partial message, its read buffer and a frame its writer holds go when its
+            // task ends.
+            leaving += inbound + retained + peer.outbox.charged();
             info!(
                 conn_id = %peer.target,
                 outbound,
                 inbound,
+                retained,
                 reason = close.reason,
                 "closed: over the memory budget (--max-memory), biggest consumer"
             );
@@ -349,6 +393,7 @@ impl Counted {
     /// message is held any more.
     pub fn buffers_dropped(&self) {
         self.memory.message_complete(&self.peer);
+        self.memory.release_retained(&self.peer);
     }
 }
 
@@ -369,6 +414,7 @@ impl std::ops::DerefMut for Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.memory.message_complete(&self.peer);
+        self.memory.release_retained(&self.peer);
         self.memory.forget(&self.peer);
     }
 }

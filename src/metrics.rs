@@ -125,7 +125,12 @@ pub struct Metrics {
     pub memory_budget_bytes: Gauge,
     pub memory_outbound_bytes: Gauge,
     pub memory_inbound_bytes: Gauge,
+    /// Bytes the WebSocket reader keeps after a big message (see `memory::RETAINED_FROM`).
+    pub memory_retained_bytes: Gauge,
     pub memory_pressure_closes: Counter,
+    /// 1 while the overload limiter holds clients' messages back (see `overload`).
+    pub overloaded: Gauge,
+    pub overload_throttled: Counter,
     /// Cluster: bytes waiting to be published (both lanes), and client connects forwarded to
     /// other nodes and not yet settled (see `cluster` on forwards in flight).
     pub cluster_backlog_bytes: Gauge,
@@ -256,6 +261,14 @@ impl Metrics {
             "memory_inbound_bytes",
             "Bytes of inbound messages begun but not yet complete, charged to the memory budget",
         );
+        let memory_retained_bytes = gauge(
+            "memory_retained_bytes",
+            "Bytes connections' read buffers keep after a big message (the biggest frame each received), charged to the memory budget",
+        );
+        let overloaded = gauge(
+            "overloaded",
+            "1 while the runtime lags (--overload-lag) and messages from non-admin connections are throttled",
+        );
         let pending_connect_bytes = gauge(
             "pending_connect_bytes",
             "Bytes of client_connect messages waiting for a server",
@@ -298,6 +311,12 @@ impl Metrics {
             "Time from an event's arrival to its payload being queued for every recipient",
             fanout_seconds.clone(),
         );
+        let overload_throttled = Counter::default();
+        registry.register(
+            "overload_throttled_messages",
+            "Messages from non-admin connections that waited for the overload limiter",
+            overload_throttled.clone(),
+        );
         Metrics {
             registry,
             received,
@@ -320,7 +339,10 @@ impl Metrics {
             memory_budget_bytes,
             memory_outbound_bytes,
             memory_inbound_bytes,
+            memory_retained_bytes,
             memory_pressure_closes,
+            overloaded,
+            overload_throttled,
             cluster_backlog_bytes,
             cluster_forwards_in_flight,
             clients,

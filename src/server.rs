@@ -42,6 +42,7 @@ use crate::console;
 use crate::hub::{Hub, Peer};
 use crate::memory::{self, Counted, Memory};
 use crate::metrics::{Format, Metrics};
+use crate::overload::{self, Overload};
 
 /// Initial read buffer of a WebSocket. Most inbound messages are small (a token, a notify);
 /// larger ones grow it as needed. It is memory every idle connection keeps.
@@ -93,6 +94,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The memory budget over every outbound queue and partial inbound message.
     pub memory: Arc<Memory>,
+    /// Holds clients' messages back while the runtime lags.
+    pub overload: Overload,
     /// The Redis backplane, with `--redis-url`; `None`: everything stays in this process.
     pub cluster: Option<Arc<Cluster>>,
     /// Cancelled when the server shuts down; every connection task watches it.
@@ -125,6 +128,7 @@ impl Shared {
             hub: Hub::new(config.pending_connects, config.pending_timeout),
             auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
             memory: Arc::new(Memory::new(config.max_memory, &metrics)),
+            overload: Overload::new(config.overload_lag, &metrics),
             metrics,
             cluster: config
                 .redis_url
@@ -163,6 +167,7 @@ pub async fn run(
     info!(addr = %listener.local_addr()?, "listening");
     tokio::spawn(expire_pending(Arc::clone(&shared)));
     tokio::spawn(memory::sweep(Arc::clone(&shared)));
+    tokio::spawn(overload::monitor(Arc::clone(&shared)));
     cluster::start(Arc::clone(&shared));
     let router = router(Arc::clone(&shared));
     let limits = shared.tcp_limits;

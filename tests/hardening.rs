@@ -855,3 +855,101 @@ async fn shutdown_is_bounded_with_a_dead_peer() {
         "shutdown took {took:?} with --shutdown-timeout 2"
     );
 }
+
+/// Overload protection: when the runtime lags behind a crowd of senders, their messages wait
+/// for a global limiter (`jssocket_overloaded` is 1, and the waits are counted) while an
+/// admin's notifications to a bystander go through; nobody's message is lost, only delayed,
+/// and the limiter lets go once the crowd stops. The lag threshold is set very low (2 ms) so
+/// this flood, small enough for a shared test machine, engages it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_throttles_senders_and_admin_notifications_still_arrive() {
+    const FLOODERS: usize = 40;
+    const ROUNDS: usize = 10;
+    const BATCH: usize = 40;
+    const NOTIFICATIONS: usize = 10;
+    let server = Server::with_args(&["--overload-lag", "2"]).await;
+    let mut backend = server.backend("backend").await;
+    let mut bystander = server.acked_client("bystander", &mut backend, None).await;
+    let bystander_id = bystander.id().to_string();
+    let mut flooders = Vec::new();
+    for i in 0..FLOODERS {
+        flooders.push(
+            server
+                .acked_client(&format!("flooder {i}"), &mut backend, None)
+                .await,
+        );
+    }
+    let before = metrics(server.addr).await;
+    assert_eq!(metric_value(&before, "jssocket_overloaded"), Some(0.0));
+
+    // Each flooder sends batches of notify_client to itself and reads every echo: nothing
+    // may be lost, however long the limiter holds it.
+    let pad = "x".repeat(4096);
+    let floods: Vec<_> = flooders
+        .into_iter()
+        .map(|mut flooder| {
+            let pad = pad.clone();
+            tokio::spawn(async move {
+                for round in 0..ROUNDS {
+                    for n in 0..BATCH {
+                        let n = round * BATCH + n;
+                        flooder
+                            .send_text(&format!(
+                                r#"{{"type":"notify_client","data":{{"data":{{"ping":{n},"pad":"{pad}"}}}}}}"#
+                            ))
+                            .await;
+                    }
+                    for n in 0..BATCH {
+                        let n = round * BATCH + n;
+                        flooder
+                            .expect_text(&format!(r#"{{"ping":{n},"pad":"{pad}"}}"#))
+                            .await;
+                    }
+                }
+                flooder
+            })
+        })
+        .collect();
+    // Meanwhile the backend notifies the bystander; every notification arrives, in order.
+    let addr = server.addr;
+    let mut engaged = false;
+    for n in 0..NOTIFICATIONS {
+        backend
+            .send_json(&serde_json::json!({"type": "notify_client",
+                "data": {"target": bystander_id, "data": {"n": n}}}))
+            .await;
+        bystander.expect_text(&format!(r#"{{"n":{n}}}"#)).await;
+        engaged |= metric_value(&metrics(addr).await, "jssocket_overloaded") == Some(1.0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let flooders = timeout(Duration::from_secs(60), async {
+        let mut done = Vec::new();
+        for flood in floods {
+            done.push(flood.await.expect("flooder"));
+        }
+        done
+    })
+    .await
+    .expect("every flooder's messages were handled in time");
+    let after = metrics(addr).await;
+    let throttled = metric_value(&after, "jssocket_overload_throttled_messages_total");
+    assert!(
+        engaged || throttled.is_some_and(|n| n > 0.0),
+        "the limiter never engaged (throttled: {throttled:?})"
+    );
+    assert!(throttled.is_some_and(|n| n > 0.0), "{throttled:?}");
+    // Once the crowd stops, the limiter lets go, and everyone is served as before.
+    let deadline = Instant::now() + RECV_TIMEOUT * 2;
+    while metric_value(&metrics(addr).await, "jssocket_overloaded") != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "still overloaded after the flood: {:?}",
+            metric_value(&metrics(addr).await, "jssocket_overloaded")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (i, mut flooder) in flooders.into_iter().enumerate() {
+        flooder.ping(i as u64, true).await;
+    }
+    bystander.ping(0, true).await;
+}

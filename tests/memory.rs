@@ -6,6 +6,7 @@
 //!   long before its 4 MiB queue is full.
 //! - `--max-memory` bounds the sum of every outbound queue and every unfinished inbound
 //!   message; over it the biggest consumers are closed first, and `/metrics` shows it.
+//! - What a big message leaves in a connection's read buffer counts too, until it closes.
 //!
 //! The non-reading peers here set a small receive buffer, so what the server sends them stays
 //! in the server's queues instead of vanishing into the kernel's socket buffers.
@@ -29,6 +30,7 @@ use jssocket::hub::Close;
 
 const OUTBOUND: &str = "jssocket_memory_outbound_bytes";
 const INBOUND: &str = "jssocket_memory_inbound_bytes";
+const RETAINED: &str = "jssocket_memory_retained_bytes";
 const BUDGET: &str = "jssocket_memory_budget_bytes";
 const PRESSURE_CLOSES: &str = "jssocket_memory_pressure_closes_total";
 
@@ -593,7 +595,8 @@ async fn shared_frames_still_count_toward_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_is_never_closed_for_the_memory_budget() {
     const PART: usize = 700_000;
-    let server = Server::with_args(&["--max-memory", "2M", "--max-queue-bytes", "67108864"]).await;
+    // 3M: the clients' read buffers keep 1 MiB of their big client connects (charged too).
+    let server = Server::with_args(&["--max-memory", "3M", "--max-queue-bytes", "67108864"]).await;
     let mut backend = Lazy::connect_as(server.addr, "backend", Some(PASSWORD)).await;
     backend
         .ws
@@ -761,4 +764,69 @@ async fn a_busy_client_is_not_closed_for_one_error() {
     let (texts, close) = busy.read_up_to(sent + 1).await;
     assert_eq!((texts, close), (sent + 1, None));
     busy.expect_open().await;
+}
+
+/// A `notify_all` (refused: `forbidden`) of exactly `len` bytes.
+fn padded_notify_all(len: usize) -> String {
+    let head = r#"{"type":"notify_all","data":{"p":""#;
+    let tail = r#""}}"#;
+    format!("{head}{}{tail}", "x".repeat(len - head.len() - tail.len()))
+}
+
+/// The reader's buffer keeps room for the biggest frame a connection sent, for good (see
+/// `memory::RETAINED_FROM`): connections that each sent one big message are charged for it,
+/// and over the budget the one that keeps the most is closed, while those that only sent
+/// small messages are neither charged nor touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_big_messages_leave_in_read_buffers_is_charged() {
+    let server = Server::with_args(&["--max-memory", "1M"]).await;
+    let mut smalls = Vec::new();
+    for i in 0..3 {
+        let mut small = server.client(&format!("small {i}")).await;
+        small.send_text(&padded_notify_all(4096)).await;
+        small.expect_error("forbidden", Some("notify_all")).await;
+        smalls.push(small);
+    }
+    assert_eq!(scrape(server.addr).await.value(RETAINED, &[]), 0.0);
+
+    // 950 kB kept, under the 1 MiB budget: nobody is closed.
+    let sizes = [400_000, 300_000, 250_000];
+    let mut bigs = Vec::new();
+    let mut kept = 0;
+    for (i, &size) in sizes.iter().enumerate() {
+        let mut big = server.client(&format!("big {i}")).await;
+        big.send_text(&padded_notify_all(size)).await;
+        big.expect_error("forbidden", Some("notify_all")).await;
+        kept += size;
+        let charged = wait_gauge(server.addr, RETAINED, "the big messages' buffers", |v| {
+            v >= kept as f64
+        })
+        .await;
+        assert_eq!(charged, kept as f64, "only big messages are charged");
+        bigs.push(big);
+    }
+    // A smaller one more takes the sum over: the biggest, the first, is closed.
+    let mut last = server.client("big 3").await;
+    last.send_text(&padded_notify_all(200_000)).await;
+    let reason = bigs[0].expect_close_code(1008).await;
+    assert_eq!(reason, Close::MEMORY_RETAINED.reason);
+    // Closing it gave its buffer back.
+    let left = (sizes[1] + sizes[2] + 200_000) as f64;
+    wait_gauge(server.addr, RETAINED, "the others' buffers", |v| v == left).await;
+    assert!(scrape(server.addr).await.value(PRESSURE_CLOSES, &[]) >= 1.0);
+
+    // The others, big and small, are still served.
+    last.expect_error("forbidden", Some("notify_all")).await;
+    for conn in bigs
+        .iter_mut()
+        .skip(1)
+        .chain(smalls.iter_mut())
+        .chain([&mut last])
+    {
+        conn.send_text(r#"{"type":"notify_all"}"#).await;
+        conn.expect_error("forbidden", Some("notify_all")).await;
+    }
+    // Gone with the connections that kept them.
+    drop((bigs, last));
+    wait_gauge(server.addr, RETAINED, "nothing kept", |v| v == 0.0).await;
 }
