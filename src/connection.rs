@@ -116,6 +116,8 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
     let (mut sink, mut stream) = socket.split();
     // Set by the reader on every inbound frame, cleared by the writer when it pings.
     let alive = AtomicBool::new(true);
+    // Set while the reader waits for the overload limiter: it is not the peer that is silent.
+    let waiting = AtomicBool::new(false);
     let end = tokio::select! {
         biased;
         _ = shared.shutdown.cancelled() => End::Close { close: Close::SHUTDOWN, flush: false },
@@ -125,8 +127,8 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
         } else {
             End::Close { close, flush: close != Close::SLOW_CONSUMER }
         },
-        end = read_loop(&mut stream, &mut session, &alive) => end,
-        end = write_loop(&mut sink, &peer, &shared, &alive) => end,
+        end = read_loop(&mut stream, &mut session, &alive, &waiting) => end,
+        end = write_loop(&mut sink, &peer, &shared, &alive, &waiting) => end,
     };
     // Marked closing whatever the cause, so what is read from now on (a drain into a
     // scratch buffer) is not charged to the memory budget.
@@ -177,10 +179,24 @@ async fn peer_gone(tcp: &TcpStream) {
     }
 }
 
-async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBool) -> End {
+/// Whether this connection's messages wait for the overload limiter now: only while it is
+/// engaged, and only for connections nobody vouched for (not an admin, not acknowledged).
+fn held_back(session: &Session) -> bool {
+    session.shared.overload.engaged() && !session.admin && !session.peer.is_acknowledged()
+}
+
+async fn read_loop(
+    stream: &mut Stream,
+    session: &mut Session,
+    alive: &AtomicBool,
+    waiting: &AtomicBool,
+) -> End {
     // What the peer sent while its previous message was still being handled (an admin
     // password in `server_connect` waiting for bcrypt): handled next, in order.
     let mut early = None;
+    // A permit of the overload limiter, taken for the next data message; control frames
+    // read meanwhile don't use it up.
+    let mut admitted = false;
     loop {
         let next = match early.take() {
             Some(next) => next,
@@ -188,10 +204,13 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
                 // Under overload, a client's next message waits its turn before it is even
                 // read: reading it is much of its cost, and meanwhile its bytes wait in the
                 // kernel, which pushes back on the peer. An admin's never waits.
-                if !session.admin {
+                if !admitted && held_back(session) {
+                    // Meanwhile the keepalive must not take the wait for a dead peer.
+                    waiting.store(true, Ordering::Relaxed);
                     session.shared.overload.admit().await;
-                    // The wait was ours, not the peer's: a pong it sent meanwhile is unread.
+                    waiting.store(false, Ordering::Relaxed);
                     alive.store(true, Ordering::Relaxed);
+                    admitted = true;
                 }
                 stream.next().await
             }
@@ -225,6 +244,8 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
             Message::Close(_) => return End::Gone,
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
         };
+        // This data message used the permit (if one was taken).
+        admitted = false;
         // Most events are handled at once. One that waits (a password verification) keeps
         // watching the socket: a peer that leaves meanwhile withdraws its request, so bcrypt
         // never runs for a connection that is gone. One message read meanwhile waits its turn
@@ -236,8 +257,14 @@ async fn read_loop(stream: &mut Stream, session: &mut Session, alive: &AtomicBoo
                 biased;
                 flow = &mut handling => break flow,
                 next = stream.next(), if early.is_none() => match next {
+                    // Leaving, politely or not: what it asked for is dropped with it.
+                    Some(Ok(Message::Close(_))) | None => return End::Gone,
+                    // Control frames are answered as they come and keep the watch going
+                    // (their few bytes stay charged as inbound until the next message).
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                        alive.store(true, Ordering::Relaxed);
+                    }
                     Some(Ok(message)) => early = Some(Some(Ok(message))),
-                    None => return End::Gone,
                     Some(Err(e)) => return read_error(e),
                 },
             }
@@ -287,7 +314,13 @@ fn protocol_close(e: &ProtocolError) -> Close {
     }
 }
 
-async fn write_loop(sink: &mut Sink, peer: &Peer, shared: &Shared, alive: &AtomicBool) -> End {
+async fn write_loop(
+    sink: &mut Sink,
+    peer: &Peer,
+    shared: &Shared,
+    alive: &AtomicBool,
+    waiting: &AtomicBool,
+) -> End {
     let interval = shared.config.ping_interval;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     let mut pong_deadline: Option<tokio::time::Instant> = None;
@@ -318,7 +351,7 @@ async fn write_loop(sink: &mut Sink, peer: &Peer, shared: &Shared, alive: &Atomi
                 pong_deadline = Some(tokio::time::Instant::now() + shared.config.ping_timeout);
             }
             _ = sleep_until(pong_deadline.unwrap_or_else(tokio::time::Instant::now)), if pong_deadline.is_some() => {
-                if !alive.load(Ordering::Relaxed) {
+                if !alive.load(Ordering::Relaxed) && !waiting.load(Ordering::Relaxed) {
                     return End::Close { close: Close::PING_TIMEOUT, flush: false };
                 }
                 pong_deadline = None;

@@ -38,6 +38,9 @@ use crate::server::Shared;
 /// connection, so it must not run per message.
 const SWEEP_PERIOD: Duration = Duration::from_millis(50);
 
+/// How often what admins hold is measured again while it is not zero (see [`sweep`]).
+const EXEMPT_REFRESH: Duration = Duration::from_secs(1);
+
 /// The sweeper closes connections until usage is at most this share of the budget (in
 /// tenths), leaving headroom so it does not run again at once.
 const RELIEVED: usize = 9;
@@ -221,9 +224,6 @@ impl Memory {
     /// goes on until the budget itself says enough.
     fn relieve(&self, shared: &Shared) {
         let goal = self.budget / 10 * RELIEVED;
-        if !self.over_budget() {
-            return;
-        }
         // Bytes of connections already closing, given back when their tasks get to them.
         let mut leaving = 0;
         // Weak handles only, so no map shard stays locked while queues are inspected.
@@ -250,6 +250,9 @@ impl Memory {
             }
         }
         self.exempt.store(exempt, Ordering::Relaxed);
+        if !self.over_budget() {
+            return;
+        }
         consumers.sort_unstable_by_key(|(outbound, inbound, retained, _)| {
             std::cmp::Reverse(outbound + inbound + retained)
         });
@@ -302,8 +305,13 @@ fn as_i64(n: usize) -> i64 {
 pub async fn sweep(shared: Arc<Shared>) {
     let memory = &shared.memory;
     loop {
+        // What admins held at the last look is left out of the budget; once their backlog
+        // drains that must not go on shielding clients, so it is looked at again now and then
+        // for as long as it is not zero.
+        let refresh = memory.exempt.load(Ordering::Relaxed) > 0;
         tokio::select! {
             _ = memory.over.notified() => {}
+            _ = tokio::time::sleep(EXEMPT_REFRESH), if refresh => {}
             _ = shared.shutdown.cancelled() => return,
         }
         memory.relieve(&shared);

@@ -8,13 +8,18 @@
 //! step of the way.
 //!
 //! A monitor task measures how late a short sleep wakes up: the runtime's scheduling lag.
-//! When it stays over `--overload-lag`, every message from a non-admin connection must take a
-//! permit from a global limiter before it is read. Permits come in each tick, fewer while
+//! When it stays over `--overload-lag`, every message from a connection that no backend has
+//! acknowledged (and that is not an admin) must take a permit from a global limiter before it
+//! is read. Acknowledged clients are never held back: a backend vouched for them, and every
+//! flood of the attacks this guards against comes from connections nobody vouched for. Permits come in each tick, fewer while
 //! the lag persists and more as it clears (AIMD), until it has stayed clear a while. A
 //! connection waiting for one is asleep, not runnable; it reads nothing more meanwhile, so
 //! its peer's bytes stay in the kernel and TCP pushes back on the peer. Its writer still
 //! runs (it is the same task's other half), so what it receives is not held up. Admins and
-//! the cluster's own tasks never take permits.
+//! the cluster's own tasks never take permits. Control frames (a pong) need no permit of
+//! their own, and a connection waiting for one is not taken for dead by the keepalive. Lag
+//! that lasts with the rate at its minimum is not the clients' doing, so the limiter then
+//! gives up for a while rather than hold them back for nothing.
 //!
 //! The message path costs one relaxed load when not overloaded, and a semaphore acquire
 //! (FIFO, constant time) when it is; no lock is held across an await.
@@ -52,6 +57,11 @@ const MAX_RATE: usize = 8192;
 const RATE_STEP: usize = 8;
 /// Permits handed out when the limiter lets go: enough for every waiter to pass at once.
 const OPEN: usize = Semaphore::MAX_PERMITS / 2;
+/// Lag that persists this long with the rate at its minimum is not the clients' doing (a
+/// neighbour on the machine, a huge broadcast): holding them back would not help, so the
+/// limiter lets go and stays off for [`COOL_DOWN`].
+const GIVE_UP: Duration = Duration::from_secs(5);
+const COOL_DOWN: Duration = Duration::from_secs(30);
 
 /// The limiter; one per server.
 #[derive(Debug)]
@@ -79,8 +89,13 @@ impl Overload {
         }
     }
 
-    /// Waits, while the server is overloaded, for a permit to handle one message from a
-    /// non-admin connection. Returns at once otherwise.
+    /// Whether messages from unacknowledged connections wait for permits now.
+    pub fn engaged(&self) -> bool {
+        self.engaged.load(Ordering::Relaxed)
+    }
+
+    /// Waits, while the server is overloaded, for a permit to handle one message from an
+    /// unacknowledged connection. Returns at once otherwise.
     pub async fn admit(&self) {
         if !self.engaged.load(Ordering::Relaxed) {
             return;
@@ -132,19 +147,31 @@ pub async fn monitor(shared: Arc<Shared>) {
     let mut rate = START_RATE;
     let mut late = 0;
     let mut calm = 0;
+    // Since when the lag has lasted with the rate at its minimum; and until when the limiter
+    // stays off after giving up.
+    let mut stuck_since: Option<Instant> = None;
+    let mut cool_until: Option<Instant> = None;
     loop {
         let start = Instant::now();
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}
             () = shared.shutdown.cancelled() => return overload.release(),
         }
-        let lag = start.elapsed().saturating_sub(TICK + TIMER_GRAIN);
+        let elapsed = start.elapsed();
+        let lag = elapsed.saturating_sub(TICK + TIMER_GRAIN);
         let lagging = lag > limit;
+        // Rates are per tick of TICK: a late tick hands out for the time it really took, so
+        // the minimum is a rate per second, however late the ticks come.
+        let ticks = (elapsed.as_micros() / TICK.as_micros()).clamp(1, 100) as usize;
         if !overload.engaged.load(Ordering::Relaxed) {
+            if cool_until.is_some_and(|until| Instant::now() < until) {
+                continue;
+            }
             late = if lagging { late + 1 } else { 0 };
             if late >= ENTER_TICKS {
                 late = 0;
                 calm = 0;
+                stuck_since = None;
                 rate = START_RATE;
                 overload.engage(rate);
                 crate::warn_throttled!(
@@ -161,11 +188,25 @@ pub async fn monitor(shared: Arc<Shared>) {
             rate = (rate + RATE_STEP).min(MAX_RATE);
             calm = if lag <= limit / 2 { calm + 1 } else { 0 };
         }
+        stuck_since = match (lagging && rate == MIN_RATE, stuck_since) {
+            (false, _) => None,
+            (true, None) => Some(Instant::now()),
+            (true, since) => since,
+        };
+        if stuck_since.is_some_and(|since| since.elapsed() >= GIVE_UP) {
+            overload.release();
+            cool_until = Some(Instant::now() + COOL_DOWN);
+            crate::warn_throttled!(
+                lag_ms = lag.as_millis() as u64,
+                "still lagging with clients held back: the lag is not theirs; throttle off for 30 s"
+            );
+            continue;
+        }
         if calm >= CALM_TICKS {
             overload.release();
             debug!("no longer overloaded: messages from clients flow freely again");
             continue;
         }
-        overload.refill(rate);
+        overload.refill((rate * ticks).min(MAX_RATE));
     }
 }
