@@ -17,7 +17,8 @@
 # descriptor limit in fd-flood, default 16384: below the ~19,000 connections the attacker
 # holds, so the attack can exhaust it; the attacker itself is bound by `ulimit -Hn`),
 # RUST_LOG (the servers' log level, default info), ATTACK_BUILD=0 (use the binaries already
-# in target/release instead of building them).
+# in target/release instead of building them), ATTACK_SERVER_ARGS (more options for every
+# server, e.g. `--max-memory 128M`).
 #
 # Summary columns: attack, bystander p99 and max (ms), bystander notifications lost, the
 # highest peak RSS of the servers (MB, VmHWM), whether a backend logged in during the attack
@@ -38,6 +39,7 @@ ATTACK_PORT="${ATTACK_PORT:-18600}"
 ATTACK_FD_NOFILE="${ATTACK_FD_NOFILE:-16384}"
 ATTACK_DIR="${ATTACK_DIR:-$(mktemp -d /tmp/jssocket-attack.XXXXXX)}"
 read -r -a EXTRA <<<"${ATTACK_ARGS:-}"
+read -r -a SERVER_EXTRA <<<"${ATTACK_SERVER_ARGS:-}"
 mkdir -p "$ATTACK_DIR"
 export RUST_LOG="${RUST_LOG:-info}"
 
@@ -87,7 +89,8 @@ trap cleanup EXIT
 start_server() {
     local name="$1" port="$2" nofile="$3"
     shift 3
-    (ulimit -n "$nofile" && exec env -u SOCKET_AUTH "$SERVER" -h 127.0.0.1 -p "$port" "$@") \
+    (ulimit -n "$nofile" && exec env -u SOCKET_AUTH "$SERVER" -h 127.0.0.1 -p "$port" "$@" \
+        "${SERVER_EXTRA[@]}") \
         >"$ATTACK_DIR/$name.log" 2>&1 &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
