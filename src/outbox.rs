@@ -63,6 +63,11 @@ pub enum Push {
 /// counted against the limit, so a flood of tiny frames is bounded in memory too.
 const ITEM_OVERHEAD: usize = 64;
 
+/// Far over the memory budget, a queue holding less than this still takes a frame: a
+/// reader that keeps up (a bystander whose writer has not yet taken the last notification,
+/// on a busy server) is never closed for others' memory; bigger queues are refused.
+const SPARE: usize = 16 * 1024;
+
 /// A queue that grew this large during a burst gives its memory back once drained.
 const SHRINK_ABOVE: usize = 64;
 
@@ -186,10 +191,10 @@ impl Outbox {
             if queue.bytes + self.in_flight.load(Ordering::Relaxed) + len > self.max_bytes {
                 return Push::Full;
             }
-            // Far over the budget, only a queue that is empty (its reader keeps up) may take
-            // one more frame: the sweeper is about to close the biggest consumers, and until
-            // it has, the memory is not allowed to grow with the slow ones.
-            if !exempt && !queue.items.is_empty() && self.memory.far_over(charge) {
+            // Far over the budget, only a queue that holds little (its reader keeps up) may
+            // take one more frame: the sweeper is about to close the biggest consumers, and
+            // until it has, the memory is not allowed to grow with the slow ones.
+            if !exempt && queue.charged >= SPARE && self.memory.far_over(charge) {
                 self.memory.refused();
                 return Push::Full;
             }
