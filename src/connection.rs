@@ -13,8 +13,7 @@ use std::time::Instant;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Duration, sleep_until, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -90,19 +89,44 @@ pub async fn serve(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Ar
 async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer>) {
     debug!(addr = %info.addr, "connected");
     let mut session = Session::new(Arc::clone(&peer), Arc::clone(&shared), info.addr);
+    let mut socket = socket;
+    // Messages read while the password waited, handled first by the reader.
+    let mut early = Early::default();
     if let Some(password) = info.password {
         // Boxed: bcrypt's future is large and needed once, not for the connection's life.
         // While it waits this connection holds a --max-connections slot; the authenticator's
-        // bounded queue (auth::MAX_QUEUED) bounds how many can. A peer that leaves meanwhile
-        // withdraws its verification (dropping the future), so bcrypt never runs for it. At
-        // shutdown the wait is dropped too; the select below then closes with 1001.
-        let check = Box::pin(session.check_password(&password));
-        tokio::select! {
-            () = check => {}
-            () = peer_gone(socket.get_ref()) => {
-                return debug!("left while its admin password waited for verification");
+        // bounded queue (auth::MAX_QUEUED) bounds how many can. Meanwhile the socket is read:
+        // a peer that leaves (a close frame, or hanging up) withdraws its verification
+        // (dropping the future), so bcrypt never runs for it; its first messages (Jaseci sends
+        // `server_connect` at once) wait for the verdict in `early`. Once that is full, the
+        // socket is only watched for the peer hanging up.
+        // At shutdown the wait is dropped too; the select below then closes with 1001.
+        let mut check = Box::pin(session.check_password(&password));
+        loop {
+            if early.has_room() {
+                tokio::select! {
+                    biased;
+                    () = &mut check => break,
+                    () = shared.shutdown.cancelled() => break,
+                    next = socket.next() => match next {
+                        Some(Ok(Message::Close(_))) | None => {
+                            return debug!("left while its admin password waited for verification");
+                        }
+                        // Answered by tungstenite; nothing to keep.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => early.control_frame(),
+                        Some(next) => early.push(next),
+                    },
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    () = &mut check => break,
+                    () = shared.shutdown.cancelled() => break,
+                    () = peer_gone(socket.get_ref()) => {
+                        return debug!("left while its admin password waited for verification");
+                    }
+                }
             }
-            () = shared.shutdown.cancelled() => {}
         }
     }
     if info.admin_only && !session.admin {
@@ -127,7 +151,7 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
         } else {
             End::Close { close, flush: close != Close::SLOW_CONSUMER }
         },
-        end = read_loop(&mut stream, &mut session, &alive, &waiting) => end,
+        end = read_loop(&mut stream, &mut session, &alive, &waiting, early) => end,
         end = write_loop(&mut sink, &peer, &shared, &alive, &waiting) => end,
     };
     // Marked closing whatever the cause, so what is read from now on (a drain into a
@@ -160,12 +184,55 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
     Box::pin(finish(sink, stream, end, &shared.shutdown)).await;
 }
 
-/// Resolves when the peer has closed its side or the socket failed, without consuming what
-/// it sent (the reader gets that later).
-async fn peer_gone(tcp: &TcpStream) {
+/// Messages read while the connection's previous business (its password's verification)
+/// was still pending, in order. Bounded in count and bytes: the watch for a peer leaving
+/// reads ahead only this far.
+#[derive(Default)]
+struct Early {
+    messages: std::collections::VecDeque<Result<Message, WsError>>,
+    bytes: usize,
+    /// Pings and pongs read meanwhile: answered and dropped, but their few bytes stay charged
+    /// as an unfinished message until the next message, so they are bounded too.
+    control: usize,
+}
+
+impl Early {
+    const MAX_MESSAGES: usize = 8;
+    const MAX_BYTES: usize = 64 * 1024;
+    const MAX_CONTROL: usize = 16;
+
+    fn has_room(&self) -> bool {
+        self.messages.len() < Early::MAX_MESSAGES
+            && self.bytes < Early::MAX_BYTES
+            && self.control < Early::MAX_CONTROL
+    }
+
+    fn control_frame(&mut self) {
+        self.control += 1;
+    }
+
+    fn push(&mut self, next: Result<Message, WsError>) {
+        if let Ok(message) = &next {
+            self.bytes += message.len();
+        }
+        self.messages.push_back(next);
+    }
+
+    fn pop(&mut self) -> Option<Result<Message, WsError>> {
+        let next = self.messages.pop_front()?;
+        if let Ok(message) = &next {
+            self.bytes -= message.len();
+        }
+        Some(next)
+    }
+}
+
+/// Resolves when the peer has hung up or the socket failed, without consuming what it sent
+/// (the reader gets that later): for when reading ahead has stopped.
+async fn peer_gone(tcp: &tokio::net::TcpStream) {
     let mut byte = [0u8; 1];
     loop {
-        match tcp.ready(Interest::READABLE).await {
+        match tcp.ready(tokio::io::Interest::READABLE).await {
             Ok(ready) if ready.is_read_closed() => return,
             Ok(_) => {}
             Err(_) => return,
@@ -173,8 +240,25 @@ async fn peer_gone(tcp: &TcpStream) {
         match tcp.peek(&mut byte).await {
             Ok(0) | Err(_) => return,
             // Frames are waiting, so the socket stays readable: look again a little later
-            // rather than spin (`is_read_closed` still tells a close behind the data).
+            // rather than spin (`is_read_closed` still tells a hang-up behind the data).
             Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Waits for the overload limiter's permit, or until the connection no longer needs one (a
+/// backend acknowledged it meanwhile, or the limiter let go).
+async fn wait_for_permit(session: &Session) {
+    let admit = session.shared.overload.admit();
+    tokio::pin!(admit);
+    loop {
+        tokio::select! {
+            () = &mut admit => return,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                if !held_back(session) {
+                    return;
+                }
+            }
         }
     }
 }
@@ -190,16 +274,16 @@ async fn read_loop(
     session: &mut Session,
     alive: &AtomicBool,
     waiting: &AtomicBool,
+    // What the peer sent while something was still being handled (its `auth:` header's
+    // password, or a `server_connect` password waiting for bcrypt): handled next, in order.
+    mut early: Early,
 ) -> End {
-    // What the peer sent while its previous message was still being handled (an admin
-    // password in `server_connect` waiting for bcrypt): handled next, in order.
-    let mut early = None;
     // A permit of the overload limiter, taken for the next data message; control frames
     // read meanwhile don't use it up.
     let mut admitted = false;
     loop {
-        let next = match early.take() {
-            Some(next) => next,
+        let next = match early.pop() {
+            Some(next) => Some(next),
             None => {
                 // Under overload, a client's next message waits its turn before it is even
                 // read: reading it is much of its cost, and meanwhile its bytes wait in the
@@ -207,7 +291,7 @@ async fn read_loop(
                 if !admitted && held_back(session) {
                     // Meanwhile the keepalive must not take the wait for a dead peer.
                     waiting.store(true, Ordering::Relaxed);
-                    session.shared.overload.admit().await;
+                    wait_for_permit(session).await;
                     waiting.store(false, Ordering::Relaxed);
                     alive.store(true, Ordering::Relaxed);
                     admitted = true;
@@ -242,30 +326,36 @@ async fn read_loop(
             Message::Text(text) => text.into(),
             Message::Binary(bytes) => bytes,
             Message::Close(_) => return End::Gone,
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            // A ping costs the peer a permit too (we answer it); a pong is an answer to us.
+            Message::Ping(_) => {
+                admitted = false;
+                continue;
+            }
+            Message::Pong(_) | Message::Frame(_) => continue,
         };
         // This data message used the permit (if one was taken).
         admitted = false;
         // Most events are handled at once. One that waits (a password verification) keeps
         // watching the socket: a peer that leaves meanwhile withdraws its request, so bcrypt
         // never runs for a connection that is gone. One message read meanwhile waits its turn
-        // (`early`); reading stops there, so the peer's bytes wait in the kernel.
+        // (`early`); once that is full, reading stops, so the peer's bytes wait in the kernel.
         let handling = events::handle(session, &payload);
         tokio::pin!(handling);
         let flow = loop {
             tokio::select! {
                 biased;
                 flow = &mut handling => break flow,
-                next = stream.next(), if early.is_none() => match next {
+                next = stream.next(), if early.has_room() => match next {
                     // Leaving, politely or not: what it asked for is dropped with it.
                     Some(Ok(Message::Close(_))) | None => return End::Gone,
                     // Control frames are answered as they come and keep the watch going
                     // (their few bytes stay charged as inbound until the next message).
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
                         alive.store(true, Ordering::Relaxed);
+                        early.control_frame();
                     }
-                    Some(Ok(message)) => early = Some(Some(Ok(message))),
                     Some(Err(e)) => return read_error(e),
+                    Some(next) => early.push(next),
                 },
             }
         };

@@ -194,7 +194,7 @@ impl Outbox {
             // Far over the budget, only a queue that holds little (its reader keeps up) may
             // take one more frame: the sweeper is about to close the biggest consumers, and
             // until it has, the memory is not allowed to grow with the slow ones.
-            if !exempt && queue.charged >= SPARE && self.memory.far_over(charge) {
+            if !exempt && queue.bytes >= SPARE && self.memory.far_over(charge) {
                 self.memory.refused();
                 return Push::Full;
             }
