@@ -423,15 +423,20 @@ impl Queue {
         };
         self.jobs -= 1;
         // The address keeps MAX_QUEUED_PER_ADDRESS - 1 jobs: its entry in `order` stays.
+        self.refuse(&job.digest);
+        true
+    }
+
+    /// Answers everyone waiting for `digest` "busy" and forgets it.
+    fn refuse(&mut self, digest: &Digest) {
         for reply in self
             .pending
-            .remove(&job.digest)
+            .remove(digest)
             .into_iter()
             .flat_map(|p| p.replies)
         {
             let _ = reply.send(Verdict::Busy);
         }
-        true
     }
 
     fn jobs_of(&self, ip: IpAddr) -> usize {
@@ -472,14 +477,7 @@ impl Queue {
             return false;
         }
         if let Some(job) = self.pop_back(worst_ip) {
-            for reply in self
-                .pending
-                .remove(&job.digest)
-                .into_iter()
-                .flat_map(|p| p.replies)
-            {
-                let _ = reply.send(Verdict::Busy);
-            }
+            self.refuse(&job.digest);
         }
         true
     }

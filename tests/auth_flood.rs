@@ -262,24 +262,8 @@ async fn backend_logs_in_first_under_a_flood_from_ten_addresses() {
     let server = Server::with_args(&["--auth", &hash]).await;
     let addr = server.addr;
 
-    let mut flood = Vec::new();
-    for a in 0..ADDRESSES {
-        for i in 0..PER_ADDRESS {
-            let name = format!("flood{a}.{i}");
-            // Distinct: the same password from many requesters shares one bcrypt run.
-            let password = format!("wrong {name}");
-            let mut conn = Conn::connect_from(addr, loopback(2 + a), Some(&password), &name).await;
-            conn.send_text(r#"{"type":"server_connect","data":{}}"#)
-                .await;
-            flood.push(conn);
-        }
-    }
+    let flood = flood(addr, Presented::Header, 2, ADDRESSES, PER_ADDRESS).await;
     let total = flood.len() as f64;
-    // Every verification is waiting or has started.
-    wait_until(addr, "flood verifications queued", |s| {
-        queued(s) + runs(s) == total
-    })
-    .await;
     let (closing, open): (Vec<_>, Vec<_>) = flood
         .into_iter()
         .enumerate()
@@ -341,6 +325,50 @@ enum Presented {
     Data,
 }
 
+/// `per_address` connections from each of `addresses` source addresses starting at
+/// 127.0.0.`first_address`, each presenting its own wrong password (the same password from
+/// many requesters shares one bcrypt run) in a `server_connect`; returns once every
+/// verification is waiting or has started.
+async fn flood(
+    addr: SocketAddr,
+    presented: Presented,
+    first_address: u8,
+    addresses: u8,
+    per_address: usize,
+) -> Vec<Conn> {
+    let mut flood = Vec::new();
+    for a in 0..addresses {
+        for i in 0..per_address {
+            let name = format!("flood{a}.{i}");
+            let password = format!("wrong {name}");
+            let source = loopback(first_address + a);
+            let conn = match presented {
+                Presented::Header => {
+                    let mut conn = Conn::connect_from(addr, source, Some(&password), &name).await;
+                    conn.send_text(r#"{"type":"server_connect","data":{}}"#)
+                        .await;
+                    conn
+                }
+                Presented::Data => {
+                    let mut conn = Conn::connect_from(addr, source, None, &name).await;
+                    let event = serde_json::json!(
+                        {"type": "server_connect", "data": {"auth": password}}
+                    );
+                    conn.send_json(&event).await;
+                    conn
+                }
+            };
+            flood.push(conn);
+        }
+    }
+    let total = flood.len() as f64;
+    wait_until(addr, "flood verifications queued", |s| {
+        queued(s) + runs(s) == total
+    })
+    .await;
+    flood
+}
+
 /// Requesters that leave while their verification waits cost no bcrypt run: 4 addresses
 /// queue 8 wrong-password requests each, 6 of each leave (half with a close frame, half by
 /// dropping TCP); only the 2 left of each (and what was already running) are verified. No
@@ -352,35 +380,8 @@ async fn closed_connections_get_no_bcrypt_run(presented: Presented, first_addres
     let hash = slow_hash();
     let server = Server::with_args(&["--auth", &hash]).await;
     let addr = server.addr;
-    let mut flood = Vec::new();
-    for a in 0..ADDRESSES {
-        for i in 0..PER_ADDRESS {
-            let name = format!("flood{a}.{i}");
-            let password = format!("wrong {name}");
-            let source = loopback(first_address + a);
-            let mut conn = match presented {
-                Presented::Header => {
-                    let mut conn = Conn::connect_from(addr, source, Some(&password), &name).await;
-                    conn.send_text(r#"{"type":"server_connect","data":{}}"#)
-                        .await;
-                    conn
-                }
-                Presented::Data => Conn::connect_from(addr, source, None, &name).await,
-            };
-            if let Presented::Data = presented {
-                let event = serde_json::json!(
-                    {"type": "server_connect", "data": {"auth": password}}
-                );
-                conn.send_json(&event).await;
-            }
-            flood.push(conn);
-        }
-    }
+    let flood = flood(addr, presented, first_address, ADDRESSES, PER_ADDRESS).await;
     let total = flood.len() as f64;
-    wait_until(addr, "flood verifications queued", |s| {
-        queued(s) + runs(s) == total
-    })
-    .await;
     let (open, closing): (Vec<_>, Vec<_>) = flood
         .into_iter()
         .enumerate()

@@ -5,49 +5,14 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use common::*;
-use tracing_subscriber::EnvFilter;
-
-/// The log as written, shared with the subscriber.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Capture {
-    fn lines_with(&self, needle: &str) -> usize {
-        let log = String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned();
-        log.lines().filter(|line| line.contains(needle)).count()
-    }
-}
 
 /// 40 wrong passwords over WebSocket and 40 over the HTTP API, after the backend logged in:
 /// each is refused, and each call site writes one line (with the count it left out), not 40.
 #[tokio::test]
 async fn wrong_passwords_log_throttled_warnings() {
     const ATTEMPTS: usize = 40;
-    let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new("jssocket=warn"))
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    let capture = LogCapture::install("jssocket=warn");
 
     let server = Server::start().await;
     let _backend = server.backend("backend").await;
