@@ -246,18 +246,9 @@ impl Env<'_> {
                 attacker_ip(i, self.p.per_source),
             );
             held.spawn(async move {
-                let mut s = match tcp_from(src, target.addr, None).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        stats.fail(format!("connect: {e}"));
-                        return SockState::Other;
-                    }
-                };
-                if let Err(e) = upgrade(&mut s, &target, "", ATTACKER_LIMIT).await {
-                    stats.fail(format!("upgrade: {e}"));
+                let Some(mut s) = open_websocket(src, &target, &stats).await else {
                     return SockState::Other;
-                }
-                stats.opened.fetch_add(1, Ordering::Relaxed);
+                };
                 drop(permit);
                 // A server that stops reading must not hold the attacker past the attack.
                 let left = until.saturating_duration_since(Instant::now());
@@ -605,6 +596,28 @@ async fn connect_flood(env: &Env<'_>) -> Result<Outcome> {
     Ok(out)
 }
 
+/// An attacker's WebSocket from `src`, upgraded without a password; a failure is counted in
+/// `stats` (and `None`), a success too.
+async fn open_websocket(
+    src: Ipv4Addr,
+    target: &Target,
+    stats: &FloodStats,
+) -> Option<tokio::net::TcpStream> {
+    let mut s = match tcp_from(src, target.addr, None).await {
+        Ok(s) => s,
+        Err(e) => {
+            stats.fail(format!("connect: {e}"));
+            return None;
+        }
+    };
+    if let Err(e) = upgrade(&mut s, target, "", ATTACKER_LIMIT).await {
+        stats.fail(format!("upgrade: {e}"));
+        return None;
+    }
+    stats.opened.fetch_add(1, Ordering::Relaxed);
+    Some(s)
+}
+
 /// auth-flood: every second a wave of 100 upgrades with a wrong `auth` header, 10 from each
 /// of 127.0.0.`first`–127.0.0.`first + 9`, each closed right after its request is written.
 async fn auth_flood(env: &Env<'_>, first: u8) -> Result<Outcome> {
@@ -894,18 +907,9 @@ async fn notify_flood(env: &Env<'_>) -> Result<Outcome> {
             attacker_ip(i, env.p.per_source),
         );
         held.spawn(async move {
-            let mut s = match tcp_from(src, target.addr, None).await {
-                Ok(s) => s,
-                Err(e) => {
-                    stats.fail(format!("connect: {e}"));
-                    return SockState::Other;
-                }
-            };
-            if let Err(e) = upgrade(&mut s, &target, "", ATTACKER_LIMIT).await {
-                stats.fail(format!("upgrade: {e}"));
+            let Some(mut s) = open_websocket(src, &target, &stats).await else {
                 return SockState::Other;
-            }
-            stats.opened.fetch_add(1, Ordering::Relaxed);
+            };
             let hello = text_frame(r#"{"type":"client_connect","data":{"ack":true}}"#);
             if s.write_all(&hello).await.is_err() {
                 return SockState::ClosedByServer;
