@@ -455,14 +455,11 @@ async fn write_loop(
 /// bytes and memory budget) until the flush is done: until then tungstenite's write buffer
 /// holds them, for as long as the socket is stalled.
 async fn write_batch(sink: &mut Sink, peer: &Peer) -> Result<(), WsError> {
-    let mut batch = Vec::new();
-    // Bounded, so a busy connection still answers pings between batches.
-    while batch.len() < WRITE_BATCH {
-        let Some(taken) = peer.outbox.take() else {
-            break;
-        };
-        sink.feed(Message::Text(taken.frame().clone())).await?;
-        batch.push(taken);
+    // Bounded, so a busy connection still answers pings between batches. The frames stay
+    // counted until the batch is dropped, after the flush.
+    let batch = peer.outbox.take_batch(WRITE_BATCH);
+    for frame in batch.frames() {
+        sink.feed(Message::Text(frame.clone())).await?;
     }
     sink.flush().await
 }

@@ -149,6 +149,32 @@ impl Drop for Taken<'_> {
     }
 }
 
+/// Frames taken together by the writer: counted like a [`Taken`] each until dropped, with one
+/// update of the shared counters for the whole batch instead of two per frame (the budget's
+/// counters are shared by every connection, so they are the costly part of a delivery).
+#[derive(Debug)]
+pub struct Batch<'a> {
+    items: Vec<Outgoing>,
+    outbox: &'a Outbox,
+    size: usize,
+    charge: usize,
+}
+
+impl Batch<'_> {
+    pub fn frames(&self) -> impl Iterator<Item = &Utf8Bytes> {
+        self.items.iter().map(Outgoing::frame)
+    }
+}
+
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        self.outbox
+            .in_flight
+            .fetch_sub(self.size, Ordering::Relaxed);
+        self.outbox.memory.release_outbound(self.charge);
+    }
+}
+
 /// The items of taken frames, uncounted: for a closed connection's frames that go elsewhere.
 pub fn items(taken: Vec<Taken<'_>>) -> Vec<Outgoing> {
     taken.into_iter().map(Taken::into_item).collect()
@@ -222,6 +248,44 @@ impl Outbox {
             queue.items = VecDeque::new();
         }
         Some(taken)
+    }
+
+    /// Takes up to `max` of the oldest frames to write them, counted as [`Outbox::take`]'s are
+    /// until the [`Batch`] is dropped.
+    pub fn take_batch(&self, max: usize) -> Batch<'_> {
+        let mut items = Vec::new();
+        let (mut size, mut queued) = (0, 0);
+        {
+            let mut queue = self.lock();
+            while items.len() < max {
+                let Some(item) = queue.items.pop_front() else {
+                    break;
+                };
+                let (len, charged) = (self::size(&item), charge(&item));
+                queue.bytes -= len;
+                queue.charged -= charged;
+                if let Outgoing::Error(_) = item {
+                    queue.errors -= len;
+                }
+                size += len;
+                queued += charged;
+                items.push(item);
+            }
+            if queue.items.is_empty() && queue.items.capacity() > SHRINK_ABOVE {
+                queue.items = VecDeque::new();
+            }
+            self.in_flight.fetch_add(size, Ordering::Relaxed);
+        }
+        // Charged in full while being written (see `taken`).
+        if size > queued {
+            self.memory.charge_outbound(size - queued);
+        }
+        Batch {
+            items,
+            outbox: self,
+            size,
+            charge: size,
+        }
     }
 
     /// Moves `item`'s counts from the queue to a [`Taken`]. A taken frame is charged in full,
