@@ -9,27 +9,28 @@ use std::sync::Arc;
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::value::RawValue;
 
 use crate::auth::Verdict;
+use crate::backplane::Sender;
 use crate::events::{NotifyAll, NotifyClient, NotifyGroup, Publish};
+use crate::kinds::Event;
 use crate::protocol::{Data, ProtocolError};
-use crate::server::Shared;
+use crate::relay::Relay;
 use crate::warn_throttled;
 
 pub async fn handle(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Relay>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     Path(event): Path<String>,
     request: Request,
 ) -> Response {
-    let event: &'static str = match event.as_str() {
-        "notify_client" => "notify_client",
-        "notify_group" => "notify_group",
-        "notify_all" => "notify_all",
-        "publish" => "publish",
+    let event = match Event::from_name(&event) {
+        Some(
+            event @ (Event::NotifyClient | Event::NotifyGroup | Event::NotifyAll | Event::Publish),
+        ) => event,
         _ => {
             return (
                 StatusCode::NOT_FOUND,
@@ -38,7 +39,7 @@ pub async fn handle(
                 .into_response();
         }
     };
-    if let Err(refusal) = authorize(&shared, request.headers(), addr, event).await {
+    if let Err(refusal) = authorize(&shared, request.headers(), addr, event.name()).await {
         return refusal;
     }
     // Bounded in size and in time: a body that never arrives must not hold the connection
@@ -68,7 +69,7 @@ pub async fn handle(
                     .into_response();
             }
         };
-    shared.metrics.received(event, body.len());
+    shared.metrics.received(Some(event), body.len());
     let started = std::time::Instant::now();
     let delivered = deliver(&shared, event, &body);
     shared
@@ -78,35 +79,42 @@ pub async fn handle(
     match delivered {
         Ok(delivered) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
+            // Counted on this node: the other nodes deliver on their own and report nothing
+            // back (a count across the cluster would make every call wait for all of them).
+            // The body is SPEC §8's; the header says what the count covers.
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (HeaderName::from_static("x-delivered-scope"), "node"),
+            ],
             format!("{{\"delivered\":{delivered}}}"),
         )
             .into_response(),
         Err(e) => {
             shared.metrics.error(e.code());
-            error(StatusCode::BAD_REQUEST, &e, event)
+            error(StatusCode::BAD_REQUEST, &e, event.name())
         }
     }
 }
 
-fn deliver(shared: &Shared, event: &str, body: &[u8]) -> Result<usize, ProtocolError> {
+fn deliver(shared: &Relay, event: Event, body: &[u8]) -> Result<usize, ProtocolError> {
     let text = std::str::from_utf8(body)
         .map_err(|_| ProtocolError::InvalidJson("body is not UTF-8".into()))?;
     let raw: &RawValue =
         serde_json::from_str(text).map_err(|e| ProtocolError::InvalidJson(e.to_string()))?;
     let data = Data(Some(raw));
-    match event {
-        "notify_client" => {
+    let delivery = match event {
+        Event::NotifyClient => {
             let event = NotifyClient::parse(data)?;
             if !event.has_target() {
                 return Err(ProtocolError::MissingField("target"));
             }
-            Ok(event.deliver(shared, ""))
+            event.delivery("")
         }
-        "notify_group" => Ok(NotifyGroup::parse(data)?.deliver(shared)),
-        "notify_all" => Ok(NotifyAll::parse(data)?.deliver(shared)),
-        _ => Ok(Publish::parse(data)?.deliver(shared)),
-    }
+        Event::NotifyGroup => NotifyGroup::parse(data)?.delivery(),
+        Event::NotifyAll => NotifyAll::parse(data)?.delivery(),
+        _ => Publish::parse(data)?.delivery(),
+    };
+    shared.deliver(delivery, Sender::Admin)
 }
 
 /// Checks the admin password of an HTTP request (the API, and `/metrics` with
@@ -114,7 +122,7 @@ fn deliver(shared: &Shared, event: &str, body: &[u8]) -> Result<usize, ProtocolE
 /// password, 503 with `Retry-After` when verification is busy (the password was not judged).
 /// `event` names what was asked for in the JSON error.
 pub(crate) async fn authorize(
-    shared: &Shared,
+    shared: &Relay,
     headers: &HeaderMap,
     addr: SocketAddr,
     event: &str,

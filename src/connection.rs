@@ -27,7 +27,7 @@ use crate::events::{self, Flow, Session};
 use crate::hub::{Close, Peer};
 use crate::memory::Counted;
 use crate::outbox::{self, Taken};
-use crate::server::Shared;
+use crate::relay::Relay;
 
 /// The stream counts what it reads toward the memory budget (see `memory::Counted`).
 pub type Socket = WebSocketStream<Counted>;
@@ -79,14 +79,14 @@ pub struct PeerInfo {
 
 /// Serves one upgraded WebSocket until it closes, then removes it from the hub. `peer` is
 /// made with the socket, whose reads are charged to it.
-pub async fn serve(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer>) {
+pub async fn serve(socket: Socket, shared: Arc<Relay>, info: PeerInfo, peer: Arc<Peer>) {
     // A debug-level span: at the default level it is never built, which saves ~0.4 KiB per
     // connection; the few info/warn events of a connection name `conn_id` themselves.
     let span = debug_span!("conn", conn_id = %peer.target);
     run(socket, shared, info, peer).instrument(span).await;
 }
 
-async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer>) {
+async fn run(socket: Socket, shared: Arc<Relay>, info: PeerInfo, peer: Arc<Peer>) {
     debug!(addr = %info.addr, "connected");
     let mut session = Session::new(Arc::clone(&peer), Arc::clone(&shared), info.addr);
     let mut socket = socket;
@@ -167,11 +167,9 @@ async fn run(socket: Socket, shared: Arc<Shared>, info: PeerInfo, peer: Arc<Peer
         unsent = Box::pin(flush(&mut sink, unsent)).await;
     }
     shared.hub.reforward(outbox::items(unsent));
-    if session.in_pool
-        && let Some(cluster) = &shared.cluster
-    {
+    if session.in_pool {
         // The other nodes must stop forwarding to this server now, not at the next heartbeat.
-        cluster.announce(&shared);
+        shared.backplane.servers_changed(&shared);
     }
     // Counted before `finish`, which may linger for seconds on a slow consumer.
     match end {
@@ -407,7 +405,7 @@ fn protocol_close(e: &ProtocolError) -> Close {
 async fn write_loop(
     sink: &mut Sink,
     peer: &Peer,
-    shared: &Shared,
+    shared: &Relay,
     alive: &AtomicBool,
     waiting: &AtomicBool,
 ) -> End {

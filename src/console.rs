@@ -15,7 +15,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::server::Shared;
+use crate::relay::Relay;
 
 const INDEX_HTML: &str = include_str!("console/index.html");
 const CONSOLE_JS: &str = include_str!("console/console.js");
@@ -29,22 +29,22 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; connect-src 'self
 
 /// The console's routes: `/console` (and `/console/`) for the page, `/console/{file}` for its
 /// script and style sheet.
-pub fn router() -> Router<Arc<Shared>> {
+pub fn router() -> Router<Arc<Relay>> {
     Router::new()
         .route("/console", get(index))
         .route("/console/", get(index))
         .route("/console/{file}", get(asset))
 }
 
-async fn index(State(shared): State<Arc<Shared>>) -> Response {
+async fn index(State(shared): State<Arc<Relay>>) -> Response {
     serve(&shared, "index.html")
 }
 
-async fn asset(State(shared): State<Arc<Shared>>, Path(file): Path<String>) -> Response {
+async fn asset(State(shared): State<Arc<Relay>>, Path(file): Path<String>) -> Response {
     serve(&shared, &file)
 }
 
-fn serve(shared: &Shared, file: &str) -> Response {
+fn serve(shared: &Relay, file: &str) -> Response {
     if !shared.config.console {
         return not_found("404 Not Found: the web console is off (--console off)\n");
     }
@@ -92,7 +92,7 @@ mod tests {
             console,
             ..Config::default()
         };
-        let app = router().with_state(Arc::new(Shared::new(config)));
+        let app = router().with_state(Arc::new(Relay::new(config)));
         let request = Request::get(path).body(Body::empty()).unwrap();
         app.oneshot(request).await.unwrap()
     }

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
+use crate::backplane::{Interest, Topic};
 use crate::memory::Memory;
 use crate::outbox::{Outbox, Push, SharedFrame};
 use crate::protocol::ProtocolError;
@@ -105,7 +106,7 @@ pub enum Outgoing {
         client: Weak<Peer>,
     },
     /// One frame for many connections (a broadcast), charged to the memory budget once.
-    Shared(Arc<SharedFrame>),
+    Relay(Arc<SharedFrame>),
     /// An error reply the peer provoked: counted apart, so a peer that does not read its
     /// errors is told from one that is merely busy (`events::UNREAD_REPLIES`).
     Error(Utf8Bytes),
@@ -117,7 +118,7 @@ impl Outgoing {
             Outgoing::Text(frame) | Outgoing::Forward { frame, .. } | Outgoing::Error(frame) => {
                 frame
             }
-            Outgoing::Shared(shared) => shared.frame(),
+            Outgoing::Relay(shared) => shared.frame(),
         }
     }
 }
@@ -173,8 +174,14 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(max_queue: usize, memory: &Arc<Memory>) -> Arc<Peer> {
-        let id = Uuid::new_v4();
+    /// A connection of node `node`: its id is random but for its first four bytes, which
+    /// name the node (see [`crate::backplane::node_of`]), so a message for it is routed to
+    /// that node alone. The id stays a version 4 UUID (the version and variant bits are in
+    /// bytes 6 and 8), with 90 random bits: no more guessable for it.
+    pub fn new(node: u32, max_queue: usize, memory: &Arc<Memory>) -> Arc<Peer> {
+        let mut bytes = *Uuid::new_v4().as_bytes();
+        bytes[..4].copy_from_slice(&node.to_be_bytes());
+        let id = Uuid::from_bytes(bytes);
         let peer = Peer {
             id,
             target: id.hyphenated().to_string().into_boxed_str(),
@@ -286,7 +293,7 @@ impl<'a> Broadcast<'a> {
         let shared = self
             .shared
             .get_or_insert_with(|| SharedFrame::new(frame.clone(), peer.outbox.memory()));
-        peer.enqueue(Outgoing::Shared(Arc::clone(shared)))
+        peer.enqueue(Outgoing::Relay(Arc::clone(shared)))
     }
 }
 
@@ -493,11 +500,22 @@ pub struct Hub {
     pool: Mutex<ServerPool>,
     pending_limit: usize,
     pending_timeout: Duration,
+    /// This node's tag, written in its connections' ids.
+    node: u32,
+    /// The groups and channels with local members, followed by the backplane (cluster only).
+    interest: Option<Arc<Interest>>,
 }
 
 impl Hub {
-    pub fn new(pending_limit: usize, pending_timeout: Duration) -> Hub {
+    pub fn new(
+        pending_limit: usize,
+        pending_timeout: Duration,
+        node: u32,
+        interest: Option<Arc<Interest>>,
+    ) -> Hub {
         Hub {
+            node,
+            interest,
             clients: DashMap::new(),
             groups: DashMap::new(),
             channels: DashMap::new(),
@@ -505,6 +523,45 @@ impl Hub {
             pool: Mutex::new(ServerPool::default()),
             pending_limit,
             pending_timeout,
+        }
+    }
+
+    /// A new connection's handle, its id naming this node.
+    pub fn new_peer(&self, max_queue: usize, memory: &Arc<Memory>) -> Arc<Peer> {
+        Peer::new(self.node, max_queue, memory)
+    }
+
+    /// The topics the backplane follows; `None` on a single node.
+    pub fn interest(&self) -> Option<&Arc<Interest>> {
+        self.interest.as_ref()
+    }
+
+    /// Whether `topic` has local members now.
+    pub fn has_members(&self, topic: &Topic) -> bool {
+        match topic {
+            Topic::Group(name) => self.groups.contains_key(name),
+            Topic::Channel(name) => self.channels.contains_key(name),
+        }
+    }
+
+    /// Every group and channel with local members (to subscribe to them all again after
+    /// the backplane reconnects).
+    pub fn topics(&self) -> Vec<Topic> {
+        let groups = self
+            .groups
+            .iter()
+            .map(|e| Topic::Group(Arc::clone(e.key())));
+        let channels = self
+            .channels
+            .iter()
+            .map(|e| Topic::Channel(Arc::clone(e.key())));
+        groups.chain(channels).collect()
+    }
+
+    /// Tells the backplane a name got its first local member or lost its last.
+    fn touched(&self, changed: bool, topic: impl FnOnce() -> Topic) {
+        if changed && let Some(interest) = &self.interest {
+            interest.touch(topic());
         }
     }
 
@@ -540,7 +597,8 @@ impl Hub {
         {
             self.leave_group(&old, client.id);
         }
-        join(&self.groups, &ack.group, &client);
+        let first = join(&self.groups, &ack.group, &client);
+        self.touched(first, || Topic::Group(Arc::clone(&ack.group)));
         state.group = Some(ack.group);
         state.user = ack.user;
         state.roles = ack.roles;
@@ -554,7 +612,8 @@ impl Hub {
     }
 
     fn leave_group(&self, group: &str, id: Uuid) {
-        leave(&self.groups, group, id);
+        let last = leave(&self.groups, group, id);
+        self.touched(last, || Topic::Group(Arc::from(group)));
     }
 
     /// The group a `notify_group` target means: the group of the client with that id, else
@@ -790,7 +849,8 @@ impl Hub {
             return Err(ProtocolError::TooManySubscriptions(MAX_SUBSCRIPTIONS));
         }
         let channel: Arc<str> = Arc::from(channel);
-        join(&self.channels, &channel, peer);
+        let first = join(&self.channels, &channel, peer);
+        self.touched(first, || Topic::Channel(Arc::clone(&channel)));
         state.subscriptions.push(channel);
         Ok(())
     }
@@ -805,7 +865,8 @@ impl Hub {
     }
 
     fn leave_channel(&self, channel: &str, id: Uuid) {
-        leave(&self.channels, channel, id);
+        let last = leave(&self.channels, channel, id);
+        self.touched(last, || Topic::Channel(Arc::from(channel)));
     }
 
     /// Delivers `frame` to the subscribers of `channel` that `filter` admits.
@@ -854,18 +915,19 @@ pub struct HubStats {
 /// A group or a channel: a name and its members.
 type Members = DashMap<Arc<str>, HashMap<Uuid, Arc<Peer>>>;
 
-fn join(map: &Members, name: &Arc<str>, peer: &Arc<Peer>) {
-    map.entry(Arc::clone(name))
-        .or_default()
-        .insert(peer.id, Arc::clone(peer));
+/// Adds a member; true when it is the name's first.
+fn join(map: &Members, name: &Arc<str>, peer: &Arc<Peer>) -> bool {
+    let mut members = map.entry(Arc::clone(name)).or_default();
+    members.insert(peer.id, Arc::clone(peer)).is_none() && members.len() == 1
 }
 
-/// Removes a member, and the name with its last member.
-fn leave(map: &Members, name: &str, id: Uuid) {
+/// Removes a member, and the name with its last member; true when the name went.
+fn leave(map: &Members, name: &str, id: Uuid) -> bool {
     map.remove_if_mut(name, |_, members| {
         members.remove(&id);
         members.is_empty()
-    });
+    })
+    .is_some()
 }
 
 /// Sends a forward to the next live server; false if the pool is empty.
@@ -923,7 +985,7 @@ pub fn looks_like_id(target: &str) -> bool {
 
 /// Ids are matched as the original relay did, as exact strings: only the lowercase
 /// hyphenated form names a connection.
-fn parse_target(target: &str) -> Option<Uuid> {
+pub(crate) fn parse_target(target: &str) -> Option<Uuid> {
     if target.len() != 36 || target.bytes().any(|b| b.is_ascii_uppercase()) {
         return None;
     }
@@ -944,14 +1006,14 @@ mod tests {
             usize::MAX / 4,
             &crate::metrics::Metrics::new(),
         ));
-        Peer::new(1 << 20, &memory)
+        Peer::new(7, 1 << 20, &memory)
     }
 
     /// The running byte total and count always equal what the live requests hold, through
     /// replacing, removing, clients going away, expiry and hand-over.
     #[test]
     fn the_pending_queue_keeps_its_byte_total_across_replace_remove_and_expire() {
-        let hub = Hub::new(100, Duration::ZERO);
+        let hub = Hub::new(100, Duration::ZERO, 7, None);
         let no_remote = |_: &Arc<Peer>, _: Utf8Bytes| false;
         let [a, b, c, d] = [(); 4].map(|_| peer());
         let check = |hub: &Hub, count: usize, bytes: usize| {
@@ -995,7 +1057,7 @@ mod tests {
             assert!(peer.outbox.pop().is_none());
         }
         // Hand-over: a server takes them oldest first, each client's latest request once.
-        let hub = Hub::new(100, Duration::from_secs(60));
+        let hub = Hub::new(100, Duration::from_secs(60), 7, None);
         let [a, b] = [(); 2].map(|_| peer());
         hub.forward_connect(&a, frame(1), no_remote).unwrap();
         hub.forward_connect(&b, frame(2), no_remote).unwrap();
@@ -1009,7 +1071,7 @@ mod tests {
         }
         assert_eq!(got, [2, 3]);
         // The limit counts live requests: a repeat is let in when full, a newcomer is not.
-        let hub = Hub::new(2, Duration::from_secs(60));
+        let hub = Hub::new(2, Duration::from_secs(60), 7, None);
         let [a, b, c] = [(); 3].map(|_| peer());
         hub.forward_connect(&a, frame(1), no_remote).unwrap();
         hub.forward_connect(&b, frame(1), no_remote).unwrap();

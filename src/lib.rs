@@ -22,16 +22,20 @@
 
 pub mod api;
 pub mod auth;
+pub mod backplane;
 pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod console;
+pub mod delivery;
 pub mod events;
 pub mod hub;
+pub mod kinds;
 pub mod log_throttle;
 pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod overload;
 pub mod protocol;
+pub mod relay;
 pub mod server;

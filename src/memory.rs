@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use crate::hub::{Close, Peer};
 use crate::metrics::Metrics;
-use crate::server::Shared;
+use crate::relay::Relay;
 
 /// The sweeper runs at most this often, however hard it is woken: a scan visits every
 /// connection, so it must not run per message.
@@ -222,7 +222,7 @@ impl Memory {
     /// size overstates what closing it frees when it holds broadcast frames that other queues
     /// share ([`SharedFrame`](crate::outbox::SharedFrame), charged once), so the sweeper
     /// goes on until the budget itself says enough.
-    fn relieve(&self, shared: &Shared) {
+    fn relieve(&self, shared: &Relay) {
         let goal = self.budget / 10 * RELIEVED;
         // Bytes of connections already closing, given back when their tasks get to them.
         let mut leaving = 0;
@@ -302,7 +302,7 @@ fn as_i64(n: usize) -> i64 {
 
 /// Closes the biggest consumers whenever usage goes over the budget, at most every
 /// [`SWEEP_PERIOD`], until the server shuts down.
-pub async fn sweep(shared: Arc<Shared>) {
+pub async fn sweep(shared: Arc<Relay>) {
     let memory = &shared.memory;
     loop {
         // What admins held at the last look is left out of the budget; once their backlog

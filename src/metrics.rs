@@ -11,8 +11,6 @@
 //! that mirror the hub's tables (clients, groups, channels, servers) are read from the hub
 //! when scraped instead of being kept in step on every change.
 
-use std::collections::HashMap;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -22,56 +20,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::hub::HubStats;
-
-/// Event types counted under their own label; anything else is counted as `other`.
-pub const EVENT_TYPES: &[&str] = &[
-    "server_connect",
-    "client_connect",
-    "client_connected",
-    "client_disconnect",
-    "notify_client",
-    "notify_group",
-    "notify_all",
-    "subscribe",
-    "unsubscribe",
-    "publish",
-];
-
-/// Kinds of frame sent out, for `messages_sent_total{type}`.
-pub const SENT_TYPES: &[&str] = &[
-    "server_connect",
-    "client_connect",
-    "client_connected",
-    "notify_client",
-    "notify_group",
-    "notify_all",
-    "publish",
-    "subscribed",
-    "unsubscribed",
-    "callback",
-    "error",
-];
-
-/// Error codes, for `errors_total{code}`.
-pub const ERROR_CODES: &[&str] = &[
-    "invalid_json",
-    "not_an_object",
-    "missing_type",
-    "invalid_type",
-    "invalid_data",
-    "missing_field",
-    "invalid_field",
-    "forbidden",
-    "policy_denied",
-    "unknown_target",
-    "no_server",
-    "invalid_channel",
-    "too_many_subscriptions",
-    "conflicting_filters",
-    "unauthorized",
-    "rate_limited",
-    "other",
-];
+use crate::kinds::{Code, Event, Frame};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {
@@ -96,9 +45,12 @@ pub struct AuthMetrics {
 
 pub struct Metrics {
     registry: Registry,
-    received: HashMap<&'static str, Counter>,
-    sent: HashMap<&'static str, Counter>,
-    errors: HashMap<&'static str, Counter>,
+    /// By [`Event::index`]; the last one is `other`.
+    received: Vec<Counter>,
+    /// By [`Frame::index`].
+    sent: Vec<Counter>,
+    /// By [`Code::index`].
+    errors: Vec<Counter>,
     pub bytes_received: Counter,
     pub bytes_sent: Counter,
     pub slow_consumer_closes: Counter,
@@ -172,9 +124,12 @@ impl Metrics {
             "Error events sent, by code",
             errors_family.clone(),
         );
-        let received = labelled(&received_family, EVENT_TYPES, |t| TypeLabel { r#type: t });
-        let sent = labelled(&sent_family, SENT_TYPES, |t| TypeLabel { r#type: t });
-        let errors = labelled(&errors_family, ERROR_CODES, |c| CodeLabel { code: c });
+        let event_names = Event::ALL.iter().map(|e| e.name()).chain(["other"]);
+        let received = labelled(&received_family, event_names, |t| TypeLabel { r#type: t });
+        let frame_names = Frame::ALL.iter().map(|f| f.name());
+        let sent = labelled(&sent_family, frame_names, |t| TypeLabel { r#type: t });
+        let code_names = Code::ALL.iter().map(|c| c.name());
+        let errors = labelled(&errors_family, code_names, |c| CodeLabel { code: c });
 
         let bytes_received = Counter::default();
         registry.register(
@@ -355,24 +310,30 @@ impl Metrics {
         }
     }
 
-    pub fn received(&self, kind: &str, bytes: usize) {
-        count(&self.received, kind);
+    /// Counts a message received: `None` is an unknown or unreadable type (`other`).
+    pub fn received(&self, kind: Option<Event>, bytes: usize) {
+        let index = kind.map_or(Event::ALL.len(), Event::index);
+        if let Some(counter) = self.received.get(index) {
+            counter.inc();
+        }
         self.bytes_received.inc_by(bytes as u64);
     }
 
     /// Counts `n` frames of `bytes` each queued as `kind`.
-    pub fn sent(&self, kind: &str, n: usize, bytes: usize) {
+    pub fn sent(&self, kind: Frame, n: usize, bytes: usize) {
         if n == 0 {
             return;
         }
-        if let Some(counter) = self.sent.get(kind).or_else(|| self.sent.get("error")) {
+        if let Some(counter) = self.sent.get(kind.index()) {
             counter.inc_by(n as u64);
         }
         self.bytes_sent.inc_by((n * bytes) as u64);
     }
 
-    pub fn error(&self, code: &str) {
-        count(&self.errors, code);
+    pub fn error(&self, code: Code) {
+        if let Some(counter) = self.errors.get(code.index()) {
+            counter.inc();
+        }
     }
 
     /// The text exposition in `format`, with the hub's current table sizes.
@@ -485,27 +446,19 @@ pub fn to_classic(openmetrics: &str) -> String {
     out
 }
 
+/// One counter per name, in the names' order, each made (so scraped as 0) at start.
 fn labelled<L, F>(
     family: &Family<L, Counter>,
-    names: &[&'static str],
+    names: impl Iterator<Item = &'static str>,
     label: F,
-) -> HashMap<&'static str, Counter>
+) -> Vec<Counter>
 where
     L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
     F: Fn(&'static str) -> L,
 {
-    let mut map: HashMap<&'static str, Counter> = names
-        .iter()
-        .map(|name| (*name, family.get_or_create_owned(&label(name))))
-        .collect();
-    map.insert("other", family.get_or_create_owned(&label("other")));
-    map
-}
-
-fn count(counters: &HashMap<&'static str, Counter>, name: &str) {
-    if let Some(counter) = counters.get(name).or_else(|| counters.get("other")) {
-        counter.inc();
-    }
+    names
+        .map(|name| family.get_or_create_owned(&label(name)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -537,7 +490,7 @@ mod tests {
     #[test]
     fn classic_text_names_counters_by_their_samples() {
         let metrics = Metrics::new();
-        metrics.received("notify_all", 10);
+        metrics.received(Some(Event::NotifyAll), 10);
         let stats = HubStats {
             clients: 1,
             acknowledged: 0,

@@ -108,7 +108,7 @@ fn size(item: &Outgoing) -> usize {
 /// What `item` charges the budget while queued: a shared frame is charged by itself.
 fn charge(item: &Outgoing) -> usize {
     match item {
-        Outgoing::Shared(_) => ITEM_OVERHEAD,
+        Outgoing::Relay(_) => ITEM_OVERHEAD,
         _ => size(item),
     }
 }

@@ -34,7 +34,7 @@ use tokio::sync::Semaphore;
 use tracing::debug;
 
 use crate::metrics::Metrics;
-use crate::server::Shared;
+use crate::relay::Relay;
 
 /// How often the monitor measures the lag, and hands out permits while overloaded.
 const TICK: Duration = Duration::from_millis(10);
@@ -139,7 +139,7 @@ impl Overload {
 
 /// Measures the runtime's scheduling lag every [`TICK`], engages and releases the limiter,
 /// and hands out its permits, until the server shuts down.
-pub async fn monitor(shared: Arc<Shared>) {
+pub async fn monitor(shared: Arc<Relay>) {
     let overload = &shared.overload;
     let Some(limit) = overload.lag_limit else {
         return;

@@ -13,6 +13,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::kinds::Code;
+
 /// What went wrong with a message; sent to its sender as an `error` event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
@@ -80,24 +82,24 @@ pub fn validate_channel(name: &str) -> Result<(), ProtocolError> {
 
 impl ProtocolError {
     /// The stable snake_case code clients match on.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            ProtocolError::InvalidJson(_) => "invalid_json",
-            ProtocolError::NotAnObject => "not_an_object",
-            ProtocolError::MissingType => "missing_type",
-            ProtocolError::InvalidType => "invalid_type",
-            ProtocolError::InvalidData => "invalid_data",
-            ProtocolError::MissingField(_) => "missing_field",
-            ProtocolError::InvalidField(..) => "invalid_field",
-            ProtocolError::Forbidden(_) => "forbidden",
-            ProtocolError::PolicyDenied(_) => "policy_denied",
-            ProtocolError::UnknownTarget(_) => "unknown_target",
-            ProtocolError::NoServer(_) | ProtocolError::QueueFull(_) => "no_server",
-            ProtocolError::InvalidChannel => "invalid_channel",
-            ProtocolError::TooManySubscriptions(_) => "too_many_subscriptions",
-            ProtocolError::ConflictingFilters => "conflicting_filters",
-            ProtocolError::Unauthorized => "unauthorized",
-            ProtocolError::RateLimited(_) | ProtocolError::ClusterBusy(_) => "rate_limited",
+            ProtocolError::InvalidJson(_) => Code::InvalidJson,
+            ProtocolError::NotAnObject => Code::NotAnObject,
+            ProtocolError::MissingType => Code::MissingType,
+            ProtocolError::InvalidType => Code::InvalidType,
+            ProtocolError::InvalidData => Code::InvalidData,
+            ProtocolError::MissingField(_) => Code::MissingField,
+            ProtocolError::InvalidField(..) => Code::InvalidField,
+            ProtocolError::Forbidden(_) => Code::Forbidden,
+            ProtocolError::PolicyDenied(_) => Code::PolicyDenied,
+            ProtocolError::UnknownTarget(_) => Code::UnknownTarget,
+            ProtocolError::NoServer(_) | ProtocolError::QueueFull(_) => Code::NoServer,
+            ProtocolError::InvalidChannel => Code::InvalidChannel,
+            ProtocolError::TooManySubscriptions(_) => Code::TooManySubscriptions,
+            ProtocolError::ConflictingFilters => Code::ConflictingFilters,
+            ProtocolError::Unauthorized => Code::Unauthorized,
+            ProtocolError::RateLimited(_) | ProtocolError::ClusterBusy(_) => Code::RateLimited,
         }
     }
 
@@ -145,7 +147,7 @@ impl ProtocolError {
         let event = ErrorEvent {
             kind: "error",
             data: ErrorData {
-                code: self.code(),
+                code: self.code().name(),
                 message: self.to_string(),
                 event,
             },
@@ -377,7 +379,7 @@ mod tests {
         ] {
             assert!(error.is_load() && !error.is_bad_input(), "{error:?}");
         }
-        assert_eq!(ProtocolError::QueueFull("x").code(), "no_server");
+        assert_eq!(ProtocolError::QueueFull("x").code(), Code::NoServer);
         assert!(!ProtocolError::NoServer("x").is_load());
     }
 

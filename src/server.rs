@@ -28,21 +28,17 @@ use tokio::sync::Notify;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tracing::{debug, error, info, warn};
 
 use crate::api;
-use crate::auth::Authenticator;
-use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::connection::{self, PeerInfo};
 use crate::console;
-use crate::hub::{Hub, Peer};
-use crate::memory::{self, Counted, Memory};
-use crate::metrics::{Format, Metrics};
-use crate::overload::{self, Overload};
+use crate::memory::{self, Counted};
+use crate::metrics::Format;
+use crate::overload;
+use crate::relay::Relay;
 
 /// Initial read buffer of a WebSocket. Most inbound messages are small (a token, a notify);
 /// larger ones grow it as needed. It is memory every idle connection keeps.
@@ -86,22 +82,9 @@ const ADMIN_CONNECTIONS: usize = 64;
 /// before its password is even queued.
 const ADMIN_PER_ADDRESS: usize = 4;
 
-/// What every task shares: configuration, the hub, the authenticator, the shutdown signal.
-pub struct Shared {
-    pub config: Config,
-    pub hub: Hub,
-    pub auth: Authenticator,
-    pub metrics: Metrics,
-    /// The memory budget over every outbound queue and partial inbound message.
-    pub memory: Arc<Memory>,
-    /// Holds clients' messages back while the runtime lags.
-    pub overload: Overload,
-    /// The Redis backplane, with `--redis-url`; `None`: everything stays in this process.
-    pub cluster: Option<Arc<Cluster>>,
-    /// Cancelled when the server shuts down; every connection task watches it.
-    pub shutdown: CancellationToken,
-    /// Tracks WebSocket tasks so shutdown can wait for their close frames.
-    pub(crate) tracker: TaskTracker,
+/// The listener's own bookkeeping, kept in the [`Relay`] so connection tasks can release
+/// their places: open connections of each kind and the reserve's per-address shares.
+pub(crate) struct Gate {
     /// Open WebSocket connections, for `--max-connections`.
     connections: AtomicUsize,
     /// Open TCP connections of every kind, for `--max-tcp-connections`.
@@ -119,24 +102,9 @@ pub struct Shared {
     shed_at: Mutex<Option<Instant>>,
 }
 
-impl Shared {
-    /// The state of a server that has not started listening: empty hub, fresh authenticator.
-    /// `run` makes one; a fuzz target or an embedding can drive events against it directly.
-    pub fn new(config: Config) -> Shared {
-        let metrics = Metrics::new();
-        Shared {
-            hub: Hub::new(config.pending_connects, config.pending_timeout),
-            auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
-            memory: Arc::new(Memory::new(config.max_memory, &metrics)),
-            overload: Overload::new(config.overload_lag, &metrics),
-            metrics,
-            cluster: config
-                .redis_url
-                .as_deref()
-                .and_then(|url| Cluster::new(url).ok())
-                .map(Arc::new),
-            shutdown: CancellationToken::new(),
-            tracker: TaskTracker::new(),
+impl Gate {
+    pub(crate) fn new(config: &Config) -> Gate {
+        Gate {
             connections: AtomicUsize::new(0),
             tcp_connections: AtomicUsize::new(0),
             tcp_limits: TcpLimits::new(config.max_tcp_connections),
@@ -144,7 +112,6 @@ impl Shared {
             admin_by_address: Mutex::new(HashMap::new()),
             shed_idle: Notify::new(),
             shed_at: Mutex::new(None),
-            config,
         }
     }
 }
@@ -156,21 +123,31 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    if config.auth_is_default {
+    serve(listener, Relay::new(config), shutdown).await
+}
+
+/// As [`run`], for a relay already made: one on a backplane of the caller's choice (tests
+/// put several nodes in one process on one [`crate::backplane::Loopback`]).
+pub async fn serve(
+    listener: TcpListener,
+    relay: Relay,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    if relay.config.auth_is_default {
         warn!(
             "SOCKET_AUTH is not set: using the well-known default admin password 12345678. \
              Anyone who can reach this port can act as a backend. Set SOCKET_AUTH to the \
              output of `jssocket hash`."
         );
     }
-    let shared = Arc::new(Shared::new(config));
+    let shared = Arc::new(relay);
     info!(addr = %listener.local_addr()?, "listening");
     tokio::spawn(expire_pending(Arc::clone(&shared)));
     tokio::spawn(memory::sweep(Arc::clone(&shared)));
     tokio::spawn(overload::monitor(Arc::clone(&shared)));
-    cluster::start(Arc::clone(&shared));
+    Arc::clone(&shared.backplane).start(&shared);
     let router = router(Arc::clone(&shared));
-    let limits = shared.tcp_limits;
+    let limits = shared.gate.tcp_limits;
     if let Some(configured) = limits.clamped_from {
         warn!(
             max_tcp_connections = configured,
@@ -233,7 +210,7 @@ struct Routers {
     websocket: Router,
 }
 
-fn router(shared: Arc<Shared>) -> Routers {
+fn router(shared: Arc<Relay>) -> Routers {
     let http = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -259,7 +236,7 @@ async fn serve_http(
     addr: SocketAddr,
     tcp: Arc<TcpGuard>,
     routers: Routers,
-    shared: Arc<Shared>,
+    shared: Arc<Relay>,
 ) {
     let _ = stream.set_nodelay(true);
     let reserved = tcp.reserved;
@@ -328,7 +305,7 @@ async fn serve_http(
                 return;
             }
             _ = shared.shutdown.cancelled() => return,
-            () = shared.shed_idle.notified(), if !shedding => {
+            () = shared.gate.shed_idle.notified(), if !shedding => {
                 // hyper closes an idle connection at once (and would close a busy one after
                 // its response).
                 if idle.load(Ordering::Relaxed) {
@@ -342,17 +319,21 @@ async fn serve_http(
 
 /// Asks every HTTP connection idling between keep-alive requests to close, at most once per
 /// [`SHED_EVERY`]. Called when a connection enters the TCP reserve: the limit is reached.
-fn shed_idle(shared: &Shared) {
+fn shed_idle(shared: &Relay) {
     let now = Instant::now();
     {
-        let mut shed_at = shared.shed_at.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shed_at = shared
+            .gate
+            .shed_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if shed_at.is_some_and(|at| now.duration_since(at) < SHED_EVERY) {
             return;
         }
         *shed_at = Some(now);
     }
     debug!("TCP limit reached: closing idle keep-alive HTTP connections");
-    shared.shed_idle.notify_waiters();
+    shared.gate.shed_idle.notify_waiters();
 }
 
 async fn healthz() -> &'static str {
@@ -360,7 +341,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn metrics(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Relay>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
@@ -379,7 +360,7 @@ async fn metrics(
 
 /// Every path but the HTTP routes: a WebSocket upgrade, or a clear refusal.
 async fn upgrade(
-    State(shared): State<Arc<Shared>>,
+    State(shared): State<Arc<Relay>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     mut request: Request,
 ) -> Response {
@@ -485,7 +466,9 @@ async fn upgrade(
             return error!(%addr, "upgraded connection is not a TCP stream");
         };
         // Counted: what it reads toward an unfinished message is charged to the budget.
-        let peer = Peer::new(shared.config.max_queue_bytes, &shared.memory);
+        let peer = shared
+            .hub
+            .new_peer(shared.config.max_queue_bytes, &shared.memory);
         let stream = Counted::new(
             parts.io.into_inner(),
             Arc::clone(&peer),
@@ -545,7 +528,7 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
 
 /// One counted WebSocket connection; the count drops with it.
 struct Slot {
-    shared: Arc<Shared>,
+    shared: Arc<Relay>,
     /// Beyond `--max-connections`, in the admins' reserve ([`ADMIN_CONNECTIONS`]).
     admin_only: bool,
     /// In the admins' reserve, the address whose share ([`ADMIN_PER_ADDRESS`]) this
@@ -556,8 +539,8 @@ struct Slot {
 impl Slot {
     /// `has_password`: the upgrade carries `auth:`, so it may take a place in the admins'
     /// reserve when `--max-connections` is reached (one of its address's few there).
-    fn take(shared: &Arc<Shared>, has_password: bool, ip: IpAddr) -> Option<Slot> {
-        let open = shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
+    fn take(shared: &Arc<Relay>, has_password: bool, ip: IpAddr) -> Option<Slot> {
+        let open = shared.gate.connections.fetch_add(1, Ordering::AcqRel) + 1;
         let max = shared.config.max_connections;
         let over = max.is_some_and(|max| open > max);
         let room = |max: usize| match has_password {
@@ -566,10 +549,11 @@ impl Slot {
         };
         let share = over.then(|| address_key(ip));
         let refused = max.is_some_and(|max| open > room(max))
-            || share
-                .is_some_and(|key| !take_share(&shared.admin_by_address, key, ADMIN_PER_ADDRESS));
+            || share.is_some_and(|key| {
+                !take_share(&shared.gate.admin_by_address, key, ADMIN_PER_ADDRESS)
+            });
         if refused {
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            shared.gate.connections.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         shared.metrics.connections.inc();
@@ -585,7 +569,7 @@ impl Slot {
     fn leave_address_share(&self) {
         let key = self.share.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(key) = key {
-            leave_share(&self.shared.admin_by_address, key);
+            leave_share(&self.shared.gate.admin_by_address, key);
         }
     }
 }
@@ -593,7 +577,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.leave_address_share();
-        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+        self.shared.gate.connections.fetch_sub(1, Ordering::AcqRel);
         self.shared.metrics.connections.dec();
     }
 }
@@ -661,10 +645,10 @@ impl TcpLimits {
     }
 }
 
-/// One counted TCP connection; the count drops with it. Shared (`Arc`) between the HTTP
+/// One counted TCP connection; the count drops with it. Relay (`Arc`) between the HTTP
 /// connection and, after an upgrade, the WebSocket task.
 struct TcpGuard {
-    shared: Arc<Shared>,
+    shared: Arc<Relay>,
     /// Admitted beyond `--max-tcp-connections`, into the reserve.
     reserved: bool,
     /// In the reserve, the address whose share ([`RESERVE_PER_ADDRESS`]) this connection
@@ -673,20 +657,20 @@ struct TcpGuard {
 }
 
 impl TcpGuard {
-    fn take(shared: &Arc<Shared>, ip: IpAddr) -> Option<TcpGuard> {
-        let open = shared.tcp_connections.fetch_add(1, Ordering::AcqRel) + 1;
-        let reserved = open > shared.tcp_limits.limit;
+    fn take(shared: &Arc<Relay>, ip: IpAddr) -> Option<TcpGuard> {
+        let open = shared.gate.tcp_connections.fetch_add(1, Ordering::AcqRel) + 1;
+        let reserved = open > shared.gate.tcp_limits.limit;
         let share = reserved.then(|| address_key(ip));
         if reserved {
             // At the limit: make room, whether this one is let into the reserve or not.
             shed_idle(shared);
         }
-        let refused = open > shared.tcp_limits.ceiling
+        let refused = open > shared.gate.tcp_limits.ceiling
             || share.is_some_and(|key| {
-                !take_share(&shared.reserve_by_address, key, RESERVE_PER_ADDRESS)
+                !take_share(&shared.gate.reserve_by_address, key, RESERVE_PER_ADDRESS)
             });
         if refused {
-            shared.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+            shared.gate.tcp_connections.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         shared.metrics.tcp_connections.inc();
@@ -702,7 +686,7 @@ impl TcpGuard {
     fn leave_address_share(&self) {
         let key = self.share.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(key) = key {
-            leave_share(&self.shared.reserve_by_address, key);
+            leave_share(&self.shared.gate.reserve_by_address, key);
         }
     }
 }
@@ -710,7 +694,10 @@ impl TcpGuard {
 impl Drop for TcpGuard {
     fn drop(&mut self) {
         self.leave_address_share();
-        self.shared.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+        self.shared
+            .gate
+            .tcp_connections
+            .fetch_sub(1, Ordering::AcqRel);
         self.shared.metrics.tcp_connections.dec();
     }
 }
@@ -772,7 +759,7 @@ impl ErrorLog {
 }
 
 /// Answers waiting client connects that no server took in time.
-async fn expire_pending(shared: Arc<Shared>) {
+async fn expire_pending(shared: Arc<Relay>) {
     let period = (shared.config.pending_timeout / 4)
         .clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut tick = tokio::time::interval(period);

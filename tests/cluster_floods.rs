@@ -11,9 +11,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{Conn, Event, RECV_TIMEOUT, register, scrape};
-use futures_util::StreamExt;
 use futures_util::future::join_all;
-use jssocket::cluster::{CHANNEL, RECEIPT_TIMEOUT};
 use nodes::{CLUSTER_TIMEOUT, Node, Proxy, Redis, cluster, wait_all, wait_cluster};
 use serde_json::{Value, json};
 
@@ -363,56 +361,4 @@ async fn a_full_client_lane_is_not_held_against_a_bystander() {
         .await;
     bystander.expect_text(r#"{"still":"here"}"#).await;
     drop(flooders);
-}
-
-/// Review finding 13: a node of an earlier version sends no receipts (its heartbeat does not
-/// say it does). A forward to its server is held, not judged by a receipt that cannot come:
-/// it is sent once, not again every receipt timeout while that node is alive.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_that_sends_no_receipts_gets_each_forward_once() {
-    let redis = Redis::start();
-    let n0 = Node::start("n0", &redis.url());
-    let old = redis::Client::open(redis.url()).expect("redis url");
-    let mut pubsub = old.get_async_pubsub().await.expect("subscribe to redis");
-    pubsub.subscribe(CHANNEL).await.expect("subscribe");
-    let mut publisher = old
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to redis");
-    // The old node: bare JSON heartbeats (no sequence number, no `receipts`) twice a second.
-    let heartbeat = tokio::spawn(async move {
-        let beat = r#"{"from":"old-node","op":"servers","servers":["old-server"]}"#;
-        loop {
-            let _: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-                .arg(CHANNEL)
-                .arg(beat)
-                .query_async(&mut publisher)
-                .await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
-    wait_all(&[&n0], "jssocket_cluster_nodes", 2.0, CLUSTER_TIMEOUT).await;
-
-    let mut client = n0.client("client").await;
-    client.send_event("client_connect", json!({"i": 1})).await;
-    // Past the receipt timeout, a sweep and a heartbeat: a forward judged by a missing
-    // receipt would have been sent again by then.
-    let window = RECEIPT_TIMEOUT + Duration::from_millis(2500);
-    let mut messages = pubsub.on_message();
-    let mut forwards = Vec::new();
-    let _ = tokio::time::timeout(window, async {
-        while let Some(message) = messages.next().await {
-            let text: String = message.get_payload().expect("text message");
-            let json = text.split_once(' ').map_or(text.as_str(), |(_, json)| json);
-            let wire: Value = serde_json::from_str(json).expect("JSON message");
-            if wire["op"] == "forward" {
-                assert_eq!(wire["server"], "old-server", "{wire}");
-                forwards.push(wire["client"].as_str().unwrap_or_default().to_string());
-            }
-        }
-    })
-    .await;
-    heartbeat.abort();
-    assert_eq!(forwards.len(), 1, "forwards seen: {forwards:?}");
-    client.expect_silence().await;
 }

@@ -33,7 +33,7 @@ use std::task::{Context, Poll, Waker};
 use jssocket::config::Config;
 use jssocket::events::{self, Flow, Session};
 use jssocket::hub::{Outgoing, Peer};
-use jssocket::server::Shared;
+use jssocket::relay::Relay;
 
 /// A cost-4 bcrypt hash of `12345678`: `server_connect` with `{"auth":"12345678"}` costs
 /// ~1 ms instead of the default hash's ~250 ms.
@@ -91,10 +91,12 @@ struct Conn {
 }
 
 async fn run_async(input: &[u8]) {
-    let shared = Arc::new(Shared::new(config()));
+    let shared = Arc::new(Relay::new(config()));
     let mut conns: Vec<Conn> = (0..CONNECTIONS)
         .map(|i| {
-            let peer = Peer::new(shared.config.max_queue_bytes, &shared.memory);
+            let peer = shared
+                .hub
+                .new_peer(shared.config.max_queue_bytes, &shared.memory);
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 40_000 + i as u16));
             let session = Session::new(Arc::clone(&peer), Arc::clone(&shared), addr);
             Conn {

@@ -1,21 +1,27 @@
-//! The Redis backplane: several jssocket nodes behind one load balancer act as one relay.
+//! The cluster: several jssocket nodes behind one load balancer act as one relay. This is
+//! the node logic, the same whatever carries the messages (a [`Transport`]: Redis, Redis
+//! Cluster, or the in-process loopback).
 //!
-//! Every node publishes what other nodes must act on to one Redis Pub/Sub channel and applies
-//! what the others publish to its own connections. A connection lives on exactly one node,
-//! and a node ignores its own messages, so every delivery happens exactly once:
-//! - `notify_all`, `notify_group`, `publish`: the origin delivers locally and publishes; every
-//!   other node delivers to its own members.
-//! - `notify_client`, `client_connected` to a client that is not local: published; the node
-//!   that has the client delivers (the others find nothing).
-//! - `notify_group` to a connection id that is not local: published as `NotifyGroupOf`; the
-//!   node that has that connection resolves its group and publishes a `NotifyGroup`.
-//! - `client_connect` on a node with no server: forwarded to a server on another node, round
-//!   robin over the servers the other nodes announce in their heartbeats.
+//! Routing, not broadcast (SPEC §8): a node receives only what concerns its connections.
+//! - Its own topic (`jssocket:node:<tag>`): a connection's id names its node (its first
+//!   four bytes), so `notify_client`, `client_connected`, `notify_group` to a connection id,
+//!   and forwards of `client_connect` and their receipts go to that node alone.
+//! - One topic per group and per channel it has local members in, subscribed on the first
+//!   local member and unsubscribed after the last ([`Interest`]): a group with members on 2
+//!   of 10 nodes costs 2 receptions, not 10.
+//! - One topic for everyone (`jssocket:all`): `notify_all`, heartbeats, farewells.
+//!
+//! Every delivery is a [`crate::delivery::Delivery`] produced by an event; the origin
+//! delivers it locally and publishes it here, and the nodes that receive it deliver it with
+//! the same code ([`Relay::receive`]). A node ignores its own messages, so every connection
+//! gets a delivery once. `notify_group` to a connection id on another node goes to that node,
+//! which resolves the group, delivers to its own members and publishes to the group's topic.
 //!
 //! Heartbeats (every second, and at once when a node's server pool changes) carry each node's
 //! server list; a node whose heartbeat stops for [`NODE_EXPIRY`] is forgotten, with its
-//! servers. Redis going away: local delivery goes on; what must cross nodes waits in a bounded
-//! queue and is published when Redis is back and the other nodes have re-subscribed.
+//! servers. The transport going away: local delivery goes on; what must cross nodes waits in
+//! a bounded queue and is published when the transport is back and the other nodes have
+//! subscribed again; every subscription is made again on reconnecting.
 //!
 //! What waits to be published is split in two lanes (see [`Backlog`]): admin and control
 //! traffic, published first and with its own budget, and client-originated traffic (forwards
@@ -28,9 +34,9 @@
 //! [`RECEIPT_TIMEOUT`] (2 s), or whose node is forgotten ([`NODE_EXPIRY`], 3.5 s after its
 //! last heartbeat) before the client is acknowledged, is forwarded again within [`SWEEP`]
 //! (0.25 s) to another live server (or queued for one); after [`MAX_ATTEMPTS`] the client
-//! gets `no_server`. So a client whose forward went to a node that died is re-forwarded
-//! within about 2.25 s (4 s if the node took it before dying), and answered within about 7 s.
+//! gets `no_server`.
 
+pub mod redis;
 mod wire;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -44,23 +50,27 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::hub::{Acknowledgement, Peer};
+use crate::backplane::{
+    ALL_TOPIC, Backplane, Interest, Publisher, Sender, Subscription, Subscriptions, Topic,
+    Transport, node_of, node_topic,
+};
+use crate::delivery::{Delivery, Route};
+use crate::hub::Peer;
+use crate::kinds::Frame;
 use crate::protocol::ProtocolError;
-use crate::server::Shared;
+use crate::relay::Relay;
 use crate::warn_throttled;
 pub use wire::Op;
 use wire::{SharedFrame, Wire};
 
-/// The Pub/Sub channel every node uses.
-pub const CHANNEL: &str = "jssocket:relay";
 /// How often a node announces itself and its servers.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A node not heard from for this long is gone, and its servers with it.
 pub const NODE_EXPIRY: Duration = Duration::from_millis(3500);
-/// Admin and control messages waiting to be published while Redis is away; beyond this the
-/// newest are dropped (and counted), so an outage costs bounded memory.
+/// Admin and control messages waiting to be published while the transport is away; beyond
+/// this the newest are dropped (and counted), so an outage costs bounded memory.
 const BACKLOG: usize = 100_000;
-/// Bytes of admin and control messages waiting to be published (a flood, or a Redis outage);
+/// Bytes of admin and control messages waiting to be published (a flood, or an outage);
 /// beyond this the newest are dropped and counted.
 const BACKLOG_BYTES: usize = 64 * 1024 * 1024;
 /// Bytes of client-originated messages waiting to be published; beyond this clients are told
@@ -70,8 +80,8 @@ const CLIENT_BACKLOG_BYTES: usize = 16 * 1024 * 1024;
 /// (when the lane has room), however large; more only within this cap, so every sender gets
 /// its turn whatever the others send.
 const PER_CLIENT_BYTES: usize = 64 * 1024;
-/// What a queued message costs beyond its text (queue slot, allocation): counted, so a flood
-/// of tiny messages is bounded too.
+/// What a queued message costs beyond its text (queue slot, allocation, topic): counted, so
+/// a flood of tiny messages is bounded too.
 const MESSAGE_OVERHEAD: usize = 64;
 /// No receipt for a forward within this: the node is taken for dead (until its next
 /// heartbeat) and the forward goes elsewhere.
@@ -86,15 +96,23 @@ pub const MAX_ATTEMPTS: u32 = 3;
 /// Bytes and count of forwards in flight; beyond, client connects wait in the local queue.
 const IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 const IN_FLIGHT_MAX: usize = 20_000;
-/// After reconnecting, how long to wait for the other nodes to re-subscribe before
+/// After reconnecting, how long to wait for the other nodes to subscribe again before
 /// publishing what waited, so it is not lost on them.
 const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
+/// Topics subscribed per command when subscribing to everything again.
+const SUBSCRIBE_BATCH: usize = 500;
+/// Entries of the duplicate filter (sender, topic) before it is emptied.
+const MAX_SEQ_ENTRIES: usize = 100_000;
 
 /// This node's view of the cluster.
 pub struct Cluster {
-    /// This node's id, random per start.
+    /// This node's tag, written in its connections' ids; random per start.
+    tag: u32,
+    /// The tag as the other nodes name this node.
     pub node: String,
-    client: redis::Client,
+    transport: Arc<dyn Transport>,
+    /// The groups and channels this node has members in.
+    interest: Arc<Interest>,
     /// What waits for the publisher task.
     backlog: Backlog,
     /// Client connects forwarded to other nodes and not yet settled, by client.
@@ -106,16 +124,17 @@ pub struct Cluster {
     nodes: Mutex<BTreeMap<String, RemoteNode>>,
     /// Round-robin cursor over the other nodes' servers.
     next_server: AtomicUsize,
-    /// Subscribed to Redis right now.
+    /// Subscribed to the transport right now.
     pub connected: AtomicBool,
     /// Sequence number of the next message this node publishes. A publish whose reply was
     /// lost is sent again with the same number, and receivers drop what they have seen.
     next_seq: AtomicU64,
-    /// Highest sequence number applied from each other node.
-    last_seq: Mutex<HashMap<String, u64>>,
+    /// Highest sequence number applied from each other node, per topic (messages on one
+    /// topic from one node arrive in order; across topics, on a Redis Cluster, they may not).
+    last_seq: Mutex<HashMap<(String, String), u64>>,
     /// Other nodes alive when the subscription was last lost. An outage longer than
     /// [`NODE_EXPIRY`] makes this node forget them; after it, the backlog must still wait for
-    /// them to re-subscribe.
+    /// them to subscribe again.
     known_before_outage: AtomicUsize,
 }
 
@@ -125,8 +144,6 @@ struct RemoteNode {
     seen: Instant,
     /// A forward to it got no receipt in time: not chosen until its next heartbeat.
     suspect: bool,
-    /// It answers forwards with receipts (its heartbeat says so).
-    receipts: bool,
 }
 
 /// Which lane a message waits in (see [`Backlog`]).
@@ -162,6 +179,7 @@ struct Lanes {
 
 /// A message waiting in a lane.
 struct Queued {
+    topic: String,
     op: Op,
     /// What it is charged: [`Op::size`] plus [`MESSAGE_OVERHEAD`].
     cost: usize,
@@ -173,6 +191,7 @@ struct Queued {
 
 /// A message taken for publishing.
 struct Taken {
+    topic: String,
     op: Op,
     forward: Option<(Uuid, u64)>,
 }
@@ -201,15 +220,17 @@ impl Backlog {
     fn push(
         &self,
         lane: Lane,
+        topic: String,
         op: Op,
         sender: Option<&Arc<Peer>>,
         forward: Option<(Uuid, u64)>,
     ) -> Result<(), Refused> {
-        let cost = op.size() + MESSAGE_OVERHEAD;
+        let cost = op.size() + topic.len() + MESSAGE_OVERHEAD;
         {
             let mut lanes = self.lanes();
             lanes.room(lane, cost, sender)?;
             let queued = Queued {
+                topic,
                 op,
                 cost,
                 sender: sender.cloned(),
@@ -245,11 +266,13 @@ impl Backlog {
         if let Some(queued) = lanes.control.pop_front() {
             lanes.control_bytes -= queued.cost;
             return Some(Taken {
+                topic: queued.topic,
                 op: queued.op,
                 forward: None,
             });
         }
         let Queued {
+            topic,
             op,
             cost,
             sender,
@@ -259,7 +282,7 @@ impl Backlog {
         if let Some(sender) = sender {
             sender.cluster_bytes.fetch_sub(cost, Ordering::Relaxed);
         }
-        Some(Taken { op, forward })
+        Some(Taken { topic, op, forward })
     }
 
     async fn pop(&self) -> Taken {
@@ -354,13 +377,20 @@ impl InFlightTable {
     }
 }
 
+/// The topic of the node named `node` (its tag in hex).
+fn topic_of_node(node: &str) -> Option<String> {
+    u32::from_str_radix(node, 16).ok().map(node_topic)
+}
+
 impl Cluster {
-    /// Checks the URL; connects only when [`start`] runs.
-    pub fn new(url: &str) -> redis::RedisResult<Cluster> {
-        let client = redis::Client::open(url)?;
-        Ok(Cluster {
-            node: uuid::Uuid::new_v4().hyphenated().to_string(),
-            client,
+    /// A node on `transport`; it connects when [`Backplane::start`] runs.
+    pub fn new(transport: Arc<dyn Transport>) -> Cluster {
+        let tag = u32::from_be_bytes(Uuid::new_v4().as_bytes()[..4].try_into().unwrap_or([0; 4]));
+        Cluster {
+            tag,
+            node: format!("{tag:08x}"),
+            transport,
+            interest: Arc::new(Interest::default()),
             backlog: Backlog::new(),
             in_flight: Mutex::new(InFlightTable::default()),
             next_forward: AtomicU64::new(1),
@@ -370,7 +400,7 @@ impl Cluster {
             next_seq: AtomicU64::new(0),
             last_seq: Mutex::new(HashMap::new()),
             known_before_outage: AtomicUsize::new(0),
-        })
+        }
     }
 
     fn nodes(&self) -> MutexGuard<'_, BTreeMap<String, RemoteNode>> {
@@ -381,47 +411,28 @@ impl Cluster {
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues an admin's or the cluster's own `op` for the other nodes; never waits. Dropped
-    /// (and counted) only when the control lane itself is full: clients cannot fill it.
-    pub fn publish(&self, shared: &Shared, op: Op) {
-        if self.enqueue(shared, Lane::Control, op, None, None).is_err() {
+    /// Queues an admin's or the cluster's own `op` for `topic`; never waits. Dropped (and
+    /// counted) only when the control lane itself is full: clients cannot fill it.
+    fn publish_control(&self, shared: &Relay, topic: String, op: Op) {
+        if self
+            .enqueue(shared, Lane::Control, topic, op, None, None)
+            .is_err()
+        {
             shared.metrics.cluster_dropped.inc();
             warn_throttled!("cluster backlog full: a message for other nodes was dropped");
         }
     }
 
-    /// Queues `op`, caused by client `sender`, in the client lane; never waits. Refused when
-    /// that lane or the sender's share of it is full: the client is told to send it later.
-    pub fn publish_from_client(
-        &self,
-        shared: &Shared,
-        op: Op,
-        sender: &Arc<Peer>,
-    ) -> Result<(), ProtocolError> {
-        self.enqueue(shared, Lane::Clients, op, Some(sender), None)
-            .map_err(|refused| {
-                shared.metrics.cluster_dropped.inc();
-                match refused {
-                    // Many other clients filled the lane: not held against this one.
-                    Refused::Full => ProtocolError::ClusterBusy(
-                        "cluster busy: too much is waiting for the other nodes; send it again later",
-                    ),
-                    Refused::SenderBusy => ProtocolError::RateLimited(
-                        "too much of yours is waiting for the other nodes; send it again later",
-                    ),
-                }
-            })
-    }
-
     fn enqueue(
         &self,
-        shared: &Shared,
+        shared: &Relay,
         lane: Lane,
+        topic: String,
         op: Op,
         sender: Option<&Arc<Peer>>,
         forward: Option<(Uuid, u64)>,
     ) -> Result<(), Refused> {
-        self.backlog.push(lane, op, sender, forward)?;
+        self.backlog.push(lane, topic, op, sender, forward)?;
         let bytes = self.backlog.bytes();
         shared
             .metrics
@@ -446,25 +457,132 @@ impl Cluster {
         self.stamp(&wire.encode())
     }
 
-    /// True the first time `seq` from node `from` is seen (messages from one node arrive in
-    /// order, so anything not above the last is a re-sent duplicate).
-    fn first_time(&self, from: &str, seq: u64) -> bool {
+    /// True the first time `seq` from node `from` on `topic` is seen (messages on one topic
+    /// from one node arrive in order, so anything not above the last is a re-sent
+    /// duplicate).
+    fn first_time(&self, from: &str, topic: &str, seq: u64) -> bool {
         let mut last = self.last_seq.lock().unwrap_or_else(|e| e.into_inner());
-        match last.get_mut(from) {
+        let key = (from.to_string(), topic.to_string());
+        match last.get_mut(&key) {
             Some(highest) if seq <= *highest => false,
             Some(highest) => {
                 *highest = seq;
                 true
             }
             None => {
-                // Nodes come and go with new ids; keep the table small.
-                if last.len() >= 10_000 {
+                // Nodes come and go with new ids, groups with their members: kept bounded.
+                if last.len() >= MAX_SEQ_ENTRIES {
                     last.clear();
                 }
-                last.insert(from.to_string(), seq);
+                last.insert(key, seq);
                 true
             }
         }
+    }
+
+    /// Tells the other nodes which servers this node has (heartbeat; also right after a
+    /// change, so a new server is usable cluster-wide at once).
+    pub fn announce(&self, shared: &Relay) {
+        let servers = shared.hub.local_servers();
+        self.publish_control(shared, ALL_TOPIC.to_string(), Op::Servers { servers });
+    }
+
+    /// Applies one message received on `topic`.
+    fn receive(&self, shared: &Relay, topic: &str, payload: &[u8]) {
+        shared.metrics.cluster_received.inc();
+        let Some((seq, wire)) = Wire::decode_stamped(payload) else {
+            return warn_throttled!("cluster: ignored a message that is not jssocket's");
+        };
+        // Its own messages come back on the topics it shares with others: ignored.
+        if wire.from == self.node {
+            return;
+        }
+        if !self.first_time(&wire.from, topic, seq) {
+            return debug!("cluster: dropped a message already applied");
+        }
+        self.apply(shared, wire);
+    }
+
+    /// Applies one message from another node to this node's connections.
+    fn apply(&self, shared: &Relay, wire: Wire) {
+        match wire.op {
+            Op::Deliver {
+                delivery,
+                from_client,
+            } => {
+                let sender = if from_client {
+                    Sender::Relayed
+                } else {
+                    Sender::Admin
+                };
+                shared.receive(delivery, sender);
+            }
+            Op::Forward {
+                node,
+                server,
+                client,
+                frame,
+                id,
+            } => {
+                if node != self.node {
+                    return;
+                }
+                let len = frame.0.len();
+                let queued = shared.hub.offer_to_server(&server, frame.0);
+                if queued {
+                    shared.metrics.sent(Frame::ClientConnect, 1, len);
+                } else {
+                    // The server left (or is full) after the sender chose it: the sender
+                    // forwards it elsewhere; a backend is never closed over a client's request.
+                    debug!(%server, "forward for a server that has left or is full");
+                }
+                let Some(topic) = topic_of_node(&wire.from) else {
+                    return;
+                };
+                let node = wire.from;
+                let op = if queued {
+                    Op::Forwarded { node, client, id }
+                } else {
+                    Op::ForwardFailed { node, client, id }
+                };
+                self.publish_control(shared, topic, op);
+            }
+            Op::Forwarded { node, client, id } => {
+                if node == self.node {
+                    self.settle(shared, &client, id, true);
+                }
+            }
+            Op::ForwardFailed { node, client, id } => {
+                if node == self.node {
+                    self.settle(shared, &client, id, false);
+                }
+            }
+            Op::Servers { mut servers } => {
+                let has_servers = !servers.is_empty();
+                servers.sort();
+                self.nodes().insert(
+                    wire.from,
+                    RemoteNode {
+                        servers,
+                        seen: Instant::now(),
+                        suspect: false,
+                    },
+                );
+                if has_servers {
+                    self.flush_pending(shared);
+                }
+            }
+            Op::Leaving => {
+                self.nodes().remove(&wire.from);
+            }
+        }
+    }
+
+    /// A server appeared elsewhere: hand it the client connects that were waiting here.
+    fn flush_pending(&self, shared: &Relay) {
+        shared
+            .hub
+            .flush_pending(|client, frame| self.send_forward(shared, client, frame, 1));
     }
 
     /// Other nodes currently alive.
@@ -475,9 +593,9 @@ impl Cluster {
     }
 
     /// The next server on another node that may be chosen (alive, not suspect), round
-    /// robin in a stable order, as (node, server id, whether that node sends receipts).
+    /// robin in a stable order, as (node, server id).
     /// O(nodes), nothing sorted or copied but the pick: it runs under the hub's pool lock.
-    fn pick_server(&self) -> Option<(String, String, bool)> {
+    fn pick_server(&self) -> Option<(String, String)> {
         let nodes = self.nodes();
         let usable = || {
             nodes
@@ -491,19 +609,11 @@ impl Cluster {
         let mut i = self.next_server.fetch_add(1, Ordering::Relaxed) % total;
         for (node, n) in usable() {
             match n.servers.get(i) {
-                Some(server) => return Some((node.clone(), server.clone(), n.receipts)),
+                Some(server) => return Some((node.clone(), server.clone())),
                 None => i -= n.servers.len(),
             }
         }
         None
-    }
-
-    /// Sends a client's `client_connect` to a server on another node, round robin, and keeps
-    /// it in flight until settled. False when no other node has a server that may be chosen,
-    /// or when there is no room (in flight, or in the client lane): it then waits in the
-    /// local queue.
-    pub fn forward_remote(&self, shared: &Shared, client: &Arc<Peer>, frame: Utf8Bytes) -> bool {
-        self.send_forward(shared, client, frame, 1)
     }
 
     /// Runs under the hub's pool lock (the pending queue's order depends on it), so it does
@@ -511,7 +621,7 @@ impl Cluster {
     /// is shared (not copied) and it is encoded later by the publisher.
     fn send_forward(
         &self,
-        shared: &Shared,
+        shared: &Relay,
         client: &Arc<Peer>,
         frame: Utf8Bytes,
         attempt: u32,
@@ -521,7 +631,10 @@ impl Cluster {
         if self.backlog.client_room(least, client).is_err() {
             return false;
         }
-        let Some((node, server, receipts)) = self.pick_server() else {
+        let Some((node, server)) = self.pick_server() else {
+            return false;
+        };
+        let Some(topic) = topic_of_node(&node) else {
             return false;
         };
         let id = self.next_forward.fetch_add(1, Ordering::Relaxed);
@@ -537,9 +650,7 @@ impl Cluster {
                 client: Arc::downgrade(client),
                 frame: frame.clone(),
                 since: Instant::now(),
-                // A node that sends no receipts is not judged by one: the forward is held
-                // as if receipted, and sent again only if that node dies.
-                receipted: !receipts,
+                receipted: false,
                 attempt,
             };
             in_flight.insert(client.id, entry);
@@ -548,12 +659,12 @@ impl Cluster {
             node,
             server,
             client: client.target.to_string(),
-            frame: SharedFrame(frame),
+            frame: SharedFrame::from(frame),
             id,
         };
         let forward = Some((client.id, id));
         let queued = self
-            .enqueue(shared, Lane::Clients, op, Some(client), forward)
+            .enqueue(shared, Lane::Clients, topic, op, Some(client), forward)
             .is_ok();
         let count = {
             let mut in_flight = self.in_flight();
@@ -577,13 +688,8 @@ impl Cluster {
         }
     }
 
-    /// A client sent `client_connect` again: its earlier forward is settled by the new one.
-    pub fn supersede(&self, client: &Peer) {
-        self.in_flight().remove(client.id);
-    }
-
     /// Receipt or failure from the node a forward went to.
-    fn settle(&self, shared: &Shared, client: &str, id: u64, queued: bool) {
+    fn settle(&self, shared: &Relay, client: &str, id: u64, queued: bool) {
         let Ok(client) = Uuid::try_parse(client) else {
             return;
         };
@@ -607,7 +713,7 @@ impl Cluster {
 
     /// Forwards a request that was not settled to another server (local or remote), else
     /// queues it; after [`MAX_ATTEMPTS`] the client gets `no_server`.
-    fn forward_again(&self, shared: &Shared, entry: InFlight) {
+    fn forward_again(&self, shared: &Relay, entry: InFlight) {
         let Some(client) = entry.client.upgrade() else {
             return;
         };
@@ -638,7 +744,7 @@ impl Cluster {
     /// Sends again the forwards with no receipt in time and those whose node is gone before
     /// their client was acknowledged; forgets those settled long enough. The table is
     /// bounded ([`IN_FLIGHT_MAX`]); the forwarding is done after the lock is released.
-    fn sweep(&self, shared: &Shared) {
+    fn sweep(&self, shared: &Relay) {
         if !self.connected.load(Ordering::Relaxed) {
             // Cut off from Redis: receipts cannot come and the other nodes only look gone.
             // Nothing is judged until this node is back; the clocks start again then.
@@ -697,194 +803,113 @@ impl Cluster {
             self.forward_again(shared, entry);
         }
     }
+}
 
-    /// Tells the other nodes which servers this node has (heartbeat; also right after a
-    /// change, so a new server is usable cluster-wide at once).
-    pub fn announce(&self, shared: &Shared) {
-        let servers = shared.hub.local_servers();
-        let receipts = true;
-        self.publish(shared, Op::Servers { servers, receipts });
+impl Backplane for Cluster {
+    fn start(self: Arc<Self>, relay: &Arc<Relay>) {
+        // Tracked, so shutdown waits for its farewell to the other nodes.
+        let task = publisher(Arc::clone(relay), Arc::clone(&self));
+        relay.tracker.spawn(task);
+        tokio::spawn(subscriber(Arc::clone(relay), Arc::clone(&self)));
+        tokio::spawn(sweeper(Arc::clone(relay), Arc::clone(&self)));
+        tokio::spawn(heartbeat(Arc::clone(relay), self));
     }
 
-    /// Applies one message from another node to this node's connections.
-    fn apply(&self, shared: &Shared, wire: Wire) {
-        if wire.from == self.node {
-            return;
-        }
-        shared.metrics.cluster_received.inc();
-        let hub = &shared.hub;
-        match wire.op {
-            Op::NotifyAll { frame } => {
-                let frame = Utf8Bytes::from(frame);
-                let n = hub.notify_all(&frame);
-                shared.metrics.sent("notify_all", n, frame.len());
+    fn publish(
+        &self,
+        relay: &Relay,
+        route: Route,
+        delivery: Delivery,
+        sender: Sender<'_>,
+    ) -> Result<(), ProtocolError> {
+        let topic = match route {
+            Route::All => ALL_TOPIC.to_string(),
+            Route::Owner(target) => match node_of(&target) {
+                Some(tag) => node_topic(tag),
+                None => return Ok(()),
+            },
+            Route::Group(name) => Topic::Group(name).key(),
+            Route::Channel(name) => Topic::Channel(name).key(),
+        };
+        let from_client = !matches!(sender, Sender::Admin);
+        let op = Op::Deliver {
+            delivery,
+            from_client,
+        };
+        match sender {
+            Sender::Admin => {
+                self.publish_control(relay, topic, op);
+                Ok(())
             }
-            Op::NotifyClient { target, frame } => {
-                let len = frame.len();
-                let n = hub.notify_client(&target, Utf8Bytes::from(frame));
-                shared.metrics.sent("notify_client", n, len);
-            }
-            Op::NotifyGroup { group, frame } => {
-                let frame = Utf8Bytes::from(frame);
-                let n = hub.notify_group(&group, &frame);
-                shared.metrics.sent("notify_group", n, frame.len());
-            }
-            Op::NotifyGroupOf {
-                target,
-                frame,
-                from_client,
-            } => {
-                let local_group = hub.client(&target).and_then(|c| c.group());
-                let group = local_group
-                    .clone()
-                    .unwrap_or_else(|| Arc::from(target.as_str()));
-                let frame_bytes = Utf8Bytes::from(frame.clone());
-                let n = hub.notify_group(&group, &frame_bytes);
-                shared.metrics.sent("notify_group", n, frame_bytes.len());
-                // This node has that connection: now everyone knows the group's name.
-                if let Some(group) = local_group {
-                    let op = Op::NotifyGroup {
-                        group: group.to_string(),
-                        frame,
-                    };
-                    if !from_client {
-                        self.publish(shared, op);
-                    } else if self.enqueue(shared, Lane::Clients, op, None, None).is_err() {
-                        // A client's message, and the client lane is full: dropped, counted.
-                        shared.metrics.cluster_dropped.inc();
+            Sender::Client(client) => self
+                .enqueue(relay, Lane::Clients, topic, op, Some(client), None)
+                .map_err(|refused| {
+                    relay.metrics.cluster_dropped.inc();
+                    match refused {
+                        // Many other clients filled the lane: not held against this one.
+                        Refused::Full => ProtocolError::ClusterBusy(
+                            "cluster busy: too much is waiting for the other nodes; send it again later",
+                        ),
+                        Refused::SenderBusy => ProtocolError::RateLimited(
+                            "too much of yours is waiting for the other nodes; send it again later",
+                        ),
                     }
+                }),
+            Sender::Relayed => {
+                // A client's message passed on by this node: in the client lane, never
+                // ahead of admin traffic; dropped (counted) when that lane is full.
+                if self
+                    .enqueue(relay, Lane::Clients, topic, op, None, None)
+                    .is_err()
+                {
+                    relay.metrics.cluster_dropped.inc();
                 }
-            }
-            Op::Publish {
-                channel,
-                filter,
-                frame,
-            } => {
-                let frame = Utf8Bytes::from(frame);
-                let n = hub.publish(&channel, &filter, &frame);
-                shared.metrics.sent("publish", n, frame.len());
-            }
-            Op::Acknowledge {
-                target,
-                group,
-                user,
-                roles,
-                groups,
-                frame,
-            } => {
-                let ack = Acknowledgement {
-                    group: Arc::from(group),
-                    user: user.map(Arc::from),
-                    roles,
-                    groups,
-                };
-                if let Some(client) = hub.acknowledge(&target, ack) {
-                    // Its forward, if one was in flight, is settled.
-                    self.supersede(&client);
-                    shared.metrics.sent("client_connected", 1, frame.len());
-                    client.send(Utf8Bytes::from(frame));
-                }
-            }
-            Op::Forward {
-                node,
-                server,
-                client,
-                frame,
-                id,
-            } => {
-                if node != self.node {
-                    return;
-                }
-                let len = frame.0.len();
-                let queued = hub.offer_to_server(&server, frame.0);
-                if queued {
-                    shared.metrics.sent("client_connect", 1, len);
-                } else {
-                    // The server left (or is full) after the sender chose it: the sender
-                    // forwards it elsewhere; a backend is never closed over a client's request.
-                    debug!(%server, "forward for a server that has left or is full");
-                }
-                if id == 0 {
-                    // From a node of an earlier version: it reads no receipts.
-                    return;
-                }
-                let node = wire.from;
-                let op = if queued {
-                    Op::Forwarded { node, client, id }
-                } else {
-                    Op::ForwardFailed { node, client, id }
-                };
-                self.publish(shared, op);
-            }
-            Op::Forwarded { node, client, id } => {
-                if node == self.node {
-                    self.settle(shared, &client, id, true);
-                }
-            }
-            Op::ForwardFailed { node, client, id } => {
-                if node == self.node {
-                    self.settle(shared, &client, id, false);
-                }
-            }
-            Op::Servers {
-                mut servers,
-                receipts,
-            } => {
-                let has_servers = !servers.is_empty();
-                servers.sort();
-                self.nodes().insert(
-                    wire.from,
-                    RemoteNode {
-                        servers,
-                        seen: Instant::now(),
-                        suspect: false,
-                        receipts,
-                    },
-                );
-                if has_servers {
-                    self.flush_pending(shared);
-                }
-            }
-            Op::Leaving => {
-                self.nodes().remove(&wire.from);
+                Ok(())
             }
         }
     }
 
-    /// A server appeared elsewhere: hand it the client connects that were waiting here.
-    fn flush_pending(&self, shared: &Shared) {
-        shared
-            .hub
-            .flush_pending(|client, frame| self.forward_remote(shared, client, frame));
+    fn elsewhere(&self, target: &str) -> bool {
+        node_of(target).is_some_and(|tag| tag != self.tag)
+    }
+
+    fn servers_changed(&self, relay: &Relay) {
+        self.announce(relay);
+    }
+
+    fn forward_connect(&self, relay: &Relay, client: &Arc<Peer>, frame: Utf8Bytes) -> bool {
+        self.send_forward(relay, client, frame, 1)
+    }
+
+    fn settled(&self, client: &Peer) {
+        self.in_flight().remove(client.id);
+    }
+
+    fn interest(&self) -> Option<Arc<Interest>> {
+        Some(Arc::clone(&self.interest))
+    }
+
+    fn node_tag(&self) -> u32 {
+        self.tag
     }
 }
 
-/// Starts the cluster's tasks (subscriber, publisher, heartbeat) for a running server.
-pub fn start(shared: Arc<Shared>) {
-    let Some(cluster) = shared.cluster.clone() else {
-        return;
-    };
-    // Tracked, so shutdown waits for its farewell to the other nodes.
-    let task = publisher(Arc::clone(&shared), Arc::clone(&cluster));
-    shared.tracker.spawn(task);
-    tokio::spawn(subscriber(Arc::clone(&shared), Arc::clone(&cluster)));
-    tokio::spawn(sweeper(Arc::clone(&shared), Arc::clone(&cluster)));
-    tokio::spawn(heartbeat(shared, cluster));
-}
-
-/// Subscribes, applies what arrives, and re-subscribes (with backoff) whenever Redis goes.
-async fn subscriber(shared: Arc<Shared>, cluster: Arc<Cluster>) {
+/// Subscribes, applies what arrives, follows the hub's groups and channels, and subscribes
+/// again (with backoff) whenever the transport goes.
+async fn subscriber(shared: Arc<Relay>, cluster: Arc<Cluster>) {
     let mut backoff = Backoff::default();
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = subscribe_once(&shared, &cluster) => {}
+            _ = subscribe_once(&shared, &cluster, &mut backoff) => {}
         }
         if cluster.connected.swap(false, Ordering::Relaxed) {
-            warn!("cluster: lost the Redis subscription; reconnecting");
+            warn!("cluster: lost the subscription; reconnecting");
             let known = cluster.live_nodes();
             cluster.known_before_outage.store(known, Ordering::Relaxed);
         }
+        // Nothing is confirmed until subscribed again; held replies go out now.
+        cluster.interest.set_live(&shared, false);
         shared.metrics.cluster_connected.set(0);
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -893,39 +918,95 @@ async fn subscriber(shared: Arc<Shared>, cluster: Arc<Cluster>) {
     }
 }
 
-async fn subscribe_once(shared: &Shared, cluster: &Cluster) {
-    let mut pubsub = match cluster.client.get_async_pubsub().await {
-        Ok(pubsub) => pubsub,
-        Err(e) => return debug!(error = %e, "cluster: cannot connect to Redis"),
+async fn subscribe_once(shared: &Relay, cluster: &Cluster, backoff: &mut Backoff) {
+    let Subscription {
+        mut control,
+        mut messages,
+    } = match cluster.transport.subscriber().await {
+        Ok(subscription) => subscription,
+        Err(e) => return debug!(error = %e, "cluster: cannot subscribe"),
     };
-    if let Err(e) = pubsub.subscribe(CHANNEL).await {
+    let interest = &cluster.interest;
+    interest.set_live(shared, true);
+    // Everything the hub has now is subscribed below; later changes are followed.
+    interest.take_touched();
+    let topics = shared.hub.topics();
+    for batch in topics.chunks(SUBSCRIBE_BATCH) {
+        let keys: Vec<String> = batch.iter().map(Topic::key).collect();
+        if let Err(e) = control.subscribe(&keys).await {
+            return debug!(error = %e, "cluster: cannot subscribe");
+        }
+        interest.confirm(shared, batch);
+    }
+    // Its own topic and the broadcast topic last: a node seen on the broadcast topic
+    // (`Publisher::subscribers`) has made every other subscription.
+    let own = [node_topic(cluster.tag), ALL_TOPIC.to_string()];
+    if let Err(e) = control.subscribe(&own).await {
         return debug!(error = %e, "cluster: cannot subscribe");
     }
+    *backoff = Backoff::default();
     cluster.connected.store(true, Ordering::Relaxed);
     shared.metrics.cluster_connected.set(1);
-    info!(node = %cluster.node, "cluster: subscribed to Redis");
+    info!(node = %cluster.node, "cluster: subscribed");
     cluster.announce(shared);
-    let mut messages = pubsub.on_message();
-    while let Some(message) = messages.next().await {
-        match Wire::decode_stamped(message.get_payload_bytes()) {
-            Some((seq, wire)) if seq.is_none_or(|seq| cluster.first_time(&wire.from, seq)) => {
-                cluster.apply(shared, wire)
+    loop {
+        tokio::select! {
+            message = messages.next() => match message {
+                Some((topic, payload)) => cluster.receive(shared, &topic, &payload),
+                None => return,
+            },
+            _ = interest.touched.notified() => {
+                if let Err(e) = follow(shared, cluster, &mut *control).await {
+                    return debug!(error = %e, "cluster: cannot change subscriptions");
+                }
             }
-            Some(_) => debug!("cluster: dropped a message already applied"),
-            None => warn_throttled!("cluster: ignored a message that is not jssocket's"),
         }
     }
 }
 
+/// Subscribes to the topics that got their first local member and unsubscribes from those
+/// that lost their last, as the hub is now (a name that came and went since is left alone).
+async fn follow(
+    shared: &Relay,
+    cluster: &Cluster,
+    control: &mut dyn Subscriptions,
+) -> Result<(), crate::backplane::TransportError> {
+    let interest = &cluster.interest;
+    let mut join = Vec::new();
+    let mut leave = Vec::new();
+    for topic in interest.take_touched() {
+        match (
+            shared.hub.has_members(&topic),
+            interest.is_confirmed(&topic),
+        ) {
+            (true, false) => join.push(topic),
+            (false, true) => leave.push(topic),
+            _ => {}
+        }
+    }
+    for batch in leave.chunks(SUBSCRIBE_BATCH) {
+        interest.unconfirm(batch);
+        let keys: Vec<String> = batch.iter().map(Topic::key).collect();
+        control.unsubscribe(&keys).await?;
+    }
+    for batch in join.chunks(SUBSCRIBE_BATCH) {
+        let keys: Vec<String> = batch.iter().map(Topic::key).collect();
+        control.subscribe(&keys).await?;
+        interest.confirm(shared, batch);
+    }
+    Ok(())
+}
+
 /// Publishes queued messages in order; on failure keeps the message and retries once Redis
-/// is back and the other nodes have re-subscribed.
-async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>) {
+/// Publishes queued messages in order; on failure keeps the message and retries once the
+/// transport is back and the other nodes have subscribed again.
+async fn publisher(shared: Arc<Relay>, cluster: Arc<Cluster>) {
     let mut backoff = Backoff::default();
-    let mut connection: Option<redis::aio::MultiplexedConnection> = None;
-    let mut pending: Option<String> = None;
+    let mut connection: Option<Box<dyn Publisher>> = None;
+    let mut pending: Option<(String, String)> = None;
     loop {
-        let message = match pending.take() {
-            Some(message) => message,
+        let (topic, message) = match pending.take() {
+            Some(pending) => pending,
             None => tokio::select! {
                 taken = cluster.backlog.pop() => {
                     let bytes = cluster.backlog.bytes();
@@ -933,7 +1014,7 @@ async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>) {
                     if let Some((client, id)) = taken.forward {
                         cluster.going_out(client, id);
                     }
-                    cluster.encode(taken.op)
+                    (taken.topic, cluster.encode(taken.op))
                 }
                 _ = shared.shutdown.cancelled() => {
                     return farewell(&cluster, connection).await;
@@ -941,15 +1022,15 @@ async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>) {
             },
         };
         if connection.is_none() {
-            match cluster.client.get_multiplexed_async_connection().await {
+            match cluster.transport.publisher().await {
                 Ok(mut fresh) => {
-                    wait_for_subscribers(&cluster, &mut fresh).await;
+                    wait_for_subscribers(&cluster, &mut *fresh).await;
                     connection = Some(fresh);
                     backoff = Backoff::default();
                 }
                 Err(e) => {
-                    debug!(error = %e, "cluster: cannot connect to Redis to publish");
-                    pending = Some(message);
+                    debug!(error = %e, "cluster: cannot connect to publish");
+                    pending = Some((topic, message));
                     if sleep_or_shutdown(&shared, backoff.next()).await {
                         return;
                     }
@@ -960,19 +1041,14 @@ async fn publisher(shared: Arc<Shared>, cluster: Arc<Cluster>) {
         let Some(conn) = connection.as_mut() else {
             continue;
         };
-        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-            .arg(CHANNEL)
-            .arg(&message)
-            .query_async(conn)
-            .await;
-        match sent {
-            Ok(_) => {
+        match conn.publish(&topic, &message).await {
+            Ok(()) => {
                 shared.metrics.cluster_published.inc();
             }
             Err(e) => {
-                warn!(error = %e, "cluster: publish failed; will retry when Redis is back");
+                warn!(error = %e, "cluster: publish failed; will retry when the transport is back");
                 connection = None;
-                pending = Some(message);
+                pending = Some((topic, message));
                 if sleep_or_shutdown(&shared, backoff.next()).await {
                     return;
                 }
@@ -986,22 +1062,19 @@ const FAREWELL: Duration = Duration::from_secs(1);
 
 /// On shutdown: publishes what is still queued, then `Leaving`, so the other nodes forget
 /// this one and its servers at once rather than after [`NODE_EXPIRY`]. Bounded; skipped when
-/// Redis is not reachable.
-async fn farewell(cluster: &Cluster, connection: Option<redis::aio::MultiplexedConnection>) {
+/// the transport is not reachable.
+async fn farewell(cluster: &Cluster, connection: Option<Box<dyn Publisher>>) {
     let Some(mut conn) = connection else {
         return;
     };
     let last = async {
-        let queued = std::iter::from_fn(|| cluster.backlog.try_pop().map(|taken| taken.op))
+        let queued = std::iter::from_fn(|| cluster.backlog.try_pop())
+            .map(|taken| (taken.topic, taken.op))
             .collect::<Vec<_>>();
-        for op in queued.into_iter().chain([Op::Leaving]) {
+        let leaving = (ALL_TOPIC.to_string(), Op::Leaving);
+        for (topic, op) in queued.into_iter().chain([leaving]) {
             let message = cluster.encode(op);
-            let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-                .arg(CHANNEL)
-                .arg(&message)
-                .query_async(&mut conn)
-                .await;
-            if sent.is_err() {
+            if conn.publish(&topic, &message).await.is_err() {
                 return;
             }
         }
@@ -1009,29 +1082,24 @@ async fn farewell(cluster: &Cluster, connection: Option<redis::aio::MultiplexedC
     let _ = tokio::time::timeout(FAREWELL, last).await;
 }
 
-/// After a reconnect, gives the other live nodes a moment to re-subscribe (PUBSUB NUMSUB),
-/// so what waited during the outage reaches them.
-async fn wait_for_subscribers(cluster: &Cluster, conn: &mut redis::aio::MultiplexedConnection) {
+/// After a reconnect, gives the other live nodes a moment to subscribe again (they
+/// subscribe to the broadcast topic last), so what waited during the outage reaches them.
+async fn wait_for_subscribers(cluster: &Cluster, conn: &mut dyn Publisher) {
     // The nodes known before the outage count too: it may have outlasted NODE_EXPIRY.
     let before = cluster.known_before_outage.load(Ordering::Relaxed);
-    let expected = 1 + cluster.live_nodes().max(before) as i64;
+    let expected = 1 + cluster.live_nodes().max(before);
     let deadline = Instant::now() + RESUBSCRIBE_WAIT;
     while Instant::now() < deadline {
-        let counts: redis::RedisResult<(String, i64)> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(CHANNEL)
-            .query_async(conn)
-            .await;
-        match counts {
-            Ok((_, n)) if n >= expected => return,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            Err(_) => return,
+        match conn.subscribers(ALL_TOPIC).await {
+            Some(n) if n >= expected => return,
+            Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            None => return,
         }
     }
 }
 
 /// Checks the forwards in flight every [`SWEEP`].
-async fn sweeper(shared: Arc<Shared>, cluster: Arc<Cluster>) {
+async fn sweeper(shared: Arc<Relay>, cluster: Arc<Cluster>) {
     let mut tick = tokio::time::interval(SWEEP);
     loop {
         tokio::select! {
@@ -1041,7 +1109,7 @@ async fn sweeper(shared: Arc<Shared>, cluster: Arc<Cluster>) {
     }
 }
 
-async fn heartbeat(shared: Arc<Shared>, cluster: Arc<Cluster>) {
+async fn heartbeat(shared: Arc<Relay>, cluster: Arc<Cluster>) {
     let mut tick = tokio::time::interval(HEARTBEAT);
     loop {
         tokio::select! {
@@ -1056,7 +1124,7 @@ async fn heartbeat(shared: Arc<Shared>, cluster: Arc<Cluster>) {
 }
 
 /// True when shutdown came first.
-async fn sleep_or_shutdown(shared: &Shared, wait: Duration) -> bool {
+async fn sleep_or_shutdown(shared: &Relay, wait: Duration) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(wait) => false,
         _ = shared.shutdown.cancelled() => true,
@@ -1072,39 +1140,5 @@ impl Backoff {
         let wait = Duration::from_millis(50 << self.0.min(4)).min(Duration::from_secs(1));
         self.0 += 1;
         wait
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_resent_message_is_applied_once() {
-        let cluster = Cluster::new("redis://127.0.0.1:1").unwrap();
-        let text = Wire {
-            from: "node-a".into(),
-            op: Op::Leaving,
-        }
-        .encode();
-        let first = cluster.stamp(&text);
-        let second = cluster.stamp(&text);
-        let (Some(seq1), wire1) = Wire::decode_stamped(first.as_bytes()).unwrap() else {
-            panic!("not stamped");
-        };
-        let (Some(seq2), _) = Wire::decode_stamped(second.as_bytes()).unwrap() else {
-            panic!("not stamped");
-        };
-        assert_eq!((seq1, seq2), (0, 1));
-        assert!(cluster.first_time(&wire1.from, seq1));
-        // The same message published again after a lost reply: dropped.
-        assert!(!cluster.first_time(&wire1.from, seq1));
-        assert!(cluster.first_time(&wire1.from, seq2));
-        // Another node's numbering is its own.
-        assert!(cluster.first_time("node-b", 0));
-        // A node of an earlier version sends bare JSON: read, never taken for a duplicate.
-        let (seq, _) = Wire::decode_stamped(b"{\"from\":\"x\",\"op\":\"leaving\"}").unwrap();
-        assert_eq!(seq, None);
-        assert!(Wire::decode_stamped(b"garbage").is_none());
     }
 }

@@ -8,6 +8,7 @@ use indexmap::IndexMap;
 use serde_json::value::RawValue;
 
 use super::{Flow, Session};
+use crate::kinds::Frame;
 use crate::protocol::{Data, ProtocolError, event_frame, object_text, raw_string};
 
 #[derive(Debug)]
@@ -29,22 +30,11 @@ impl<'a> ClientConnect<'a> {
         // Replaces a `target` the client sent in place, else appends it (as a Python dict).
         data.insert(Cow::Borrowed("target"), &target);
         let frame = event_frame("client_connect", &object_text(&data));
-        let hub = &session.shared.hub;
-        hub.register_client(&session.peer);
         let len = frame.len();
         let shared = &session.shared;
-        if let Some(cluster) = &shared.cluster {
-            // This request settles the earlier one, wherever that was forwarded.
-            cluster.supersede(&session.peer);
-        }
-        // In a cluster, a node with no server of its own forwards to another node's.
-        hub.forward_connect(&session.peer, frame, |client, frame| {
-            shared
-                .cluster
-                .as_ref()
-                .is_some_and(|cluster| cluster.forward_remote(shared, client, frame))
-        })?;
-        session.shared.metrics.sent("client_connect", 1, len);
+        shared.hub.register_client(&session.peer);
+        shared.forward_connect(&session.peer, frame)?;
+        shared.metrics.sent(Frame::ClientConnect, 1, len);
         Ok(Flow::Continue)
     }
 }

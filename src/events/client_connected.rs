@@ -9,7 +9,7 @@ use indexmap::IndexMap;
 use serde_json::value::RawValue;
 
 use super::{Flow, Session};
-use crate::cluster::Op;
+use crate::delivery::Delivery;
 use crate::hub::Acknowledgement;
 use crate::protocol::{
     Data, ProtocolError, event_frame, is_falsy, object_text, opt_string, opt_strings,
@@ -56,31 +56,9 @@ impl<'a> ClientConnected<'a> {
                 "client_connected needs an admin connection",
             ));
         }
-        let shared = &session.shared;
         let frame = event_frame("client_connected", &object_text(&self.rest));
-        if shared.hub.client(&self.target).is_none()
-            && let Some(cluster) = &shared.cluster
-        {
-            // Not on this node: the node that has it acknowledges it. Whether any node does
-            // is not known here, so there is no unknown_target error in a cluster.
-            let ack = self.ack;
-            let op = Op::Acknowledge {
-                target: self.target,
-                group: ack.group.to_string(),
-                user: ack.user.map(|u| u.to_string()),
-                roles: ack.roles,
-                groups: ack.groups,
-                frame: frame.as_str().to_string(),
-            };
-            cluster.publish(shared, op);
-            return Ok(Flow::Continue);
-        }
-        let client = shared
-            .hub
-            .acknowledge(&self.target, self.ack)
-            .ok_or(ProtocolError::UnknownTarget(self.target))?;
-        shared.metrics.sent("client_connected", 1, frame.len());
-        client.send(frame);
+        let delivery = Delivery::acknowledge(self.target.into(), self.ack, frame);
+        session.shared.deliver(delivery, session.sender())?;
         Ok(Flow::Continue)
     }
 }

@@ -1,6 +1,8 @@
 //! The events a connection can send, one file each. Every event parses its own `data`
-//! (`parse`) and applies itself to the hub (`apply`); adding an event is adding a file and a
-//! match arm in [`handle`].
+//! (`parse`), checks who may send it, and applies itself (`apply`): a notification becomes a
+//! [`crate::delivery::Delivery`] handed to [`Relay::deliver`], which serves this node and the
+//! others alike; no event knows whether there is a cluster. Adding an event is adding a
+//! file, a name in [`Event`] and a match arm in [`handle`].
 
 mod client_connect;
 mod client_connected;
@@ -20,10 +22,12 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::debug;
 
 use crate::auth::Verdict;
+use crate::backplane::Sender;
 use crate::config::ClientSend;
 use crate::hub::{Close, Peer};
+use crate::kinds::{Event, Frame};
 use crate::protocol::{Envelope, ProtocolError, compact, event_frame, is_falsy};
-use crate::server::Shared;
+use crate::relay::Relay;
 use crate::warn_throttled;
 
 pub use client_connect::ClientConnect;
@@ -86,7 +90,7 @@ const BAD_INPUT_WINDOW: Duration = Duration::from_secs(60);
 /// What one connection's task knows about itself while it handles its events.
 pub struct Session {
     pub peer: Arc<Peer>,
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Relay>,
     pub addr: SocketAddr,
     /// The connection presented the admin password.
     pub admin: bool,
@@ -105,7 +109,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(peer: Arc<Peer>, shared: Arc<Shared>, addr: SocketAddr) -> Session {
+    pub fn new(peer: Arc<Peer>, shared: Arc<Relay>, addr: SocketAddr) -> Session {
         Session {
             peer,
             shared,
@@ -167,19 +171,29 @@ impl Session {
         }
     }
 
+    /// Who this connection is to the backplane: a client's deliveries wait in the client
+    /// lane and may be refused when the cluster is busy.
+    pub(crate) fn sender(&self) -> Sender<'_> {
+        if self.admin {
+            Sender::Admin
+        } else {
+            Sender::Client(&self.peer)
+        }
+    }
+
     /// Queues a reply of kind `kind` for this connection, counting it.
-    pub fn send_counted(&self, kind: &str, frame: Utf8Bytes) {
+    pub fn send_counted(&self, kind: Frame, frame: Utf8Bytes) {
         self.shared.metrics.sent(kind, 1, frame.len());
         self.peer.send(frame);
     }
 
     /// May this connection send `notify_client` / `notify_group`?
-    fn may_notify(&self, event: &'static str) -> Result<(), ProtocolError> {
+    fn may_notify(&self, event: Event) -> Result<(), ProtocolError> {
         if self.admin || self.peer.is_acknowledged() {
             return Ok(());
         }
         Err(ProtocolError::Forbidden(match event {
-            "notify_group" => "notify_group needs an admin or an acknowledged client",
+            Event::NotifyGroup => "notify_group needs an admin or an acknowledged client",
             _ => "notify_client needs an admin or an acknowledged client",
         }))
     }
@@ -205,7 +219,7 @@ impl Session {
     fn ack_callback(&self, callback: Option<&serde_json::value::RawValue>) {
         if let Some(callback) = callback.filter(|c| !is_falsy(c)) {
             self.send_counted(
-                "callback",
+                Frame::Callback,
                 event_frame("callback", &compact(callback.get())),
             );
         }
@@ -223,13 +237,13 @@ impl Session {
     fn reject(&mut self, error: &ProtocolError, event: Option<&str>) -> Flow {
         // `?`: Debug formatting escapes control characters, so nothing a peer sends can
         // forge a log line or a terminal escape.
-        debug!(code = error.code(), event = ?event, reason = ?error.to_string(), "rejected");
+        debug!(code = %error.code(), event = ?event, reason = ?error.to_string(), "rejected");
         self.shared.metrics.error(error.code());
         if !self.admin && self.peer.outbox.unread_errors() > UNREAD_REPLIES {
             return Flow::Close(Close::NOT_READING);
         }
         let frame = error.to_frame(event);
-        self.shared.metrics.sent("error", 1, frame.len());
+        self.shared.metrics.sent(Frame::Error, 1, frame.len());
         self.peer.send_error(frame);
         // Load that others caused (a full cluster lane) is not this peer's bad input.
         if error.is_load() {
@@ -284,39 +298,34 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
     let envelope = match Envelope::parse(message) {
         Ok(envelope) => envelope,
         Err(error) => {
-            session.shared.metrics.received("other", message.len());
+            session.shared.metrics.received(None, message.len());
             return session.reject(&error, None);
         }
     };
-    session
-        .shared
-        .metrics
-        .received(&envelope.kind, message.len());
+    let event = Event::from_name(&envelope.kind);
+    session.shared.metrics.received(event, message.len());
+    let Some(event) = event else {
+        // `?`: the type is the peer's text; Debug escapes its control characters.
+        debug!(kind = ?envelope.kind, "unknown event ignored");
+        return Flow::Continue;
+    };
     let data = envelope.data;
-    let result = match &*envelope.kind {
-        "server_connect" => match ServerConnect::parse(data) {
+    let result = match event {
+        Event::ServerConnect => match ServerConnect::parse(data) {
             Ok(event) => event.apply(session).await,
             Err(e) => Err(e),
         },
-        "client_connect" => ClientConnect::parse(data).and_then(|e| e.apply(session)),
-        "client_connected" => ClientConnected::parse(data).and_then(|e| e.apply(session)),
-        "client_disconnect" => Ok(client_disconnect::apply()),
-        "notify_client" => NotifyClient::parse(data).and_then(|e| e.apply(session)),
-        "notify_group" => NotifyGroup::parse(data).and_then(|e| e.apply(session)),
-        "notify_all" => NotifyAll::parse(data).and_then(|e| e.apply(session)),
-        "subscribe" => Subscribe::parse(data, false).and_then(|e| e.apply(session)),
-        "unsubscribe" => Subscribe::parse(data, true).and_then(|e| e.apply(session)),
-        "publish" => Publish::parse(data).and_then(|e| e.apply(session)),
-        _ => {
-            // `?`: the type is the peer's text; Debug escapes its control characters.
-            debug!(kind = ?envelope.kind, "unknown event ignored");
-            Ok(Flow::Continue)
-        }
+        Event::ClientConnect => ClientConnect::parse(data).and_then(|e| e.apply(session)),
+        Event::ClientConnected => ClientConnected::parse(data).and_then(|e| e.apply(session)),
+        Event::ClientDisconnect => Ok(client_disconnect::apply()),
+        Event::NotifyClient => NotifyClient::parse(data).and_then(|e| e.apply(session)),
+        Event::NotifyGroup => NotifyGroup::parse(data).and_then(|e| e.apply(session)),
+        Event::NotifyAll => NotifyAll::parse(data).and_then(|e| e.apply(session)),
+        Event::Subscribe => Subscribe::parse(data, false).and_then(|e| e.apply(session)),
+        Event::Unsubscribe => Subscribe::parse(data, true).and_then(|e| e.apply(session)),
+        Event::Publish => Publish::parse(data).and_then(|e| e.apply(session)),
     };
-    if matches!(
-        &*envelope.kind,
-        "notify_client" | "notify_group" | "notify_all" | "publish"
-    ) {
+    if event.fans_out() {
         let metrics = &session.shared.metrics;
         metrics
             .fanout_seconds
@@ -324,6 +333,6 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
     }
     match result {
         Ok(flow) => flow,
-        Err(error) => session.reject(&error, Some(&envelope.kind)),
+        Err(error) => session.reject(&error, Some(event.name())),
     }
 }

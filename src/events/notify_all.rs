@@ -2,9 +2,8 @@
 //! or not.
 
 use super::{Flow, Session};
-use crate::cluster::Op;
+use crate::delivery::{Delivery, Text};
 use crate::protocol::{Data, ProtocolError, bare_frame};
-use crate::server::Shared;
 
 #[derive(Debug)]
 pub struct NotifyAll<'a> {
@@ -17,16 +16,10 @@ impl<'a> NotifyAll<'a> {
         Ok(NotifyAll { payload: data })
     }
 
-    /// Delivers without checks (admins, the HTTP API); returns how many got it.
-    pub fn deliver(&self, shared: &Shared) -> usize {
-        let frame = bare_frame(&self.payload.relay_text());
-        let n = shared.hub.notify_all(&frame);
-        shared.metrics.sent("notify_all", n, frame.len());
-        if let Some(cluster) = &shared.cluster {
-            let frame = frame.as_str().to_string();
-            cluster.publish(shared, Op::NotifyAll { frame });
+    pub fn delivery(&self) -> Delivery {
+        Delivery::All {
+            frame: Text(bare_frame(&self.payload.relay_text())),
         }
-        n
     }
 
     pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
@@ -35,7 +28,7 @@ impl<'a> NotifyAll<'a> {
                 "notify_all needs an admin connection",
             ));
         }
-        self.deliver(&session.shared);
+        session.shared.deliver(self.delivery(), session.sender())?;
         Ok(Flow::Continue)
     }
 }

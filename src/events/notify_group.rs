@@ -2,16 +2,16 @@
 //! or through a member's connection id (default `public`), then acks the outer
 //! `data.callback` to the sender.
 
-use serde_json::value::RawValue;
-
 use std::sync::Arc;
+
+use serde_json::value::RawValue;
 
 use super::client_connected::PUBLIC_GROUP;
 use super::{Flow, Session, Targeted};
-use crate::cluster::Op;
-use crate::hub::{Hub, Peer, looks_like_id};
+use crate::delivery::{Delivery, Text};
+use crate::hub::looks_like_id;
+use crate::kinds::Event;
 use crate::protocol::{Data, ProtocolError, bare_frame};
-use crate::server::Shared;
 
 #[derive(Debug)]
 pub struct NotifyGroup<'a> {
@@ -35,60 +35,31 @@ impl<'a> NotifyGroup<'a> {
         })
     }
 
-    fn group(&self, hub: &Hub) -> std::sync::Arc<str> {
-        hub.resolve_group(self.target.as_deref().unwrap_or(PUBLIC_GROUP))
-    }
-
-    /// Delivers without checks (admins, the HTTP API); returns how many got it on this node.
-    pub fn deliver(&self, shared: &Shared) -> usize {
-        self.deliver_as(shared, None).unwrap_or_default()
-    }
-
-    /// Delivers; `client` is the sender when it is a client (see `NotifyClient`): its
-    /// message for other nodes may be refused as `rate_limited` when the cluster is busy.
-    fn deliver_as(
-        &self,
-        shared: &Shared,
-        client: Option<&Arc<Peer>>,
-    ) -> Result<usize, ProtocolError> {
+    /// What to deliver: to a group by name, or to the group of the connection a target in
+    /// the form of an id names (resolved where that connection is).
+    pub fn delivery(&self) -> Delivery {
         let target = self.target.as_deref().unwrap_or(PUBLIC_GROUP);
-        let local_group = shared.hub.client(target).and_then(|c| c.group());
-        let group = local_group
-            .clone()
-            .unwrap_or_else(|| std::sync::Arc::from(target));
-        let frame = bare_frame(&self.payload.relay_text());
-        let n = shared.hub.notify_group(&group, &frame);
-        shared.metrics.sent("notify_group", n, frame.len());
-        if let Some(cluster) = &shared.cluster {
-            let frame = frame.as_str().to_string();
-            // An id of a connection on another node: only that node knows its group.
-            let op = if local_group.is_none() && looks_like_id(target) {
-                Op::NotifyGroupOf {
-                    target: target.to_string(),
-                    frame,
-                    from_client: client.is_some(),
-                }
-            } else {
-                Op::NotifyGroup {
-                    group: group.to_string(),
-                    frame,
-                }
-            };
-            match client {
-                Some(client) => cluster.publish_from_client(shared, op, client)?,
-                None => cluster.publish(shared, op),
+        let frame = Text(bare_frame(&self.payload.relay_text()));
+        if looks_like_id(target) {
+            Delivery::GroupOf {
+                target: target.into(),
+                frame,
+            }
+        } else {
+            Delivery::Group {
+                group: Arc::from(target),
+                frame,
             }
         }
-        Ok(n)
     }
 
     pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
-        session.may_notify("notify_group")?;
-        let hub = &session.shared.hub;
-        let own = session.peer.group().is_some_and(|g| g == self.group(hub));
+        session.may_notify(Event::NotifyGroup)?;
+        let target = self.target.as_deref().unwrap_or(PUBLIC_GROUP);
+        let group = session.shared.hub.resolve_group(target);
+        let own = session.peer.group().is_some_and(|g| g == group);
         session.policy_allows(own)?;
-        let client = (!session.admin).then_some(&session.peer);
-        self.deliver_as(&session.shared, client)?;
+        session.shared.deliver(self.delivery(), session.sender())?;
         session.ack_callback(self.callback);
         Ok(Flow::Continue)
     }

@@ -5,14 +5,15 @@
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
+use std::sync::Arc;
+
 use super::{Flow, Session};
-use crate::cluster::Op;
+use crate::delivery::{Delivery, Text};
 use crate::hub::Filter;
 use crate::protocol::{
     Data, ProtocolError, compact, event_frame, opt_string, opt_strings, push_json_string,
     validate_channel,
 };
-use crate::server::Shared;
 
 #[derive(Debug)]
 pub struct Publish<'a> {
@@ -85,25 +86,19 @@ impl<'a> Publish<'a> {
         })
     }
 
-    /// Delivers without checks (admins, the HTTP API); returns how many got it.
-    pub fn deliver(&self, shared: &Shared) -> usize {
+    /// What to deliver: `{"type":"publish","data":{"name":…,"data":…}}` to the channel's
+    /// subscribers that the filter admits.
+    pub fn delivery(self) -> Delivery {
         let mut data = String::from("{\"name\":");
         push_json_string(&mut data, &self.name);
         data.push_str(",\"data\":");
         data.push_str(&self.payload.map_or("null".into(), |p| compact(p.get())));
         data.push('}');
-        let frame = event_frame("publish", &data);
-        let n = shared.hub.publish(&self.name, &self.filter, &frame);
-        shared.metrics.sent("publish", n, frame.len());
-        if let Some(cluster) = &shared.cluster {
-            let op = Op::Publish {
-                channel: self.name.clone(),
-                filter: self.filter.clone(),
-                frame: frame.as_str().to_string(),
-            };
-            cluster.publish(shared, op);
+        Delivery::Channel {
+            channel: Arc::from(self.name),
+            filter: self.filter,
+            frame: Text(event_frame("publish", &data)),
         }
-        n
     }
 
     pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
@@ -112,7 +107,7 @@ impl<'a> Publish<'a> {
                 "publish needs an admin connection",
             ));
         }
-        self.deliver(&session.shared);
+        session.shared.deliver(self.delivery(), session.sender())?;
         Ok(Flow::Continue)
     }
 }

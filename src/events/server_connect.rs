@@ -7,6 +7,7 @@ use serde_json::value::RawValue;
 
 use super::{Flow, Session};
 use crate::hub::Close;
+use crate::kinds::Frame;
 use crate::protocol::{Data, ProtocolError, event_frame, opt_string};
 
 #[derive(Debug)]
@@ -35,7 +36,7 @@ impl ServerConnect {
             Box::pin(session.check_password(password)).await;
         }
         if !session.admin {
-            session.send_counted("server_connect", event_frame("server_connect", "false"));
+            session.send_counted(Frame::ServerConnect, event_frame("server_connect", "false"));
             let close = if session.auth_busy {
                 Close::AUTH_BUSY
             } else {
@@ -44,13 +45,11 @@ impl ServerConnect {
             return Ok(Flow::Close(close));
         }
         // The answer first, then the client connects that waited for a server.
-        session.send_counted("server_connect", event_frame("server_connect", "true"));
+        session.send_counted(Frame::ServerConnect, event_frame("server_connect", "true"));
         // Joining twice would double this server's round-robin share.
         if !session.in_pool {
             session.in_pool = session.shared.hub.join_pool(&session.peer);
-            if let Some(cluster) = &session.shared.cluster {
-                cluster.announce(&session.shared);
-            }
+            session.shared.backplane.servers_changed(&session.shared);
         }
         Ok(Flow::Continue)
     }

@@ -6,7 +6,11 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use std::sync::Arc;
+
 use super::{Flow, Session};
+use crate::backplane::Topic;
+use crate::kinds::Frame;
 use crate::protocol::{
     Data, ProtocolError, event_frame, opt_string, push_json_string, validate_channel,
 };
@@ -34,17 +38,22 @@ impl Subscribe {
 
     pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
         let hub = &session.shared.hub;
-        let reply = if self.leave {
-            hub.unsubscribe(&session.peer, &self.name);
-            "unsubscribed"
-        } else {
-            hub.subscribe(&session.peer, &self.name)?;
-            "subscribed"
-        };
         let mut data = String::from("{\"name\":");
         push_json_string(&mut data, &self.name);
         data.push('}');
-        session.send_counted(reply, event_frame(reply, &data));
+        if self.leave {
+            hub.unsubscribe(&session.peer, &self.name);
+            let reply = event_frame("unsubscribed", &data);
+            session.send_counted(Frame::Unsubscribed, reply);
+        } else {
+            hub.subscribe(&session.peer, &self.name)?;
+            // Once this node receives the channel's publishes from the other nodes.
+            let topic = Topic::Channel(Arc::from(self.name));
+            let reply = event_frame("subscribed", &data);
+            session
+                .shared
+                .reply_when_subscribed(topic, &session.peer, reply, Frame::Subscribed);
+        }
         Ok(Flow::Continue)
     }
 }

@@ -61,7 +61,7 @@ struct Life {
     unexpected: Option<String>,
 }
 
-struct Shared {
+struct Relay {
     failures: Mutex<Failures>,
     connect_latency: Mutex<hdrhistogram::Histogram<u64>>,
     connected: AtomicU64,
@@ -74,7 +74,7 @@ struct Shared {
 async fn client(
     ctx: Arc<Ctx>,
     idx: usize,
-    sh: Arc<Shared>,
+    sh: Arc<Relay>,
     live_tx: mpsc::UnboundedSender<Live>,
     life_tx: mpsc::UnboundedSender<Life>,
     done: CancellationToken,
@@ -192,7 +192,7 @@ async fn client(
 pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
     let before = maybe_sample(ctx.server_pid);
     let admin = Arc::new(Admin::connect(ctx, 10).await?);
-    let sh = Arc::new(Shared {
+    let sh = Arc::new(Relay {
         failures: Mutex::new(Failures::default()),
         connect_latency: Mutex::new(new_hist()),
         connected: AtomicU64::new(0),

@@ -61,7 +61,7 @@ struct Payload {
 }
 
 /// Counters shared by the receivers and the sender.
-struct Shared {
+struct Relay {
     delivered: AtomicU64,
     /// Receivers still waiting for messages.
     active: AtomicU64,
@@ -101,7 +101,7 @@ async fn reader(
     mut ws: Ws,
     idx: usize,
     exp: Expect,
-    sh: Arc<Shared>,
+    sh: Arc<Relay>,
     done: CancellationToken,
 ) -> ReaderResult {
     let expected = exp.count();
@@ -263,7 +263,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
         plan.push((c, g));
     }
 
-    let sh = Arc::new(Shared {
+    let sh = Arc::new(Relay {
         delivered: AtomicU64::new(0),
         active: AtomicU64::new(n),
         last_ns: AtomicU64::new(0),

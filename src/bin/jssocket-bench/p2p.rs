@@ -35,7 +35,7 @@ struct Payload {
     to: u64,
 }
 
-struct Shared {
+struct Relay {
     delivered: AtomicU64,
     dup: AtomicU64,
     misrouted: AtomicU64,
@@ -55,7 +55,7 @@ async fn client(
     ws: Ws,
     idx: usize,
     mut rx: mpsc::UnboundedReceiver<String>,
-    sh: Arc<Shared>,
+    sh: Arc<Relay>,
     done: CancellationToken,
 ) -> ClientEnd {
     let (mut sink, mut stream) = ws.split();
@@ -148,7 +148,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         );
     }
     let capacity = (p.rate * p.duration.as_secs_f64()).ceil() as u64 + 1024;
-    let sh = Arc::new(Shared {
+    let sh = Arc::new(Relay {
         delivered: AtomicU64::new(0),
         dup: AtomicU64::new(0),
         misrouted: AtomicU64::new(0),

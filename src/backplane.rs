@@ -1,0 +1,489 @@
+//! The backplane: what a node tells the other nodes of a cluster, and how.
+//!
+//! Two seams, both narrow:
+//! - [`Backplane`], what the relay asks of the cluster: pass a delivery on, announce this
+//!   node's servers, forward a client connect to a server elsewhere and learn its fate. A
+//!   single node has [`Local`], which does nothing; a cluster has
+//!   [`crate::cluster::Cluster`], the node logic (routing, heartbeats, forwards, receipts,
+//!   backlog), the same whatever carries its messages.
+//! - [`Transport`], what carries them: publish a message on a topic, subscribe to topics.
+//!   [`Loopback`] (in this process: tests run every cross-node scenario on it without Redis),
+//!   [`crate::cluster::redis::Redis`] (one Redis, Pub/Sub) and
+//!   [`crate::cluster::redis::RedisCluster`] (a Redis Cluster, sharded Pub/Sub). Another engine
+//!   (NATS, Redis Streams) is one more file implementing [`Transport`].
+//!
+//! Routing, not broadcast: a node subscribes to its own topic (connection ids name their
+//! node), to one topic per group and per channel it has local members in ([`Interest`]), and
+//! to one topic for what concerns every node (`notify_all`, heartbeats).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use futures_util::Stream;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::delivery::{Delivery, Route};
+use crate::hub::Peer;
+use crate::kinds::Frame;
+use crate::protocol::ProtocolError;
+use crate::relay::Relay;
+
+/// Who sent a delivery: an admin's is never refused for load; a client's waits in the
+/// cluster's client lane and may be refused when that lane, or the client's share of it, is
+/// full (so clients never crowd out admins).
+#[derive(Clone, Copy)]
+pub enum Sender<'a> {
+    Admin,
+    Client(&'a Arc<Peer>),
+    /// A client on another node, whose delivery this node passes on (a group it resolved):
+    /// the client lane, with no connection here to charge.
+    Relayed,
+}
+
+/// What the relay asks of the cluster. Every method is cheap and never waits: what must go
+/// out is queued for the backplane's own tasks.
+pub trait Backplane: Send + Sync {
+    /// Starts the backplane's tasks for a running relay.
+    fn start(self: Arc<Self>, _relay: &Arc<Relay>) {}
+
+    /// Passes `delivery` on to the nodes `route` names. Refused (with the error for the
+    /// sender) only for a client's delivery when the cluster cannot take more of it.
+    fn publish(
+        &self,
+        _relay: &Relay,
+        _route: Route,
+        _delivery: Delivery,
+        _sender: Sender<'_>,
+    ) -> Result<(), ProtocolError> {
+        Ok(())
+    }
+
+    /// Whether connection id `target` belongs to another node (so a delivery to it goes
+    /// there instead of being answered `unknown_target`).
+    fn elsewhere(&self, _target: &str) -> bool {
+        false
+    }
+
+    /// This node's server pool changed: tell the other nodes now.
+    fn servers_changed(&self, _relay: &Relay) {}
+
+    /// Offers a client's `client_connect` to a server on another node, round robin. False:
+    /// none can take it now (it waits in the local queue).
+    fn forward_connect(&self, _relay: &Relay, _client: &Arc<Peer>, _frame: Utf8Bytes) -> bool {
+        false
+    }
+
+    /// The client's earlier `client_connect` is settled (it asked again, or was
+    /// acknowledged): it is not forwarded again.
+    fn settled(&self, _client: &Peer) {}
+
+    /// The topics this node needs, kept by the hub; `None` on a single node.
+    fn interest(&self) -> Option<Arc<Interest>> {
+        None
+    }
+
+    /// This node's id as it is written in connection ids (see [`node_of`]).
+    fn node_tag(&self) -> u32 {
+        0
+    }
+}
+
+/// A single node: nothing to tell anyone.
+pub struct Local;
+
+impl Backplane for Local {}
+
+// ------------------------------------------------------------------------------- topics
+
+/// A group or a channel with local members: the node subscribes to its topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    Group(Arc<str>),
+    Channel(Arc<str>),
+}
+
+/// Names longer than this are hashed into their topic, so a topic stays short however long a
+/// group's name is (a name is only a routing hint: receivers match the name in the message).
+const LONGEST_NAME_IN_TOPIC: usize = 100;
+
+impl Topic {
+    /// The transport's topic name.
+    pub fn key(&self) -> String {
+        match self {
+            Topic::Group(name) => topic_key("jssocket:group:", name),
+            Topic::Channel(name) => topic_key("jssocket:channel:", name),
+        }
+    }
+}
+
+fn topic_key(prefix: &str, name: &str) -> String {
+    if name.len() <= LONGEST_NAME_IN_TOPIC {
+        return format!("{prefix}{name}");
+    }
+    format!("{prefix}#{}", hex::encode(Sha256::digest(name.as_bytes())))
+}
+
+/// The topic every node subscribes to.
+pub const ALL_TOPIC: &str = "jssocket:all";
+
+/// The topic of node `tag`.
+pub fn node_topic(tag: u32) -> String {
+    format!("jssocket:node:{tag:08x}")
+}
+
+/// The node a connection id names: its first four bytes (see [`crate::hub::Peer::new`]).
+pub fn node_of(target: &str) -> Option<u32> {
+    let id = crate::hub::parse_target(target)?;
+    let bytes = id.as_bytes();
+    Some(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}
+
+/// Most replies held at once waiting for a subscription (see [`Interest::reply`]); beyond,
+/// they go out at once.
+const MAX_HELD: usize = 100_000;
+
+/// The groups and channels this node has members in, as the hub changes them, for the
+/// backplane's subscriber to follow; and the replies that wait for a subscription.
+///
+/// The hub marks a name *touched* when its first local member joins or its last one leaves
+/// (a set, so a peer joining and leaving in a loop costs one entry); the subscriber takes the
+/// touched names, compares each with the hub, and subscribes or unsubscribes.
+///
+/// A client must not be told it is in a group or a channel before messages for it reach
+/// this node: its `client_connected` and `subscribed` wait here until the topic's
+/// subscription is confirmed (at once when it already is, or when the transport is down).
+/// Without this, a backend that acknowledges a client and then notifies its group could
+/// miss it: the group's messages would be published before this node subscribed.
+#[derive(Default)]
+pub struct Interest {
+    state: Mutex<InterestState>,
+    /// Wakes the subscriber.
+    pub touched: Notify,
+}
+
+#[derive(Default)]
+struct InterestState {
+    touched: HashSet<Topic>,
+    /// Topics subscribed and confirmed by the transport.
+    confirmed: HashSet<Topic>,
+    held: HashMap<Topic, Vec<Held>>,
+    held_count: usize,
+    /// Subscribed to the transport: while not, replies are not held (nothing would confirm
+    /// them; the subscriptions are made again on reconnecting).
+    live: bool,
+}
+
+struct Held {
+    peer: Weak<Peer>,
+    frame: Utf8Bytes,
+    kind: Frame,
+}
+
+impl Interest {
+    fn state(&self) -> MutexGuard<'_, InterestState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The hub added the first local member of `topic`, or removed the last.
+    pub fn touch(&self, topic: Topic) {
+        self.state().touched.insert(topic);
+        self.touched.notify_one();
+    }
+
+    /// Sends `frame` to `peer` once `topic` is subscribed: now, if it is (or the transport
+    /// is down). Returns whether it was sent now.
+    pub fn reply(
+        &self,
+        relay: &Relay,
+        topic: Topic,
+        peer: &Arc<Peer>,
+        frame: Utf8Bytes,
+        kind: Frame,
+    ) -> bool {
+        {
+            let mut state = self.state();
+            if state.live && !state.confirmed.contains(&topic) && state.held_count < MAX_HELD {
+                state.held_count += 1;
+                state.held.entry(topic).or_default().push(Held {
+                    peer: Arc::downgrade(peer),
+                    frame,
+                    kind,
+                });
+                return false;
+            }
+        }
+        relay.metrics.sent(kind, 1, frame.len());
+        peer.send(frame);
+        true
+    }
+
+    /// The touched topics, taken.
+    pub fn take_touched(&self) -> Vec<Topic> {
+        self.state().touched.drain().collect()
+    }
+
+    pub fn is_confirmed(&self, topic: &Topic) -> bool {
+        self.state().confirmed.contains(topic)
+    }
+
+    /// The transport confirmed these subscriptions: their held replies go out.
+    pub fn confirm(&self, relay: &Relay, topics: &[Topic]) {
+        let mut release = Vec::new();
+        {
+            let mut state = self.state();
+            for topic in topics {
+                state.confirmed.insert(topic.clone());
+                if let Some(held) = state.held.remove(topic) {
+                    state.held_count -= held.len();
+                    release.extend(held);
+                }
+            }
+        }
+        send_held(relay, release);
+    }
+
+    /// These topics are being unsubscribed.
+    pub fn unconfirm(&self, topics: &[Topic]) {
+        let mut state = self.state();
+        for topic in topics {
+            state.confirmed.remove(topic);
+        }
+    }
+
+    /// The transport is up (subscriptions are about to be made) or down (none holds: every
+    /// held reply goes out, and nothing is confirmed until subscribed again).
+    pub fn set_live(&self, relay: &Relay, live: bool) {
+        let release = {
+            let mut state = self.state();
+            state.live = live;
+            if live {
+                return;
+            }
+            state.confirmed.clear();
+            state.held_count = 0;
+            std::mem::take(&mut state.held)
+        };
+        send_held(relay, release.into_values().flatten().collect());
+    }
+}
+
+fn send_held(relay: &Relay, held: Vec<Held>) {
+    for Held { peer, frame, kind } in held {
+        if let Some(peer) = peer.upgrade() {
+            relay.metrics.sent(kind, 1, frame.len());
+            peer.send(frame);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- transports
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub type TransportError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What carries the nodes' messages. Messages published on one [`Publisher`] to one topic
+/// arrive in the order published.
+pub trait Transport: Send + Sync + 'static {
+    fn publisher(&self) -> BoxFuture<'_, Result<Box<dyn Publisher>, TransportError>>;
+    /// A subscription; its message stream ends when the connection is lost.
+    fn subscriber(&self) -> BoxFuture<'_, Result<Subscription, TransportError>>;
+}
+
+pub trait Publisher: Send {
+    fn publish<'a>(
+        &'a mut self,
+        topic: &'a str,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// How many subscribers `topic` has; `None` where the engine cannot tell.
+    fn subscribers<'a>(&'a mut self, topic: &'a str) -> BoxFuture<'a, Option<usize>>;
+}
+
+/// Changes what a [`Subscription`] receives, while its messages are read.
+pub trait Subscriptions: Send {
+    /// Returns once the transport confirmed every one.
+    fn subscribe<'a>(
+        &'a mut self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+    fn unsubscribe<'a>(
+        &'a mut self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), TransportError>>;
+}
+
+pub struct Subscription {
+    pub control: Box<dyn Subscriptions>,
+    /// (topic, message) as they arrive.
+    pub messages: Pin<Box<dyn Stream<Item = (String, Vec<u8>)> + Send>>,
+}
+
+// ------------------------------------------------------------------------------ loopback
+
+/// An in-process transport: every node made with a clone of one `Loopback` is in the same
+/// cluster. Messages go through the same encoding as on Redis. [`Loopback::set_up`] takes it
+/// down (every subscription ends, publishing fails) and up again, as a Redis outage would.
+#[derive(Clone, Default)]
+pub struct Loopback {
+    bus: Arc<Bus>,
+}
+
+#[derive(Default)]
+struct Bus {
+    state: Mutex<BusState>,
+    next_id: AtomicU64,
+    down: AtomicBool,
+}
+
+#[derive(Default)]
+struct BusState {
+    /// Topic → subscriber ids.
+    topics: HashMap<String, HashSet<u64>>,
+    subscribers: HashMap<u64, mpsc::UnboundedSender<(String, Vec<u8>)>>,
+}
+
+impl Bus {
+    fn state(&self) -> MutexGuard<'_, BusState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn forget(&self, id: u64) {
+        let mut state = self.state();
+        state.subscribers.remove(&id);
+        state.topics.retain(|_, ids| {
+            ids.remove(&id);
+            !ids.is_empty()
+        });
+    }
+}
+
+impl Loopback {
+    pub fn new() -> Loopback {
+        Loopback::default()
+    }
+
+    /// Down: every subscription ends and nothing can be published until it is up again.
+    pub fn set_up(&self, up: bool) {
+        self.bus.down.store(!up, Ordering::SeqCst);
+        if !up {
+            let mut state = self.bus.state();
+            state.topics.clear();
+            state.subscribers.clear();
+        }
+    }
+
+    fn check_up(&self) -> Result<(), TransportError> {
+        if self.bus.down.load(Ordering::SeqCst) {
+            return Err("loopback transport is down".into());
+        }
+        Ok(())
+    }
+}
+
+impl Transport for Loopback {
+    fn publisher(&self) -> BoxFuture<'_, Result<Box<dyn Publisher>, TransportError>> {
+        Box::pin(async move {
+            self.check_up()?;
+            Ok(Box::new(self.clone()) as Box<dyn Publisher>)
+        })
+    }
+
+    fn subscriber(&self) -> BoxFuture<'_, Result<Subscription, TransportError>> {
+        Box::pin(async move {
+            self.check_up()?;
+            let id = self.bus.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.bus.state().subscribers.insert(id, tx);
+            let messages = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|message| (message, rx))
+            });
+            Ok(Subscription {
+                control: Box::new(LoopbackSubscriptions {
+                    bus: Arc::clone(&self.bus),
+                    id,
+                }),
+                messages: Box::pin(messages),
+            })
+        })
+    }
+}
+
+impl Publisher for Loopback {
+    fn publish<'a>(
+        &'a mut self,
+        topic: &'a str,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            self.check_up()?;
+            let state = self.bus.state();
+            for id in state.topics.get(topic).into_iter().flatten() {
+                if let Some(tx) = state.subscribers.get(id) {
+                    let _ = tx.send((topic.to_string(), message.as_bytes().to_vec()));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn subscribers<'a>(&'a mut self, topic: &'a str) -> BoxFuture<'a, Option<usize>> {
+        Box::pin(async move { Some(self.bus.state().topics.get(topic).map_or(0, HashSet::len)) })
+    }
+}
+
+struct LoopbackSubscriptions {
+    bus: Arc<Bus>,
+    id: u64,
+}
+
+impl Subscriptions for LoopbackSubscriptions {
+    fn subscribe<'a>(
+        &'a mut self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            let mut state = self.bus.state();
+            if !state.subscribers.contains_key(&self.id) {
+                return Err("loopback subscription ended".into());
+            }
+            for topic in topics {
+                state
+                    .topics
+                    .entry(topic.clone())
+                    .or_default()
+                    .insert(self.id);
+            }
+            Ok(())
+        })
+    }
+
+    fn unsubscribe<'a>(
+        &'a mut self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            let mut state = self.bus.state();
+            for topic in topics {
+                if let Some(ids) = state.topics.get_mut(topic) {
+                    ids.remove(&self.id);
+                    if ids.is_empty() {
+                        state.topics.remove(topic);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Drop for LoopbackSubscriptions {
+    fn drop(&mut self) {
+        self.bus.forget(self.id);
+    }
+}

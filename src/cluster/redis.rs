@@ -1,0 +1,258 @@
+//! Redis as the cluster's [`Transport`]: one Redis with Pub/Sub ([`Redis`]), or a Redis
+//! Cluster with sharded Pub/Sub ([`RedisCluster`], Redis 7 or later), so that Redis scales
+//! out with the relay: each topic lives on the shard that owns its slot, and a message is
+//! only sent to the shard of its topic and the nodes subscribed there.
+//!
+//! `--redis-url` names one Redis (`redis://host:port/`) or, as a comma-separated list of two
+//! or more seed nodes, a Redis Cluster (`redis://a:7000,redis://b:7001`).
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use redis::aio::{AsyncPushSender, MultiplexedConnection, PubSubSink, SendError};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind, RedisResult, Value};
+use tokio::sync::mpsc;
+
+use crate::backplane::{
+    BoxFuture, Publisher, Subscription, Subscriptions, Transport, TransportError,
+};
+use crate::warn_throttled;
+
+/// The transport `url` names (see the module's documentation).
+pub fn transport(url: &str) -> RedisResult<Arc<dyn Transport>> {
+    let urls: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    match urls.as_slice() {
+        [one] => Ok(Arc::new(Redis {
+            client: redis::Client::open(*one)?,
+        })),
+        seeds => Ok(Arc::new(RedisCluster::new(seeds)?)),
+    }
+}
+
+/// One Redis: `PUBLISH`, and a dedicated Pub/Sub connection per subscription.
+pub struct Redis {
+    client: redis::Client,
+}
+
+impl Transport for Redis {
+    fn publisher(&self) -> BoxFuture<'_, Result<Box<dyn Publisher>, TransportError>> {
+        Box::pin(async move {
+            let connection = self.client.get_multiplexed_async_connection().await?;
+            Ok(Box::new(RedisPublisher(connection)) as Box<dyn Publisher>)
+        })
+    }
+
+    fn subscriber(&self) -> BoxFuture<'_, Result<Subscription, TransportError>> {
+        Box::pin(async move {
+            let (sink, stream) = self.client.get_async_pubsub().await?.split();
+            // Read as Redis sends them: the socket's flow control bounds what waits here.
+            let messages = stream.map(|message| {
+                let topic = message.get_channel_name().to_string();
+                (topic, message.get_payload_bytes().to_vec())
+            });
+            Ok(Subscription {
+                control: Box::new(RedisSubscriptions(sink)),
+                messages: Box::pin(messages),
+            })
+        })
+    }
+}
+
+struct RedisPublisher(MultiplexedConnection);
+
+impl Publisher for RedisPublisher {
+    fn publish<'a>(
+        &'a mut self,
+        topic: &'a str,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            redis::cmd("PUBLISH")
+                .arg(topic)
+                .arg(message)
+                .query_async::<i64>(&mut self.0)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn subscribers<'a>(&'a mut self, topic: &'a str) -> BoxFuture<'a, Option<usize>> {
+        Box::pin(async move {
+            let counts: RedisResult<(String, i64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(topic)
+                .query_async(&mut self.0)
+                .await;
+            counts.ok().map(|(_, n)| usize::try_from(n).unwrap_or(0))
+        })
+    }
+}
+
+struct RedisSubscriptions(PubSubSink);
+
+impl Subscriptions for RedisSubscriptions {
+    fn subscribe<'a>(
+        &'a mut self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move { Ok(self.0.subscribe(topics).await?) })
+    }
+
+    fn unsubscribe<'a>(
+        &'a mut self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move { Ok(self.0.unsubscribe(topics).await?) })
+    }
+}
+
+// ----------------------------------------------------------------------- Redis Cluster
+
+/// Messages received and not yet applied, per subscription, beyond which the newest are
+/// dropped (and counted): the cluster connection reads pushes as fast as Redis sends them,
+/// so this is the bound on what a node that cannot keep up holds.
+const MAX_UNAPPLIED: usize = 100_000;
+
+/// A Redis Cluster: `SPUBLISH` to the shard of a topic's slot, `SSUBSCRIBE` there. The
+/// cluster connection follows slot moves and failovers and subscribes again by itself.
+pub struct RedisCluster {
+    client: ClusterClient,
+    seeds: Vec<String>,
+}
+
+impl RedisCluster {
+    fn new(seeds: &[&str]) -> RedisResult<RedisCluster> {
+        let client = ClusterClient::new(seeds.to_vec())?;
+        Ok(RedisCluster {
+            client,
+            seeds: seeds.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+}
+
+impl Transport for RedisCluster {
+    fn publisher(&self) -> BoxFuture<'_, Result<Box<dyn Publisher>, TransportError>> {
+        Box::pin(async move {
+            let connection = self.client.get_async_connection().await?;
+            Ok(Box::new(ClusterPublisher(connection)) as Box<dyn Publisher>)
+        })
+    }
+
+    fn subscriber(&self) -> BoxFuture<'_, Result<Subscription, TransportError>> {
+        Box::pin(async move {
+            let (tx, rx) = mpsc::channel(MAX_UNAPPLIED);
+            let client = redis::cluster::ClusterClientBuilder::new(self.seeds.clone())
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(Pushes { tx })
+                .build()?;
+            let connection = client.get_async_connection().await?;
+            let messages = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|message| (message, rx))
+            });
+            Ok(Subscription {
+                control: Box::new(ClusterSubscriptions(connection)),
+                messages: Box::pin(messages),
+            })
+        })
+    }
+}
+
+struct ClusterPublisher(ClusterConnection);
+
+impl Publisher for ClusterPublisher {
+    fn publish<'a>(
+        &'a mut self,
+        topic: &'a str,
+        message: &'a str,
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            redis::cmd("SPUBLISH")
+                .arg(topic)
+                .arg(message)
+                .query_async::<i64>(&mut self.0)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn subscribers<'a>(&'a mut self, topic: &'a str) -> BoxFuture<'a, Option<usize>> {
+        Box::pin(async move {
+            // PUBSUB SHARDNUMSUB, on the shard that owns the topic.
+            let counts: RedisResult<(String, i64)> = redis::cmd("PUBSUB")
+                .arg("SHARDNUMSUB")
+                .arg(topic)
+                .query_async(&mut self.0)
+                .await;
+            counts.ok().map(|(_, n)| usize::try_from(n).unwrap_or(0))
+        })
+    }
+}
+
+struct ClusterSubscriptions(ClusterConnection);
+
+impl Subscriptions for ClusterSubscriptions {
+    fn subscribe<'a>(
+        &'a mut self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        // One command per topic: topics of one command must share a slot.
+        Box::pin(async move {
+            for topic in topics {
+                self.0.ssubscribe(topic).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn unsubscribe<'a>(
+        &'a mut self,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            for topic in topics {
+                self.0.sunsubscribe(topic).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Takes the cluster connection's pushes: sharded messages go to the subscriber, bounded.
+struct Pushes {
+    tx: mpsc::Sender<(String, Vec<u8>)>,
+}
+
+impl AsyncPushSender for Pushes {
+    fn send(&self, info: PushInfo) -> Result<(), SendError> {
+        if info.kind != PushKind::SMessage {
+            return Ok(());
+        }
+        let mut data = info.data.into_iter();
+        let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
+            return Ok(());
+        };
+        let text = |value: Value| match value {
+            Value::BulkString(bytes) => Some(bytes),
+            Value::SimpleString(text) => Some(text.into_bytes()),
+            _ => None,
+        };
+        let (Some(channel), Some(payload)) = (text(channel), text(payload)) else {
+            return Ok(());
+        };
+        let topic = String::from_utf8_lossy(&channel).into_owned();
+        match self.tx.try_send((topic, payload)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn_throttled!("cluster: messages arrive faster than they are applied; dropped");
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError),
+        }
+    }
+}

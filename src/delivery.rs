@@ -1,0 +1,139 @@
+//! What an event asks to be delivered, as one value. The events (WebSocket or HTTP API) parse
+//! and authorise themselves and produce a [`Delivery`]; [`crate::relay::Relay::deliver`]
+//! delivers it to this node's connections and hands the same value to the backplane, and a
+//! node that receives it from the backplane delivers it with the same code. No event knows
+//! whether there is a cluster.
+//!
+//! Frames are encoded once, by the event, for every recipient on every node.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::hub::{Acknowledgement, Filter};
+
+/// One delivery: whom, and the frame they get.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "to", rename_all = "snake_case")]
+pub enum Delivery {
+    /// `notify_all`: every registered client.
+    All { frame: Text },
+    /// `notify_client`: one connection, by id.
+    Client { target: Box<str>, frame: Text },
+    /// `notify_group`: every member of a group, by name.
+    Group { group: Arc<str>, frame: Text },
+    /// `notify_group` to a connection id: the members of that connection's group, which only
+    /// the node holding that connection knows.
+    GroupOf { target: Box<str>, frame: Text },
+    /// `publish`: a channel's subscribers that the filter admits.
+    Channel {
+        channel: Arc<str>,
+        filter: Filter,
+        frame: Text,
+    },
+    /// `client_connected`: acknowledges a client, which then gets `frame`.
+    Acknowledge {
+        target: Box<str>,
+        group: Arc<str>,
+        user: Option<Arc<str>>,
+        roles: Vec<String>,
+        groups: Vec<String>,
+        frame: Text,
+    },
+}
+
+impl Delivery {
+    pub fn acknowledge(target: Box<str>, ack: Acknowledgement, frame: Utf8Bytes) -> Delivery {
+        Delivery::Acknowledge {
+            target,
+            group: ack.group,
+            user: ack.user,
+            roles: ack.roles,
+            groups: ack.groups,
+            frame: Text(frame),
+        }
+    }
+
+    /// Bytes it holds while it waits to be published (its texts, not their JSON escaping):
+    /// known without encoding it.
+    pub fn size(&self) -> usize {
+        let names = |names: &[String]| names.iter().map(String::len).sum::<usize>();
+        match self {
+            Delivery::All { frame } => frame.len(),
+            Delivery::Client { target, frame } | Delivery::GroupOf { target, frame } => {
+                target.len() + frame.len()
+            }
+            Delivery::Group { group, frame } => group.len() + frame.len(),
+            Delivery::Channel {
+                channel,
+                filter,
+                frame,
+            } => {
+                let filter = match filter {
+                    Filter::All => 0,
+                    Filter::Roles(n) | Filter::Groups(n) | Filter::Users(n) => names(n),
+                };
+                channel.len() + filter + frame.len()
+            }
+            Delivery::Acknowledge {
+                target,
+                group,
+                user,
+                roles,
+                groups,
+                frame,
+            } => {
+                target.len()
+                    + group.len()
+                    + user.as_deref().map_or(0, str::len)
+                    + names(roles)
+                    + names(groups)
+                    + frame.len()
+            }
+        }
+    }
+}
+
+/// Where a delivery goes beyond this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Every node.
+    All,
+    /// The node that holds connection `target`.
+    Owner(Box<str>),
+    /// The nodes with members in this group.
+    Group(Arc<str>),
+    /// The nodes with subscribers to this channel.
+    Channel(Arc<str>),
+}
+
+/// A frame, shared by every queue that holds it; written as a JSON string on the backplane.
+#[derive(Debug, Clone)]
+pub struct Text(pub Utf8Bytes);
+
+impl From<Utf8Bytes> for Text {
+    fn from(frame: Utf8Bytes) -> Text {
+        Text(frame)
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = Utf8Bytes;
+
+    fn deref(&self) -> &Utf8Bytes {
+        &self.0
+    }
+}
+
+impl Serialize for Text {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(|text| Text(Utf8Bytes::from(text)))
+    }
+}

@@ -1,0 +1,264 @@
+//! The relay: what every task shares (configuration, the hub, the authenticator, metrics,
+//! budgets, the backplane, the shutdown signal), and the one delivery path.
+//!
+//! [`Relay::deliver`] is how every notification reaches its recipients, whether it came from
+//! a WebSocket event or the HTTP API: delivered to this node's connections, then passed to
+//! the backplane for the other nodes, which call [`Relay::receive`] with the same value and
+//! deliver it with the same code.
+
+use std::sync::Arc;
+
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::backplane::{Backplane, Local, Sender, Topic};
+use crate::config::Config;
+use crate::delivery::{Delivery, Route};
+use crate::hub::{Acknowledgement, Forwarded, Hub, Peer, looks_like_id};
+use crate::kinds::Frame;
+use crate::memory::Memory;
+use crate::metrics::Metrics;
+use crate::overload::Overload;
+use crate::protocol::ProtocolError;
+use crate::server::Gate;
+
+pub struct Relay {
+    pub config: Config,
+    pub hub: Hub,
+    pub auth: Authenticator,
+    pub metrics: Metrics,
+    /// The memory budget over every outbound queue and partial inbound message.
+    pub memory: Arc<Memory>,
+    /// Holds clients' messages back while the runtime lags.
+    pub overload: Overload,
+    /// The other nodes: [`Local`] on a single node.
+    pub backplane: Arc<dyn Backplane>,
+    /// Cancelled when the server shuts down; every connection task watches it.
+    pub shutdown: CancellationToken,
+    /// Tracks WebSocket tasks (and the backplane's farewell) so shutdown can wait for them.
+    pub(crate) tracker: TaskTracker,
+    /// The listener's connection counts and reserve.
+    pub(crate) gate: Gate,
+}
+
+/// What became of a delivery here.
+struct Here {
+    delivered: usize,
+    /// Where it goes beyond this node, and in what form.
+    onward: Option<(Route, Delivery)>,
+    /// A group named through a connection id was resolved here: the other nodes that have
+    /// members learn the group's name from this node.
+    resolved: bool,
+}
+
+impl Relay {
+    /// The state of a server that has not started listening: empty hub, fresh authenticator,
+    /// the backplane the configuration asks for (`--redis-url`), else [`Local`].
+    pub fn new(config: Config) -> Relay {
+        let backplane: Arc<dyn Backplane> = match config.redis_url.as_deref() {
+            Some(url) => match crate::cluster::redis::transport(url) {
+                Ok(transport) => Arc::new(crate::cluster::Cluster::new(transport)),
+                // Checked when the configuration was read; unreachable in practice.
+                Err(_) => Arc::new(Local),
+            },
+            None => Arc::new(Local),
+        };
+        Relay::with_backplane(config, backplane)
+    }
+
+    /// A relay on the given backplane (tests put several nodes on one
+    /// [`crate::backplane::Loopback`]).
+    pub fn with_backplane(config: Config, backplane: Arc<dyn Backplane>) -> Relay {
+        let metrics = Metrics::new();
+        Relay {
+            hub: Hub::new(
+                config.pending_connects,
+                config.pending_timeout,
+                backplane.node_tag(),
+                backplane.interest(),
+            ),
+            auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
+            memory: Arc::new(Memory::new(config.max_memory, &metrics)),
+            overload: Overload::new(config.overload_lag, &metrics),
+            metrics,
+            backplane,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            gate: Gate::new(&config),
+            config,
+        }
+    }
+
+    /// Delivers to this node's connections and passes the delivery on to the other nodes
+    /// concerned. Returns how many connections of this node got it. A client's delivery may
+    /// be refused by the backplane (after its local part was delivered).
+    pub fn deliver(&self, delivery: Delivery, sender: Sender<'_>) -> Result<usize, ProtocolError> {
+        let here = self.deliver_here(delivery)?;
+        if let Some((route, delivery)) = here.onward {
+            self.backplane.publish(self, route, delivery, sender)?;
+        }
+        Ok(here.delivered)
+    }
+
+    /// A delivery from another node: delivered here only, except a group named through a
+    /// connection id of this node, which now goes to that group's other members.
+    pub fn receive(&self, delivery: Delivery, sender: Sender<'_>) {
+        let Ok(here) = self.deliver_here(delivery) else {
+            return;
+        };
+        if here.resolved
+            && let Some((route, delivery)) = here.onward
+        {
+            // A client's: refused only when the client lane is full (counted there).
+            let _ = self.backplane.publish(self, route, delivery, sender);
+        }
+    }
+
+    /// The local part of every delivery.
+    fn deliver_here(&self, delivery: Delivery) -> Result<Here, ProtocolError> {
+        let hub = &self.hub;
+        let here = |delivered, onward| Here {
+            delivered,
+            onward,
+            resolved: false,
+        };
+        Ok(match delivery {
+            Delivery::All { frame } => {
+                let n = hub.notify_all(&frame);
+                self.metrics.sent(Frame::NotifyAll, n, frame.len());
+                here(n, Some((Route::All, Delivery::All { frame })))
+            }
+            Delivery::Client { target, frame } => match hub.client(&target) {
+                Some(client) => {
+                    let n = usize::from(client.send(frame.0.clone()));
+                    self.metrics.sent(Frame::NotifyClient, n, frame.len());
+                    here(n, None)
+                }
+                None if self.backplane.elsewhere(&target) => {
+                    let route = Route::Owner(target.clone());
+                    here(0, Some((route, Delivery::Client { target, frame })))
+                }
+                None => here(0, None),
+            },
+            Delivery::Group { group, frame } => {
+                let n = hub.notify_group(&group, &frame);
+                self.metrics.sent(Frame::NotifyGroup, n, frame.len());
+                here(
+                    n,
+                    Some((
+                        Route::Group(group.clone()),
+                        Delivery::Group { group, frame },
+                    )),
+                )
+            }
+            Delivery::GroupOf { target, frame } => {
+                let local = hub.client(&target).and_then(|c| c.group());
+                if local.is_none() && looks_like_id(&target) && self.backplane.elsewhere(&target) {
+                    // Only the node that has this connection knows its group.
+                    let route = Route::Owner(target.clone());
+                    return Ok(here(0, Some((route, Delivery::GroupOf { target, frame }))));
+                }
+                let resolved = local.is_some();
+                let group = local.unwrap_or_else(|| Arc::from(&*target));
+                let n = hub.notify_group(&group, &frame);
+                self.metrics.sent(Frame::NotifyGroup, n, frame.len());
+                let onward = Delivery::Group {
+                    group: group.clone(),
+                    frame,
+                };
+                Here {
+                    delivered: n,
+                    onward: Some((Route::Group(group), onward)),
+                    resolved,
+                }
+            }
+            Delivery::Channel {
+                channel,
+                filter,
+                frame,
+            } => {
+                let n = hub.publish(&channel, &filter, &frame);
+                self.metrics.sent(Frame::Publish, n, frame.len());
+                let route = Route::Channel(channel.clone());
+                let delivery = Delivery::Channel {
+                    channel,
+                    filter,
+                    frame,
+                };
+                here(n, Some((route, delivery)))
+            }
+            Delivery::Acknowledge {
+                target,
+                group,
+                user,
+                roles,
+                groups,
+                frame,
+            } => {
+                let ack = Acknowledgement {
+                    group,
+                    user,
+                    roles,
+                    groups,
+                };
+                if hub.client(&target).is_none() && self.backplane.elsewhere(&target) {
+                    let route = Route::Owner(target.clone());
+                    return Ok(here(
+                        0,
+                        Some((route, Delivery::acknowledge(target, ack, frame.0))),
+                    ));
+                }
+                let group = ack.group.clone();
+                let client = hub
+                    .acknowledge(&target, ack)
+                    .ok_or_else(|| ProtocolError::UnknownTarget(target.to_string()))?;
+                // Its forward, if one was in flight, is settled.
+                self.backplane.settled(&client);
+                self.reply_when_subscribed(
+                    Topic::Group(group),
+                    &client,
+                    frame.0,
+                    Frame::ClientConnected,
+                );
+                here(1, None)
+            }
+        })
+    }
+
+    /// Forwards a client's `client_connect` to a server: this node's, round robin, else one
+    /// on another node, else it waits for one.
+    pub fn forward_connect(
+        &self,
+        client: &Arc<Peer>,
+        frame: Utf8Bytes,
+    ) -> Result<Forwarded, ProtocolError> {
+        // This request settles the earlier one, wherever that was forwarded.
+        self.backplane.settled(client);
+        self.hub.forward_connect(client, frame, |client, frame| {
+            self.backplane.forward_connect(self, client, frame)
+        })
+    }
+
+    /// Sends `peer` a reply saying it joined `topic` (its `client_connected`, its
+    /// `subscribed`) once messages for that topic reach this node (see
+    /// [`crate::backplane::Interest`]): at once on a single node.
+    pub fn reply_when_subscribed(
+        &self,
+        topic: Topic,
+        peer: &Arc<Peer>,
+        frame: Utf8Bytes,
+        kind: Frame,
+    ) {
+        match self.hub.interest() {
+            Some(interest) => {
+                interest.reply(self, topic, peer, frame, kind);
+            }
+            None => {
+                self.metrics.sent(kind, 1, frame.len());
+                peer.send(frame);
+            }
+        }
+    }
+}
