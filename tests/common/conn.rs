@@ -59,7 +59,7 @@ pub async fn connect_tcp_from(server: SocketAddr, source: IpAddr) -> TcpStream {
 }
 
 /// One WebSocket connection to the server, named for failure messages. `id` is its
-/// connection id once known (after [`register`]).
+/// connection id once known (after [`super::register`]).
 pub struct Conn {
     pub name: String,
     pub id: Option<String>,
