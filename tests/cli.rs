@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -17,6 +17,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_jssocket");
 /// How long a command that should exit by itself (`--help`, a refused start) may run.
@@ -286,38 +288,14 @@ impl Server {
         format!("ws://127.0.0.1:{}{path}", self.port)
     }
 
-    /// One HTTP/1.1 request written by hand; returns the status code and the body.
-    fn http(&self, request_head: &str) -> (u16, String) {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
-        stream
-            .set_read_timeout(Some(WS_DEADLINE))
-            .expect("read timeout");
-        stream
-            .set_write_timeout(Some(WS_DEADLINE))
-            .expect("write timeout");
-        stream
-            .write_all(request_head.as_bytes())
-            .expect("write request");
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).expect("read response");
-        let response = String::from_utf8_lossy(&response).into_owned();
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .unwrap_or_else(|| panic!("no end of head in response: {response:?}"));
-        let status = head
-            .lines()
-            .next()
-            .and_then(|line| line.split_whitespace().nth(1))
-            .and_then(|code| code.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in response: {response:?}"));
-        (status, body.to_string())
+    /// `GET path` on this server through the tests' HTTP client; the status and the body.
+    async fn get(&self, path: &str) -> (u16, String) {
+        let response = common::http(self.addr(), "GET", path, &[], b"").await;
+        (response.status, response.text())
     }
 
-    fn get(&self, path: &str) -> (u16, String) {
-        self.http(&format!(
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
-            self.port
-        ))
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
     /// Opens a WebSocket on `/ws`, with an `auth` header when `password` is given.
@@ -761,30 +739,28 @@ async fn wrong_passwords_stall_neither_others_nor_shutdown() {
 // HTTP on a real port
 // ---------------------------------------------------------------------------------------------
 
-#[test]
-fn healthz_answers_ok() {
+#[tokio::test]
+async fn healthz_answers_ok() {
     let server = Server::start(&[]);
-    assert_eq!(server.get("/healthz"), (200, "OK\n".to_string()));
-    assert_eq!(server.get("/healthz?x=1"), (200, "OK\n".to_string()));
+    assert_eq!(server.get("/healthz").await, (200, "OK\n".to_string()));
+    assert_eq!(server.get("/healthz?x=1").await, (200, "OK\n".to_string()));
 }
 
-#[test]
-fn plain_get_of_a_websocket_path_is_426() {
+#[tokio::test]
+async fn plain_get_of_a_websocket_path_is_426() {
     let server = Server::start(&[]);
-    let (status, body) = server.get("/ws");
+    let (status, body) = server.get("/ws").await;
     assert_eq!(status, 426, "body: {body}");
     assert!(!body.trim().is_empty(), "426 without an explanation");
-    assert_eq!(server.get("/").0, 426);
+    assert_eq!(server.get("/").await.0, 426);
 }
 
-#[test]
-fn post_to_a_websocket_path_is_a_client_error() {
+#[tokio::test]
+async fn post_to_a_websocket_path_is_a_client_error() {
     let server = Server::start(&[]);
-    let (status, body) = server.http(&format!(
-        "POST /ws HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\n\
-         Content-Length: 2\r\nConnection: close\r\n\r\n{{}}",
-        server.port
-    ));
+    let headers = [("Content-Type", "application/json")];
+    let response = common::http(server.addr(), "POST", "/ws", &headers, b"{}").await;
+    let (status, body) = (response.status, response.text());
     assert!(
         (400..500).contains(&status),
         "POST /ws answered {status}: {body}"
@@ -792,25 +768,25 @@ fn post_to_a_websocket_path_is_a_client_error() {
     assert!(!body.trim().is_empty(), "{status} without an explanation");
 }
 
-#[test]
-fn host_and_port_come_from_the_environment() {
+#[tokio::test]
+async fn host_and_port_come_from_the_environment() {
     let port = free_port();
     let mut cmd = jssocket();
     cmd.env("SOCKET_HOST", "127.0.0.1")
         .env("SOCKET_PORT", port.to_string());
     let server = Server::start_with(cmd, port);
-    assert_eq!(server.get("/healthz"), (200, "OK\n".to_string()));
+    assert_eq!(server.get("/healthz").await, (200, "OK\n".to_string()));
 }
 
-#[test]
-fn flags_override_the_environment() {
+#[tokio::test]
+async fn flags_override_the_environment() {
     let port = free_port();
     let mut cmd = jssocket();
     // An address nothing can bind, so the test fails if the variables win over the flags.
     cmd.env("SOCKET_HOST", "192.0.2.1").env("SOCKET_PORT", "1");
     cmd.args(["-h", "127.0.0.1", "--port", &port.to_string()]);
     let server = Server::start_with(cmd, port);
-    assert_eq!(server.get("/healthz"), (200, "OK\n".to_string()));
+    assert_eq!(server.get("/healthz").await, (200, "OK\n".to_string()));
 }
 
 #[test]

@@ -21,7 +21,9 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{WebSocketStream, client_async, connect_async};
 
-use common::{Conn, Event, FAST_HASH, PASSWORD, RECV_TIMEOUT, Server, acknowledge, register};
+use common::{
+    Conn, Event, FAST_HASH, PASSWORD, RECV_TIMEOUT, Server, acknowledge, register, scrape,
+};
 use jssocket::auth::{Authenticator, MAX_QUEUED_PER_ADDRESS, PasswordHash, Verdict};
 use jssocket::metrics::AuthMetrics;
 
@@ -154,29 +156,8 @@ fn parse_server_frames(mut buf: &[u8]) -> (Vec<u8>, Option<u16>) {
 
 /// `GET /healthz` on a new connection answers 200.
 async fn assert_healthy(addr: SocketAddr) {
-    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let (_, status) = raw_request(addr, &request).await;
-    assert_eq!(status, Some(200), "server stopped serving /healthz");
-}
-
-/// `GET /metrics` body.
-async fn metrics(addr: SocketAddr) -> String {
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let (mut stream, status) = raw_request(addr, &request).await;
-    assert_eq!(status, Some(200), "GET /metrics");
-    let mut body = String::new();
-    timeout(RECV_TIMEOUT, stream.read_to_string(&mut body))
-        .await
-        .expect("metrics body in time")
-        .expect("metrics body");
-    body
-}
-
-/// The value of a metric without labels, from `/metrics` text.
-fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    let health = common::http(addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(health.status, 200, "server stopped serving /healthz");
 }
 
 /// A TCP connection whose receive buffer is tiny, so the server's writes to it stall as soon
@@ -625,11 +606,11 @@ async fn slow_consumer_is_closed_and_others_keep_receiving_promptly() {
     if let Some((code, reason)) = &close {
         assert_eq!((*code, reason.as_str()), (1008, "slow consumer"));
     }
-    let text = metrics(server.addr).await;
+    let scrape = scrape(server.addr).await;
     assert_eq!(
-        metric_value(&text, "jssocket_slow_consumer_closes_total"),
+        scrape.get("jssocket_slow_consumer_closes_total", &[]),
         Some(1.0),
-        "slow-consumer close not counted:\n{text}"
+        "slow-consumer close not counted:\n{scrape:?}"
     );
     // Everyone else is fine.
     backend.ping(1, false).await;
@@ -770,29 +751,29 @@ async fn auth_flood_does_not_delay_others_and_wrong_passwords_are_refused_once_k
         started.elapsed()
     );
     again.ping(1, false).await;
-    let text = metrics(server.addr).await;
+    let scrape = scrape(server.addr).await;
     assert_eq!(
-        metric_value(&text, "jssocket_auth_failures_total"),
+        scrape.get("jssocket_auth_failures_total", &[]),
         Some(1.0),
-        "{text}"
+        "{scrape:?}"
     );
     assert_eq!(
-        metric_value(&text, "jssocket_auth_verifications_total"),
+        scrape.get("jssocket_auth_verifications_total", &[]),
         Some(1.0),
-        "{text}"
+        "{scrape:?}"
     );
-    let text = metrics(flooded.addr).await;
+    let scrape = common::scrape(flooded.addr).await;
     let judged = judged.load(Ordering::SeqCst);
     assert!(judged >= 1, "no flood connection was verified");
     assert_eq!(
-        metric_value(&text, "jssocket_auth_failures_total"),
+        scrape.get("jssocket_auth_failures_total", &[]),
         Some(judged as f64),
-        "{text}"
+        "{scrape:?}"
     );
     assert_eq!(
-        metric_value(&text, "jssocket_auth_busy_total"),
+        scrape.get("jssocket_auth_busy_total", &[]),
         Some((FLOOD - judged) as f64),
-        "{text}"
+        "{scrape:?}"
     );
 }
 
@@ -932,7 +913,7 @@ async fn overload_throttles_unacknowledged_senders_and_admin_notifications_still
             .await;
         bystander.expect_text(&format!(r#"{{"n":{n}}}"#)).await;
         bystander.ping(n as u64, true).await;
-        engaged |= metric_value(&metrics(addr).await, "jssocket_overloaded") == Some(1.0);
+        engaged |= scrape(addr).await.get("jssocket_overloaded", &[]) == Some(1.0);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let flooders = timeout(Duration::from_secs(90), async {
@@ -944,8 +925,8 @@ async fn overload_throttles_unacknowledged_senders_and_admin_notifications_still
     })
     .await
     .expect("every flooder's messages were handled in time");
-    let after = metrics(addr).await;
-    let throttled = metric_value(&after, "jssocket_overload_throttled_messages_total");
+    let after = scrape(addr).await;
+    let throttled = after.get("jssocket_overload_throttled_messages_total", &[]);
     assert!(
         engaged || throttled.is_some_and(|n| n > 0.0),
         "the limiter never engaged (throttled: {throttled:?})"

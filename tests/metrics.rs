@@ -147,9 +147,10 @@ async fn metrics_is_prometheus_text_with_every_family() {
     assert_eq!(scrape.type_of("jssocket_fanout_seconds"), Some("histogram"));
     assert_eq!(scrape.value("jssocket_fanout_seconds_count", &[]), 0.0);
     assert_eq!(scrape.value("jssocket_fanout_seconds_sum", &[]), 0.0);
+    let last_bucket = scrape.buckets("jssocket_fanout_seconds", &[]).last();
     assert_eq!(
-        scrape.value("jssocket_fanout_seconds_bucket", &[("le", "+Inf")]),
-        0.0
+        last_bucket.map(|b| (b.less_than, b.count)),
+        Some((f64::INFINITY, 0.0))
     );
 
     // Scraping is not traffic: a second scrape, also with a query string, is identical.
@@ -183,7 +184,15 @@ async fn metrics_is_prometheus_text_with_every_family() {
     let open_scrape = Scrape::parse(&open_text);
     assert_eq!(counters(&open_scrape), counters(&scrape));
     let names = |scrape: &Scrape| -> Vec<String> {
-        scrape.samples.iter().map(|s| s.name.clone()).collect()
+        let samples = scrape.samples.iter().map(|s| s.name.clone());
+        samples
+            .chain(
+                scrape
+                    .histograms
+                    .iter()
+                    .map(|h| format!("{}_bucket", h.name)),
+            )
+            .collect()
     };
     assert_eq!(names(&open_scrape), names(&scrape));
     assert_eq!(
@@ -494,23 +503,9 @@ async fn message_counters_follow_traffic() {
 
     // The histogram stays consistent: cumulative buckets, +Inf equal to the count.
     let mut buckets: Vec<(f64, f64)> = after
-        .samples
+        .buckets("jssocket_fanout_seconds", &[])
         .iter()
-        .filter(|s| s.name == "jssocket_fanout_seconds_bucket")
-        .map(|s| {
-            let le = &s
-                .labels
-                .iter()
-                .find(|(k, _)| k == "le")
-                .expect("le label")
-                .1;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().expect("numeric le")
-            };
-            (le, s.value)
-        })
+        .map(|b| (b.less_than, b.count))
         .collect();
     buckets.sort_by(|x, y| x.0.total_cmp(&y.0));
     assert!(buckets.len() >= 2, "{buckets:?}");
