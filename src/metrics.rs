@@ -68,8 +68,13 @@ pub struct Metrics {
     /// published to / applied from other nodes; messages dropped on a full backlog.
     pub cluster_connected: Gauge,
     pub cluster_nodes: Gauge,
+    /// Servers on the other live nodes, which this node's client connects may be forwarded to.
+    pub cluster_remote_servers: Gauge,
     pub cluster_published: Counter,
     pub cluster_received: Counter,
+    /// Deliveries (notifies, publishes, acknowledgements) received from the backplane, this
+    /// node's own echoes included: what routing keeps to the nodes concerned.
+    pub cluster_deliveries_received: Counter,
     pub cluster_dropped: Counter,
     /// The memory budget (`--max-memory`) and what is charged against it: bytes in outbound
     /// queues and in unfinished inbound messages (kept in step by `memory::Memory`, which
@@ -200,6 +205,10 @@ impl Metrics {
             "1 when subscribed to Redis (cluster mode)",
         );
         let cluster_nodes = gauge("cluster_nodes", "Live cluster nodes, this one included");
+        let cluster_remote_servers = gauge(
+            "cluster_remote_servers",
+            "Servers in the pools of the other live nodes",
+        );
         let pending_connects = gauge(
             "pending_connects",
             "client_connect messages waiting for a server",
@@ -251,8 +260,14 @@ impl Metrics {
         let cluster_received = Counter::default();
         registry.register(
             "cluster_received",
-            "Messages from other nodes applied here",
+            "Messages received from the backplane, of every kind (heartbeats, own echoes included)",
             cluster_received.clone(),
+        );
+        let cluster_deliveries_received = Counter::default();
+        registry.register(
+            "cluster_deliveries_received",
+            "Deliveries received from the backplane (routing: only by the nodes concerned)",
+            cluster_deliveries_received.clone(),
         );
         let cluster_dropped = Counter::default();
         registry.register(
@@ -288,8 +303,10 @@ impl Metrics {
             fanout_seconds,
             cluster_connected,
             cluster_nodes,
+            cluster_remote_servers,
             cluster_published,
             cluster_received,
+            cluster_deliveries_received,
             cluster_dropped,
             memory_budget_bytes,
             memory_outbound_bytes,

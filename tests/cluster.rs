@@ -1,7 +1,11 @@
-//! The cluster (SPEC §8): several in-process jssocket nodes joined by a real `redis-server`
-//! that each test starts on a port of its own, so tests run in parallel without hearing each
-//! other. Clients, servers and admins are spread over the nodes; every delivery is checked to
-//! happen exactly once (the payload arrives, then nothing more for [`common::SILENCE`]).
+//! The cluster (SPEC §8): several in-process jssocket nodes joined by a backing each test
+//! starts for itself, so tests run in parallel without hearing each other. Every scenario
+//! runs on the in-process loopback (no Redis), on a real `redis-server`, and (all but the
+//! outage) on a real 3-master Redis Cluster with sharded Pub/Sub: single-node code and
+//! cluster code cannot drift apart on one backing unnoticed. Clients, servers and admins
+//! are spread over the nodes; every delivery is checked to happen exactly once (the payload
+//! arrives, then nothing more for [`common::SILENCE`]); routing is checked by counting what
+//! each node receives.
 //!
 //! Every wait is bounded: nodes are ready when their `/metrics` say `jssocket_cluster_connected
 //! 1` and `jssocket_cluster_nodes N`, Redis when it answers `INFO`; nothing sleeps for long.
@@ -14,8 +18,40 @@ mod nodes;
 use std::time::{Duration, Instant};
 
 use common::{Conn, Event, RECV_TIMEOUT, api_post, expect_silence_all, recv_any, register};
-use nodes::{CLUSTER_TIMEOUT, Node, POLL, Proxy, Redis, cluster, metric, wait_all, wait_cluster};
+use nodes::{
+    CLUSTER_TIMEOUT, Kind, Node, POLL, Proxy, Redis, cluster_on, metric, wait_all, wait_cluster,
+};
 use serde_json::{Value, json};
+
+/// Runs each scenario on every backing named: `mod <scenario> { loopback, redis, … }`.
+macro_rules! on {
+    ($kinds:tt $($scenario:ident),+ $(,)?) => {
+        $(on_each!($kinds $scenario);)+
+    };
+}
+
+macro_rules! on_each {
+    ([$($kind:ident),+] $scenario:ident) => {
+        mod $scenario {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[allow(non_snake_case)]
+                async fn $kind() {
+                    super::$scenario(super::Kind::$kind).await;
+                }
+            )+
+        }
+    };
+}
+
+on!([Loopback, Redis, RedisCluster]
+    jaseci_flow_across_nodes,
+    every_notify_and_publish_crosses_nodes_exactly_once,
+    client_connect_is_served_round_robin_by_servers_on_other_nodes,
+    a_crashed_node_takes_only_its_own_connections,
+    a_stopped_node_is_forgotten_at_once,
+);
+on!([Loopback, Redis] an_outage_is_survived_and_the_backlog_is_delivered_once);
 
 // ---------------------------------------------------------------- frames
 
@@ -88,20 +124,6 @@ async fn acked_client(node: &Node, name: &str, backend: &mut Conn, user: &str) -
     client
 }
 
-/// Proves that every message `from` (a connection on some node) published to the cluster
-/// before now has been applied by `to`'s node: Redis delivers one publisher's messages in
-/// order, so once `to` receives a `notify_client` sent now, whatever `from`'s node published
-/// earlier (a server announcement, say) was applied before it.
-async fn barrier(from: &mut Conn, to: &mut Conn, tag: &str) {
-    let target = to.id().to_string();
-    from.send_event(
-        "notify_client",
-        json!({"target": target, "data": {"msg": tag}}),
-    )
-    .await;
-    to.expect_text(&bare(tag)).await;
-}
-
 /// A client on `node` whose connect reached one of `servers` (whichever the round robin
 /// chose), acknowledged by that server into group `user`.
 async fn acked_via(node: &Node, name: &str, servers: &mut [&mut Conn], user: &str) -> Conn {
@@ -131,9 +153,8 @@ async fn connect_via(client: &mut Conn, servers: &mut [&mut Conn]) -> usize {
 /// The flow Jaseci runs, with the backend on node B and the browsers on node A (and one on
 /// B): the token goes A → B, the acknowledgement B → A, and every notify reaches its target
 /// on the other node exactly once.
-#[tokio::test]
-async fn jaseci_flow_across_nodes() {
-    let (_redis, nodes) = cluster(2).await;
+async fn jaseci_flow_across_nodes(kind: Kind) {
+    let (_backing, nodes) = cluster_on(kind, 2).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let mut backend = b.backend("backend").await;
 
@@ -338,9 +359,8 @@ fn who(pred: impl Fn(&Profile) -> bool) -> Vec<usize> {
 
 /// Three nodes, clients on each, admins on two of them: every kind of notify and every kind
 /// of publish filter reaches exactly the right clients, each exactly once.
-#[tokio::test]
-async fn every_notify_and_publish_crosses_nodes_exactly_once() {
-    let (_redis, nodes) = cluster(3).await;
+async fn every_notify_and_publish_crosses_nodes_exactly_once(kind: Kind) {
+    let (_backing, nodes) = cluster_on(kind, 3).await;
     let mut backend = nodes[0].backend("backend").await;
     let mut conns = Vec::new();
     for p in PROFILES {
@@ -496,9 +516,8 @@ async fn every_notify_and_publish_crosses_nodes_exactly_once() {
 
 /// A node without a server hands its client connects to servers on other nodes, round robin
 /// over the cluster, and stops choosing a server as soon as it closes.
-#[tokio::test]
-async fn client_connect_is_served_round_robin_by_servers_on_other_nodes() {
-    let (_redis, nodes) = cluster(3).await;
+async fn client_connect_is_served_round_robin_by_servers_on_other_nodes(kind: Kind) {
+    let (_backing, nodes) = cluster_on(kind, 3).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
 
     // Only A has a server: a client on C is served by it, and acknowledged from A.
@@ -509,7 +528,13 @@ async fn client_connect_is_served_round_robin_by_servers_on_other_nodes() {
 
     // A second server on B. Once the watcher on C hears from B, C knows that server too.
     let mut s2 = b.backend("s2").await;
-    barrier(&mut s2, &mut watcher, "b-announced").await;
+    wait_all(
+        &[c],
+        "jssocket_cluster_remote_servers",
+        2.0,
+        CLUSTER_TIMEOUT,
+    )
+    .await;
 
     // Clients on C: forwards alternate between the two servers.
     let mut order = Vec::new();
@@ -531,8 +556,13 @@ async fn client_connect_is_served_round_robin_by_servers_on_other_nodes() {
 
     // s2 closes: B announces it at once; from then on C forwards only to s1.
     s2.close().await;
-    let mut admin_b = b.admin("admin").await;
-    barrier(&mut admin_b, &mut watcher, "s2-gone").await;
+    wait_all(
+        &[c],
+        "jssocket_cluster_remote_servers",
+        1.0,
+        CLUSTER_TIMEOUT,
+    )
+    .await;
     for i in 0..4 {
         let mut client = c.client(&format!("after{i}")).await;
         assert_eq!(
@@ -553,16 +583,20 @@ async fn client_connect_is_served_round_robin_by_servers_on_other_nodes() {
 /// A node that dies without a word takes only its own connections: the rest of the cluster
 /// goes on exactly once, and its servers stop being chosen once it is forgotten (3.5 s
 /// without a heartbeat).
-#[tokio::test]
-async fn a_crashed_node_takes_only_its_own_connections() {
-    let (_redis, mut nodes) = cluster(3).await;
+async fn a_crashed_node_takes_only_its_own_connections(kind: Kind) {
+    let (_backing, mut nodes) = cluster_on(kind, 3).await;
     let mut s0 = nodes[0].backend("s0").await;
     let mut s2 = nodes[2].backend("s2").await;
     // A client per node (and a probe on n1), each acknowledged by whichever server its connect
     // reached, all in group g. Once the probe hears from n0 and n2, n1 knows both servers.
     let mut probe = acked_via(&nodes[1], "probe", &mut [&mut s0, &mut s2], "g").await;
-    barrier(&mut s0, &mut probe, "s0-known").await;
-    barrier(&mut s2, &mut probe, "s2-known").await;
+    wait_all(
+        &[&nodes[1]],
+        "jssocket_cluster_remote_servers",
+        2.0,
+        CLUSTER_TIMEOUT,
+    )
+    .await;
     let mut c0 = acked_via(&nodes[0], "c0", &mut [&mut s0, &mut s2], "g").await;
     let mut c1 = acked_via(&nodes[1], "c1", &mut [&mut s0, &mut s2], "g").await;
     let mut c2 = acked_via(&nodes[2], "c2", &mut [&mut s0, &mut s2], "g").await;
@@ -642,14 +676,18 @@ async fn a_crashed_node_takes_only_its_own_connections() {
 
 /// A node stopped gracefully (SIGTERM) closes its connections with 1001 and says so: the
 /// others forget it, and its servers, at once instead of after NODE_EXPIRY.
-#[tokio::test]
-async fn a_stopped_node_is_forgotten_at_once() {
-    let (_redis, mut nodes) = cluster(3).await;
+async fn a_stopped_node_is_forgotten_at_once(kind: Kind) {
+    let (_backing, mut nodes) = cluster_on(kind, 3).await;
     let mut s0 = nodes[0].backend("s0").await;
     let mut s2 = nodes[2].backend("s2").await;
     let mut probe = acked_via(&nodes[1], "probe", &mut [&mut s0, &mut s2], "g").await;
-    barrier(&mut s0, &mut probe, "s0-known").await;
-    barrier(&mut s2, &mut probe, "s2-known").await;
+    wait_all(
+        &[&nodes[1]],
+        "jssocket_cluster_remote_servers",
+        2.0,
+        CLUSTER_TIMEOUT,
+    )
+    .await;
     let mut c2 = acked_via(&nodes[2], "c2", &mut [&mut s0, &mut s2], "g").await;
 
     let stopped_at = Instant::now();
@@ -680,9 +718,8 @@ async fn a_stopped_node_is_forgotten_at_once() {
 /// Redis killed and restarted on the same port: each node keeps delivering locally, the nodes
 /// reconnect by themselves, and what had to cross nodes during the outage (notifies,
 /// publishes, a client connect for a server elsewhere) is delivered after it, exactly once.
-#[tokio::test]
-async fn redis_restart_is_survived_and_the_backlog_is_delivered_once() {
-    let (mut redis, nodes) = cluster(3).await;
+async fn an_outage_is_survived_and_the_backlog_is_delivered_once(kind: Kind) {
+    let (mut backing, nodes) = cluster_on(kind, 3).await;
     let node_refs: Vec<&Node> = nodes.iter().collect();
     let mut backend = nodes[0].backend("backend").await;
     let mut c0 = acked_client(&nodes[0], "c0", &mut backend, "g").await;
@@ -709,7 +746,7 @@ async fn redis_restart_is_survived_and_the_backlog_is_delivered_once() {
     }
 
     // Redis goes away; every node notices.
-    redis.kill();
+    backing.outage();
     let outage = Instant::now();
     wait_all(&node_refs, "jssocket_cluster_connected", 0.0, RECV_TIMEOUT).await;
 
@@ -757,7 +794,7 @@ async fn redis_restart_is_survived_and_the_backlog_is_delivered_once() {
     expect_silence_all(&mut [&mut c0, &mut c2, &mut backend, &mut late]).await;
 
     // Back on the same port, well within NODE_EXPIRY: the nodes reconnect by themselves.
-    redis.restart();
+    backing.restore();
     let down_for = outage.elapsed();
     wait_all(
         &node_refs,
@@ -878,3 +915,120 @@ async fn backlog_after_a_long_outage_waits_for_every_node() {
         .await;
     expect_once(&mut all, &[0, 1, 2], &bare("again")).await;
 }
+
+// ---------------------------------------------------------------- 6. routing, counted
+
+/// Deliveries each node has received from the backplane so far.
+async fn deliveries(nodes: &[Node]) -> Vec<f64> {
+    let mut counts = Vec::new();
+    for node in nodes {
+        let count = metric(node, "jssocket_cluster_deliveries_received_total").await;
+        counts.push(count.expect("the deliveries counter"));
+    }
+    counts
+}
+
+/// What each node received from the backplane since `before`.
+async fn received_since(nodes: &[Node], before: &[f64]) -> Vec<f64> {
+    let now = deliveries(nodes).await;
+    now.iter().zip(before).map(|(now, was)| now - was).collect()
+}
+
+/// SPEC §8: a node receives only what concerns its own connections. Four nodes, a client on
+/// each of n1, n2, n3, the admin on n0; each delivery is counted where it is received:
+/// a `notify_client` reaches the target's node alone; a group with members on two nodes
+/// costs those two; a channel with subscribers on one node costs that one; only
+/// `notify_all` goes to every node.
+async fn routing_reaches_only_the_nodes_concerned(kind: Kind) {
+    let (_backing, nodes) = cluster_on(kind, 4).await;
+    let mut backend = nodes[0].backend("backend").await;
+    let mut c1 = acked_client(&nodes[1], "c1", &mut backend, "two").await;
+    let mut c2 = acked_client(&nodes[2], "c2", &mut backend, "two").await;
+    let mut c3 = acked_client(&nodes[3], "c3", &mut backend, "other").await;
+    subscribe(&mut c3, "news").await;
+    let mut admin = nodes[0].admin("admin").await;
+    let mut admin3 = nodes[3].admin("admin3").await;
+    let c2_id = c2.id().to_string();
+    let c1_id = c1.id().to_string();
+
+    // notify_client to a connection on n2: n2 alone receives it.
+    let before = deliveries(&nodes).await;
+    admin
+        .send_event(
+            "notify_client",
+            json!({"target": c2_id, "data": {"msg": "p2p"}}),
+        )
+        .await;
+    expect_once(&mut [&mut c1, &mut c2, &mut c3], &[1], &bare("p2p")).await;
+    assert_eq!(received_since(&nodes, &before).await, [0.0, 0.0, 1.0, 0.0]);
+
+    // notify_group to a group with members on n1 and n2: those two.
+    let before = deliveries(&nodes).await;
+    admin
+        .send_event(
+            "notify_group",
+            json!({"target": "two", "data": {"msg": "group"}}),
+        )
+        .await;
+    expect_once(&mut [&mut c1, &mut c2, &mut c3], &[0, 1], &bare("group")).await;
+    assert_eq!(received_since(&nodes, &before).await, [0.0, 1.0, 1.0, 0.0]);
+
+    // notify_group to c1's id, from n3: n1 resolves the group, delivers, and passes it to
+    // the group's topic (n2, and n1's own echo); n0 and n3 hear nothing.
+    let before = deliveries(&nodes).await;
+    admin3
+        .send_event(
+            "notify_group",
+            json!({"target": c1_id, "data": {"msg": "group-of"}}),
+        )
+        .await;
+    expect_once(&mut [&mut c1, &mut c2, &mut c3], &[0, 1], &bare("group-of")).await;
+    assert_eq!(received_since(&nodes, &before).await, [0.0, 2.0, 1.0, 0.0]);
+
+    // publish to a channel whose only subscriber is on n3.
+    let before = deliveries(&nodes).await;
+    admin
+        .send_event("publish", json!({"name": "news", "data": {"msg": "news"}}))
+        .await;
+    expect_once(
+        &mut [&mut c1, &mut c2, &mut c3],
+        &[2],
+        &published("news", "news"),
+    )
+    .await;
+    assert_eq!(received_since(&nodes, &before).await, [0.0, 0.0, 0.0, 1.0]);
+
+    // notify_all: every node (n0 its own echo).
+    let before = deliveries(&nodes).await;
+    admin.send_event("notify_all", json!({"msg": "all"})).await;
+    expect_once(&mut [&mut c1, &mut c2, &mut c3], &[0, 1, 2], &bare("all")).await;
+    assert_eq!(received_since(&nodes, &before).await, [1.0, 1.0, 1.0, 1.0]);
+
+    // The last member of a group leaving a node unsubscribes it: n2 hears no more of "two".
+    c2.close().await;
+    let before = deliveries(&nodes).await;
+    let deadline = Instant::now() + CLUSTER_TIMEOUT;
+    loop {
+        let before = deliveries(&nodes).await;
+        admin
+            .send_event(
+                "notify_group",
+                json!({"target": "two", "data": {"msg": "after"}}),
+            )
+            .await;
+        c1.expect_text(&bare("after")).await;
+        let got = received_since(&nodes, &before).await;
+        if got == [0.0, 1.0, 0.0, 0.0] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n2 still receives group two after its last member left: {got:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let _ = before;
+    expect_silence_all(&mut [&mut c1, &mut c3]).await;
+}
+
+on!([Loopback, Redis, RedisCluster] routing_reaches_only_the_nodes_concerned);

@@ -493,6 +493,9 @@ impl Cluster {
         let Some((seq, wire)) = Wire::decode_stamped(payload) else {
             return warn_throttled!("cluster: ignored a message that is not jssocket's");
         };
+        if matches!(wire.op, Op::Deliver { .. }) {
+            shared.metrics.cluster_deliveries_received.inc();
+        }
         // Its own messages come back on the topics it shares with others: ignored.
         if wire.from == self.node {
             return;
@@ -568,12 +571,14 @@ impl Cluster {
                         suspect: false,
                     },
                 );
+                self.count_nodes(shared);
                 if has_servers {
                     self.flush_pending(shared);
                 }
             }
             Op::Leaving => {
                 self.nodes().remove(&wire.from);
+                self.count_nodes(shared);
             }
         }
     }
@@ -583,6 +588,18 @@ impl Cluster {
         shared
             .hub
             .flush_pending(|client, frame| self.send_forward(shared, client, frame, 1));
+    }
+
+    /// Sets the gauges of live nodes and their servers.
+    fn count_nodes(&self, shared: &Relay) {
+        let (nodes, servers) = {
+            let mut nodes = self.nodes();
+            nodes.retain(|_, n| n.seen.elapsed() < NODE_EXPIRY);
+            let servers: usize = nodes.values().map(|n| n.servers.len()).sum();
+            (nodes.len(), servers)
+        };
+        shared.metrics.cluster_nodes.set(nodes as i64 + 1);
+        shared.metrics.cluster_remote_servers.set(servers as i64);
     }
 
     /// Other nodes currently alive.
@@ -1115,7 +1132,7 @@ async fn heartbeat(shared: Arc<Relay>, cluster: Arc<Cluster>) {
         tokio::select! {
             _ = tick.tick() => {
                 cluster.announce(&shared);
-                shared.metrics.cluster_nodes.set(cluster.live_nodes() as i64 + 1);
+                cluster.count_nodes(&shared);
             }
             // The publisher says `Leaving` for this node (see `farewell`).
             _ = shared.shutdown.cancelled() => return,

@@ -1,6 +1,7 @@
-//! Cluster test support: a real `redis-server` per test, TCP proxies that cut one node off,
-//! and in-process jssocket nodes that can be stopped or crashed. Shared by `tests/cluster.rs`
-//! and `tests/cluster_floods.rs` (included with `#[path]`).
+//! Cluster test support: what joins the nodes ([`Backing`]: the in-process loopback, a real
+//! `redis-server`, or a real 3-master Redis Cluster, started per test), TCP proxies that cut
+//! one node off, and in-process jssocket nodes that can be stopped or crashed. Shared by
+//! `tests/cluster.rs` and `tests/cluster_floods.rs` (included with `#[path]`).
 #![allow(dead_code)]
 
 use std::hash::BuildHasher;
@@ -10,7 +11,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use jssocket::backplane::Loopback;
+use jssocket::cluster::Cluster;
 use jssocket::config::Config;
+use jssocket::relay::Relay;
 use tokio::sync::{oneshot, watch};
 
 use crate::common::{Conn, FAST_HASH, PASSWORD, RECV_TIMEOUT, scrape};
@@ -31,19 +37,38 @@ pub const POLL: Duration = Duration::from_millis(25);
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// A Redis Cluster member: where it keeps its node file.
+    cluster_dir: Option<PathBuf>,
 }
 
 impl Redis {
     /// Starts Redis on a free port below the ephemeral range (so no outgoing connection of a
     /// parallel test takes it while [`Redis::kill`]ed for a restart), waiting until it answers.
     pub fn start() -> Redis {
+        Redis::start_maybe_in(None)
+    }
+
+    /// A Redis with `--cluster-enabled yes`, its node file in `dir`; not yet in a cluster.
+    pub fn start_in_cluster(dir: &std::path::Path) -> Redis {
+        Redis::start_maybe_in(Some(dir.to_path_buf()))
+    }
+
+    fn start_maybe_in(cluster_dir: Option<PathBuf>) -> Redis {
         let hasher = std::collections::hash_map::RandomState::new();
         for attempt in 0u32..50 {
-            let port = 20_000 + (hasher.hash_one(attempt) % 12_000) as u16;
-            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            // Below 22,000: a cluster member also listens on its port + 10,000 (the bus).
+            let port = 10_000 + (hasher.hash_one(attempt) % 12_000) as u16;
+            let bus = port + 10_000;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
+                || std::net::TcpListener::bind(("127.0.0.1", bus)).is_err()
+            {
                 continue;
             }
-            let mut redis = Redis { port, child: None };
+            let mut redis = Redis {
+                port,
+                child: None,
+                cluster_dir: cluster_dir.clone(),
+            };
             if redis.spawn() {
                 return redis;
             }
@@ -58,7 +83,16 @@ impl Redis {
     /// Spawns redis-server on `self.port` and waits until it answers; false if it exited
     /// (port taken) instead.
     pub fn spawn(&mut self) -> bool {
-        let child = Command::new(redis_binary())
+        let mut command = Command::new(redis_binary());
+        if let Some(dir) = &self.cluster_dir {
+            let file = dir.join(format!("nodes-{}.conf", self.port));
+            command
+                .args(["--cluster-enabled", "yes"])
+                .arg("--cluster-config-file")
+                .arg(file)
+                .args(["--cluster-node-timeout", "2000"]);
+        }
+        let child = command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -221,6 +255,13 @@ impl Node {
 
     /// A node with more command-line options, e.g. `&["--pending-timeout", "5"]`.
     pub fn start_with(name: &str, url: &str, args: &[&str]) -> Node {
+        let mut argv = vec!["--redis-url", url];
+        argv.extend_from_slice(args);
+        Node::start_on(name, None, &argv)
+    }
+
+    /// A node on `loopback` (else on the `--redis-url` in `args`).
+    pub fn start_on(name: &str, loopback: Option<&Loopback>, args: &[&str]) -> Node {
         let mut argv = vec![
             "jssocket",
             "--host",
@@ -229,11 +270,16 @@ impl Node {
             "0",
             "--auth",
             FAST_HASH,
-            "--redis-url",
-            url,
         ];
         argv.extend_from_slice(args);
         let config = Config::from_args(argv).expect("cluster options must be valid");
+        let relay = match loopback {
+            Some(loopback) => {
+                let cluster = Cluster::new(Arc::new(loopback.clone()));
+                Relay::with_backplane(config, Arc::new(cluster))
+            }
+            None => Relay::new(config),
+        };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
         listener.set_nonblocking(true).expect("non-blocking");
         let addr = listener.local_addr().expect("local address");
@@ -250,7 +296,7 @@ impl Node {
                 runtime.block_on(async move {
                     let listener =
                         tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                    let server = jssocket::server::run(listener, config, async move {
+                    let server = jssocket::server::serve(listener, relay, async move {
                         let _ = shutdown_rx.await;
                     });
                     tokio::select! {
@@ -376,4 +422,178 @@ pub async fn cluster(n: usize) -> (Redis, Vec<Node>) {
         .collect();
     wait_cluster(&nodes.iter().collect::<Vec<_>>()).await;
     (redis, nodes)
+}
+
+// ---------------------------------------------------------------- backings
+
+/// What joins the nodes of a test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// In this process: no Redis at all.
+    Loopback,
+    /// One `redis-server`, Pub/Sub.
+    Redis,
+    /// Three `redis-server --cluster-enabled yes` made one Redis Cluster: sharded Pub/Sub.
+    RedisCluster,
+}
+
+/// A running backing, stopped when dropped.
+pub enum Backing {
+    Loopback(Loopback),
+    Redis(Redis),
+    RedisCluster(RedisCluster),
+}
+
+impl Backing {
+    pub fn start(kind: Kind) -> Backing {
+        match kind {
+            Kind::Loopback => Backing::Loopback(Loopback::new()),
+            Kind::Redis => Backing::Redis(Redis::start()),
+            Kind::RedisCluster => Backing::RedisCluster(RedisCluster::start()),
+        }
+    }
+
+    /// A node on this backing, with more command-line options.
+    pub fn node(&self, name: &str, args: &[&str]) -> Node {
+        match self {
+            Backing::Loopback(loopback) => Node::start_on(name, Some(loopback), args),
+            Backing::Redis(redis) => Node::start_with(name, &redis.url(), args),
+            Backing::RedisCluster(cluster) => Node::start_with(name, &cluster.url(), args),
+        }
+    }
+
+    /// Takes the backing away from every node at once (Redis killed, the loopback down).
+    pub fn outage(&mut self) {
+        match self {
+            Backing::Loopback(loopback) => loopback.set_up(false),
+            Backing::Redis(redis) => redis.kill(),
+            Backing::RedisCluster(_) => panic!("no outage test runs on a Redis Cluster"),
+        }
+    }
+
+    /// Brings it back (Redis restarted empty on the same port).
+    pub fn restore(&mut self) {
+        match self {
+            Backing::Loopback(loopback) => loopback.set_up(true),
+            Backing::Redis(redis) => redis.restart(),
+            Backing::RedisCluster(_) => panic!("no outage test runs on a Redis Cluster"),
+        }
+    }
+}
+
+/// A fresh backing of `kind` and `n` nodes on it, named `n0`, `n1`, …, ready.
+pub async fn cluster_on(kind: Kind, n: usize) -> (Backing, Vec<Node>) {
+    let backing = Backing::start(kind);
+    let nodes: Vec<Node> = (0..n)
+        .map(|i| backing.node(&format!("n{i}"), &[]))
+        .collect();
+    wait_cluster(&nodes.iter().collect::<Vec<_>>()).await;
+    (backing, nodes)
+}
+
+/// A Redis Cluster of three masters (no replicas), each a `redis-server` child process on a
+/// port of its own, its slots spread by `redis-cli --cluster create`. Killed when dropped.
+pub struct RedisCluster {
+    pub masters: Vec<Redis>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "jssocket-redis-cluster-{}-{}",
+            std::process::id(),
+            std::collections::hash_map::RandomState::new().hash_one(0u8)
+        ));
+        std::fs::create_dir_all(&dir).expect("a directory for the cluster's node files");
+        let masters: Vec<Redis> = (0..3).map(|_| Redis::start_in_cluster(&dir)).collect();
+        let addrs: Vec<String> = masters
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.port))
+            .collect();
+        let created = Command::new(redis_cli_binary())
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}); {REDIS_MISSING}"));
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let cluster = RedisCluster { masters, dir };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Seed nodes, as `--redis-url` takes a Redis Cluster: comma-separated.
+    pub fn url(&self) -> String {
+        self.masters
+            .iter()
+            .map(Redis::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until every master says `cluster_state:ok` (every slot served).
+    fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for master in &self.masters {
+            loop {
+                if ask(master.port, "CLUSTER INFO\r\n", "cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the Redis Cluster on port {} is not ok after 20 s",
+                    master.port
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for master in &mut self.masters {
+            master.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `redis-cli` beside `redis-server`; the test fails without one.
+pub fn redis_cli_binary() -> PathBuf {
+    let cli = redis_binary().with_file_name("redis-cli");
+    assert!(cli.is_file(), "{REDIS_MISSING} (redis-cli is missing)");
+    cli
+}
+
+/// Sends `command` to the Redis on `port`; true when its answer contains `wanted`.
+fn ask(port: u16, command: &str, wanted: &str) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = StdTcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(command.as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while answer.len() < 64 * 1024 {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+        }
+        if String::from_utf8_lossy(&answer).contains(wanted) {
+            return true;
+        }
+    }
+    false
 }
