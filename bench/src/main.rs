@@ -680,3 +680,44 @@ async fn attack_params(
 fn fanout_json(r: Result<fanout::Outcome>) -> Result<(Value, bool)> {
     r.map(|o| (o.json, o.ok))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cluster_commands_parse_and_check_their_bounds() {
+        let cli = Cli::try_parse_from([
+            "b",
+            "cluster-p2p",
+            "--compare",
+            "--server-bin",
+            "/x/jssocket",
+        ])
+        .expect("parses");
+        match cli.cmd {
+            Cmd::ClusterP2p {
+                servers,
+                compare,
+                pairs,
+                ..
+            } => {
+                assert!(compare);
+                assert_eq!(pairs, 200);
+                assert_eq!(servers.server_bin, std::path::PathBuf::from("/x/jssocket"));
+            }
+            _ => panic!("wrong command"),
+        }
+        // Routing needs a group on two nodes besides the sender's; p2p is 1 or 2 nodes; a
+        // worker holds at most 16 000 sockets.
+        assert!(Cli::try_parse_from(["b", "cluster-route", "--nodes", "2"]).is_err());
+        assert!(Cli::try_parse_from(["b", "cluster-p2p", "--nodes", "3"]).is_err());
+        assert!(Cli::try_parse_from(["b", "cluster-hold", "--per-worker", "16001"]).is_err());
+    }
+}

@@ -80,15 +80,22 @@ struct Worker {
 }
 
 impl Worker {
-    /// The next JSON line of the worker (other lines are skipped).
+    /// The next report of the worker: a JSON line with a `worker` key (other lines, such as
+    /// the scenario header, are skipped).
     async fn next_report(&mut self) -> Result<Report> {
         while let Some(line) = self.lines.next_line().await? {
-            if line.starts_with("{\"worker\"") {
-                return serde_json::from_str(&line).context("a worker's report");
+            if let Some(r) = parse_report(&line) {
+                return Ok(r);
             }
         }
         bail!("a worker ended without reporting (see its log)")
     }
+}
+
+fn parse_report(line: &str) -> Option<Report> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    v.get("worker")?;
+    serde_json::from_value(v).ok()
 }
 
 pub async fn run(ctx: &Arc<Ctx>, setup: &Setup, p: &Params) -> Result<(Value, bool)> {
@@ -335,5 +342,14 @@ mod tests {
         assert_eq!(s.iter().sum::<u64>(), 100_000);
         assert!(s.iter().all(|&n| n <= MAX_PER_WORKER));
         assert_eq!(worker_shares(10, MAX_PER_WORKER), vec![10]);
+    }
+
+    #[test]
+    fn reports_are_told_from_other_lines() {
+        let r = parse_report(r#"{"acked":5,"received":4,"worker":"done","last_ns":7}"#);
+        let r = r.expect("a report");
+        assert_eq!((r.acked, r.received, r.last_ns), (5, 4, 7));
+        assert!(parse_report(r#"{"acked":5}"#).is_none());
+        assert!(parse_report("jssocket-bench hold-worker: ws://127.0.0.1:1/ws").is_none());
     }
 }
