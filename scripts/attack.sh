@@ -54,7 +54,7 @@ command -v curl >/dev/null || die "curl is missing (apt-get install curl)"
 
 if [ "${ATTACK_BUILD:-1}" != 0 ]; then
     log "building release binaries"
-    cargo build --release --locked --bins >&2
+    cargo build --release --locked --workspace --bins >&2
 fi
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 # Run copies, so a rebuild meanwhile does not touch the running binaries.

@@ -38,7 +38,7 @@ python3 -c 'import websockets' 2>/dev/null || {
 }
 
 log "building release binaries"
-cargo build --release --bins >&2
+cargo build --release --workspace --bins >&2
 # Run copies, so a rebuild during the soak does not touch the running binaries.
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 cp "$TARGET_DIR/release/jssocket" "$TARGET_DIR/release/jssocket-bench" "$SOAK_DIR/"

@@ -137,17 +137,18 @@ main() {
     ensure_tools
 
     step "cargo fmt --check" cargo fmt --all -- --check || true
-    step "cargo clippy --all-targets -- -D warnings" \
-        cargo clippy --all-targets --locked -- -D warnings || true
+    # --workspace: the server and the bench (bench/).
+    step "cargo clippy --workspace --all-targets -- -D warnings" \
+        cargo clippy --workspace --all-targets --locked -- -D warnings || true
     if [ "$#" -gt 0 ]; then
         # `--no-run` right after `cargo test`, before any `--` that starts the binary's args.
         step "build tests" cargo test --locked --no-run "$@" &&
             step "cargo test $*" bounded cargo test --locked "$@" || true
     else
         # --no-fail-fast: every test binary runs even when an earlier one fails.
-        step "build tests" cargo test --all-targets --locked --no-run &&
-            step "cargo test --all-targets" \
-                bounded cargo test --all-targets --locked --no-fail-fast || true
+        step "build tests" cargo test --workspace --all-targets --locked --no-run &&
+            step "cargo test --workspace --all-targets" \
+                bounded cargo test --workspace --all-targets --locked --no-fail-fast || true
         # --all-targets leaves out doctests; they run here.
         step "cargo test --doc" bounded cargo test --doc --locked || true
         step "console browser test (node --test tests/console)" console_test || true

@@ -9,6 +9,7 @@ mod attack;
 mod baseline;
 mod churn;
 mod client;
+mod cluster;
 mod common;
 mod connect;
 mod fanout;
@@ -157,6 +158,114 @@ enum Cmd {
     /// One attack of issue 10 for a bounded time while a bystander measures its round trip
     /// (see scripts/attack.sh, which starts the servers).
     Attack(AttackArgs),
+    /// Starts Redis and N nodes; Redis messages each node receives per notify_client to a
+    /// remote client and per notify_group to a group on 2 nodes.
+    ClusterRoute {
+        #[command(flatten)]
+        servers: ServerArgs,
+        /// Nodes (at least 3: the group spans nodes 1 and 2).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(3..=16))]
+        nodes: u64,
+        /// Acknowledged clients on every node.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        clients_per_node: u64,
+        /// Messages of each kind the admin on node 0 sends.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        messages: u64,
+        /// Messages per second.
+        #[arg(long, default_value_t = 2000.0, value_parser = rate_range)]
+        rate: f64,
+        /// Seconds to wait for the last deliveries of a phase.
+        #[arg(long, default_value_t = 10.0, value_parser = secs_range)]
+        drain: f64,
+    },
+    /// Starts Redis and 1 or 2 nodes; pairs of clients notify_client each other (partners on
+    /// different nodes with 2): deliveries per second and per second of the nodes' CPU.
+    ClusterP2p {
+        #[command(flatten)]
+        servers: ServerArgs,
+        /// Nodes: 1 or 2 (ignored with --compare).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=2))]
+        nodes: u64,
+        /// Run on 1 node, then on 2, and print the ratio.
+        #[arg(long)]
+        compare: bool,
+        /// Pairs of clients.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=5_000))]
+        pairs: u64,
+        /// Seconds measured.
+        #[arg(long, default_value_t = 15.0, value_parser = positive_secs)]
+        duration: f64,
+        /// Messages in flight per client (each answers every message it gets).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+        window: u64,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 64, value_parser = size_range())]
+        size: u64,
+        /// Seconds to wait for the messages in flight at the end.
+        #[arg(long, default_value_t = 5.0, value_parser = secs_range)]
+        drain: f64,
+    },
+    /// Starts Redis and N nodes; holds many acknowledged connections over them (in child
+    /// processes) and sends one notify_all: how many got it, how fast, the nodes' RSS.
+    ClusterHold {
+        #[command(flatten)]
+        servers: ServerArgs,
+        /// Nodes.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64))]
+        nodes: u64,
+        /// Connections in all (at most 19 000 per node).
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        connections: u64,
+        /// Client sockets per child process.
+        #[arg(long, default_value_t = cluster::hold::MAX_PER_WORKER,
+              value_parser = clap::value_parser!(u64).range(1..=cluster::hold::MAX_PER_WORKER))]
+        per_worker: u64,
+        /// Seconds to wait for the notify_all to reach every client.
+        #[arg(long, default_value_t = 60.0, value_parser = secs_range)]
+        drain: f64,
+    },
+    /// A child process of cluster-hold (clients over the nodes; JSON lines on stdout).
+    #[command(hide = true)]
+    HoldWorker {
+        /// Clients to connect and acknowledge.
+        #[arg(long, value_parser = clients_range())]
+        clients: u64,
+        /// Index of the first source address (127.0.0.2 + it).
+        #[arg(long, default_value_t = 0)]
+        first_source: u64,
+        /// The nodes, clients round robin over them.
+        #[arg(long = "node-url", required = true)]
+        node_urls: Vec<String>,
+    },
+}
+
+/// Which servers the cluster scenarios start.
+#[derive(Args)]
+struct ServerArgs {
+    /// The jssocket binary to start the nodes from.
+    #[arg(long, env = "JSSOCKET_BIN", default_value_os_t = cluster::default_server_bin())]
+    server_bin: std::path::PathBuf,
+    /// The redis-server binary.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: std::path::PathBuf,
+    /// Where the servers' logs go (default: a new directory under /tmp).
+    #[arg(long)]
+    log_dir: Option<std::path::PathBuf>,
+}
+
+impl ServerArgs {
+    fn setup(&self, password: &str, max_connections: usize) -> cluster::Setup {
+        cluster::Setup {
+            server_bin: self.server_bin.clone(),
+            redis_bin: self.redis_server.clone(),
+            password: password.to_string(),
+            max_connections,
+            log_dir: self.log_dir.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("jssocket-bench-{}", std::process::id()))
+            }),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -277,6 +386,10 @@ impl Cmd {
             Cmd::BaselineServer { .. } => "baseline-server",
             Cmd::Baseline(_) => "baseline",
             Cmd::Attack(_) => "attack",
+            Cmd::ClusterRoute { .. } => "cluster-route",
+            Cmd::ClusterP2p { .. } => "cluster-p2p",
+            Cmd::ClusterHold { .. } => "cluster-hold",
+            Cmd::HoldWorker { .. } => "hold-worker",
         }
     }
 }
@@ -332,7 +445,20 @@ fn main() -> ExitCode {
 /// Runs the scenario; Ok(false) when it finished but timed out or hit errors.
 async fn run(cli: Cli, nofile: u64) -> Result<bool> {
     let g = &cli.global;
-    let target = Target::resolve(&g.url).await?;
+    // A hold-worker's clients go to the nodes its parent names.
+    let (url, client_urls, first_source) = match &cli.cmd {
+        Cmd::HoldWorker {
+            node_urls,
+            first_source,
+            ..
+        } => (
+            node_urls.first().cloned().unwrap_or_default(),
+            node_urls[1..].to_vec(),
+            *first_source as usize,
+        ),
+        _ => (g.url.clone(), g.client_urls.clone(), 0),
+    };
+    let target = Target::resolve(&url).await?;
     if let Some(pid) = g.server_pid {
         stats::proc_sample(pid)?;
     }
@@ -341,7 +467,14 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
             *clients
         }
         Cmd::Fanout(f) | Cmd::Group { f, .. } | Cmd::Baseline(f) => f.clients + f.slow_clients,
-        Cmd::BaselineServer { .. } | Cmd::Attack(_) => 0,
+        Cmd::ClusterRoute {
+            nodes,
+            clients_per_node,
+            ..
+        } => nodes * clients_per_node,
+        Cmd::ClusterP2p { pairs, .. } => 2 * pairs,
+        Cmd::HoldWorker { clients, .. } => *clients,
+        Cmd::BaselineServer { .. } | Cmd::Attack(_) | Cmd::ClusterHold { .. } => 0,
     };
     if wanted + 64 > nofile {
         bail!(
@@ -350,7 +483,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         );
     }
     let mut client_targets = Vec::new();
-    for url in &g.client_urls {
+    for url in &client_urls {
         client_targets.push(Target::resolve(url).await?);
     }
     let mut ctx = Ctx::new(
@@ -362,6 +495,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         Duration::from_secs_f64(g.ack_timeout),
     );
     ctx.client_targets = client_targets;
+    ctx.first_source = first_source;
     let ctx = Arc::new(ctx);
     let timeout = Duration::from_secs_f64(g.timeout);
     {
@@ -434,6 +568,63 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
                 let p = attack_params(&ctx, g, a, nofile).await?;
                 attack::run(&ctx, &p).await
             }
+            Cmd::ClusterRoute {
+                servers,
+                nodes,
+                clients_per_node,
+                messages,
+                rate,
+                drain,
+            } => {
+                let p = cluster::route::Params {
+                    nodes: *nodes as usize,
+                    clients_per_node: *clients_per_node as usize,
+                    messages: *messages,
+                    rate: *rate,
+                    drain: Duration::from_secs_f64(*drain),
+                };
+                let setup = servers.setup(&g.auth, *clients_per_node as usize + 100);
+                cluster::route::run(&ctx, &setup, &p).await
+            }
+            Cmd::ClusterP2p {
+                servers,
+                nodes,
+                compare,
+                pairs,
+                duration,
+                window,
+                size,
+                drain,
+            } => {
+                let p = cluster::p2p::Params {
+                    pairs: *pairs as usize,
+                    duration: Duration::from_secs_f64(*duration),
+                    window: *window,
+                    size: *size as usize,
+                    drain: Duration::from_secs_f64(*drain),
+                };
+                let setup = servers.setup(&g.auth, 2 * *pairs as usize + 100);
+                cluster::p2p::run(&ctx, &setup, *nodes as usize, *compare, &p).await
+            }
+            Cmd::ClusterHold {
+                servers,
+                nodes,
+                connections,
+                per_worker,
+                drain,
+            } => {
+                let p = cluster::hold::Params {
+                    nodes: *nodes as usize,
+                    connections: *connections,
+                    per_worker: *per_worker,
+                    drain: Duration::from_secs_f64(*drain),
+                    timeout: g.timeout,
+                };
+                let per_node = connections.div_ceil(*nodes) as usize;
+                let setup = servers.setup(&g.auth, (per_node + 500).min(19_500));
+                cluster::hold::run(&ctx, &setup, &p).await
+            }
+            Cmd::HoldWorker { clients, .. } => cluster::hold::worker(&ctx, *clients as usize).await,
             Cmd::BaselineServer { .. } => bail!("baseline-server is not a scenario"),
         }
     };
@@ -488,4 +679,45 @@ async fn attack_params(
 
 fn fanout_json(r: Result<fanout::Outcome>) -> Result<(Value, bool)> {
     r.map(|o| (o.json, o.ok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cluster_commands_parse_and_check_their_bounds() {
+        let cli = Cli::try_parse_from([
+            "b",
+            "cluster-p2p",
+            "--compare",
+            "--server-bin",
+            "/x/jssocket",
+        ])
+        .expect("parses");
+        match cli.cmd {
+            Cmd::ClusterP2p {
+                servers,
+                compare,
+                pairs,
+                ..
+            } => {
+                assert!(compare);
+                assert_eq!(pairs, 200);
+                assert_eq!(servers.server_bin, std::path::PathBuf::from("/x/jssocket"));
+            }
+            _ => panic!("wrong command"),
+        }
+        // Routing needs a group on two nodes besides the sender's; p2p is 1 or 2 nodes; a
+        // worker holds at most 16 000 sockets.
+        assert!(Cli::try_parse_from(["b", "cluster-route", "--nodes", "2"]).is_err());
+        assert!(Cli::try_parse_from(["b", "cluster-p2p", "--nodes", "3"]).is_err());
+        assert!(Cli::try_parse_from(["b", "cluster-hold", "--per-worker", "16001"]).is_err());
+    }
 }

@@ -130,6 +130,9 @@ pub struct Ctx {
     /// Other servers clients are spread over, beside `target` (`--client-url`).
     pub client_targets: Vec<Target>,
     next_client: AtomicUsize,
+    /// Index of the first source address this process uses (127.0.0.2 + it): the child
+    /// processes of `cluster-hold` each take their own addresses.
+    pub first_source: usize,
 }
 
 impl Ctx {
@@ -152,6 +155,7 @@ impl Ctx {
             next_conn: AtomicUsize::new(0),
             client_targets: Vec::new(),
             next_client: AtomicUsize::new(0),
+            first_source: 0,
         }
     }
 
@@ -177,6 +181,7 @@ impl Ctx {
             next_conn: AtomicUsize::new(0),
             client_targets: Vec::new(),
             next_client: AtomicUsize::new(0),
+            first_source: 0,
         }
     }
 
@@ -186,7 +191,8 @@ impl Ctx {
         if !self.target.addr.is_ipv4() {
             return None;
         }
-        let i = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let i = self.next_conn.fetch_add(1, Ordering::Relaxed)
+            + self.first_source.saturating_mul(self.per_source);
         let first = u32::from(Ipv4Addr::new(127, 0, 0, 2));
         let span = u32::from(Ipv4Addr::new(127, 255, 255, 254)) - first + 1;
         let k = u32::try_from(i / self.per_source).unwrap_or(u32::MAX) % span;
