@@ -68,6 +68,8 @@ ensure_tools() {
     ensure_pkg timeout coreutils
     # The cluster tests (tests/cluster.rs) start their own redis-server.
     ensure_pkg redis-server
+    # The Redis Cluster tests make their cluster with redis-cli.
+    ensure_pkg redis-cli redis-tools
     # (chromium, node and npm: console_test ensures them, so that only its step fails.)
 }
 

@@ -100,11 +100,29 @@ impl Backplane for Local {}
 
 // ------------------------------------------------------------------------------- topics
 
-/// A group or a channel with local members: the node subscribes to its topic.
+/// What a node subscribes to for its members: a group's own topic, or the bucket of its
+/// channels' names.
+///
+/// Groups are named by admins (a user each) and are as many as acknowledged clients at
+/// most. Channels are named by clients, up to 256 each: one topic per name would let a crowd
+/// of clients give every node millions of subscriptions. So channels share
+/// [`CHANNEL_BUCKETS`] topics by a hash of their name: a node subscribes to at most that many,
+/// and a publish reaches the nodes with a subscriber to that channel or, rarely, to another
+/// channel of the same bucket (which deliver it to nobody).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Topic {
     Group(Arc<str>),
-    Channel(Arc<str>),
+    Channels(u16),
+}
+
+/// Topics the channels share (see [`Topic`]).
+pub const CHANNEL_BUCKETS: usize = 16_384;
+
+/// The bucket of channel `name`.
+pub fn channel_bucket(name: &str) -> u16 {
+    let digest = Sha256::digest(name.as_bytes());
+    let bucket = u16::from_be_bytes([digest[0], digest[1]]) as usize % CHANNEL_BUCKETS;
+    bucket as u16
 }
 
 /// Names longer than this are hashed into their topic, so a topic stays short however long a
@@ -116,7 +134,7 @@ impl Topic {
     pub fn key(&self) -> String {
         match self {
             Topic::Group(name) => topic_key("jssocket:group:", name),
-            Topic::Channel(name) => topic_key("jssocket:channel:", name),
+            Topic::Channels(bucket) => format!("jssocket:channels:{bucket}"),
         }
     }
 }

@@ -94,7 +94,8 @@ pub struct Options {
     #[arg(long, env = "SOCKET_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Redis URL (redis://host:port/db): run as one node of a cluster of jssocket nodes.
+    /// Redis URL (redis://host:port/db): run as one node of a cluster of jssocket nodes. A
+    /// comma-separated list of two or more seed nodes names a Redis Cluster (sharded Pub/Sub).
     #[arg(long, env = "SOCKET_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -264,7 +265,8 @@ impl Config {
             return Err(ConfigError::HeaderBytes);
         }
         if let Some(url) = &o.redis_url {
-            redis::Client::open(url.as_str()).map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
+            crate::cluster::redis::transport(url)
+                .map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
         }
         let allowed_origins = o
             .allowed_origins

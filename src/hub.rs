@@ -9,7 +9,7 @@
 //! `channels` shard is locked, never the other way round; nothing is awaited while any lock is held.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
-use crate::backplane::{Interest, Topic};
+use crate::backplane::{CHANNEL_BUCKETS, Interest, Topic, channel_bucket};
 use crate::memory::Memory;
 use crate::outbox::{Outbox, Push, SharedFrame};
 use crate::protocol::ProtocolError;
@@ -504,6 +504,8 @@ pub struct Hub {
     node: u32,
     /// The groups and channels with local members, followed by the backplane (cluster only).
     interest: Option<Arc<Interest>>,
+    /// Channels with local members, per bucket (see [`Topic`]); cluster only.
+    channel_buckets: Box<[AtomicU32]>,
 }
 
 impl Hub {
@@ -515,6 +517,11 @@ impl Hub {
     ) -> Hub {
         Hub {
             node,
+            channel_buckets: if interest.is_some() {
+                (0..CHANNEL_BUCKETS).map(|_| AtomicU32::new(0)).collect()
+            } else {
+                Box::default()
+            },
             interest,
             clients: DashMap::new(),
             groups: DashMap::new(),
@@ -540,7 +547,10 @@ impl Hub {
     pub fn has_members(&self, topic: &Topic) -> bool {
         match topic {
             Topic::Group(name) => self.groups.contains_key(name),
-            Topic::Channel(name) => self.channels.contains_key(name),
+            Topic::Channels(bucket) => self
+                .channel_buckets
+                .get(usize::from(*bucket))
+                .is_some_and(|n| n.load(Ordering::Relaxed) > 0),
         }
     }
 
@@ -551,10 +561,9 @@ impl Hub {
             .groups
             .iter()
             .map(|e| Topic::Group(Arc::clone(e.key())));
-        let channels = self
-            .channels
-            .iter()
-            .map(|e| Topic::Channel(Arc::clone(e.key())));
+        let channels = (0..CHANNEL_BUCKETS)
+            .map(|b| Topic::Channels(b as u16))
+            .filter(|topic| self.has_members(topic));
         groups.chain(channels).collect()
     }
 
@@ -563,6 +572,26 @@ impl Hub {
         if changed && let Some(interest) = &self.interest {
             interest.touch(topic());
         }
+    }
+
+    /// A channel got its first local member (`by` 1) or lost its last (-1): counts it in
+    /// its bucket, and tells the backplane when the bucket's first channel came or its last
+    /// went. (Cluster only: on a single node nothing follows the buckets.)
+    fn bucket_changed(&self, changed: bool, channel: &str, by: i32) {
+        if !changed || self.interest.is_none() {
+            return;
+        }
+        let bucket = channel_bucket(channel);
+        let Some(count) = self.channel_buckets.get(usize::from(bucket)) else {
+            return;
+        };
+        let was = if by > 0 {
+            count.fetch_add(1, Ordering::Relaxed)
+        } else {
+            count.fetch_sub(1, Ordering::Relaxed)
+        };
+        let edge = if by > 0 { was == 0 } else { was == 1 };
+        self.touched(edge, || Topic::Channels(bucket));
     }
 
     fn pool(&self) -> MutexGuard<'_, ServerPool> {
@@ -850,7 +879,7 @@ impl Hub {
         }
         let channel: Arc<str> = Arc::from(channel);
         let first = join(&self.channels, &channel, peer);
-        self.touched(first, || Topic::Channel(Arc::clone(&channel)));
+        self.bucket_changed(first, &channel, 1);
         state.subscriptions.push(channel);
         Ok(())
     }
@@ -866,7 +895,7 @@ impl Hub {
 
     fn leave_channel(&self, channel: &str, id: Uuid) {
         let last = leave(&self.channels, channel, id);
-        self.touched(last, || Topic::Channel(Arc::from(channel)));
+        self.bucket_changed(last, channel, -1);
     }
 
     /// Delivers `frame` to the subscribers of `channel` that `filter` admits.

@@ -52,7 +52,7 @@ use uuid::Uuid;
 
 use crate::backplane::{
     ALL_TOPIC, Backplane, Interest, Publisher, Sender, Subscription, Subscriptions, Topic,
-    Transport, node_of, node_topic,
+    Transport, channel_bucket, node_of, node_topic,
 };
 use crate::delivery::{Delivery, Route};
 use crate::hub::Peer;
@@ -846,7 +846,7 @@ impl Backplane for Cluster {
                 None => return Ok(()),
             },
             Route::Group(name) => Topic::Group(name).key(),
-            Route::Channel(name) => Topic::Channel(name).key(),
+            Route::Channel(name) => Topic::Channels(channel_bucket(&name)).key(),
         };
         let from_client = !matches!(sender, Sender::Admin);
         let op = Op::Deliver {

@@ -6,10 +6,8 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use std::sync::Arc;
-
 use super::{Flow, Session};
-use crate::backplane::Topic;
+use crate::backplane::{Topic, channel_bucket};
 use crate::kinds::Frame;
 use crate::protocol::{
     Data, ProtocolError, event_frame, opt_string, push_json_string, validate_channel,
@@ -48,7 +46,7 @@ impl Subscribe {
         } else {
             hub.subscribe(&session.peer, &self.name)?;
             // Once this node receives the channel's publishes from the other nodes.
-            let topic = Topic::Channel(Arc::from(self.name));
+            let topic = Topic::Channels(channel_bucket(&self.name));
             let reply = event_frame("subscribed", &data);
             session
                 .shared
