@@ -1032,3 +1032,98 @@ async fn routing_reaches_only_the_nodes_concerned(kind: Kind) {
 }
 
 on!([Loopback, Redis, RedisCluster] routing_reaches_only_the_nodes_concerned);
+
+// ---------------------------------------------------------------- 7. Redis Cluster changes
+
+/// Sends `notify_group` to `group` from `admin`, a new tag each time, until `member` gets
+/// one (the topic's shard is changing hands): bounded by [`CLUSTER_TIMEOUT`] twice. Then
+/// lets what is still on its way arrive (each tag at most once) and returns.
+async fn until_delivered(admin: &mut Conn, member: &mut Conn, group: &str, what: &str) {
+    let deadline = Instant::now() + 2 * CLUSTER_TIMEOUT;
+    let mut sent = Vec::new();
+    let mut seen = Vec::new();
+    while seen.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no notify_group reached the member on another node: the node did not \
+             subscribe again"
+        );
+        let tag = format!("{what}-{}", sent.len());
+        admin
+            .send_event(
+                "notify_group",
+                json!({"target": group, "data": {"msg": tag}}),
+            )
+            .await;
+        sent.push(bare(&tag));
+        while let Some(Event::Text(text)) = member.next_event(Duration::from_millis(300)).await {
+            seen.push(text);
+        }
+    }
+    while let Some(Event::Text(text)) = member.next_event(common::SILENCE).await {
+        seen.push(text);
+    }
+    for text in &seen {
+        assert!(sent.contains(text), "{what}: unexpected {text}");
+        let times = seen.iter().filter(|t| *t == text).count();
+        assert_eq!(times, 1, "{what}: {text} delivered {times} times");
+    }
+}
+
+/// A Redis Cluster changing under the relay (SPEC §8): the slot of a group's topic moves to
+/// another master, then that master dies and its replica takes over; each time the nodes
+/// follow (sharded subscriptions made again where the slot now is) and deliveries go on
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_slot_move_and_failover_are_followed() {
+    let redis = nodes::RedisCluster::start_with_replicas(1);
+    let url = redis.url();
+    let nodes = [Node::start("n0", &url), Node::start("n1", &url)];
+    let node_refs: Vec<&Node> = nodes.iter().collect();
+    wait_cluster(&node_refs).await;
+    let mut backend = nodes[0].backend("backend").await;
+    let mut member = acked_client(&nodes[1], "member", &mut backend, "g").await;
+    let mut admin = nodes[0].admin("admin").await;
+    admin
+        .send_event(
+            "notify_group",
+            json!({"target": "g", "data": {"msg": "before"}}),
+        )
+        .await;
+    expect_once(&mut [&mut member, &mut backend], &[0], &bare("before")).await;
+
+    // The group's slot moves to another master.
+    let topic = "jssocket:group:g";
+    let (owner, slot) = redis.owner_of(topic);
+    let masters: Vec<u16> = redis.members[..3].iter().map(|m| m.port).collect();
+    let other = *masters
+        .iter()
+        .find(|&&p| p != owner)
+        .expect("another master");
+    redis.move_slot(slot, owner, other);
+    assert_eq!(redis.owner_of(topic).0, other, "the slot did not move");
+    until_delivered(&mut admin, &mut member, "g", "moved").await;
+
+    // That master dies; its replica takes over the slot.
+    let mut redis = redis;
+    let dead = other;
+    redis.kill(dead);
+    let deadline = Instant::now() + 3 * CLUSTER_TIMEOUT;
+    while redis.owner_of(topic).0 == dead {
+        assert!(
+            Instant::now() < deadline,
+            "no replica took over slot {slot}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    until_delivered(&mut admin, &mut member, "g", "failover").await;
+
+    // And from now on exactly once.
+    admin
+        .send_event(
+            "notify_group",
+            json!({"target": "g", "data": {"msg": "after"}}),
+        )
+        .await;
+    expect_once(&mut [&mut member, &mut backend], &[0], &bare("after")).await;
+}

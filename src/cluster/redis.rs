@@ -147,16 +147,31 @@ impl Transport for RedisCluster {
     fn subscriber(&self) -> BoxFuture<'_, Result<Subscription, TransportError>> {
         Box::pin(async move {
             let (tx, rx) = mpsc::channel(MAX_UNAPPLIED);
+            let shared = Arc::new(Shards::default());
+            let pushes = Pushes {
+                tx,
+                shards: Arc::clone(&shared),
+            };
             let client = redis::cluster::ClusterClientBuilder::new(self.seeds.clone())
                 .use_protocol(redis::ProtocolVersion::RESP3)
-                .push_sender(Pushes { tx })
+                .push_sender(pushes)
                 .build()?;
             let connection = client.get_async_connection().await?;
-            let messages = futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|message| (message, rx))
+            let _ = shared.connection.set(connection.clone());
+            let lost = shared.lost.clone();
+            // Ends when a connection to a shard is lost: the node then subscribes to
+            // everything again, where the slots are now.
+            let messages = futures_util::stream::unfold((rx, lost), |(mut rx, lost)| async move {
+                tokio::select! {
+                    message = rx.recv() => message.map(|message| (message, (rx, lost))),
+                    _ = lost.cancelled() => None,
+                }
             });
             Ok(Subscription {
-                control: Box::new(ClusterSubscriptions(connection)),
+                control: Box::new(ClusterSubscriptions {
+                    connection,
+                    shards: shared,
+                }),
                 messages: Box::pin(messages),
             })
         })
@@ -194,7 +209,34 @@ impl Publisher for ClusterPublisher {
     }
 }
 
-struct ClusterSubscriptions(ClusterConnection);
+struct ClusterSubscriptions {
+    connection: ClusterConnection,
+    shards: Arc<Shards>,
+}
+
+/// What the push handler needs to keep a subscription where its slot is.
+///
+/// When a slot moves to another master (a reshard), Redis ends the sharded subscriptions of
+/// its channels with a `sunsubscribe` the client did not ask for: the handler subscribes
+/// again to every topic it sees ended that this node did not leave. A failover ends them with
+/// the connection: the subscription ends ([`Shards::lost`]) and is made anew.
+#[derive(Default)]
+struct Shards {
+    /// The subscription's connection (set once it exists), to subscribe again with.
+    connection: std::sync::OnceLock<ClusterConnection>,
+    /// Topics this node is unsubscribing from: their `sunsubscribe` is expected.
+    leaving: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// A connection to a shard was lost (its master died, say): the subscription ends. The
+    /// cluster connection would reconnect to that address, and learn the new master only
+    /// when a request of its own is refused, which a subscriber never sends.
+    lost: tokio_util::sync::CancellationToken,
+}
+
+impl Shards {
+    fn leaving(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.leaving.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 impl Subscriptions for ClusterSubscriptions {
     fn subscribe<'a>(
@@ -204,7 +246,7 @@ impl Subscriptions for ClusterSubscriptions {
         // One command per topic: topics of one command must share a slot.
         Box::pin(async move {
             for topic in topics {
-                self.0.ssubscribe(topic).await?;
+                self.connection.ssubscribe(topic).await?;
             }
             Ok(())
         })
@@ -216,7 +258,12 @@ impl Subscriptions for ClusterSubscriptions {
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
             for topic in topics {
-                self.0.sunsubscribe(topic).await?;
+                self.shards.leaving().insert(topic.clone());
+                let left = self.connection.sunsubscribe(topic).await;
+                if left.is_err() {
+                    self.shards.leaving().remove(topic);
+                }
+                left?;
             }
             Ok(())
         })
@@ -226,10 +273,43 @@ impl Subscriptions for ClusterSubscriptions {
 /// Takes the cluster connection's pushes: sharded messages go to the subscriber, bounded.
 struct Pushes {
     tx: mpsc::Sender<(String, Vec<u8>)>,
+    shards: Arc<Shards>,
+}
+
+impl Pushes {
+    /// A sharded subscription ended: expected when this node left the topic; else its slot
+    /// moved, and the topic is subscribed again where the slot now is.
+    fn unsubscribed(&self, channel: Option<Value>) {
+        let Some(Value::BulkString(channel)) = channel else {
+            return;
+        };
+        let topic = String::from_utf8_lossy(&channel).into_owned();
+        if self.shards.leaving().remove(&topic) {
+            return;
+        }
+        let Some(connection) = self.shards.connection.get() else {
+            return;
+        };
+        let mut connection = connection.clone();
+        tokio::spawn(async move {
+            // The connection follows the slot (MOVED) to its new master.
+            if let Err(e) = connection.ssubscribe(&topic).await {
+                warn_throttled!(error = %e, "cluster: cannot subscribe again after a slot moved");
+            }
+        });
+    }
 }
 
 impl AsyncPushSender for Pushes {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
+        if info.kind == PushKind::Disconnection {
+            self.shards.lost.cancel();
+            return Ok(());
+        }
+        if info.kind == PushKind::SUnsubscribe {
+            self.unsubscribed(info.data.into_iter().next());
+            return Ok(());
+        }
         if info.kind != PushKind::SMessage {
             return Ok(());
         }

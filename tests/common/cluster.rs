@@ -90,7 +90,10 @@ impl Redis {
                 .args(["--cluster-enabled", "yes"])
                 .arg("--cluster-config-file")
                 .arg(file)
-                .args(["--cluster-node-timeout", "2000"]);
+                .args(["--cluster-node-timeout", "2000"])
+                // A replica takes over however long ago it last heard from its master (it
+                // may not have synced yet: there is no data, only Pub/Sub).
+                .args(["--cluster-replica-validity-factor", "0"]);
         }
         let child = command
             .args(["--port", &self.port.to_string()])
@@ -125,6 +128,10 @@ impl Redis {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Kills Redis at once (SIGKILL): every node loses its connections mid-flight.
@@ -491,30 +498,38 @@ pub async fn cluster_on(kind: Kind, n: usize) -> (Backing, Vec<Node>) {
     (backing, nodes)
 }
 
-/// A Redis Cluster of three masters (no replicas), each a `redis-server` child process on a
-/// port of its own, its slots spread by `redis-cli --cluster create`. Killed when dropped.
+/// A Redis Cluster of three masters (and `replicas` replicas of each), each a
+/// `redis-server` child process on a port of its own, its slots spread by
+/// `redis-cli --cluster create`. Killed when dropped.
 pub struct RedisCluster {
-    pub masters: Vec<Redis>,
+    /// Masters first, then replicas (as `--cluster create` pairs them).
+    pub members: Vec<Redis>,
     dir: PathBuf,
 }
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
+        RedisCluster::start_with_replicas(0)
+    }
+
+    pub fn start_with_replicas(replicas: usize) -> RedisCluster {
         let dir = std::env::temp_dir().join(format!(
             "jssocket-redis-cluster-{}-{}",
             std::process::id(),
             std::collections::hash_map::RandomState::new().hash_one(0u8)
         ));
         std::fs::create_dir_all(&dir).expect("a directory for the cluster's node files");
-        let masters: Vec<Redis> = (0..3).map(|_| Redis::start_in_cluster(&dir)).collect();
-        let addrs: Vec<String> = masters
+        let members: Vec<Redis> = (0..3 * (1 + replicas))
+            .map(|_| Redis::start_in_cluster(&dir))
+            .collect();
+        let addrs: Vec<String> = members
             .iter()
             .map(|r| format!("127.0.0.1:{}", r.port))
             .collect();
         let created = Command::new(redis_cli_binary())
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -525,14 +540,106 @@ impl RedisCluster {
             "redis-cli --cluster create failed: {}",
             String::from_utf8_lossy(&created.stderr)
         );
-        let cluster = RedisCluster { masters, dir };
+        let cluster = RedisCluster { members, dir };
         cluster.wait_ok();
         cluster
     }
 
+    /// The port of the master that serves `topic`'s slot now, and that slot.
+    pub fn owner_of(&self, topic: &str) -> (u16, u16) {
+        let mut conn = self.connection();
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(topic)
+            .query(&mut conn)
+            .expect("CLUSTER KEYSLOT");
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut conn)
+            .expect("CLUSTER SLOTS");
+        for range in ranges {
+            let redis::Value::Array(fields) = range else {
+                continue;
+            };
+            let number = |v: &redis::Value| match v {
+                redis::Value::Int(n) => *n,
+                _ => -1,
+            };
+            let (start, end) = (number(&fields[0]), number(&fields[1]));
+            if (start..=end).contains(&i64::from(slot))
+                && let redis::Value::Array(master) = &fields[2]
+            {
+                return (number(&master[1]) as u16, slot);
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    /// Moves `slot` (which holds no keys: pub/sub only) from the master on `from` to the
+    /// master on `to`, as `redis-cli --cluster reshard` would, and waits until every master
+    /// agrees.
+    pub fn move_slot(&self, slot: u16, from: u16, to: u16) {
+        let id = |port: u16| -> String {
+            redis::cmd("CLUSTER")
+                .arg("MYID")
+                .query(&mut self.connection_to(port))
+                .expect("CLUSTER MYID")
+        };
+        let (from_id, to_id) = (id(from), id(to));
+        let setslot = |port: u16, args: &[&str]| {
+            let _: () = redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(args)
+                .query(&mut self.connection_to(port))
+                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {args:?} on {port}: {e}"));
+        };
+        setslot(to, &["IMPORTING", &from_id]);
+        setslot(from, &["MIGRATING", &to_id]);
+        setslot(to, &["NODE", &to_id]);
+        setslot(from, &["NODE", &to_id]);
+        for member in self.live() {
+            if member.port != to && member.port != from {
+                let _: redis::RedisResult<()> = redis::cmd("CLUSTER")
+                    .arg("SETSLOT")
+                    .arg(slot)
+                    .arg("NODE")
+                    .arg(&to_id)
+                    .query(&mut self.connection_to(member.port));
+            }
+        }
+        self.wait_ok();
+    }
+
+    /// Kills the member on `port` (SIGKILL) and waits until the cluster is whole again (its
+    /// replica took over).
+    pub fn kill(&mut self, port: u16) {
+        for member in &mut self.members {
+            if member.port == port {
+                member.kill();
+            }
+        }
+        self.wait_ok();
+    }
+
+    fn live(&self) -> impl Iterator<Item = &Redis> {
+        self.members.iter().filter(|m| m.is_running())
+    }
+
+    fn connection(&self) -> redis::Connection {
+        let port = self.live().next().expect("a live member").port;
+        self.connection_to(port)
+    }
+
+    fn connection_to(&self, port: u16) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .and_then(|client| client.get_connection())
+            .unwrap_or_else(|e| panic!("connect to the Redis on {port}: {e}"))
+    }
+
     /// Seed nodes, as `--redis-url` takes a Redis Cluster: comma-separated.
     pub fn url(&self) -> String {
-        self.masters
+        self.members
             .iter()
             .map(Redis::url)
             .collect::<Vec<_>>()
@@ -542,7 +649,7 @@ impl RedisCluster {
     /// Waits until every master says `cluster_state:ok` (every slot served).
     fn wait_ok(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        for master in &self.masters {
+        for master in self.live() {
             loop {
                 if ask(master.port, "CLUSTER INFO\r\n", "cluster_state:ok") {
                     break;
@@ -560,8 +667,8 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for master in &mut self.masters {
-            master.kill();
+        for member in &mut self.members {
+            member.kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
