@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::value::RawValue;
 
 use crate::auth::Verdict;
-use crate::backplane::Sender;
+use crate::delivery::Sender;
 use crate::events::{NotifyAll, NotifyClient, NotifyGroup, Publish};
 use crate::kinds::Event;
 use crate::protocol::{Data, ProtocolError};

@@ -27,23 +27,11 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::delivery::{Delivery, Route};
+use crate::delivery::{Delivery, Route, Sender};
 use crate::hub::Peer;
 use crate::kinds::Frame;
 use crate::protocol::ProtocolError;
 use crate::relay::Relay;
-
-/// Who sent a delivery: an admin's is never refused for load; a client's waits in the
-/// cluster's client lane and may be refused when that lane, or the client's share of it, is
-/// full (so clients never crowd out admins).
-#[derive(Clone, Copy)]
-pub enum Sender<'a> {
-    Admin,
-    Client(&'a Arc<Peer>),
-    /// A client on another node, whose delivery this node passes on (a group it resolved):
-    /// the client lane, with no connection here to charge.
-    Relayed,
-}
 
 /// What the relay asks of the cluster. Every method is cheap and never waits: what must go
 /// out is queued for the backplane's own tasks.

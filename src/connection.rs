@@ -169,7 +169,7 @@ async fn run(socket: Socket, shared: Arc<Relay>, info: PeerInfo, peer: Arc<Peer>
     shared.hub.reforward(outbox::items(unsent));
     if session.in_pool {
         // The other nodes must stop forwarding to this server now, not at the next heartbeat.
-        shared.backplane.servers_changed(&shared);
+        shared.servers_changed();
     }
     // Counted before `finish`, which may linger for seconds on a slow consumer.
     match end {

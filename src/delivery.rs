@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::hub::{Acknowledgement, Filter};
+use crate::hub::{Acknowledgement, Filter, Peer};
 
 /// One delivery: whom, and the frame they get.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,6 +93,18 @@ impl Delivery {
             }
         }
     }
+}
+
+/// Who sent a delivery: an admin's is never refused for load; a client's waits in the
+/// cluster's client lane and may be refused when that lane, or the client's share of it, is
+/// full (so clients never crowd out admins).
+#[derive(Clone, Copy)]
+pub enum Sender<'a> {
+    Admin,
+    Client(&'a Arc<Peer>),
+    /// A client on another node, whose delivery this node passes on (a group it resolved):
+    /// the client lane, with no connection here to charge.
+    Relayed,
 }
 
 /// Where a delivery goes beyond this node.

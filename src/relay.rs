@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::backplane::{Backplane, Local, Sender, Topic};
+use crate::backplane::{Backplane, Local, Topic, channel_bucket};
 use crate::config::Config;
-use crate::delivery::{Delivery, Route};
+use crate::delivery::{Delivery, Route, Sender};
 use crate::hub::{Acknowledgement, Forwarded, Hub, Peer, looks_like_id};
 use crate::kinds::Frame;
 use crate::memory::Memory;
@@ -227,6 +227,18 @@ impl Relay {
         })
     }
 
+    /// This node's server pool changed (a server joined or left): the other nodes learn it
+    /// now, not at the next heartbeat.
+    pub fn servers_changed(&self) {
+        self.backplane.servers_changed(self);
+    }
+
+    /// Answers a `subscribe` to `channel` once the channel's publishes reach this node.
+    pub fn subscribed(&self, peer: &Arc<Peer>, channel: &str, frame: Utf8Bytes) {
+        let topic = Topic::Channels(channel_bucket(channel));
+        self.reply_when_subscribed(topic, peer, frame, Frame::Subscribed);
+    }
+
     /// Forwards a client's `client_connect` to a server: this node's, round robin, else one
     /// on another node, else it waits for one.
     pub fn forward_connect(
@@ -244,13 +256,7 @@ impl Relay {
     /// Sends `peer` a reply saying it joined `topic` (its `client_connected`, its
     /// `subscribed`) once messages for that topic reach this node (see
     /// [`crate::backplane::Interest`]): at once on a single node.
-    pub fn reply_when_subscribed(
-        &self,
-        topic: Topic,
-        peer: &Arc<Peer>,
-        frame: Utf8Bytes,
-        kind: Frame,
-    ) {
+    fn reply_when_subscribed(&self, topic: Topic, peer: &Arc<Peer>, frame: Utf8Bytes, kind: Frame) {
         match self.hub.interest() {
             Some(interest) => {
                 interest.reply(self, topic, peer, frame, kind);

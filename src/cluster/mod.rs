@@ -51,10 +51,10 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::backplane::{
-    ALL_TOPIC, Backplane, Interest, Publisher, Sender, Subscription, Subscriptions, Topic,
-    Transport, channel_bucket, node_of, node_topic,
+    ALL_TOPIC, Backplane, Interest, Publisher, Subscription, Subscriptions, Topic, Transport,
+    channel_bucket, node_of, node_topic,
 };
-use crate::delivery::{Delivery, Route};
+use crate::delivery::{Delivery, Route, Sender};
 use crate::hub::Peer;
 use crate::kinds::Frame;
 use crate::protocol::ProtocolError;

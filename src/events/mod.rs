@@ -22,8 +22,8 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::debug;
 
 use crate::auth::Verdict;
-use crate::backplane::Sender;
 use crate::config::ClientSend;
+use crate::delivery::Sender;
 use crate::hub::{Close, Peer};
 use crate::kinds::{Event, Frame};
 use crate::protocol::{Envelope, ProtocolError, compact, event_frame, is_falsy};
@@ -171,7 +171,7 @@ impl Session {
         }
     }
 
-    /// Who this connection is to the backplane: a client's deliveries wait in the client
+    /// Who this connection is to the other nodes: a client's deliveries wait in the client
     /// lane and may be refused when the cluster is busy.
     pub(crate) fn sender(&self) -> Sender<'_> {
         if self.admin {

@@ -49,7 +49,7 @@ impl ServerConnect {
         // Joining twice would double this server's round-robin share.
         if !session.in_pool {
             session.in_pool = session.shared.hub.join_pool(&session.peer);
-            session.shared.backplane.servers_changed(&session.shared);
+            session.shared.servers_changed();
         }
         Ok(Flow::Continue)
     }

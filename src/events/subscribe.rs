@@ -7,7 +7,6 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{Flow, Session};
-use crate::backplane::{Topic, channel_bucket};
 use crate::kinds::Frame;
 use crate::protocol::{
     Data, ProtocolError, event_frame, opt_string, push_json_string, validate_channel,
@@ -46,11 +45,8 @@ impl Subscribe {
         } else {
             hub.subscribe(&session.peer, &self.name)?;
             // Once this node receives the channel's publishes from the other nodes.
-            let topic = Topic::Channels(channel_bucket(&self.name));
             let reply = event_frame("subscribed", &data);
-            session
-                .shared
-                .reply_when_subscribed(topic, &session.peer, reply, Frame::Subscribed);
+            session.shared.subscribed(&session.peer, &self.name, reply);
         }
         Ok(Flow::Continue)
     }
