@@ -131,11 +131,19 @@ pub struct Cluster {
     next_seq: AtomicU64,
     /// Highest sequence number applied from each other node, per topic (messages on one
     /// topic from one node arrive in order; across topics, on a Redis Cluster, they may not).
-    last_seq: Mutex<HashMap<(String, String), u64>>,
+    last_seq: Mutex<SeqTable>,
     /// Other nodes alive when the subscription was last lost. An outage longer than
     /// [`NODE_EXPIRY`] makes this node forget them; after it, the backlog must still wait for
     /// them to subscribe again.
     known_before_outage: AtomicUsize,
+}
+
+/// Highest sequence number applied, per sending node and topic.
+#[derive(Default)]
+struct SeqTable {
+    by_node: HashMap<String, HashMap<String, u64>>,
+    /// Entries over every node.
+    entries: usize,
 }
 
 struct RemoteNode {
@@ -398,7 +406,7 @@ impl Cluster {
             next_server: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
             next_seq: AtomicU64::new(0),
-            last_seq: Mutex::new(HashMap::new()),
+            last_seq: Mutex::new(SeqTable::default()),
             known_before_outage: AtomicUsize::new(0),
         }
     }
@@ -461,23 +469,27 @@ impl Cluster {
     /// from one node arrive in order, so anything not above the last is a re-sent
     /// duplicate).
     fn first_time(&self, from: &str, topic: &str, seq: u64) -> bool {
-        let mut last = self.last_seq.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (from.to_string(), topic.to_string());
-        match last.get_mut(&key) {
-            Some(highest) if seq <= *highest => false,
-            Some(highest) => {
-                *highest = seq;
-                true
+        let mut table = self.last_seq.lock().unwrap_or_else(|e| e.into_inner());
+        // Looked up by reference: a message seen before allocates nothing.
+        if let Some(highest) = table.by_node.get_mut(from).and_then(|t| t.get_mut(topic)) {
+            if seq <= *highest {
+                return false;
             }
-            None => {
-                // Nodes come and go with new ids, groups with their members: kept bounded.
-                if last.len() >= MAX_SEQ_ENTRIES {
-                    last.clear();
-                }
-                last.insert(key, seq);
-                true
-            }
+            *highest = seq;
+            return true;
         }
+        // Nodes come and go with new ids, groups with their members: kept bounded.
+        if table.entries >= MAX_SEQ_ENTRIES {
+            table.by_node.clear();
+            table.entries = 0;
+        }
+        table
+            .by_node
+            .entry(from.to_string())
+            .or_default()
+            .insert(topic.to_string(), seq);
+        table.entries += 1;
+        true
     }
 
     /// Tells the other nodes which servers this node has (heartbeat; also right after a
@@ -1157,5 +1169,50 @@ impl Backoff {
         let wait = Duration::from_millis(50 << self.0.min(4)).min(Duration::from_secs(1));
         self.0 += 1;
         wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backplane::Loopback;
+
+    #[test]
+    fn a_resent_message_is_applied_once_per_topic() {
+        let cluster = Cluster::new(Arc::new(Loopback::new()));
+        let first = cluster.encode(Op::Leaving);
+        let second = cluster.encode(Op::Leaving);
+        let (seq1, wire) = Wire::decode_stamped(first.as_bytes()).expect("stamped");
+        let (seq2, _) = Wire::decode_stamped(second.as_bytes()).expect("stamped");
+        assert_eq!((seq1, seq2), (0, 1));
+        assert_eq!(wire.from, cluster.node);
+        assert!(cluster.first_time("a", "t", seq1));
+        // The same message published again after a lost reply: dropped.
+        assert!(!cluster.first_time("a", "t", seq1));
+        assert!(cluster.first_time("a", "t", seq2));
+        // On another topic (another shard of a Redis Cluster) the numbers may come in
+        // another order: judged on their own.
+        assert!(cluster.first_time("a", "u", seq1));
+        // Another node's numbering is its own.
+        assert!(cluster.first_time("b", "t", seq1));
+    }
+
+    #[test]
+    fn the_node_tag_is_in_every_connection_id_and_routes_to_its_topic() {
+        let cluster = Cluster::new(Arc::new(Loopback::new()));
+        let memory = Arc::new(crate::memory::Memory::new(
+            usize::MAX / 4,
+            &crate::metrics::Metrics::new(),
+        ));
+        let peer = Peer::new(cluster.node_tag(), 1024, &memory);
+        assert_eq!(node_of(&peer.target), Some(cluster.node_tag()));
+        assert_eq!(topic_of_node(&cluster.node), Some(node_topic(cluster.tag)));
+        assert!(!cluster.elsewhere(&peer.target));
+        let other = Peer::new(cluster.node_tag().wrapping_add(1), 1024, &memory);
+        assert!(cluster.elsewhere(&other.target));
+        assert!(!cluster.elsewhere("not-an-id"));
+        // Still a version 4 UUID.
+        let id = Uuid::parse_str(&peer.target).expect("a UUID");
+        assert_eq!(id.get_version_num(), 4);
     }
 }
