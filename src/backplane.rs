@@ -213,7 +213,10 @@ impl Interest {
     ) -> bool {
         {
             let mut state = self.state();
-            if state.live && !state.confirmed.contains(&topic) && state.held_count < MAX_HELD {
+            // Held while the subscriber has not caught up with the hub: not subscribed yet,
+            // or its members changed since it last looked (it may be unsubscribing).
+            let pending = !state.confirmed.contains(&topic) || state.touched.contains(&topic);
+            if state.live && pending && state.held_count < MAX_HELD {
                 state.held_count += 1;
                 state.held.entry(topic).or_default().push(Held {
                     peer: Arc::downgrade(peer),
@@ -244,6 +247,22 @@ impl Interest {
             let mut state = self.state();
             for topic in topics {
                 state.confirmed.insert(topic.clone());
+                if let Some(held) = state.held.remove(topic) {
+                    state.held_count -= held.len();
+                    release.extend(held);
+                }
+            }
+        }
+        send_held(relay, release);
+    }
+
+    /// Sends the replies held for these topics now (the subscriber has caught up with them
+    /// and keeps no subscription: their members left, and their replies say so in order).
+    pub fn release(&self, relay: &Relay, topics: &[Topic]) {
+        let mut release = Vec::new();
+        {
+            let mut state = self.state();
+            for topic in topics {
                 if let Some(held) = state.held.remove(topic) {
                     state.held_count -= held.len();
                     release.extend(held);
@@ -306,6 +325,20 @@ pub trait Publisher: Send {
         topic: &'a str,
         message: &'a str,
     ) -> BoxFuture<'a, Result<(), TransportError>>;
+
+    /// Publishes every (topic, message) of `batch`, in order; one round trip where the
+    /// engine can.
+    fn publish_batch<'a>(
+        &'a mut self,
+        batch: &'a [(String, String)],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            for (topic, message) in batch {
+                self.publish(topic, message).await?;
+            }
+            Ok(())
+        })
+    }
 
     /// How many subscribers `topic` has; `None` where the engine cannot tell.
     fn subscribers<'a>(&'a mut self, topic: &'a str) -> BoxFuture<'a, Option<usize>>;

@@ -239,6 +239,13 @@ impl Relay {
         self.reply_when_subscribed(topic, peer, frame, Frame::Subscribed);
     }
 
+    /// Answers an `unsubscribe` from `channel`, after a `subscribed` still waiting for the
+    /// channel's subscription (the replies keep the order of the requests).
+    pub fn unsubscribed(&self, peer: &Arc<Peer>, channel: &str, frame: Utf8Bytes) {
+        let topic = Topic::Channels(channel_bucket(channel));
+        self.reply_when_subscribed(topic, peer, frame, Frame::Unsubscribed);
+    }
+
     /// Forwards a client's `client_connect` to a server: this node's, round robin, else one
     /// on another node, else it waits for one.
     pub fn forward_connect(

@@ -955,6 +955,32 @@ async fn subscribe_once(shared: &Relay, cluster: &Cluster, backoff: &mut Backoff
         Ok(subscription) => subscription,
         Err(e) => return debug!(error = %e, "cluster: cannot subscribe"),
     };
+    // Subscribing runs beside the reading, never instead of it: what arrives meanwhile is
+    // applied, not piled up in the transport's buffers.
+    let subscriptions = keep_subscribed(shared, cluster, &mut *control, backoff);
+    tokio::pin!(subscriptions);
+    loop {
+        tokio::select! {
+            message = messages.next() => match message {
+                Some((topic, payload)) => cluster.receive(shared, &topic, &payload),
+                None => return,
+            },
+            failed = &mut subscriptions => {
+                let Err(e) = failed;
+                return debug!(error = %e, "cluster: cannot subscribe");
+            }
+        }
+    }
+}
+
+/// Subscribes to everything the hub has, then follows its changes; returns only when the
+/// transport refuses.
+async fn keep_subscribed(
+    shared: &Relay,
+    cluster: &Cluster,
+    control: &mut dyn Subscriptions,
+    backoff: &mut Backoff,
+) -> Result<std::convert::Infallible, crate::backplane::TransportError> {
     let interest = &cluster.interest;
     interest.set_live(shared, true);
     // Everything the hub has now is subscribed below; later changes are followed.
@@ -962,34 +988,21 @@ async fn subscribe_once(shared: &Relay, cluster: &Cluster, backoff: &mut Backoff
     let topics = shared.hub.topics();
     for batch in topics.chunks(SUBSCRIBE_BATCH) {
         let keys: Vec<String> = batch.iter().map(Topic::key).collect();
-        if let Err(e) = control.subscribe(&keys).await {
-            return debug!(error = %e, "cluster: cannot subscribe");
-        }
+        control.subscribe(&keys).await?;
         interest.confirm(shared, batch);
     }
     // Its own topic and the broadcast topic last: a node seen on the broadcast topic
     // (`Publisher::subscribers`) has made every other subscription.
     let own = [node_topic(cluster.tag), ALL_TOPIC.to_string()];
-    if let Err(e) = control.subscribe(&own).await {
-        return debug!(error = %e, "cluster: cannot subscribe");
-    }
+    control.subscribe(&own).await?;
     *backoff = Backoff::default();
     cluster.connected.store(true, Ordering::Relaxed);
     shared.metrics.cluster_connected.set(1);
     info!(node = %cluster.node, "cluster: subscribed");
     cluster.announce(shared);
     loop {
-        tokio::select! {
-            message = messages.next() => match message {
-                Some((topic, payload)) => cluster.receive(shared, &topic, &payload),
-                None => return,
-            },
-            _ = interest.touched.notified() => {
-                if let Err(e) = follow(shared, cluster, &mut *control).await {
-                    return debug!(error = %e, "cluster: cannot change subscriptions");
-                }
-            }
-        }
+        interest.touched.notified().await;
+        follow(shared, cluster, control).await?;
     }
 }
 
@@ -1003,6 +1016,7 @@ async fn follow(
     let interest = &cluster.interest;
     let mut join = Vec::new();
     let mut leave = Vec::new();
+    let mut settled = Vec::new();
     for topic in interest.take_touched() {
         match (
             shared.hub.has_members(&topic),
@@ -1010,13 +1024,17 @@ async fn follow(
         ) {
             (true, false) => join.push(topic),
             (false, true) => leave.push(topic),
-            _ => {}
+            // Came and went, or went and came back: nothing to change, and whatever
+            // waited for it goes out now.
+            _ => settled.push(topic),
         }
     }
+    interest.release(shared, &settled);
     for batch in leave.chunks(SUBSCRIBE_BATCH) {
         interest.unconfirm(batch);
         let keys: Vec<String> = batch.iter().map(Topic::key).collect();
         control.unsubscribe(&keys).await?;
+        interest.release(shared, batch);
     }
     for batch in join.chunks(SUBSCRIBE_BATCH) {
         let keys: Vec<String> = batch.iter().map(Topic::key).collect();
@@ -1026,30 +1044,43 @@ async fn follow(
     Ok(())
 }
 
-/// Publishes queued messages in order; on failure keeps the message and retries once Redis
-/// Publishes queued messages in order; on failure keeps the message and retries once the
-/// transport is back and the other nodes have subscribed again.
+/// Most messages, and bytes, published in one batch.
+const BATCH: usize = 256;
+const BATCH_BYTES: usize = 1024 * 1024;
+
+/// Publishes queued messages in order, in batches (what queued up while the last batch was
+/// out goes in one write, its replies read after: one round trip to Redis per batch, not per
+/// message); on failure keeps the batch and retries once the transport is back and the other
+/// nodes have subscribed again (receivers drop what they already applied).
 async fn publisher(shared: Arc<Relay>, cluster: Arc<Cluster>) {
     let mut backoff = Backoff::default();
     let mut connection: Option<Box<dyn Publisher>> = None;
-    let mut pending: Option<(String, String)> = None;
+    let mut batch: Vec<(String, String)> = Vec::new();
     loop {
-        let (topic, message) = match pending.take() {
-            Some(pending) => pending,
-            None => tokio::select! {
+        if batch.is_empty() {
+            tokio::select! {
                 taken = cluster.backlog.pop() => {
-                    let bytes = cluster.backlog.bytes();
-                    shared.metrics.cluster_backlog_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
-                    if let Some((client, id)) = taken.forward {
-                        cluster.going_out(client, id);
+                    let mut bytes = 0;
+                    let mut next = Some(taken);
+                    while let Some(taken) = next.take() {
+                        if let Some((client, id)) = taken.forward {
+                            cluster.going_out(client, id);
+                        }
+                        let message = cluster.encode(taken.op);
+                        bytes += message.len();
+                        batch.push((taken.topic, message));
+                        if batch.len() < BATCH && bytes < BATCH_BYTES {
+                            next = cluster.backlog.try_pop();
+                        }
                     }
-                    (taken.topic, cluster.encode(taken.op))
+                    let waiting = cluster.backlog.bytes();
+                    shared.metrics.cluster_backlog_bytes.set(i64::try_from(waiting).unwrap_or(i64::MAX));
                 }
                 _ = shared.shutdown.cancelled() => {
-                    return farewell(&cluster, connection).await;
+                    return farewell(&cluster, connection, batch).await;
                 }
-            },
-        };
+            }
+        }
         if connection.is_none() {
             match cluster.transport.publisher().await {
                 Ok(mut fresh) => {
@@ -1059,7 +1090,6 @@ async fn publisher(shared: Arc<Relay>, cluster: Arc<Cluster>) {
                 }
                 Err(e) => {
                     debug!(error = %e, "cluster: cannot connect to publish");
-                    pending = Some((topic, message));
                     if sleep_or_shutdown(&shared, backoff.next()).await {
                         return;
                     }
@@ -1070,14 +1100,14 @@ async fn publisher(shared: Arc<Relay>, cluster: Arc<Cluster>) {
         let Some(conn) = connection.as_mut() else {
             continue;
         };
-        match conn.publish(&topic, &message).await {
+        match conn.publish_batch(&batch).await {
             Ok(()) => {
-                shared.metrics.cluster_published.inc();
+                shared.metrics.cluster_published.inc_by(batch.len() as u64);
+                batch.clear();
             }
             Err(e) => {
                 warn!(error = %e, "cluster: publish failed; will retry when the transport is back");
                 connection = None;
-                pending = Some((topic, message));
                 if sleep_or_shutdown(&shared, backoff.next()).await {
                     return;
                 }
@@ -1092,17 +1122,20 @@ const FAREWELL: Duration = Duration::from_secs(1);
 /// On shutdown: publishes what is still queued, then `Leaving`, so the other nodes forget
 /// this one and its servers at once rather than after [`NODE_EXPIRY`]. Bounded; skipped when
 /// the transport is not reachable.
-async fn farewell(cluster: &Cluster, connection: Option<Box<dyn Publisher>>) {
+async fn farewell(
+    cluster: &Cluster,
+    connection: Option<Box<dyn Publisher>>,
+    unsent: Vec<(String, String)>,
+) {
     let Some(mut conn) = connection else {
         return;
     };
     let last = async {
         let queued = std::iter::from_fn(|| cluster.backlog.try_pop())
-            .map(|taken| (taken.topic, taken.op))
+            .map(|taken| (taken.topic, cluster.encode(taken.op)))
             .collect::<Vec<_>>();
-        let leaving = (ALL_TOPIC.to_string(), Op::Leaving);
-        for (topic, op) in queued.into_iter().chain([leaving]) {
-            let message = cluster.encode(op);
+        let leaving = (ALL_TOPIC.to_string(), cluster.encode(Op::Leaving));
+        for (topic, message) in unsent.into_iter().chain(queued).chain([leaving]) {
             if conn.publish(&topic, &message).await.is_err() {
                 return;
             }

@@ -67,6 +67,21 @@ impl Transport for Redis {
 struct RedisPublisher(MultiplexedConnection);
 
 impl Publisher for RedisPublisher {
+    fn publish_batch<'a>(
+        &'a mut self,
+        batch: &'a [(String, String)],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            // A pipeline: one write, the replies read after it.
+            let mut pipe = redis::pipe();
+            for (topic, message) in batch {
+                pipe.cmd("PUBLISH").arg(topic).arg(message).ignore();
+            }
+            pipe.query_async::<()>(&mut self.0).await?;
+            Ok(())
+        })
+    }
+
     fn publish<'a>(
         &'a mut self,
         topic: &'a str,
@@ -181,6 +196,30 @@ impl Transport for RedisCluster {
 struct ClusterPublisher(ClusterConnection);
 
 impl Publisher for ClusterPublisher {
+    fn publish_batch<'a>(
+        &'a mut self,
+        batch: &'a [(String, String)],
+    ) -> BoxFuture<'a, Result<(), TransportError>> {
+        Box::pin(async move {
+            // All sent before any reply is awaited: the multiplexed connections keep the
+            // order of the commands for each shard, so each topic's messages stay in order.
+            let sends = batch.iter().map(|(topic, message)| {
+                let mut connection = self.0.clone();
+                async move {
+                    redis::cmd("SPUBLISH")
+                        .arg(topic)
+                        .arg(message)
+                        .query_async::<i64>(&mut connection)
+                        .await
+                }
+            });
+            for sent in futures_util::future::join_all(sends).await {
+                sent?;
+            }
+            Ok(())
+        })
+    }
+
     fn publish<'a>(
         &'a mut self,
         topic: &'a str,

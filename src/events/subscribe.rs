@@ -7,7 +7,6 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{Flow, Session};
-use crate::kinds::Frame;
 use crate::protocol::{
     Data, ProtocolError, event_frame, opt_string, push_json_string, validate_channel,
 };
@@ -41,7 +40,9 @@ impl Subscribe {
         if self.leave {
             hub.unsubscribe(&session.peer, &self.name);
             let reply = event_frame("unsubscribed", &data);
-            session.send_counted(Frame::Unsubscribed, reply);
+            session
+                .shared
+                .unsubscribed(&session.peer, &self.name, reply);
         } else {
             hub.subscribe(&session.peer, &self.name)?;
             // Once this node receives the channel's publishes from the other nodes.
