@@ -231,6 +231,12 @@ impl Interest {
         true
     }
 
+    /// Whether replies wait for `topic` now: what follows them for the same connections
+    /// must wait behind them.
+    pub fn has_held(&self, topic: &Topic) -> bool {
+        self.state().held.contains_key(topic)
+    }
+
     /// The touched topics, taken.
     pub fn take_touched(&self) -> Vec<Topic> {
         self.state().touched.drain().collect()

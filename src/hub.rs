@@ -670,6 +670,14 @@ impl Hub {
         }
     }
 
+    /// The members of `group` now (a copy: sent to outside the map's lock).
+    pub fn group_members(&self, group: &str) -> Vec<Arc<Peer>> {
+        self.groups
+            .get(group)
+            .map(|members| members.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Delivers `frame` to every registered client.
     pub fn notify_all(&self, frame: &Utf8Bytes) -> usize {
         let mut broadcast = Broadcast::new(frame);

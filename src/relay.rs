@@ -143,8 +143,7 @@ impl Relay {
                 None => here(0, None),
             },
             Delivery::Group { group, frame } => {
-                let n = hub.notify_group(&group, &frame);
-                self.metrics.sent(Frame::NotifyGroup, n, frame.len());
+                let n = self.notify_group(&group, &frame);
                 here(
                     n,
                     Some((
@@ -162,8 +161,7 @@ impl Relay {
                 }
                 let resolved = local.is_some();
                 let group = local.unwrap_or_else(|| Arc::from(&*target));
-                let n = hub.notify_group(&group, &frame);
-                self.metrics.sent(Frame::NotifyGroup, n, frame.len());
+                let n = self.notify_group(&group, &frame);
                 let onward = Delivery::Group {
                     group: group.clone(),
                     frame,
@@ -225,6 +223,30 @@ impl Relay {
                 here(1, None)
             }
         })
+    }
+
+    /// Delivers to a group's members here. While some of them still wait for their
+    /// `client_connected` (held until this node receives the group's messages), the frame
+    /// waits behind it for each member: nobody gets a group's message before being told it
+    /// joined.
+    fn notify_group(&self, group: &Arc<str>, frame: &Utf8Bytes) -> usize {
+        let topic = Topic::Group(Arc::clone(group));
+        let Some(interest) = self.hub.interest().filter(|i| i.has_held(&topic)) else {
+            let n = self.hub.notify_group(group, frame);
+            self.metrics.sent(Frame::NotifyGroup, n, frame.len());
+            return n;
+        };
+        let members = self.hub.group_members(group);
+        for member in &members {
+            interest.reply(
+                self,
+                topic.clone(),
+                member,
+                frame.clone(),
+                Frame::NotifyGroup,
+            );
+        }
+        members.len()
     }
 
     /// This node's server pool changed (a server joined or left): the other nodes learn it

@@ -1127,3 +1127,48 @@ async fn a_redis_cluster_slot_move_and_failover_are_followed() {
         .await;
     expect_once(&mut [&mut member, &mut backend], &[0], &bare("after")).await;
 }
+
+// ---------------------------------------------------------------- 8. acknowledge, then notify
+
+/// A backend acknowledges clients on another node into groups of their own and notifies
+/// each group at once, without waiting (as Jaseci does on a reconnect storm): the client's
+/// node subscribes to the group only once the acknowledgement reached it, yet every
+/// notification arrives, once, after the acknowledgement.
+async fn acknowledged_then_notified_at_once(kind: Kind) {
+    const CLIENTS: usize = 30;
+    let (_backing, nodes) = cluster_on(kind, 2).await;
+    let mut backend = nodes[0].backend("backend").await;
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let mut client = nodes[1].client(&format!("c{i}")).await;
+        register(&mut client, &mut backend).await;
+        clients.push(client);
+    }
+    for (i, client) in clients.iter().enumerate() {
+        let id = client.id().to_string();
+        backend
+            .send_event(
+                "client_connected",
+                json!({"target": id, "user": format!("u{i}")}),
+            )
+            .await;
+        backend
+            .send_event(
+                "notify_group",
+                json!({"target": format!("u{i}"), "data": {"msg": format!("n{i}")}}),
+            )
+            .await;
+    }
+    for (i, client) in clients.iter_mut().enumerate() {
+        let id = client.id().to_string();
+        client
+            .expect_text(&json!({"type": "client_connected", "data": {"target": id}}).to_string())
+            .await;
+        client.expect_text(&bare(&format!("n{i}"))).await;
+    }
+    let mut all: Vec<&mut Conn> = clients.iter_mut().collect();
+    all.push(&mut backend);
+    expect_silence_all(&mut all).await;
+}
+
+on!([Loopback, Redis, RedisCluster] acknowledged_then_notified_at_once);

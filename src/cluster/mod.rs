@@ -103,6 +103,14 @@ const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
 const SUBSCRIBE_BATCH: usize = 500;
 /// Entries of the duplicate filter (sender, topic) before it is emptied.
 const MAX_SEQ_ENTRIES: usize = 100_000;
+/// How long after this node sent an acknowledgement to another node that node may still be
+/// subscribing to the client's group (see [`Cluster::recent_joins`]).
+const JOIN_GRACE: Duration = Duration::from_secs(2);
+/// Groups remembered as recently joined elsewhere; beyond, none more is (a twin is an
+/// extra, never needed for a delivery to reach a node that was already subscribed).
+const MAX_RECENT_JOINS: usize = 10_000;
+/// Twins remembered per receiving node, to drop the second copy.
+const MAX_TWINS: usize = 100_000;
 
 /// This node's view of the cluster.
 pub struct Cluster {
@@ -132,11 +140,28 @@ pub struct Cluster {
     /// Highest sequence number applied from each other node, per topic (messages on one
     /// topic from one node arrive in order; across topics, on a Redis Cluster, they may not).
     last_seq: Mutex<SeqTable>,
+    /// Groups this node recently acknowledged a client into on another node, with that
+    /// node and when. That node subscribes to the group's topic only once the
+    /// acknowledgement reached it, so the group's messages sent right after it (a backend
+    /// acknowledges, then notifies) would be published before anyone there listens: for
+    /// [`JOIN_GRACE`] they also go to that node's own topic, after the acknowledgement, as
+    /// twins of the group's message.
+    recent_joins: Mutex<Joins>,
+    /// Number of the next twin this node sends.
+    next_twin: AtomicU64,
+    /// Twins applied here (sender, number), the oldest forgotten first.
+    twins_seen: Mutex<Twins>,
     /// Other nodes alive when the subscription was last lost. An outage longer than
     /// [`NODE_EXPIRY`] makes this node forget them; after it, the backlog must still wait for
     /// them to subscribe again.
     known_before_outage: AtomicUsize,
 }
+
+/// Group → the nodes joining it, and since when (see [`Cluster::recent_joins`]).
+type Joins = HashMap<Arc<str>, Vec<(u32, Instant)>>;
+
+/// Twins applied (sender, number), and the same in order of arrival, to forget the oldest.
+type Twins = (HashSet<(String, u64)>, VecDeque<(String, u64)>);
 
 /// Highest sequence number applied, per sending node and topic.
 #[derive(Default)]
@@ -408,7 +433,58 @@ impl Cluster {
             next_seq: AtomicU64::new(0),
             last_seq: Mutex::new(SeqTable::default()),
             known_before_outage: AtomicUsize::new(0),
+            recent_joins: Mutex::new(HashMap::new()),
+            next_twin: AtomicU64::new(0),
+            twins_seen: Mutex::new((HashSet::new(), VecDeque::new())),
         }
+    }
+
+    /// Remembers that `node` is joining `group` (see [`Cluster::recent_joins`]).
+    fn joining(&self, group: &Arc<str>, node: u32) {
+        let mut joins = self.recent_joins.lock().unwrap_or_else(|e| e.into_inner());
+        if joins.len() >= MAX_RECENT_JOINS {
+            joins.retain(|_, nodes| {
+                nodes.retain(|(_, at)| at.elapsed() < JOIN_GRACE);
+                !nodes.is_empty()
+            });
+            if joins.len() >= MAX_RECENT_JOINS {
+                return;
+            }
+        }
+        let nodes = joins.entry(Arc::clone(group)).or_default();
+        nodes.retain(|(n, at)| *n != node && at.elapsed() < JOIN_GRACE);
+        nodes.push((node, Instant::now()));
+    }
+
+    /// The nodes that may still be subscribing to `group`.
+    fn joining_nodes(&self, group: &str) -> Vec<u32> {
+        let mut joins = self.recent_joins.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(nodes) = joins.get_mut(group) else {
+            return Vec::new();
+        };
+        nodes.retain(|(_, at)| at.elapsed() < JOIN_GRACE);
+        let nodes: Vec<u32> = nodes.iter().map(|(node, _)| *node).collect();
+        if nodes.is_empty() {
+            joins.remove(group);
+        }
+        nodes
+    }
+
+    /// True the first time twin `id` of node `from` arrives.
+    fn first_twin(&self, from: &str, id: u64) -> bool {
+        let mut seen = self.twins_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (from.to_string(), id);
+        if seen.0.contains(&key) {
+            return false;
+        }
+        if seen.1.len() >= MAX_TWINS
+            && let Some(oldest) = seen.1.pop_front()
+        {
+            seen.0.remove(&oldest);
+        }
+        seen.0.insert(key.clone());
+        seen.1.push_back(key);
+        true
     }
 
     fn nodes(&self) -> MutexGuard<'_, BTreeMap<String, RemoteNode>> {
@@ -492,6 +568,47 @@ impl Cluster {
         true
     }
 
+    /// Queues one message for `topic` in the lane `sender` calls for.
+    fn publish_one(
+        &self,
+        relay: &Relay,
+        topic: String,
+        op: Op,
+        sender: Sender<'_>,
+    ) -> Result<(), ProtocolError> {
+        match sender {
+            Sender::Admin => {
+                self.publish_control(relay, topic, op);
+                Ok(())
+            }
+            Sender::Client(client) => self
+                .enqueue(relay, Lane::Clients, topic, op, Some(client), None)
+                .map_err(|refused| {
+                    relay.metrics.cluster_dropped.inc();
+                    match refused {
+                        // Many other clients filled the lane: not held against this one.
+                        Refused::Full => ProtocolError::ClusterBusy(
+                            "cluster busy: too much is waiting for the other nodes; send it again later",
+                        ),
+                        Refused::SenderBusy => ProtocolError::RateLimited(
+                            "too much of yours is waiting for the other nodes; send it again later",
+                        ),
+                    }
+                }),
+            Sender::Relayed => {
+                // A client's message passed on by this node: in the client lane, never
+                // ahead of admin traffic; dropped (counted) when that lane is full.
+                if self
+                    .enqueue(relay, Lane::Clients, topic, op, None, None)
+                    .is_err()
+                {
+                    relay.metrics.cluster_dropped.inc();
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Tells the other nodes which servers this node has (heartbeat; also right after a
     /// change, so a new server is usable cluster-wide at once).
     pub fn announce(&self, shared: &Relay) {
@@ -524,7 +641,13 @@ impl Cluster {
             Op::Deliver {
                 delivery,
                 from_client,
+                twin,
             } => {
+                if let Some(id) = twin
+                    && !self.first_twin(&wire.from, id)
+                {
+                    return;
+                }
                 let sender = if from_client {
                     Sender::Relayed
                 } else {
@@ -851,51 +974,40 @@ impl Backplane for Cluster {
         delivery: Delivery,
         sender: Sender<'_>,
     ) -> Result<(), ProtocolError> {
+        let mut twins = Vec::new();
         let topic = match route {
             Route::All => ALL_TOPIC.to_string(),
             Route::Owner(target) => match node_of(&target) {
-                Some(tag) => node_topic(tag),
+                Some(tag) => {
+                    if let Delivery::Acknowledge { group, .. } = &delivery {
+                        self.joining(group, tag);
+                    }
+                    node_topic(tag)
+                }
                 None => return Ok(()),
             },
-            Route::Group(name) => Topic::Group(name).key(),
+            Route::Group(name) => {
+                twins = self.joining_nodes(&name);
+                Topic::Group(name).key()
+            }
             Route::Channel(name) => Topic::Channels(channel_bucket(&name)).key(),
         };
         let from_client = !matches!(sender, Sender::Admin);
+        let twin = (!twins.is_empty()).then(|| self.next_twin.fetch_add(1, Ordering::Relaxed));
+        for node in twins {
+            let op = Op::Deliver {
+                delivery: delivery.clone(),
+                from_client,
+                twin,
+            };
+            self.publish_one(relay, node_topic(node), op, sender)?;
+        }
         let op = Op::Deliver {
             delivery,
             from_client,
+            twin,
         };
-        match sender {
-            Sender::Admin => {
-                self.publish_control(relay, topic, op);
-                Ok(())
-            }
-            Sender::Client(client) => self
-                .enqueue(relay, Lane::Clients, topic, op, Some(client), None)
-                .map_err(|refused| {
-                    relay.metrics.cluster_dropped.inc();
-                    match refused {
-                        // Many other clients filled the lane: not held against this one.
-                        Refused::Full => ProtocolError::ClusterBusy(
-                            "cluster busy: too much is waiting for the other nodes; send it again later",
-                        ),
-                        Refused::SenderBusy => ProtocolError::RateLimited(
-                            "too much of yours is waiting for the other nodes; send it again later",
-                        ),
-                    }
-                }),
-            Sender::Relayed => {
-                // A client's message passed on by this node: in the client lane, never
-                // ahead of admin traffic; dropped (counted) when that lane is full.
-                if self
-                    .enqueue(relay, Lane::Clients, topic, op, None, None)
-                    .is_err()
-                {
-                    relay.metrics.cluster_dropped.inc();
-                }
-                Ok(())
-            }
-        }
+        self.publish_one(relay, topic, op, sender)
     }
 
     fn elsewhere(&self, target: &str) -> bool {

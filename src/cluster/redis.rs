@@ -201,16 +201,26 @@ impl Publisher for ClusterPublisher {
         batch: &'a [(String, String)],
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
-            // All sent before any reply is awaited: the multiplexed connections keep the
-            // order of the commands for each shard, so each topic's messages stay in order.
-            let sends = batch.iter().map(|(topic, message)| {
+            // Each topic's messages one after the other (the order receivers rely on), the
+            // topics side by side: one round trip per message of the busiest topic.
+            let mut by_topic: Vec<(&str, Vec<&str>)> = Vec::new();
+            for (topic, message) in batch {
+                match by_topic.iter_mut().find(|(t, _)| t == topic) {
+                    Some((_, messages)) => messages.push(message),
+                    None => by_topic.push((topic, vec![message])),
+                }
+            }
+            let sends = by_topic.into_iter().map(|(topic, messages)| {
                 let mut connection = self.0.clone();
                 async move {
-                    redis::cmd("SPUBLISH")
-                        .arg(topic)
-                        .arg(message)
-                        .query_async::<i64>(&mut connection)
-                        .await
+                    for message in messages {
+                        redis::cmd("SPUBLISH")
+                            .arg(topic)
+                            .arg(message)
+                            .query_async::<i64>(&mut connection)
+                            .await?;
+                    }
+                    Ok::<(), redis::RedisError>(())
                 }
             });
             for sent in futures_util::future::join_all(sends).await {
@@ -282,10 +292,15 @@ impl Subscriptions for ClusterSubscriptions {
         &'a mut self,
         topics: &'a [String],
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        // One command per topic: topics of one command must share a slot.
+        // One command per topic (topics of one command must share a slot), all sent before
+        // any confirmation is awaited: one round trip for the batch, not one per topic.
         Box::pin(async move {
-            for topic in topics {
-                self.connection.ssubscribe(topic).await?;
+            let subscribes = topics.iter().map(|topic| {
+                let mut connection = self.connection.clone();
+                async move { connection.ssubscribe(topic).await }
+            });
+            for subscribed in futures_util::future::join_all(subscribes).await {
+                subscribed?;
             }
             Ok(())
         })

@@ -26,6 +26,11 @@ pub enum Op {
         delivery: Delivery,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         from_client: bool,
+        /// Sent twice, to a group's topic and to a node that may still be subscribing to it
+        /// (see `Cluster::recent_joins`): the number, per sender, by which the second copy
+        /// is dropped.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        twin: Option<u64>,
     },
     /// A `client_connect` for server `server` on node `node`. `id` numbers the sender's
     /// forwards, so its receipt names this one and not an earlier attempt.
@@ -111,6 +116,7 @@ mod tests {
                     frame: Text(Utf8Bytes::from_static("{\"a\":1}")),
                 },
                 from_client: true,
+                twin: None,
             },
         };
         let text = format!("7 {}", wire.encode());
@@ -120,6 +126,7 @@ mod tests {
         let Op::Deliver {
             delivery: Delivery::Group { group, frame },
             from_client: true,
+            twin: None,
         } = back.op
         else {
             panic!("not the group delivery: {text}");
