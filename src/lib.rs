@@ -36,6 +36,8 @@ pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod overload;
+pub mod peer;
+pub mod pool;
 pub mod protocol;
 pub mod relay;
 pub mod server;

@@ -32,7 +32,7 @@ use std::task::{Context, Poll, Waker};
 
 use jssocket::config::Config;
 use jssocket::events::{self, Flow, Session};
-use jssocket::hub::{Outgoing, Peer};
+use jssocket::peer::{Outgoing, Peer};
 use jssocket::relay::Relay;
 
 /// A cost-4 bcrypt hash of `12345678`: `server_connect` with `{"auth":"12345678"}` costs
@@ -203,7 +203,7 @@ fn close(conns: &mut [Conn], i: usize) {
     for item in &unsent {
         check_frame(item);
     }
-    shared.hub.reforward(unsent);
+    shared.hub.pool.reforward(unsent);
     drop(session);
 }
 

@@ -55,8 +55,8 @@ use crate::backplane::{
     channel_bucket, node_of, node_topic,
 };
 use crate::delivery::{Delivery, Route, Sender};
-use crate::hub::Peer;
 use crate::kinds::Frame;
+use crate::peer::Peer;
 use crate::protocol::ProtocolError;
 use crate::relay::Relay;
 use crate::warn_throttled;
@@ -483,7 +483,7 @@ impl Cluster {
     /// Tells the other nodes which servers this node has (heartbeat; also right after a
     /// change, so a new server is usable cluster-wide at once).
     pub fn announce(&self, shared: &Relay) {
-        let servers = shared.hub.local_servers();
+        let servers = shared.hub.pool.local_servers();
         self.publish_control(shared, ALL_TOPIC.to_string(), Op::Servers { servers });
     }
 
@@ -531,7 +531,7 @@ impl Cluster {
                     return;
                 }
                 let len = frame.0.len();
-                let queued = shared.hub.offer_to_server(&server, frame.0);
+                let queued = shared.hub.pool.offer_to_server(&server, frame.0);
                 if queued {
                     shared.metrics.sent(Frame::ClientConnect, 1, len);
                 } else {
@@ -587,6 +587,7 @@ impl Cluster {
     fn flush_pending(&self, shared: &Relay) {
         shared
             .hub
+            .pool
             .flush_pending(|client, frame| self.send_forward(shared, client, frame, 1));
     }
 
@@ -735,7 +736,7 @@ impl Cluster {
             return;
         };
         // A newer request of the client's, waiting here, wins.
-        if shared.hub.is_pending(client.id) {
+        if shared.hub.pool.is_pending(client.id) {
             return;
         }
         if entry.attempt >= MAX_ATTEMPTS {
@@ -749,6 +750,7 @@ impl Cluster {
         let attempt = entry.attempt + 1;
         let forwarded = shared
             .hub
+            .pool
             .forward_connect(&client, entry.frame, |c, frame| {
                 let attempt = if c.id == client.id { attempt } else { 1 };
                 self.send_forward(shared, c, frame, attempt)
