@@ -23,11 +23,12 @@ use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, info};
 
-use crate::events::{self, Flow, Session};
+use crate::events;
 use crate::memory::Counted;
 use crate::outbox::{self, Taken};
 use crate::peer::{Close, Peer};
 use crate::relay::Relay;
+use crate::session::{Flow, Session};
 
 /// The stream counts what it reads toward the memory budget (see `memory::Counted`).
 pub type Socket = WebSocketStream<Counted>;

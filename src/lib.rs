@@ -41,3 +41,4 @@ pub mod pool;
 pub mod protocol;
 pub mod relay;
 pub mod server;
+pub mod session;

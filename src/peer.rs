@@ -97,7 +97,7 @@ pub enum Outgoing {
     /// One frame for many connections (a broadcast), charged to the memory budget once.
     Relay(Arc<SharedFrame>),
     /// An error reply the peer provoked: counted apart, so a peer that does not read its
-    /// errors is told from one that is merely busy (`events::UNREAD_REPLIES`).
+    /// errors is told from one that is merely busy (`session::UNREAD_REPLIES`).
     Error(Utf8Bytes),
 }
 

@@ -5,10 +5,10 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Flow, Session};
 use crate::kinds::Frame;
 use crate::peer::Close;
 use crate::protocol::{Data, ProtocolError, event_frame, opt_string};
+use crate::session::{Flow, Session};
 
 #[derive(Debug)]
 pub struct ServerConnect {
