@@ -28,8 +28,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::delivery::{Delivery, Route, Sender};
-use crate::hub::Peer;
 use crate::kinds::Frame;
+use crate::peer::Peer;
 use crate::protocol::ProtocolError;
 use crate::relay::Relay;
 
@@ -142,7 +142,7 @@ pub fn node_topic(tag: u32) -> String {
     format!("jssocket:node:{tag:08x}")
 }
 
-/// The node a connection id names: its first four bytes (see [`crate::hub::Peer::new`]).
+/// The node a connection id names: its first four bytes (see [`crate::peer::Peer::new`]).
 pub fn node_of(target: &str) -> Option<u32> {
     let id = crate::hub::parse_target(target)?;
     let bytes = id.as_bytes();

@@ -23,11 +23,12 @@ use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, info};
 
-use crate::events::{self, Flow, Session};
-use crate::hub::{Close, Peer};
+use crate::events;
 use crate::memory::Counted;
 use crate::outbox::{self, Taken};
+use crate::peer::{Close, Peer};
 use crate::relay::Relay;
+use crate::session::{Flow, Session};
 
 /// The stream counts what it reads toward the memory budget (see `memory::Counted`).
 pub type Socket = WebSocketStream<Counted>;
@@ -166,7 +167,7 @@ async fn run(socket: Socket, shared: Arc<Relay>, info: PeerInfo, peer: Arc<Peer>
     if let End::Close { flush: true, .. } = end {
         unsent = Box::pin(flush(&mut sink, unsent)).await;
     }
-    shared.hub.reforward(outbox::items(unsent));
+    shared.hub.pool.reforward(outbox::items(unsent));
     if session.in_pool {
         // The other nodes must stop forwarding to this server now, not at the next heartbeat.
         shared.servers_changed();

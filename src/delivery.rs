@@ -11,7 +11,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::hub::{Acknowledgement, Filter, Peer};
+use crate::hub::{Acknowledgement, Filter};
+use crate::peer::Peer;
 
 /// One delivery: whom, and the frame they get.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -6,10 +6,16 @@
 //! - [`config`]: every option, its `SOCKET_*` variable and default, validated once.
 //! - [`server`]: listener, HTTP routes, WebSocket upgrade, shutdown; [`server::run`] is the
 //!   entry point for the binary and for tests.
+//! - [`relay`]: what every task shares, and the one delivery path ([`relay::Relay::deliver`]).
 //! - [`connection`]: one WebSocket: reader, bounded outbound queue, keepalive.
+//! - [`session`]: what a connection's task knows of itself, and its per-connection limits.
 //! - [`protocol`]: the envelope, the outbound frames, the error codes.
+//! - [`kinds`]: every event name, frame kind and error code, listed once.
 //! - [`events`]: one file per event type.
-//! - [`hub`]: who is connected: clients, groups, server pool.
+//! - [`delivery`]: what an event asks to be delivered, as one value, local or remote.
+//! - [`hub`]: who is connected: clients, groups, channels.
+//! - [`peer`]: one connection's shared handle: id, outbound queue, hub state, close reason.
+//! - [`pool`]: the server pool and the client connects waiting for a server.
 //! - [`outbox`]: a connection's bounded outbound queue.
 //! - [`memory`]: the global memory budget (`--max-memory`) over every queue and partial message.
 //! - [`overload`]: when the runtime lags, clients' messages wait so bystanders are served.
@@ -17,7 +23,9 @@
 //! - [`api`]: the HTTP publish API (`POST /api/…`).
 //! - [`metrics`]: Prometheus metrics at `GET /metrics`.
 //! - [`console`]: the built-in web console at `GET /console` (`--console on|off`).
-//! - [`cluster`]: the Redis backplane that makes several nodes one relay.
+//! - [`backplane`]: what a node tells the others: its traits, the single-node and loopback ones.
+//! - [`cluster`]: the Redis backplane that makes several nodes one relay (`nodes.rs`: forwards
+//!   in flight; `backlog.rs`: what waits to be published; `redis.rs`, `wire.rs`).
 //! - [`log_throttle`]: `warn_throttled!`, for log lines a peer can trigger at will.
 
 pub mod api;
@@ -36,6 +44,9 @@ pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod overload;
+pub mod peer;
+pub mod pool;
 pub mod protocol;
 pub mod relay;
 pub mod server;
+pub mod session;

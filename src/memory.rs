@@ -30,8 +30,8 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::hub::{Close, Peer};
 use crate::metrics::Metrics;
+use crate::peer::{Close, Peer};
 use crate::relay::Relay;
 
 /// The sweeper runs at most this often, however hard it is woken: a scan visits every
@@ -271,6 +271,7 @@ impl Memory {
             peer.close(close);
             shared
                 .hub
+                .pool
                 .reforward(crate::outbox::items(peer.outbox.close()));
             self.closes.inc();
             // Its partial message, its read buffer and a frame its writer holds go when its

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::hub::Outgoing;
 use crate::memory::Memory;
+use crate::peer::Outgoing;
 
 #[derive(Debug)]
 pub struct Outbox {

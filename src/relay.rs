@@ -16,11 +16,13 @@ use crate::auth::Authenticator;
 use crate::backplane::{Backplane, Local, Topic, channel_bucket};
 use crate::config::Config;
 use crate::delivery::{Delivery, Route, Sender};
-use crate::hub::{Acknowledgement, Forwarded, Hub, Peer, looks_like_id};
+use crate::hub::{Acknowledgement, Hub, looks_like_id};
 use crate::kinds::Frame;
 use crate::memory::Memory;
 use crate::metrics::Metrics;
 use crate::overload::Overload;
+use crate::peer::Peer;
+use crate::pool::Forwarded;
 use crate::protocol::ProtocolError;
 use crate::server::Gate;
 
@@ -277,9 +279,11 @@ impl Relay {
     ) -> Result<Forwarded, ProtocolError> {
         // This request settles the earlier one, wherever that was forwarded.
         self.backplane.settled(client);
-        self.hub.forward_connect(client, frame, |client, frame| {
-            self.backplane.forward_connect(self, client, frame)
-        })
+        self.hub
+            .pool
+            .forward_connect(client, frame, |client, frame| {
+                self.backplane.forward_connect(self, client, frame)
+            })
     }
 
     /// Sends `peer` a reply saying it joined `topic` (its `client_connected`, its

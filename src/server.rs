@@ -765,7 +765,7 @@ async fn expire_pending(shared: Arc<Relay>) {
     let mut tick = tokio::time::interval(period);
     loop {
         tokio::select! {
-            _ = tick.tick() => shared.hub.expire_pending(),
+            _ = tick.tick() => shared.hub.pool.expire(),
             _ = shared.shutdown.cancelled() => return,
         }
     }

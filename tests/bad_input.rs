@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Conn, Server, assert_error_shape, expect_silence_all, register};
-use jssocket::hub::Close;
+use jssocket::peer::Close;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;

@@ -6,7 +6,7 @@ mod common;
 use common::{
     Conn, Server, acknowledge, expect_silence_all, is_uuid_v4, recv_any, register, register_with,
 };
-use jssocket::hub::Close;
+use jssocket::peer::Close;
 use serde_json::json;
 
 // ---------------------------------------------------------------- server_connect

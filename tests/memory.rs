@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{WebSocketStream, client_async};
 
 use common::{PASSWORD, RECV_TIMEOUT, SILENCE, Server, register, scrape};
-use jssocket::hub::Close;
+use jssocket::peer::Close;
 
 const OUTBOUND: &str = "jssocket_memory_outbound_bytes";
 const INBOUND: &str = "jssocket_memory_inbound_bytes";

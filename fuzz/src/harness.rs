@@ -31,9 +31,10 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use jssocket::config::Config;
-use jssocket::events::{self, Flow, Session};
-use jssocket::hub::{Outgoing, Peer};
+use jssocket::events;
+use jssocket::peer::{Outgoing, Peer};
 use jssocket::relay::Relay;
+use jssocket::session::{Flow, Session};
 
 /// A cost-4 bcrypt hash of `12345678`: `server_connect` with `{"auth":"12345678"}` costs
 /// ~1 ms instead of the default hash's ~250 ms.
@@ -203,7 +204,7 @@ fn close(conns: &mut [Conn], i: usize) {
     for item in &unsent {
         check_frame(item);
     }
-    shared.hub.reforward(unsent);
+    shared.hub.pool.reforward(unsent);
     drop(session);
 }
 

@@ -23,29 +23,31 @@
 //! a bounded queue and is published when the transport is back and the other nodes have
 //! subscribed again; every subscription is made again on reconnecting.
 //!
-//! What waits to be published is split in two lanes (see [`Backlog`]): admin and control
-//! traffic, published first and with its own budget, and client-originated traffic (forwards
-//! of `client_connect`, clients' notifies) with a smaller budget and a cap per connection,
-//! so a flood of clients is refused to those clients and never costs an admin's message.
+//! What waits to be published is split in two lanes (see [`Backlog`], in `backlog.rs`): admin
+//! and control traffic, published first and with its own budget, and client-originated
+//! traffic (forwards of `client_connect`, clients' notifies) with a smaller budget and a cap
+//! per connection, so a flood of clients is refused to those clients and never costs an
+//! admin's message.
 //!
 //! A forwarded `client_connect` is never left hanging when the chosen node dies (SPEC §9): the
 //! receiving node answers each forward with a receipt (or a failure), and the sending node
-//! keeps it in flight until then. Bound: a forward with no receipt within
-//! [`RECEIPT_TIMEOUT`] (2 s), or whose node is forgotten ([`NODE_EXPIRY`], 3.5 s after its
-//! last heartbeat) before the client is acknowledged, is forwarded again within [`SWEEP`]
-//! (0.25 s) to another live server (or queued for one); after [`MAX_ATTEMPTS`] the client
-//! gets `no_server`.
+//! keeps it in flight until then (`nodes.rs`). Bound: a forward with no receipt within
+//! [`nodes::RECEIPT_TIMEOUT`] (2 s), or whose node is forgotten ([`NODE_EXPIRY`], 3.5 s after
+//! its last heartbeat) before the client is acknowledged, is forwarded again within
+//! [`nodes::SWEEP`] (0.25 s) to another live server (or queued for one); after
+//! [`nodes::MAX_ATTEMPTS`] the client gets `no_server`.
 
+mod backlog;
+mod nodes;
 pub mod redis;
 mod wire;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -55,47 +57,20 @@ use crate::backplane::{
     channel_bucket, node_of, node_topic,
 };
 use crate::delivery::{Delivery, Route, Sender};
-use crate::hub::Peer;
 use crate::kinds::Frame;
+use crate::peer::Peer;
 use crate::protocol::ProtocolError;
 use crate::relay::Relay;
 use crate::warn_throttled;
+use backlog::{Backlog, Lane, Refused};
+use nodes::{InFlightTable, RemoteNode, SWEEP};
 pub use wire::Op;
-use wire::{SharedFrame, Wire};
+use wire::Wire;
 
 /// How often a node announces itself and its servers.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A node not heard from for this long is gone, and its servers with it.
 pub const NODE_EXPIRY: Duration = Duration::from_millis(3500);
-/// Admin and control messages waiting to be published while the transport is away; beyond
-/// this the newest are dropped (and counted), so an outage costs bounded memory.
-const BACKLOG: usize = 100_000;
-/// Bytes of admin and control messages waiting to be published (a flood, or an outage);
-/// beyond this the newest are dropped and counted.
-const BACKLOG_BYTES: usize = 64 * 1024 * 1024;
-/// Bytes of client-originated messages waiting to be published; beyond this clients are told
-/// the cluster is busy. Smaller than the admin lane's: clients are many and unauthenticated.
-const CLIENT_BACKLOG_BYTES: usize = 16 * 1024 * 1024;
-/// Bytes one connection may have waiting in the client lane. One message is always let in
-/// (when the lane has room), however large; more only within this cap, so every sender gets
-/// its turn whatever the others send.
-const PER_CLIENT_BYTES: usize = 64 * 1024;
-/// What a queued message costs beyond its text (queue slot, allocation, topic): counted, so
-/// a flood of tiny messages is bounded too.
-const MESSAGE_OVERHEAD: usize = 64;
-/// No receipt for a forward within this: the node is taken for dead (until its next
-/// heartbeat) and the forward goes elsewhere.
-pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a receipted forward stays in flight (so it is sent again if its node dies before
-/// the client is acknowledged): beyond [`NODE_EXPIRY`], so the death is seen first.
-const HOLD: Duration = Duration::from_secs(5);
-/// How often forwards in flight are checked.
-pub const SWEEP: Duration = Duration::from_millis(250);
-/// Forwards of one `client_connect` (the first included) before the client gets `no_server`.
-pub const MAX_ATTEMPTS: u32 = 3;
-/// Bytes and count of forwards in flight; beyond, client connects wait in the local queue.
-const IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
-const IN_FLIGHT_MAX: usize = 20_000;
 /// After reconnecting, how long to wait for the other nodes to subscribe again before
 /// publishing what waited, so it is not lost on them.
 const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
@@ -169,245 +144,6 @@ struct SeqTable {
     by_node: HashMap<String, HashMap<String, u64>>,
     /// Entries over every node.
     entries: usize,
-}
-
-struct RemoteNode {
-    /// Sorted, for a stable round robin.
-    servers: Vec<String>,
-    seen: Instant,
-    /// A forward to it got no receipt in time: not chosen until its next heartbeat.
-    suspect: bool,
-}
-
-/// Which lane a message waits in (see [`Backlog`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lane {
-    /// Admins' messages and what keeps the cluster together: first out, never dropped for
-    /// clients' sake.
-    Control,
-    /// What clients caused: forwards, their notifies.
-    Clients,
-}
-
-/// Messages waiting for the publisher, in two lanes with budgets of their own. The publisher
-/// empties the control lane first, so an admin's message waits behind at most one client
-/// message. The lock is held to push or pop one message.
-///
-/// Messages wait unencoded: queuing one costs no JSON encoding and no copy of its frame
-/// (a forward shares its frame with the forwards in flight), which matters because a
-/// forward is queued under the hub's pool lock. The publisher encodes each as it goes out.
-struct Backlog {
-    lanes: Mutex<Lanes>,
-    /// Wakes the publisher after a push.
-    ready: Notify,
-}
-
-#[derive(Default)]
-struct Lanes {
-    control: VecDeque<Queued>,
-    clients: VecDeque<Queued>,
-    control_bytes: usize,
-    client_bytes: usize,
-}
-
-/// A message waiting in a lane.
-struct Queued {
-    topic: String,
-    op: Op,
-    /// What it is charged: [`Op::size`] plus [`MESSAGE_OVERHEAD`].
-    cost: usize,
-    /// Whose share of the client lane it takes.
-    sender: Option<Arc<Peer>>,
-    /// A forward: (client, forward id), so its receipt clock starts when it goes out.
-    forward: Option<(Uuid, u64)>,
-}
-
-/// A message taken for publishing.
-struct Taken {
-    topic: String,
-    op: Op,
-    forward: Option<(Uuid, u64)>,
-}
-
-/// Why a message was not queued.
-#[derive(Debug, PartialEq, Eq)]
-enum Refused {
-    /// The lane is full: load on everyone, not the sender's doing.
-    Full,
-    /// The sending connection has its share waiting already.
-    SenderBusy,
-}
-
-impl Backlog {
-    fn new() -> Backlog {
-        Backlog {
-            lanes: Mutex::new(Lanes::default()),
-            ready: Notify::new(),
-        }
-    }
-
-    fn lanes(&self) -> MutexGuard<'_, Lanes> {
-        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn push(
-        &self,
-        lane: Lane,
-        topic: String,
-        op: Op,
-        sender: Option<&Arc<Peer>>,
-        forward: Option<(Uuid, u64)>,
-    ) -> Result<(), Refused> {
-        let cost = op.size() + topic.len() + MESSAGE_OVERHEAD;
-        {
-            let mut lanes = self.lanes();
-            lanes.room(lane, cost, sender)?;
-            let queued = Queued {
-                topic,
-                op,
-                cost,
-                sender: sender.cloned(),
-                forward,
-            };
-            match lane {
-                Lane::Control => {
-                    lanes.control_bytes += cost;
-                    lanes.control.push_back(queued);
-                }
-                Lane::Clients => {
-                    if let Some(sender) = sender {
-                        sender.cluster_bytes.fetch_add(cost, Ordering::Relaxed);
-                    }
-                    lanes.client_bytes += cost;
-                    lanes.clients.push_back(queued);
-                }
-            }
-        }
-        self.ready.notify_one();
-        Ok(())
-    }
-
-    /// Whether a message of at least `cost` bytes from `sender` could be queued in the
-    /// client lane now: asked before doing any work for a message that would be refused.
-    fn client_room(&self, cost: usize, sender: &Arc<Peer>) -> Result<(), Refused> {
-        self.lanes().room(Lane::Clients, cost, Some(sender))
-    }
-
-    /// The next message to publish: control first.
-    fn try_pop(&self) -> Option<Taken> {
-        let mut lanes = self.lanes();
-        if let Some(queued) = lanes.control.pop_front() {
-            lanes.control_bytes -= queued.cost;
-            return Some(Taken {
-                topic: queued.topic,
-                op: queued.op,
-                forward: None,
-            });
-        }
-        let Queued {
-            topic,
-            op,
-            cost,
-            sender,
-            forward,
-        } = lanes.clients.pop_front()?;
-        lanes.client_bytes -= cost;
-        if let Some(sender) = sender {
-            sender.cluster_bytes.fetch_sub(cost, Ordering::Relaxed);
-        }
-        Some(Taken { topic, op, forward })
-    }
-
-    async fn pop(&self) -> Taken {
-        loop {
-            if let Some(taken) = self.try_pop() {
-                return taken;
-            }
-            self.ready.notified().await;
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        let lanes = self.lanes();
-        lanes.control_bytes + lanes.client_bytes
-    }
-}
-
-impl Lanes {
-    /// Room in `lane` for `cost` more bytes from `sender` (its share, in the client lane).
-    fn room(&self, lane: Lane, cost: usize, sender: Option<&Arc<Peer>>) -> Result<(), Refused> {
-        match lane {
-            Lane::Control => {
-                if self.control.len() >= BACKLOG || self.control_bytes + cost > BACKLOG_BYTES {
-                    return Err(Refused::Full);
-                }
-            }
-            Lane::Clients => {
-                // The sender's own share first: a sender over it is told so (and it counts
-                // against it), even when others have filled the lane meanwhile.
-                if let Some(sender) = sender {
-                    let waiting = sender.cluster_bytes.load(Ordering::Relaxed);
-                    if waiting > 0 && waiting + cost > PER_CLIENT_BYTES {
-                        return Err(Refused::SenderBusy);
-                    }
-                }
-                if self.client_bytes + cost > CLIENT_BACKLOG_BYTES {
-                    return Err(Refused::Full);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A `client_connect` forwarded to a server on another node, kept until it is settled: by a
-/// receipt and then the client's acknowledgement (or [`HOLD`]), or by sending it again.
-struct InFlight {
-    /// This forward's number, named by its receipt.
-    id: u64,
-    node: String,
-    client: Weak<Peer>,
-    frame: Utf8Bytes,
-    /// When it was sent, or receipted.
-    since: Instant,
-    receipted: bool,
-    /// Forwards of this request so far, this one included.
-    attempt: u32,
-}
-
-#[derive(Default)]
-struct InFlightTable {
-    by_client: HashMap<Uuid, InFlight>,
-    /// Bytes of the frames held.
-    bytes: usize,
-}
-
-impl InFlightTable {
-    fn remove(&mut self, client: Uuid) -> Option<InFlight> {
-        let entry = self.by_client.remove(&client)?;
-        self.bytes -= entry.frame.len();
-        Some(entry)
-    }
-
-    /// Removes forward `id` of `client`, if it is still the one in flight.
-    fn remove_forward(&mut self, client: Uuid, id: u64) {
-        if self.by_client.get(&client).is_some_and(|e| e.id == id) {
-            self.remove(client);
-        }
-    }
-
-    fn insert(&mut self, client: Uuid, entry: InFlight) {
-        self.remove(client);
-        self.bytes += entry.frame.len();
-        self.by_client.insert(client, entry);
-    }
-
-    /// Room for one more forward of `len` bytes for `client` (replacing its own).
-    fn has_room(&self, client: Uuid, len: usize) -> bool {
-        let own = self.by_client.get(&client).map_or(0, |e| e.frame.len());
-        let count = self.by_client.len() - usize::from(own > 0);
-        count < IN_FLIGHT_MAX && self.bytes - own + len <= IN_FLIGHT_BYTES
-    }
 }
 
 /// The topic of the node named `node` (its tag in hex).
@@ -485,14 +221,6 @@ impl Cluster {
         seen.0.insert(key.clone());
         seen.1.push_back(key);
         true
-    }
-
-    fn nodes(&self) -> MutexGuard<'_, BTreeMap<String, RemoteNode>> {
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn in_flight(&self) -> MutexGuard<'_, InFlightTable> {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues an admin's or the cluster's own `op` for `topic`; never waits. Dropped (and
@@ -612,7 +340,7 @@ impl Cluster {
     /// Tells the other nodes which servers this node has (heartbeat; also right after a
     /// change, so a new server is usable cluster-wide at once).
     pub fn announce(&self, shared: &Relay) {
-        let servers = shared.hub.local_servers();
+        let servers = shared.hub.pool.local_servers();
         self.publish_control(shared, ALL_TOPIC.to_string(), Op::Servers { servers });
     }
 
@@ -666,7 +394,7 @@ impl Cluster {
                     return;
                 }
                 let len = frame.0.len();
-                let queued = shared.hub.offer_to_server(&server, frame.0);
+                let queued = shared.hub.pool.offer_to_server(&server, frame.0);
                 if queued {
                     shared.metrics.sent(Frame::ClientConnect, 1, len);
                 } else {
@@ -722,6 +450,7 @@ impl Cluster {
     fn flush_pending(&self, shared: &Relay) {
         shared
             .hub
+            .pool
             .flush_pending(|client, frame| self.send_forward(shared, client, frame, 1));
     }
 
@@ -742,218 +471,6 @@ impl Cluster {
         let mut nodes = self.nodes();
         nodes.retain(|_, n| n.seen.elapsed() < NODE_EXPIRY);
         nodes.len()
-    }
-
-    /// The next server on another node that may be chosen (alive, not suspect), round
-    /// robin in a stable order, as (node, server id).
-    /// O(nodes), nothing sorted or copied but the pick: it runs under the hub's pool lock.
-    fn pick_server(&self) -> Option<(String, String)> {
-        let nodes = self.nodes();
-        let usable = || {
-            nodes
-                .iter()
-                .filter(|(_, n)| !n.suspect && n.seen.elapsed() < NODE_EXPIRY)
-        };
-        let total: usize = usable().map(|(_, n)| n.servers.len()).sum();
-        if total == 0 {
-            return None;
-        }
-        let mut i = self.next_server.fetch_add(1, Ordering::Relaxed) % total;
-        for (node, n) in usable() {
-            match n.servers.get(i) {
-                Some(server) => return Some((node.clone(), server.clone())),
-                None => i -= n.servers.len(),
-            }
-        }
-        None
-    }
-
-    /// Runs under the hub's pool lock (the pending queue's order depends on it), so it does
-    /// only O(1) work in the frame's size: the client lane's room is checked first, the frame
-    /// is shared (not copied) and it is encoded later by the publisher.
-    fn send_forward(
-        &self,
-        shared: &Relay,
-        client: &Arc<Peer>,
-        frame: Utf8Bytes,
-        attempt: u32,
-    ) -> bool {
-        // Cheapest first: a full lane (a flood) refuses before anything else is done.
-        let least = frame.len() + MESSAGE_OVERHEAD;
-        if self.backlog.client_room(least, client).is_err() {
-            return false;
-        }
-        let Some((node, server)) = self.pick_server() else {
-            return false;
-        };
-        let Some(topic) = topic_of_node(&node) else {
-            return false;
-        };
-        let id = self.next_forward.fetch_add(1, Ordering::Relaxed);
-        // In flight before it is queued: its receipt may come back before this returns.
-        {
-            let mut in_flight = self.in_flight();
-            if !in_flight.has_room(client.id, frame.len()) {
-                return false;
-            }
-            let entry = InFlight {
-                id,
-                node: node.clone(),
-                client: Arc::downgrade(client),
-                frame: frame.clone(),
-                since: Instant::now(),
-                receipted: false,
-                attempt,
-            };
-            in_flight.insert(client.id, entry);
-        }
-        let op = Op::Forward {
-            node,
-            server,
-            client: client.target.to_string(),
-            frame: SharedFrame::from(frame),
-            id,
-        };
-        let forward = Some((client.id, id));
-        let queued = self
-            .enqueue(shared, Lane::Clients, topic, op, Some(client), forward)
-            .is_ok();
-        let count = {
-            let mut in_flight = self.in_flight();
-            if !queued {
-                // The lane filled up meanwhile: it waits in the local queue instead.
-                in_flight.remove_forward(client.id, id);
-            }
-            in_flight.by_client.len()
-        };
-        shared.metrics.cluster_forwards_in_flight.set(count as i64);
-        queued
-    }
-
-    /// The publisher took forward `id` for `client`: its receipt is due from now, not from
-    /// when it was queued (a backlog or an outage is not the other node's fault).
-    fn going_out(&self, client: Uuid, id: u64) {
-        if let Some(entry) = self.in_flight().by_client.get_mut(&client)
-            && entry.id == id
-        {
-            entry.since = Instant::now();
-        }
-    }
-
-    /// Receipt or failure from the node a forward went to.
-    fn settle(&self, shared: &Relay, client: &str, id: u64, queued: bool) {
-        let Ok(client) = Uuid::try_parse(client) else {
-            return;
-        };
-        let failed = {
-            let mut in_flight = self.in_flight();
-            match in_flight.by_client.get_mut(&client) {
-                Some(entry) if entry.id == id && queued => {
-                    entry.receipted = true;
-                    entry.since = Instant::now();
-                    None
-                }
-                Some(entry) if entry.id == id => in_flight.remove(client),
-                // A late answer to an attempt already replaced.
-                _ => None,
-            }
-        };
-        if let Some(entry) = failed {
-            self.forward_again(shared, entry);
-        }
-    }
-
-    /// Forwards a request that was not settled to another server (local or remote), else
-    /// queues it; after [`MAX_ATTEMPTS`] the client gets `no_server`.
-    fn forward_again(&self, shared: &Relay, entry: InFlight) {
-        let Some(client) = entry.client.upgrade() else {
-            return;
-        };
-        // A newer request of the client's, waiting here, wins.
-        if shared.hub.is_pending(client.id) {
-            return;
-        }
-        if entry.attempt >= MAX_ATTEMPTS {
-            let error = ProtocolError::NoServer(
-                "the servers chosen for this client_connect did not take it; send it again",
-            );
-            shared.metrics.error(error.code());
-            client.send(error.to_frame(Some("client_connect")));
-            return;
-        }
-        let attempt = entry.attempt + 1;
-        let forwarded = shared
-            .hub
-            .forward_connect(&client, entry.frame, |c, frame| {
-                let attempt = if c.id == client.id { attempt } else { 1 };
-                self.send_forward(shared, c, frame, attempt)
-            });
-        if let Err(error) = forwarded {
-            client.send(error.to_frame(Some("client_connect")));
-        }
-    }
-
-    /// Sends again the forwards with no receipt in time and those whose node is gone before
-    /// their client was acknowledged; forgets those settled long enough. The table is
-    /// bounded ([`IN_FLIGHT_MAX`]); the forwarding is done after the lock is released.
-    fn sweep(&self, shared: &Relay) {
-        if !self.connected.load(Ordering::Relaxed) {
-            // Cut off from Redis: receipts cannot come and the other nodes only look gone.
-            // Nothing is judged until this node is back; the clocks start again then.
-            let mut in_flight = self.in_flight();
-            for entry in in_flight.by_client.values_mut() {
-                entry.since = Instant::now();
-            }
-            return;
-        }
-        let live: HashSet<String> = {
-            let mut nodes = self.nodes();
-            nodes.retain(|_, n| n.seen.elapsed() < NODE_EXPIRY);
-            nodes.keys().cloned().collect()
-        };
-        let mut again = Vec::new();
-        let mut suspects = HashSet::new();
-        let count = {
-            let mut in_flight = self.in_flight();
-            let due: Vec<Uuid> = in_flight
-                .by_client
-                .iter()
-                .filter(|(_, e)| {
-                    e.client.strong_count() == 0
-                        || !live.contains(&e.node)
-                        || e.since.elapsed() >= if e.receipted { HOLD } else { RECEIPT_TIMEOUT }
-                })
-                .map(|(id, _)| *id)
-                .collect();
-            for id in due {
-                let Some(entry) = in_flight.remove(id) else {
-                    continue;
-                };
-                if entry.client.strong_count() == 0
-                    || (entry.receipted && live.contains(&entry.node))
-                {
-                    continue;
-                }
-                if !entry.receipted && live.contains(&entry.node) {
-                    suspects.insert(entry.node.clone());
-                }
-                again.push(entry);
-            }
-            in_flight.by_client.len()
-        };
-        shared.metrics.cluster_forwards_in_flight.set(count as i64);
-        if !suspects.is_empty() {
-            let mut nodes = self.nodes();
-            for node in &suspects {
-                if let Some(node) = nodes.get_mut(node) {
-                    node.suspect = true;
-                }
-            }
-            debug!(nodes = ?suspects, "cluster: no receipt in time; nodes passed over until their next heartbeat");
-        }
-        for entry in again {
-            self.forward_again(shared, entry);
-        }
     }
 }
 

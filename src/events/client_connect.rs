@@ -7,9 +7,9 @@ use std::borrow::Cow;
 use indexmap::IndexMap;
 use serde_json::value::RawValue;
 
-use super::{Flow, Session};
 use crate::kinds::Frame;
 use crate::protocol::{Data, ProtocolError, event_frame, object_text, raw_string};
+use crate::session::{Flow, Session};
 
 #[derive(Debug)]
 pub struct ClientConnect<'a> {

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use indexmap::IndexMap;
 use serde_json::value::RawValue;
 
-use super::{Flow, Session};
 use crate::delivery::Delivery;
 use crate::hub::Acknowledgement;
 use crate::protocol::{
     Data, ProtocolError, event_frame, is_falsy, object_text, opt_string, opt_strings,
 };
+use crate::session::{Flow, Session};
 
 /// The group of a client acknowledged without a user.
 pub const PUBLIC_GROUP: &str = "public";

@@ -1,7 +1,7 @@
 //! `client_disconnect`: the sender leaves; it is removed from everything and closed with 1000.
 
-use super::Flow;
-use crate::hub::Close;
+use crate::peer::Close;
+use crate::session::Flow;
 
 pub fn apply() -> Flow {
     Flow::Close(Close::NORMAL)

@@ -1,9 +1,9 @@
 //! `notify_all`: an admin delivers the bare `data` to every registered client, acknowledged
 //! or not.
 
-use super::{Flow, Session};
 use crate::delivery::{Delivery, Text};
 use crate::protocol::{Data, ProtocolError, bare_frame};
+use crate::session::{Flow, Session};
 
 #[derive(Debug)]
 pub struct NotifyAll<'a> {

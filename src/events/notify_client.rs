@@ -3,10 +3,11 @@
 
 use serde_json::value::RawValue;
 
-use super::{Flow, Session, Targeted};
+use super::Targeted;
 use crate::delivery::{Delivery, Text};
 use crate::kinds::Event;
 use crate::protocol::{Data, ProtocolError, bare_frame};
+use crate::session::{Flow, Session};
 
 #[derive(Debug)]
 pub struct NotifyClient<'a> {

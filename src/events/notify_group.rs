@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
+use super::Targeted;
 use super::client_connected::PUBLIC_GROUP;
-use super::{Flow, Session, Targeted};
 use crate::delivery::{Delivery, Text};
 use crate::hub::looks_like_id;
 use crate::kinds::Event;
 use crate::protocol::{Data, ProtocolError, bare_frame};
+use crate::session::{Flow, Session};
 
 #[derive(Debug)]
 pub struct NotifyGroup<'a> {

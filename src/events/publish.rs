@@ -7,13 +7,13 @@ use serde_json::value::RawValue;
 
 use std::sync::Arc;
 
-use super::{Flow, Session};
 use crate::delivery::{Delivery, Text};
 use crate::hub::Filter;
 use crate::protocol::{
     Data, ProtocolError, compact, event_frame, opt_string, opt_strings, push_json_string,
     validate_channel,
 };
+use crate::session::{Flow, Session};
 
 #[derive(Debug)]
 pub struct Publish<'a> {

@@ -5,10 +5,10 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Flow, Session};
-use crate::hub::Close;
 use crate::kinds::Frame;
+use crate::peer::Close;
 use crate::protocol::{Data, ProtocolError, event_frame, opt_string};
+use crate::session::{Flow, Session};
 
 #[derive(Debug)]
 pub struct ServerConnect {
@@ -48,7 +48,7 @@ impl ServerConnect {
         session.send_counted(Frame::ServerConnect, event_frame("server_connect", "true"));
         // Joining twice would double this server's round-robin share.
         if !session.in_pool {
-            session.in_pool = session.shared.hub.join_pool(&session.peer);
+            session.in_pool = session.shared.hub.pool.join(&session.peer);
             session.shared.servers_changed();
         }
         Ok(Flow::Continue)

@@ -6,10 +6,10 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Flow, Session};
 use crate::protocol::{
     Data, ProtocolError, event_frame, opt_string, push_json_string, validate_channel,
 };
+use crate::session::{Flow, Session};
 
 #[derive(Debug)]
 pub struct Subscribe {
