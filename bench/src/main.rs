@@ -249,6 +249,13 @@ struct ServerArgs {
     /// The redis-server binary.
     #[arg(long, default_value = "redis-server")]
     redis_server: std::path::PathBuf,
+    /// Run the nodes over a Redis Cluster of three masters (sharded Pub/Sub; the nodes get
+    /// the three as a comma-separated --redis-url) instead of one Redis.
+    #[arg(long)]
+    redis_cluster: bool,
+    /// The redis-cli binary, which makes the Redis Cluster of --redis-cluster.
+    #[arg(long, default_value = "redis-cli")]
+    redis_cli: std::path::PathBuf,
     /// Where the servers' logs go (default: a new directory under /tmp).
     #[arg(long)]
     log_dir: Option<std::path::PathBuf>,
@@ -259,6 +266,8 @@ impl ServerArgs {
         cluster::Setup {
             server_bin: self.server_bin.clone(),
             redis_bin: self.redis_server.clone(),
+            redis_cli: self.redis_cli.clone(),
+            redis_cluster: self.redis_cluster,
             password: password.to_string(),
             max_connections,
             log_dir: self.log_dir.clone().unwrap_or_else(|| {
@@ -717,6 +726,13 @@ mod tests {
         // Routing needs a group on two nodes besides the sender's; p2p is 1 or 2 nodes; a
         // worker holds at most 16 000 sockets.
         assert!(Cli::try_parse_from(["b", "cluster-route", "--nodes", "2"]).is_err());
+        match Cli::try_parse_from(["b", "cluster-route", "--redis-cluster"]).map(|c| c.cmd) {
+            Ok(Cmd::ClusterRoute { servers, .. }) => {
+                assert!(servers.redis_cluster);
+                assert_eq!(servers.redis_cli, std::path::PathBuf::from("redis-cli"));
+            }
+            _ => panic!("cluster-route --redis-cluster does not parse"),
+        }
         assert!(Cli::try_parse_from(["b", "cluster-p2p", "--nodes", "3"]).is_err());
         assert!(Cli::try_parse_from(["b", "cluster-hold", "--per-worker", "16001"]).is_err());
     }

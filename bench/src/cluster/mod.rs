@@ -27,6 +27,9 @@ use crate::stats::{ProcSample, proc_sample};
 
 /// The counter that tells how many messages a node received from Redis.
 pub const RECEIVED: &str = "jssocket_cluster_received_total";
+/// The counter of the deliveries among them (notifies, publishes, acks; no heartbeats). Only
+/// servers with routing (issue 11) have it.
+pub const DELIVERIES: &str = "jssocket_cluster_deliveries_received_total";
 /// The gauge of live nodes a node knows, itself included.
 pub const NODES: &str = "jssocket_cluster_nodes";
 
@@ -39,6 +42,11 @@ pub struct Setup {
     /// The jssocket binary (`--server-bin` / `JSSOCKET_BIN`).
     pub server_bin: PathBuf,
     pub redis_bin: PathBuf,
+    /// `redis-cli`, which makes the Redis Cluster of `redis_cluster`.
+    pub redis_cli: PathBuf,
+    /// Three `redis-server --cluster-enabled yes` made one Redis Cluster (sharded Pub/Sub)
+    /// instead of one Redis; the nodes get the three as a comma-separated `--redis-url`.
+    pub redis_cluster: bool,
     /// The admin password; the nodes get a cost-4 bcrypt hash of it (fast admin logins).
     pub password: String,
     /// `--max-connections` and `--max-tcp-connections` of every node.
@@ -58,9 +66,21 @@ pub struct Node {
 /// Redis and the nodes; dropping it kills them.
 pub struct Cluster {
     pub nodes: Vec<Node>,
-    pub redis_pid: u32,
-    _redis: Child,
+    /// The redis-server processes (one, or the masters of a Redis Cluster).
+    pub redis_pids: Vec<u32>,
+    _redis: Vec<Child>,
 }
+
+/// The Redis the nodes use: its `--redis-url` and its processes.
+struct Backing {
+    url: String,
+    pids: Vec<u32>,
+    children: Vec<Child>,
+}
+
+/// Masters of the Redis Cluster of `--redis-cluster`: the fewest `redis-cli --cluster create`
+/// accepts.
+const CLUSTER_MASTERS: usize = 3;
 
 /// A port that was free a moment ago (the OS picked it for a listener we closed at once).
 pub fn free_port() -> Result<u16> {
@@ -101,24 +121,19 @@ impl Cluster {
     pub async fn start(setup: &Setup, n: usize, ctx: &Ctx) -> Result<Cluster> {
         std::fs::create_dir_all(&setup.log_dir)
             .with_context(|| format!("creating {}", setup.log_dir.display()))?;
-        let redis_port = free_port()?;
-        let redis = spawn_child(
-            &setup.redis_bin,
-            &[
-                "--port".into(),
-                redis_port.to_string(),
-                "--bind".into(),
-                "127.0.0.1".into(),
-                "--save".into(),
-                String::new(),
-                "--appendonly".into(),
-                "no".into(),
-            ],
-            &setup.log_dir.join("redis.log"),
-            Stdio::null(),
-        )?;
-        let redis_pid = redis.id().context("redis-server exited at once")?;
-        wait_redis(redis_port, ctx).await?;
+        let backing = if setup.redis_cluster {
+            start_redis_cluster(setup, ctx).await?
+        } else {
+            let port = free_port()?;
+            let child = start_redis(setup, port, &setup.log_dir.join("redis.log"), &[])?;
+            let pid = child.id().context("redis-server exited at once")?;
+            wait_redis(port, ctx).await?;
+            Backing {
+                url: format!("redis://127.0.0.1:{port}/"),
+                pids: vec![pid],
+                children: vec![child],
+            }
+        };
         // Cost 4: the nodes check every admin login with it, and the bench logs in once per
         // node; the default cost would add seconds of CPU to what is measured.
         let hash = bcrypt::hash(&setup.password, 4).context("hashing the admin password")?;
@@ -131,7 +146,7 @@ impl Cluster {
                 "-p",
                 &port.to_string(),
                 "--redis-url",
-                &format!("redis://127.0.0.1:{redis_port}/"),
+                &backing.url,
                 "--auth",
                 &hash,
                 "--max-connections",
@@ -159,8 +174,8 @@ impl Cluster {
         }
         let cluster = Cluster {
             nodes,
-            redis_pid,
-            _redis: redis,
+            redis_pids: backing.pids,
+            _redis: backing.children,
         };
         cluster.wait_formed(ctx).await?;
         Ok(cluster)
@@ -192,18 +207,24 @@ impl Cluster {
         }
     }
 
-    /// Every node's `jssocket_cluster_received_total`.
-    pub async fn received(&self) -> Result<Vec<f64>> {
-        let mut out = Vec::with_capacity(self.nodes.len());
+    /// Every node's `jssocket_cluster_received_total` and, when the server has it (not before
+    /// issue 11), `jssocket_cluster_deliveries_received_total`.
+    pub async fn received(&self) -> Result<Received> {
+        let mut all = Vec::with_capacity(self.nodes.len());
+        let mut deliveries = Some(Vec::with_capacity(self.nodes.len()));
         for node in &self.nodes {
             let m = scrape(node.metrics_addr).await?;
-            out.push(
+            all.push(
                 m.get(RECEIVED)
                     .copied()
                     .with_context(|| format!("no {RECEIVED} in /metrics"))?,
             );
+            match (m.get(DELIVERIES), deliveries.as_mut()) {
+                (Some(v), Some(d)) => d.push(*v),
+                _ => deliveries = None,
+            }
         }
-        Ok(out)
+        Ok(Received { all, deliveries })
     }
 
     /// RSS and CPU of every node.
@@ -220,25 +241,147 @@ impl Cluster {
     }
 }
 
+/// What the nodes received from Redis, per node.
+pub struct Received {
+    /// `jssocket_cluster_received_total`: everything, heartbeats included.
+    pub all: Vec<f64>,
+    /// `jssocket_cluster_deliveries_received_total`, if every node has it.
+    pub deliveries: Option<Vec<f64>>,
+}
+
+/// Starts one redis-server on `port` (no persistence), with `extra` arguments.
+fn start_redis(setup: &Setup, port: u16, log: &Path, extra: &[String]) -> Result<Child> {
+    let mut args: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend_from_slice(extra);
+    spawn_child(&setup.redis_bin, &args, log, Stdio::null())
+}
+
+/// Three masters with `--cluster-enabled yes`, their slots spread by `redis-cli --cluster
+/// create`, waited for until each says `cluster_state:ok`.
+async fn start_redis_cluster(setup: &Setup, ctx: &Ctx) -> Result<Backing> {
+    let mut backing = Backing {
+        url: String::new(),
+        pids: Vec::new(),
+        children: Vec::new(),
+    };
+    let mut ports = Vec::with_capacity(CLUSTER_MASTERS);
+    for i in 0..CLUSTER_MASTERS {
+        let port = free_cluster_port()?;
+        // A node file left by an earlier run in the same --log-dir would make a stale node.
+        let conf = setup.log_dir.join(format!("redis{i}-nodes.conf"));
+        let _ = std::fs::remove_file(&conf);
+        let extra: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &conf.to_string_lossy(),
+            "--cluster-node-timeout",
+            "5000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = setup.log_dir.join(format!("redis{i}.log"));
+        let child = start_redis(setup, port, &log, &extra)?;
+        backing
+            .pids
+            .push(child.id().context("redis-server exited at once")?);
+        backing.children.push(child);
+        ports.push(port);
+    }
+    for &port in &ports {
+        wait_redis(port, ctx).await?;
+    }
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let log = setup.log_dir.join("redis-cli.log");
+    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cli = Command::new(&setup.redis_cli);
+    cli.args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true);
+    let status = tokio::time::timeout(Duration::from_secs(30), cli.status())
+        .await
+        .context("redis-cli --cluster create took over 30 s")?
+        .with_context(|| format!("starting {}", setup.redis_cli.display()))?;
+    if !status.success() {
+        bail!(
+            "redis-cli --cluster create failed ({status}); see {}",
+            log.display()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for &port in &ports {
+        while !redis_says(port, b"CLUSTER INFO\r\n", b"cluster_state:ok").await {
+            if Instant::now() > deadline || ctx.stop.is_cancelled() {
+                bail!("the Redis Cluster member on port {port} is not ok after 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    backing.url = ports
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}/"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok(backing)
+}
+
+/// A free port whose cluster bus port (port + 10 000) is free too.
+fn free_cluster_port() -> Result<u16> {
+    for _ in 0..100 {
+        let port = free_port()?;
+        let Some(bus) = port.checked_add(10_000) else {
+            continue;
+        };
+        if std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, bus)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port with a free port + 10 000 (the Redis Cluster bus) in 100 tries")
+}
+
+/// Sends `command` to the Redis on `port`; true if its answer (first 4 KiB, 1 s at most)
+/// contains `wanted`.
+async fn redis_says(port: u16, command: &[u8], wanted: &[u8]) -> bool {
+    let ask = async {
+        let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
+        s.write_all(command).await?;
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await?;
+        Ok::<bool, std::io::Error>(buf[..n].windows(wanted.len()).any(|w| w == wanted))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), ask).await,
+        Ok(Ok(true))
+    )
+}
+
 /// Waits (10 s at most) until Redis answers PING.
 async fn wait_redis(port: u16, ctx: &Ctx) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let ping = async {
-            let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await?;
-            s.write_all(b"PING\r\n").await?;
-            let mut buf = [0u8; 16];
-            let n = s.read(&mut buf).await?;
-            Ok::<bool, std::io::Error>(buf[..n].starts_with(b"+PONG"))
-        };
-        if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
-            return Ok(());
-        }
+    while !redis_says(port, b"PING\r\n", b"+PONG").await {
         if Instant::now() > deadline || ctx.stop.is_cancelled() {
             bail!("redis-server on port {port} did not answer PING within 10 s");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(())
 }
 
 /// Largest /metrics body read.

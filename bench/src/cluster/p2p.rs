@@ -19,7 +19,7 @@ use super::{Cluster, Setup, cpu_delta};
 use crate::admin::Admin;
 use crate::client::connect_many;
 use crate::common::{Ctx, Ws, drain_wait, payload};
-use crate::stats::{proc_sample, round1, round3};
+use crate::stats::{ProcSample, proc_sample, round1, round3};
 
 pub struct Params {
     pub pairs: usize,
@@ -74,6 +74,11 @@ async fn ping_pong(ws: Ws, text: String, window: u64, tally: Arc<Tally>, done: C
     }
 }
 
+/// CPU (and RSS) of the redis-server processes.
+fn redis_samples(cluster: &Cluster) -> Result<Vec<ProcSample>> {
+    cluster.redis_pids.iter().map(|&p| proc_sample(p)).collect()
+}
+
 /// One run on `nodes` nodes; returns its JSON and deliveries per CPU-second.
 async fn one(
     ctx: &Arc<Ctx>,
@@ -114,7 +119,7 @@ async fn one(
         format!(r#"{{"type":"notify_client","data":{{"target":"{to}","data":{body}}}}}"#)
     };
     let server_before = cluster.samples()?;
-    let redis_before = proc_sample(cluster.redis_pid)?;
+    let redis_before = redis_samples(&cluster)?;
     let t0 = Instant::now();
     for (c, to) in a.into_iter().zip(&ids_b).chain(b.into_iter().zip(&ids_a)) {
         tasks.spawn(ping_pong(
@@ -132,7 +137,7 @@ async fn one(
     let delivered = tally.delivered.load(Ordering::Relaxed);
     let secs = t0.elapsed().as_secs_f64();
     let server_after = cluster.samples()?;
-    let redis_after = proc_sample(cluster.redis_pid)?;
+    let redis_after = redis_samples(&cluster)?;
     tally.quiet.store(true, Ordering::Relaxed);
     drain_wait(&ctx.stop, p.drain, || {
         tally.delivered.load(Ordering::Relaxed) >= tally.sent.load(Ordering::Relaxed)
@@ -144,7 +149,7 @@ async fn one(
     let total_delivered = tally.delivered.load(Ordering::Relaxed);
     let lost = sent.saturating_sub(total_delivered);
     let cpu = cpu_delta(&server_before, &server_after);
-    let redis_cpu = redis_after.cpu_s - redis_before.cpu_s;
+    let redis_cpu = cpu_delta(&redis_before, &redis_after);
     let dps = delivered as f64 / secs.max(1e-9);
     let per_cpu = delivered as f64 / cpu.max(1e-9);
     let rss: u64 = server_after.iter().map(|s| s.rss_kib).sum();

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::{Cluster, Setup, deltas};
+use super::{Cluster, Received, Setup, deltas};
 use crate::admin::Admin;
 use crate::client::connect_many;
 use crate::common::{Ctx, Ws, drain_wait, payload};
@@ -128,16 +128,37 @@ async fn paced(
 
 /// Idle receive rate per node (messages/s), over `span`.
 async fn idle_rate(cluster: &Cluster, span: Duration) -> Result<Vec<f64>> {
-    let a = cluster.received().await?;
+    let a = cluster.received().await?.all;
     let t = Instant::now();
     tokio::time::sleep(span).await;
-    let b = cluster.received().await?;
+    let b = cluster.received().await?.all;
     let secs = t.elapsed().as_secs_f64();
     Ok(deltas(&a, &b).iter().map(|d| d / secs).collect())
 }
 
-/// One phase's figures: per node received (less the idle rate), per message.
-fn phase_json(raw: &[f64], idle: &[f64], secs: f64, messages: u64) -> (Value, f64) {
+/// One phase's figures: per node received (less the idle rate), per message; and, when the
+/// server counts them, the deliveries received per node per message (no idle rate to take off:
+/// heartbeats are not deliveries).
+fn phase_json(
+    before: &Received,
+    after: &Received,
+    idle: &[f64],
+    secs: f64,
+    messages: u64,
+) -> (Value, f64) {
+    let raw = deltas(&before.all, &after.all);
+    let deliveries = match (&before.deliveries, &after.deliveries) {
+        (Some(b), Some(a)) => {
+            let d = deltas(b, a);
+            let per: Vec<f64> = d.iter().map(|n| round3(n / messages as f64)).collect();
+            json!({
+                "received": d,
+                "per_message_per_node": per,
+                "per_message_total": round3(d.iter().sum::<f64>() / messages as f64),
+            })
+        }
+        _ => Value::Null,
+    };
     let net: Vec<f64> = raw
         .iter()
         .zip(idle)
@@ -151,6 +172,7 @@ fn phase_json(raw: &[f64], idle: &[f64], secs: f64, messages: u64) -> (Value, f6
             "received_net": net.iter().map(|n| n.round()).collect::<Vec<_>>(),
             "received_per_message_per_node": per_msg,
             "received_per_message_total": total,
+            "deliveries": deliveries,
             "seconds": round3(secs),
         }),
         total,
@@ -218,12 +240,8 @@ pub async fn run(ctx: &Arc<Ctx>, setup: &Setup, p: &Params) -> Result<(Value, bo
     drain_wait(&ctx.stop, p.drain, || counts.phase_total(0) >= m).await;
     // The counters are read after the last delivery: anything a node received is in them.
     let after = cluster.received().await?;
-    let (client_json, client_total) = phase_json(
-        &deltas(&before, &after),
-        &idle,
-        t.elapsed().as_secs_f64(),
-        m,
-    );
+    let (client_json, client_total) =
+        phase_json(&before, &after, &idle, t.elapsed().as_secs_f64(), m);
     let client_delivered = counts.phase_total(0);
     let client_bad = counts.mismatches(0, |i| {
         if i < cpn {
@@ -244,12 +262,8 @@ pub async fn run(ctx: &Arc<Ctx>, setup: &Setup, p: &Params) -> Result<(Value, bo
     .await?;
     drain_wait(&ctx.stop, p.drain, || counts.phase_total(1) >= m * members).await;
     let after = cluster.received().await?;
-    let (group_json, group_total) = phase_json(
-        &deltas(&before, &after),
-        &idle,
-        t.elapsed().as_secs_f64(),
-        m,
-    );
+    let (group_json, group_total) =
+        phase_json(&before, &after, &idle, t.elapsed().as_secs_f64(), m);
     let group_delivered = counts.phase_total(1);
     let group_bad = counts.mismatches(1, |i| if i / cpn == 1 || i / cpn == 2 { m } else { 0 });
     done.cancel();
@@ -262,12 +276,22 @@ pub async fn run(ctx: &Arc<Ctx>, setup: &Setup, p: &Params) -> Result<(Value, bo
         p.nodes
     );
     println!(
-        "| notification | delivered / expected | Redis msgs received per message, per node | total |"
+        "| notification | delivered / expected | Redis msgs received per message, per node | total \
+         | deliveries received per message, per node | total |"
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     let row = |name: &str, got: u64, want: u64, j: &Value, total: f64| {
+        let d = &j["deliveries"];
+        let (per, tot) = if d.is_null() {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (
+                d["per_message_per_node"].to_string(),
+                format!("{:.2}", d["per_message_total"].as_f64().unwrap_or(0.0)),
+            )
+        };
         println!(
-            "| {name} | {got} / {want} | {} | {total:.2} |",
+            "| {name} | {got} / {want} | {} | {total:.2} | {per} | {tot} |",
             j["received_per_message_per_node"]
         );
     };
