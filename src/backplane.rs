@@ -57,6 +57,17 @@ pub trait Backplane: Send + Sync {
         false
     }
 
+    /// Whether a delivery of about `bytes` from `client` could be passed on now: asked
+    /// before it is delivered here, so a refused client retries a message nobody got yet.
+    fn room_for(
+        &self,
+        _relay: &Relay,
+        _client: &Arc<Peer>,
+        _bytes: usize,
+    ) -> Result<(), ProtocolError> {
+        Ok(())
+    }
+
     /// This node's server pool changed: tell the other nodes now.
     fn servers_changed(&self, _relay: &Relay) {}
 

@@ -97,6 +97,16 @@ impl Relay {
     /// concerned. Returns how many connections of this node got it. A client's delivery may
     /// be refused by the backplane (after its local part was delivered).
     pub fn deliver(&self, delivery: Delivery, sender: Sender<'_>) -> Result<usize, ProtocolError> {
+        if let Sender::Client(client) = sender {
+            // Refused before anyone here gets it: a retry then reaches everyone once.
+            let local_target = match &delivery {
+                Delivery::Client { target, .. } => self.hub.client(target).is_some(),
+                _ => false,
+            };
+            if !local_target {
+                self.backplane.room_for(self, client, delivery.size())?;
+            }
+        }
         let here = self.deliver_here(delivery)?;
         if let Some((route, delivery)) = here.onward {
             self.backplane.publish(self, route, delivery, sender)?;

@@ -80,7 +80,7 @@ const SUBSCRIBE_BATCH: usize = 500;
 const MAX_SEQ_ENTRIES: usize = 100_000;
 /// How long after this node sent an acknowledgement to another node that node may still be
 /// subscribing to the client's group (see [`Cluster::recent_joins`]).
-const JOIN_GRACE: Duration = Duration::from_secs(2);
+pub const JOIN_GRACE: Duration = Duration::from_secs(2);
 /// Groups remembered as recently joined elsewhere; beyond, none more is (a twin is an
 /// extra, never needed for a delivery to reach a node that was already subscribed).
 const MAX_RECENT_JOINS: usize = 10_000;
@@ -311,18 +311,7 @@ impl Cluster {
             }
             Sender::Client(client) => self
                 .enqueue(relay, Lane::Clients, topic, op, Some(client), None)
-                .map_err(|refused| {
-                    relay.metrics.cluster_dropped.inc();
-                    match refused {
-                        // Many other clients filled the lane: not held against this one.
-                        Refused::Full => ProtocolError::ClusterBusy(
-                            "cluster busy: too much is waiting for the other nodes; send it again later",
-                        ),
-                        Refused::SenderBusy => ProtocolError::RateLimited(
-                            "too much of yours is waiting for the other nodes; send it again later",
-                        ),
-                    }
-                }),
+                .map_err(|refused| refusal(relay, refused)),
             Sender::Relayed => {
                 // A client's message passed on by this node: in the client lane, never
                 // ahead of admin traffic; dropped (counted) when that lane is full.
@@ -474,6 +463,20 @@ impl Cluster {
     }
 }
 
+/// What a client is told when the client lane cannot take its message (counted).
+fn refusal(relay: &Relay, refused: Refused) -> ProtocolError {
+    relay.metrics.cluster_dropped.inc();
+    match refused {
+        // Many other clients filled the lane: not held against this one.
+        Refused::Full => ProtocolError::ClusterBusy(
+            "cluster busy: too much is waiting for the other nodes; send it again later",
+        ),
+        Refused::SenderBusy => ProtocolError::RateLimited(
+            "too much of yours is waiting for the other nodes; send it again later",
+        ),
+    }
+}
+
 impl Backplane for Cluster {
     fn start(self: Arc<Self>, relay: &Arc<Relay>) {
         // Tracked, so shutdown waits for its farewell to the other nodes.
@@ -529,6 +532,17 @@ impl Backplane for Cluster {
 
     fn elsewhere(&self, target: &str) -> bool {
         node_of(target).is_some_and(|tag| tag != self.tag)
+    }
+
+    fn room_for(
+        &self,
+        relay: &Relay,
+        client: &Arc<Peer>,
+        bytes: usize,
+    ) -> Result<(), ProtocolError> {
+        self.backlog
+            .client_room(bytes + backlog::MESSAGE_OVERHEAD, client)
+            .map_err(|refused| refusal(relay, refused))
     }
 
     fn servers_changed(&self, relay: &Relay) {

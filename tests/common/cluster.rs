@@ -84,6 +84,10 @@ impl Redis {
     /// (port taken) instead.
     pub fn spawn(&mut self) -> bool {
         let mut command = Command::new(redis_binary());
+        // Its files (a replica's sync writes an RDB even with `--save ""`) in a scratch
+        // directory, never in the checkout.
+        let dir = self.cluster_dir.clone().unwrap_or_else(std::env::temp_dir);
+        command.arg("--dir").arg(&dir);
         if let Some(dir) = &self.cluster_dir {
             let file = dir.join(format!("nodes-{}.conf", self.port));
             command
