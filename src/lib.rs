@@ -24,9 +24,9 @@
 //! - [`metrics`]: Prometheus metrics at `GET /metrics`.
 //! - [`console`]: the built-in web console at `GET /console` (`--console on|off`).
 //! - [`backplane`]: what a node tells the others: its traits, the single-node and loopback ones.
-//! - [`cluster`]: the node logic that makes several nodes one relay, over any transport, and the
-//!   Redis transports (`redis.rs`; `nodes.rs`: forwards
-//!   in flight; `backlog.rs`: what waits to be published; `redis.rs`, `wire.rs`).
+//! - [`cluster`]: the node logic that makes several nodes one relay, over any transport
+//!   (`nodes.rs`: forwards in flight; `backlog.rs`: what waits to be published; `wire.rs`:
+//!   what nodes say), and the Redis and Redis Cluster transports (`redis.rs`).
 //! - [`log_throttle`]: `warn_throttled!`, for log lines a peer can trigger at will.
 
 pub mod api;
