@@ -16,7 +16,7 @@
 //! node), to one topic per group and per channel it has local members in ([`Interest`]), and
 //! to one topic for what concerns every node (`notify_all`, heartbeats).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +26,7 @@ use futures_util::Stream;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+use uuid::Uuid;
 
 use crate::delivery::{Delivery, Route, Sender};
 use crate::kinds::Frame;
@@ -176,6 +177,10 @@ const MAX_HELD: usize = 100_000;
 /// subscription is confirmed (at once when it already is, or when the transport is down).
 /// Without this, a backend that acknowledges a client and then notifies its group could
 /// miss it: the group's messages would be published before this node subscribed.
+///
+/// Held replies keep each connection's order: once one of its replies waits, the next ones
+/// (for whatever topic) wait behind it, so a client's `subscribed`/`unsubscribed` come in the
+/// order it asked, as on a single node.
 #[derive(Default)]
 pub struct Interest {
     state: Mutex<InterestState>,
@@ -188,7 +193,10 @@ struct InterestState {
     touched: HashSet<Topic>,
     /// Topics subscribed and confirmed by the transport.
     confirmed: HashSet<Topic>,
-    held: HashMap<Topic, Vec<Held>>,
+    /// Replies waiting, per connection, in the order they were sent.
+    held: HashMap<Uuid, VecDeque<Held>>,
+    /// Replies waiting, per topic.
+    held_topics: HashMap<Topic, usize>,
     held_count: usize,
     /// Subscribed to the transport: while not, replies are not held (nothing would confirm
     /// them; the subscriptions are made again on reconnecting).
@@ -196,9 +204,63 @@ struct InterestState {
 }
 
 struct Held {
+    topic: Topic,
     peer: Weak<Peer>,
     frame: Utf8Bytes,
     kind: Frame,
+}
+
+impl InterestState {
+    /// Whether replies for `topic` may go out: subscribed, and its members not changed
+    /// since the subscriber last looked.
+    fn ready(&self, topic: &Topic) -> bool {
+        self.confirmed.contains(topic) && !self.touched.contains(topic)
+    }
+
+    /// Takes, for every connection, the replies at the front of its queue whose topic is
+    /// ready (or in `also`), in order.
+    fn take_ready(&mut self, also: &[Topic]) -> Vec<Held> {
+        let mut out = Vec::new();
+        let mut emptied = Vec::new();
+        let ready =
+            |state: &InterestState, topic: &Topic| state.ready(topic) || also.contains(topic);
+        let ids: Vec<Uuid> = self.held.keys().copied().collect();
+        for id in ids {
+            loop {
+                let front_ready = self
+                    .held
+                    .get(&id)
+                    .and_then(|queue| queue.front())
+                    .is_some_and(|held| ready(self, &held.topic));
+                if !front_ready {
+                    break;
+                }
+                let Some(held) = self.held.get_mut(&id).and_then(VecDeque::pop_front) else {
+                    break;
+                };
+                self.forget(&held.topic);
+                out.push(held);
+            }
+            if self.held.get(&id).is_some_and(VecDeque::is_empty) {
+                emptied.push(id);
+            }
+        }
+        for id in emptied {
+            self.held.remove(&id);
+        }
+        out
+    }
+
+    /// One reply for `topic` is no longer held.
+    fn forget(&mut self, topic: &Topic) {
+        self.held_count -= 1;
+        if let Some(n) = self.held_topics.get_mut(topic) {
+            *n -= 1;
+            if *n == 0 {
+                self.held_topics.remove(topic);
+            }
+        }
+    }
 }
 
 impl Interest {
@@ -212,8 +274,9 @@ impl Interest {
         self.touched.notify_one();
     }
 
-    /// Sends `frame` to `peer` once `topic` is subscribed: now, if it is (or the transport
-    /// is down). Returns whether it was sent now.
+    /// Sends `frame` to `peer` once `topic` is subscribed, and after the replies already
+    /// waiting for it: now, if there are none and the topic is ready (or the transport is
+    /// down). Returns whether it was sent now.
     pub fn reply(
         &self,
         relay: &Relay,
@@ -224,16 +287,20 @@ impl Interest {
     ) -> bool {
         {
             let mut state = self.state();
-            // Held while the subscriber has not caught up with the hub: not subscribed yet,
-            // or its members changed since it last looked (it may be unsubscribing).
-            let pending = !state.confirmed.contains(&topic) || state.touched.contains(&topic);
+            let pending = !state.ready(&topic) || state.held.contains_key(&peer.id);
             if state.live && pending && state.held_count < MAX_HELD {
                 state.held_count += 1;
-                state.held.entry(topic).or_default().push(Held {
+                *state.held_topics.entry(topic.clone()).or_default() += 1;
+                state.held.entry(peer.id).or_default().push_back(Held {
+                    topic,
                     peer: Arc::downgrade(peer),
                     frame,
                     kind,
                 });
+                relay
+                    .metrics
+                    .cluster_held_replies
+                    .set(state.held_count as i64);
                 return false;
             }
         }
@@ -245,7 +312,7 @@ impl Interest {
     /// Whether replies wait for `topic` now: what follows them for the same connections
     /// must wait behind them.
     pub fn has_held(&self, topic: &Topic) -> bool {
-        self.state().held.contains_key(topic)
+        self.state().held_topics.contains_key(topic)
     }
 
     /// The touched topics, taken.
@@ -257,35 +324,35 @@ impl Interest {
         self.state().confirmed.contains(topic)
     }
 
-    /// The transport confirmed these subscriptions: their held replies go out.
+    /// The transport confirmed these subscriptions: the replies waiting for them go out.
     pub fn confirm(&self, relay: &Relay, topics: &[Topic]) {
-        let mut release = Vec::new();
-        {
+        let release = {
             let mut state = self.state();
             for topic in topics {
                 state.confirmed.insert(topic.clone());
-                if let Some(held) = state.held.remove(topic) {
-                    state.held_count -= held.len();
-                    release.extend(held);
-                }
             }
-        }
+            let release = state.take_ready(&[]);
+            relay
+                .metrics
+                .cluster_held_replies
+                .set(state.held_count as i64);
+            release
+        };
         send_held(relay, release);
     }
 
     /// Sends the replies held for these topics now (the subscriber has caught up with them
     /// and keeps no subscription: their members left, and their replies say so in order).
     pub fn release(&self, relay: &Relay, topics: &[Topic]) {
-        let mut release = Vec::new();
-        {
+        let release = {
             let mut state = self.state();
-            for topic in topics {
-                if let Some(held) = state.held.remove(topic) {
-                    state.held_count -= held.len();
-                    release.extend(held);
-                }
-            }
-        }
+            let release = state.take_ready(topics);
+            relay
+                .metrics
+                .cluster_held_replies
+                .set(state.held_count as i64);
+            release
+        };
         send_held(relay, release);
     }
 
@@ -298,7 +365,7 @@ impl Interest {
     }
 
     /// The transport is up (subscriptions are about to be made) or down (none holds: every
-    /// held reply goes out, and nothing is confirmed until subscribed again).
+    /// held reply goes out, in order, and nothing is confirmed until subscribed again).
     pub fn set_live(&self, relay: &Relay, live: bool) {
         let release = {
             let mut state = self.state();
@@ -308,6 +375,8 @@ impl Interest {
             }
             state.confirmed.clear();
             state.held_count = 0;
+            state.held_topics.clear();
+            relay.metrics.cluster_held_replies.set(0);
             std::mem::take(&mut state.held)
         };
         send_held(relay, release.into_values().flatten().collect());
@@ -315,7 +384,10 @@ impl Interest {
 }
 
 fn send_held(relay: &Relay, held: Vec<Held>) {
-    for Held { peer, frame, kind } in held {
+    for Held {
+        peer, frame, kind, ..
+    } in held
+    {
         if let Some(peer) = peer.upgrade() {
             relay.metrics.sent(kind, 1, frame.len());
             peer.send(frame);

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub cluster_nodes: Gauge,
     /// Servers on the other live nodes, which this node's client connects may be forwarded to.
     pub cluster_remote_servers: Gauge,
+    /// Replies (`client_connected`, `subscribed`, …) waiting for their topic's subscription.
+    pub cluster_held_replies: Gauge,
     pub cluster_published: Counter,
     pub cluster_received: Counter,
     /// Deliveries (notifies, publishes, acknowledgements) received from the backplane, this
@@ -209,6 +211,10 @@ impl Metrics {
             "cluster_remote_servers",
             "Servers in the pools of the other live nodes",
         );
+        let cluster_held_replies = gauge(
+            "cluster_held_replies",
+            "Replies waiting until this node receives their group's or channel's messages",
+        );
         let pending_connects = gauge(
             "pending_connects",
             "client_connect messages waiting for a server",
@@ -304,6 +310,7 @@ impl Metrics {
             cluster_connected,
             cluster_nodes,
             cluster_remote_servers,
+            cluster_held_replies,
             cluster_published,
             cluster_received,
             cluster_deliveries_received,

@@ -1176,3 +1176,41 @@ async fn acknowledged_then_notified_at_once(kind: Kind) {
 }
 
 on!([Loopback, Redis, RedisCluster] acknowledged_then_notified_at_once);
+
+// ---------------------------------------------------------------- 9. subscribe churn
+
+/// A client subscribes and at once unsubscribes, over and over, to channels nobody else on
+/// its node has (each reply would wait for the channel's subscription): every request is
+/// answered, in order, and nothing stays held afterwards (a client cannot pile up replies
+/// that wait for ever).
+async fn subscribe_churn_is_answered_in_order_and_holds_nothing(kind: Kind) {
+    const ROUNDS: usize = 40;
+    let (_backing, nodes) = cluster_on(kind, 2).await;
+    let mut client = nodes[1].client("churn").await;
+    client.send_event("client_connect", json!({})).await;
+    for i in 0..ROUNDS {
+        let name = format!("churn.{i}");
+        client.send_event("subscribe", json!({"name": name})).await;
+        client
+            .send_event("unsubscribe", json!({"name": name}))
+            .await;
+    }
+    for i in 0..ROUNDS {
+        let name = format!("churn.{i}");
+        for reply in ["subscribed", "unsubscribed"] {
+            client
+                .expect_text(&json!({"type": reply, "data": {"name": name}}).to_string())
+                .await;
+        }
+    }
+    client.expect_silence().await;
+    wait_all(
+        &[&nodes[1]],
+        "jssocket_cluster_held_replies",
+        0.0,
+        CLUSTER_TIMEOUT,
+    )
+    .await;
+}
+
+on!([Loopback, Redis, RedisCluster] subscribe_churn_is_answered_in_order_and_holds_nothing);

@@ -129,10 +129,11 @@ impl Subscriptions for RedisSubscriptions {
 
 // ----------------------------------------------------------------------- Redis Cluster
 
-/// Messages received and not yet applied, per subscription, beyond which the newest are
-/// dropped (and counted): the cluster connection reads pushes as fast as Redis sends them,
-/// so this is the bound on what a node that cannot keep up holds.
+/// Messages, and bytes, received and not yet applied, per subscription, beyond which the
+/// newest are dropped (and a warning logged): the cluster connection reads pushes as fast as
+/// Redis sends them, so this is the bound on what a node that cannot keep up holds.
 const MAX_UNAPPLIED: usize = 100_000;
+const MAX_UNAPPLIED_BYTES: usize = 64 * 1024 * 1024;
 
 /// A Redis Cluster: `SPUBLISH` to the shard of a topic's slot, `SSUBSCRIBE` there. The
 /// cluster connection follows slot moves and failovers and subscribes again by itself.
@@ -176,10 +177,17 @@ impl Transport for RedisCluster {
             let lost = shared.lost.clone();
             // Ends when a connection to a shard is lost: the node then subscribes to
             // everything again, where the slots are now.
-            let messages = futures_util::stream::unfold((rx, lost), |(mut rx, lost)| async move {
-                tokio::select! {
-                    message = rx.recv() => message.map(|message| (message, (rx, lost))),
-                    _ = lost.cancelled() => None,
+            let held = Arc::clone(&shared.unapplied);
+            let messages = futures_util::stream::unfold((rx, lost), move |(mut rx, lost)| {
+                let held = Arc::clone(&held);
+                async move {
+                    tokio::select! {
+                        message = rx.recv() => message.map(|message: (String, Vec<u8>)| {
+                            held.fetch_sub(message.1.len(), std::sync::atomic::Ordering::Relaxed);
+                            (message, (rx, lost))
+                        }),
+                        _ = lost.cancelled() => None,
+                    }
                 }
             });
             Ok(Subscription {
@@ -201,8 +209,8 @@ impl Publisher for ClusterPublisher {
         batch: &'a [(String, String)],
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
-            // Each topic's messages one after the other (the order receivers rely on), the
-            // topics side by side: one round trip per message of the busiest topic.
+            // Each topic's messages in one pipeline (one slot, one shard, in order: the order
+            // receivers rely on), the topics side by side.
             let mut by_topic: Vec<(&str, Vec<&str>)> = Vec::new();
             for (topic, message) in batch {
                 match by_topic.iter_mut().find(|(t, _)| t == topic) {
@@ -212,16 +220,11 @@ impl Publisher for ClusterPublisher {
             }
             let sends = by_topic.into_iter().map(|(topic, messages)| {
                 let mut connection = self.0.clone();
-                async move {
-                    for message in messages {
-                        redis::cmd("SPUBLISH")
-                            .arg(topic)
-                            .arg(message)
-                            .query_async::<i64>(&mut connection)
-                            .await?;
-                    }
-                    Ok::<(), redis::RedisError>(())
+                let mut pipe = redis::pipe();
+                for message in messages {
+                    pipe.cmd("SPUBLISH").arg(topic).arg(message).ignore();
                 }
+                async move { pipe.query_async::<()>(&mut connection).await }
             });
             for sent in futures_util::future::join_all(sends).await {
                 sent?;
@@ -279,6 +282,8 @@ struct Shards {
     /// cluster connection would reconnect to that address, and learn the new master only
     /// when a request of its own is refused, which a subscriber never sends.
     lost: tokio_util::sync::CancellationToken,
+    /// Bytes of messages received and not yet taken by the subscriber.
+    unapplied: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shards {
@@ -345,10 +350,13 @@ impl Pushes {
             return;
         };
         let mut connection = connection.clone();
+        let lost = self.shards.lost.clone();
         tokio::spawn(async move {
-            // The connection follows the slot (MOVED) to its new master.
+            // The connection follows the slot (MOVED) to its new master. Failing that, the
+            // subscription ends and everything is subscribed again.
             if let Err(e) = connection.ssubscribe(&topic).await {
                 warn_throttled!(error = %e, "cluster: cannot subscribe again after a slot moved");
+                lost.cancel();
             }
         });
     }
@@ -380,13 +388,28 @@ impl AsyncPushSender for Pushes {
             return Ok(());
         };
         let topic = String::from_utf8_lossy(&channel).into_owned();
+        let len = payload.len();
+        let unapplied = &self.shards.unapplied;
+        if unapplied.load(std::sync::atomic::Ordering::Relaxed) + len > MAX_UNAPPLIED_BYTES {
+            warn_throttled!("cluster: messages arrive faster than they are applied; dropped");
+            return Ok(());
+        }
+        // Counted before it can be taken, so the count never goes below zero.
+        unapplied.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         match self.tx.try_send((topic, payload)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                warn_throttled!("cluster: messages arrive faster than they are applied; dropped");
-                Ok(())
+            Err(refused) => {
+                unapplied.fetch_sub(len, std::sync::atomic::Ordering::Relaxed);
+                match refused {
+                    mpsc::error::TrySendError::Full(_) => {
+                        warn_throttled!(
+                            "cluster: messages arrive faster than they are applied; dropped"
+                        );
+                        Ok(())
+                    }
+                    mpsc::error::TrySendError::Closed(_) => Err(SendError),
+                }
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(SendError),
         }
     }
 }
