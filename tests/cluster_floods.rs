@@ -304,10 +304,13 @@ async fn connects_forwarded_to_a_dead_node_are_forwarded_again() {
 async fn a_full_client_lane_is_not_held_against_a_bystander() {
     const LIMIT: usize = 3;
     // Flooders' messages, one each (the first is always let in while the lane has room):
-    // ~900 KiB until the 16 MiB lane is refused one (the publisher, cut off from Redis, may
-    // hold one taken message), then halving sizes: the lane is filled to a few bytes.
+    // ~900 KiB until the 16 MiB lane is refused one, then 512 KiB a few times and halving
+    // sizes: the lane is filled to a few bytes. (The publisher, cut off from Redis, holds the
+    // batch it took when it last woke, up to 1 MiB and one message: whenever in the flood it
+    // took it, the smaller ones fill the room it left.)
     let pads: Vec<usize> = std::iter::repeat_n(900 * 1024, 19)
-        .chain((0..20).rev().map(|k| 1 << k))
+        .chain(std::iter::repeat_n(512 * 1024, 4))
+        .chain((0..19).rev().map(|k| 1 << k))
         .collect();
     let redis = Redis::start();
     let proxy = Proxy::start(&redis).await;
