@@ -29,6 +29,12 @@ const CLIENT_BACKLOG_BYTES: usize = 16 * 1024 * 1024;
 /// its turn whatever the others send.
 const PER_CLIENT_BYTES: usize = 64 * 1024;
 
+/// Bytes of the client lane that clients of other nodes may take: messages this node passes
+/// on for them (a group it resolved from one of its connection ids). They have no connection
+/// here to charge a share to, so they get a quarter of the lane between them: clients
+/// elsewhere cannot crowd this node's own clients out.
+const RELAYED_BYTES: usize = CLIENT_BACKLOG_BYTES / 4;
+
 /// What a queued message costs beyond its text (queue slot, allocation, topic): counted, so
 /// a flood of tiny messages is bounded too.
 pub(super) const MESSAGE_OVERHEAD: usize = 64;
@@ -62,6 +68,8 @@ struct Lanes {
     clients: VecDeque<Queued>,
     control_bytes: usize,
     client_bytes: usize,
+    /// Of `client_bytes`, what clients of other nodes take (see [`RELAYED_BYTES`]).
+    relayed_bytes: usize,
 }
 
 /// A message waiting in a lane.
@@ -129,8 +137,11 @@ impl Backlog {
                     lanes.control.push_back(queued);
                 }
                 Lane::Clients => {
-                    if let Some(sender) = sender {
-                        sender.cluster_bytes.fetch_add(cost, Ordering::Relaxed);
+                    match sender {
+                        Some(sender) => {
+                            sender.cluster_bytes.fetch_add(cost, Ordering::Relaxed);
+                        }
+                        None => lanes.relayed_bytes += cost,
                     }
                     lanes.client_bytes += cost;
                     lanes.clients.push_back(queued);
@@ -166,8 +177,11 @@ impl Backlog {
             forward,
         } = lanes.clients.pop_front()?;
         lanes.client_bytes -= cost;
-        if let Some(sender) = sender {
-            sender.cluster_bytes.fetch_sub(cost, Ordering::Relaxed);
+        match sender {
+            Some(sender) => {
+                sender.cluster_bytes.fetch_sub(cost, Ordering::Relaxed);
+            }
+            None => lanes.relayed_bytes -= cost,
         }
         Some(Taken { topic, op, forward })
     }
@@ -199,11 +213,17 @@ impl Lanes {
             Lane::Clients => {
                 // The sender's own share first: a sender over it is told so (and it counts
                 // against it), even when others have filled the lane meanwhile.
-                if let Some(sender) = sender {
-                    let waiting = sender.cluster_bytes.load(Ordering::Relaxed);
-                    if waiting > 0 && waiting + cost > PER_CLIENT_BYTES {
-                        return Err(Refused::SenderBusy);
+                match sender {
+                    Some(sender) => {
+                        let waiting = sender.cluster_bytes.load(Ordering::Relaxed);
+                        if waiting > 0 && waiting + cost > PER_CLIENT_BYTES {
+                            return Err(Refused::SenderBusy);
+                        }
                     }
+                    None if self.relayed_bytes + cost > RELAYED_BYTES => {
+                        return Err(Refused::Full);
+                    }
+                    None => {}
                 }
                 if self.client_bytes + cost > CLIENT_BACKLOG_BYTES {
                     return Err(Refused::Full);
@@ -211,5 +231,56 @@ impl Lanes {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(len: usize) -> Op {
+        Op::Servers {
+            servers: vec!["x".repeat(len)],
+        }
+    }
+
+    /// Messages passed on for clients of other nodes take at most a quarter of the client
+    /// lane: this node's own clients still get theirs in.
+    #[test]
+    fn relayed_messages_take_at_most_a_quarter_of_the_client_lane() {
+        let backlog = Backlog::new();
+        let chunk = 64 * 1024;
+        let mut relayed = 0;
+        while backlog
+            .push(Lane::Clients, "t".into(), op(chunk), None, None)
+            .is_ok()
+        {
+            relayed += 1;
+            assert!(relayed <= CLIENT_BACKLOG_BYTES / chunk, "never refused");
+        }
+        let taken = relayed * (chunk + 1 + MESSAGE_OVERHEAD);
+        assert!(taken <= RELAYED_BYTES, "{taken} > {RELAYED_BYTES}");
+        assert!(
+            taken + chunk + 1 + MESSAGE_OVERHEAD > RELAYED_BYTES,
+            "refused too early"
+        );
+        // A client of this node still has the rest of the lane.
+        let memory = Arc::new(crate::memory::Memory::new(
+            usize::MAX / 4,
+            &crate::metrics::Metrics::new(),
+        ));
+        let client = Peer::new(1, 1 << 20, &memory);
+        assert_eq!(
+            backlog.push(Lane::Clients, "t".into(), op(chunk), Some(&client), None),
+            Ok(())
+        );
+        // Taking them out gives the room back.
+        while backlog.try_pop().is_some() {}
+        assert_eq!(backlog.bytes(), 0);
+        assert!(
+            backlog
+                .push(Lane::Clients, "t".into(), op(chunk), None, None)
+                .is_ok()
+        );
     }
 }
