@@ -97,7 +97,10 @@ impl Relay {
     /// concerned. Returns how many connections of this node got it. A client's delivery may
     /// be refused by the backplane (after its local part was delivered).
     pub fn deliver(&self, delivery: Delivery, sender: Sender<'_>) -> Result<usize, ProtocolError> {
-        if let Sender::Client(client) = sender {
+        // (In a cluster only: a single node has nothing to pass on.)
+        if let Sender::Client(client) = sender
+            && self.hub.interest().is_some()
+        {
             // Refused before anyone here gets it: a retry then reaches everyone once.
             let local_target = match &delivery {
                 Delivery::Client { target, .. } => self.hub.client(target).is_some(),
