@@ -94,9 +94,33 @@ pub trait Backplane: Send + Sync {
 }
 
 /// A single node: nothing to tell anyone.
-pub struct Local;
+pub struct Local {
+    /// Random, like a cluster node's, so ids look alike (and keep their random bits)
+    /// whether or not there is a cluster.
+    tag: u32,
+}
 
-impl Backplane for Local {}
+impl Local {
+    pub fn new() -> Local {
+        let id = uuid::Uuid::new_v4();
+        let bytes = id.as_bytes();
+        Local {
+            tag: u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        }
+    }
+}
+
+impl Default for Local {
+    fn default() -> Local {
+        Local::new()
+    }
+}
+
+impl Backplane for Local {
+    fn node_tag(&self) -> u32 {
+        self.tag
+    }
+}
 
 // ------------------------------------------------------------------------------- topics
 

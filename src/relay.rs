@@ -63,9 +63,9 @@ impl Relay {
             Some(url) => match crate::cluster::redis::transport(url) {
                 Ok(transport) => Arc::new(crate::cluster::Cluster::new(transport)),
                 // Checked when the configuration was read; unreachable in practice.
-                Err(_) => Arc::new(Local),
+                Err(_) => Arc::new(Local::new()),
             },
-            None => Arc::new(Local),
+            None => Arc::new(Local::new()),
         };
         Relay::with_backplane(config, backplane)
     }
