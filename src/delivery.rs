@@ -16,7 +16,7 @@ use crate::peer::Peer;
 
 /// One delivery: whom, and the frame they get.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "to", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Delivery {
     /// `notify_all`: every registered client.
     All { frame: Text },

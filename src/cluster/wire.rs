@@ -1,5 +1,7 @@
-//! What nodes say to each other: a sequence number, a space, and one JSON object tagged by
-//! `op`. Deliveries carry their frames already encoded for the recipients.
+//! What nodes say to each other: a sequence number, a space, and one JSON object, its `op`
+//! an externally tagged enum (`{"deliver":{…}}`): read in one pass, where an internally
+//! tagged or flattened one is first buffered whole (it was most of the cost of a received
+//! message). Deliveries carry their frames already encoded for the recipients.
 //!
 //! Nodes of this version do not read earlier versions' messages (those went to one channel
 //! every node read; these are routed to topics): a cluster is upgraded all at once.
@@ -12,12 +14,11 @@ use crate::delivery::{Delivery, Text};
 pub struct Wire {
     /// The sending node's tag; a node ignores its own messages.
     pub from: String,
-    #[serde(flatten)]
     pub op: Op,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Op {
     /// A delivery for this node's connections. `from_client`: a client sent it, so what the
     /// receiver passes on (a group it resolved) waits in its client lane, never ahead of
@@ -135,5 +136,8 @@ mod tests {
         assert_eq!(frame.as_str(), "{\"a\":1}");
         assert!(Wire::decode_stamped(b"garbage").is_none());
         assert!(Wire::decode_stamped(b"{\"from\":\"x\",\"op\":\"leaving\"}").is_none());
+        let (_, leaving) = Wire::decode_stamped(b"3 {\"from\":\"x\",\"op\":\"leaving\"}")
+            .expect("a unit variant is its name");
+        assert!(matches!(leaving.op, Op::Leaving));
     }
 }
