@@ -56,6 +56,18 @@ impl Delivery {
         }
     }
 
+    /// The frame its recipients get.
+    pub fn frame_mut(&mut self) -> &mut Text {
+        match self {
+            Delivery::All { frame }
+            | Delivery::Client { frame, .. }
+            | Delivery::Group { frame, .. }
+            | Delivery::GroupOf { frame, .. }
+            | Delivery::Channel { frame, .. }
+            | Delivery::Acknowledge { frame, .. } => frame,
+        }
+    }
+
     /// Bytes it holds while it waits to be published (its texts, not their JSON escaping):
     /// known without encoding it.
     pub fn size(&self) -> usize {

@@ -253,20 +253,14 @@ impl Cluster {
         Ok(())
     }
 
-    /// Prefixes a message with this node's next sequence number (publisher only, so the
-    /// numbers go out in order).
-    fn stamp(&self, message: &str) -> String {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        format!("{seq} {message}")
-    }
-
-    /// Encodes `op` as this node's message and stamps it (publisher only).
+    /// Encodes `op` as this node's message with its next sequence number (publisher only,
+    /// so the numbers go out in order).
     fn encode(&self, op: Op) -> String {
         let wire = Wire {
             from: self.node.clone(),
             op,
         };
-        self.stamp(&wire.encode())
+        wire.encode_stamped(self.next_seq.fetch_add(1, Ordering::Relaxed))
     }
 
     /// True the first time `seq` from node `from` on `topic` is seen (messages on one topic

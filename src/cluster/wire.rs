@@ -1,12 +1,16 @@
-//! What nodes say to each other: a sequence number, a space, and one JSON object, its `op`
-//! an externally tagged enum (`{"deliver":{…}}`): read in one pass, where an internally
-//! tagged or flattened one is first buffered whole (it was most of the cost of a received
-//! message). Deliveries carry their frames already encoded for the recipients.
+//! What nodes say to each other: `<seq> <header>`, or `<seq> <header>\n<frame>` when the
+//! message carries a frame. The header is one JSON object, its `op` an externally tagged
+//! enum (`{"deliver":{…}}`): read in one pass, where an internally tagged or flattened one
+//! is first buffered whole. The frame (what the recipients get, already encoded) follows the
+//! header as it is, not as a JSON string: no escaping it on one node and unescaping it on the
+//! other, whatever its size. (Compact JSON never holds a raw newline, so the first one ends
+//! the header.)
 //!
 //! Nodes of this version do not read earlier versions' messages (those went to one channel
 //! every node read; these are routed to topics): a cluster is upgraded all at once.
 
 use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::delivery::{Delivery, Text};
 
@@ -89,23 +93,53 @@ impl Op {
     }
 }
 
+impl Op {
+    /// The frame this message carries, if any.
+    fn frame_mut(&mut self) -> Option<&mut Text> {
+        match self {
+            Op::Deliver { delivery, .. } => Some(delivery.frame_mut()),
+            Op::Forward { frame, .. } => Some(frame),
+            _ => None,
+        }
+    }
+}
+
 impl Wire {
-    pub fn encode(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+    /// `<seq> <header>[\n<frame>]`.
+    pub fn encode_stamped(mut self, seq: u64) -> String {
+        let frame = self
+            .op
+            .frame_mut()
+            .map(|frame| std::mem::replace(frame, Text(Utf8Bytes::from_static(""))));
+        let mut out = format!("{seq} ").into_bytes();
+        // Writing to a Vec cannot fail; the header has only strings and numbers.
+        let _ = serde_json::to_writer(&mut out, &self);
+        if let Some(frame) = frame {
+            out.push(b'\n');
+            out.extend_from_slice(frame.as_bytes());
+        }
+        String::from_utf8(out).unwrap_or_default()
     }
 
-    /// Reads `<seq> <json>`, as the publisher sends it.
+    /// Reads what [`Wire::encode_stamped`] wrote.
     pub fn decode_stamped(bytes: &[u8]) -> Option<(u64, Wire)> {
         let text = std::str::from_utf8(bytes).ok()?;
-        let (seq, json) = text.split_once(' ')?;
-        Some((seq.parse().ok()?, serde_json::from_str(json).ok()?))
+        let (seq, rest) = text.split_once(' ')?;
+        let (header, frame) = match rest.split_once('\n') {
+            Some((header, frame)) => (header, Some(frame)),
+            None => (rest, None),
+        };
+        let mut wire: Wire = serde_json::from_str(header).ok()?;
+        if let (Some(slot), Some(frame)) = (wire.op.frame_mut(), frame) {
+            *slot = Text(Utf8Bytes::from(frame.to_string()));
+        }
+        Some((seq.parse().ok()?, wire))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_tungstenite::tungstenite::Utf8Bytes;
 
     #[test]
     fn a_delivery_survives_the_wire() {
@@ -114,13 +148,13 @@ mod tests {
             op: Op::Deliver {
                 delivery: Delivery::Group {
                     group: "g \"1\"".into(),
-                    frame: Text(Utf8Bytes::from_static("{\"a\":1}")),
+                    frame: Text(Utf8Bytes::from_static("{\"a\":\"x\\ny\"}\n")),
                 },
                 from_client: true,
                 twin: None,
             },
         };
-        let text = format!("7 {}", wire.encode());
+        let text = wire.encode_stamped(7);
         let (seq, back) = Wire::decode_stamped(text.as_bytes()).expect("decodes");
         assert_eq!(seq, 7);
         assert_eq!(back.from, "0000abcd");
@@ -133,7 +167,9 @@ mod tests {
             panic!("not the group delivery: {text}");
         };
         assert_eq!(&*group, "g \"1\"");
-        assert_eq!(frame.as_str(), "{\"a\":1}");
+        // As it was, escapes and newlines included: it is not in the JSON header.
+        assert_eq!(frame.as_str(), "{\"a\":\"x\\ny\"}\n");
+        assert!(!text.contains("\\\"a\\\""), "the frame was escaped: {text}");
         assert!(Wire::decode_stamped(b"garbage").is_none());
         assert!(Wire::decode_stamped(b"{\"from\":\"x\",\"op\":\"leaving\"}").is_none());
         let (_, leaving) = Wire::decode_stamped(b"3 {\"from\":\"x\",\"op\":\"leaving\"}")
