@@ -5,11 +5,14 @@
 //! parser, so a test exercises exactly what a user can type) or [`Config::default`].
 
 use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::{AuthError, PasswordHash};
+use crate::jwt::{KeyError, Verifier};
 
 /// The command line. `-h` is the host, as in the original relay, so clap's own `-h` is turned
 /// off and help is `--help` only.
@@ -175,6 +178,29 @@ pub struct Options {
     /// limiter, so admins and receivers are served first. 0: never.
     #[arg(long, env = "SOCKET_OVERLOAD_LAG", default_value_t = 25)]
     pub overload_lag: u64,
+
+    /// HMAC secret (raw UTF-8) that signs client tokens (JWT, HS256/384/512). With it (or
+    /// --jwt-public-key) a client presenting a valid token is acknowledged by the relay
+    /// itself, without a backend.
+    #[arg(long, env = "SOCKET_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with the public key that signs client tokens (RS*/PS* with an RSA key as
+    /// SPKI or PKCS#1, ES256/ES384 with an EC key, EdDSA with an Ed25519 key).
+    #[arg(long, env = "SOCKET_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Required `iss` of client tokens. Unset: not checked.
+    #[arg(long, env = "SOCKET_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` of client tokens (one of them, when it is an array). Unset: not checked.
+    #[arg(long, env = "SOCKET_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// The claim naming a token's user (Magic's tokens use unique_name).
+    #[arg(long, env = "SOCKET_JWT_USER_CLAIM", default_value = "sub")]
+    pub jwt_user_claim: String,
 }
 
 /// Validated configuration, shared read-only by every task.
@@ -213,6 +239,9 @@ pub struct Config {
     pub http_idle_timeout: Duration,
     /// `None`: the overload limiter never engages.
     pub overload_lag: Option<Duration>,
+    /// Judges client tokens; `None` without --jwt-secret and --jwt-public-key, and then no
+    /// token is looked at (SPEC §11).
+    pub jwt: Option<Arc<Verifier>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +256,12 @@ pub enum ConfigError {
     HeaderBytes,
     #[error("--redis-url: {0}")]
     RedisUrl(String),
+    #[error("{0}")]
+    Jwt(#[from] KeyError),
+    #[error("--jwt-public-key {0}: {1}")]
+    JwtKeyFile(String, String),
+    #[error("--jwt-issuer and --jwt-audience need --jwt-secret or --jwt-public-key")]
+    JwtWithoutKey,
 }
 
 impl Config {
@@ -268,6 +303,7 @@ impl Config {
             crate::cluster::redis::transport(url)
                 .map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
         }
+        let jwt = jwt_verifier(&o)?;
         let allowed_origins = o
             .allowed_origins
             .iter()
@@ -300,6 +336,7 @@ impl Config {
             max_tcp_connections: (o.max_tcp_connections > 0).then_some(o.max_tcp_connections),
             http_idle_timeout: Duration::from_secs(o.http_idle_timeout),
             overload_lag: (o.overload_lag > 0).then(|| Duration::from_millis(o.overload_lag)),
+            jwt,
         })
     }
 }
@@ -332,6 +369,11 @@ impl Default for Config {
             max_tcp_connections: 0,
             http_idle_timeout: 5,
             overload_lag: 25,
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_user_claim: "sub".into(),
         };
         match Config::from_options(options) {
             Ok(config) => config,
@@ -339,6 +381,32 @@ impl Default for Config {
             Err(e) => unreachable!("default configuration is invalid: {e}"),
         }
     }
+}
+
+/// The token verifier the `--jwt-*` options describe, the public key file read now (a wrong
+/// path or key stops the start, not the first client).
+fn jwt_verifier(o: &Options) -> Result<Option<Arc<Verifier>>, ConfigError> {
+    if o.jwt_secret.is_none() && o.jwt_public_key.is_none() {
+        if o.jwt_issuer.is_some() || o.jwt_audience.is_some() {
+            return Err(ConfigError::JwtWithoutKey);
+        }
+        return Ok(None);
+    }
+    let pem = match &o.jwt_public_key {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| ConfigError::JwtKeyFile(path.display().to_string(), e.to_string()))?,
+        ),
+        None => None,
+    };
+    let verifier = Verifier::new(
+        o.jwt_secret.as_deref(),
+        pem.as_deref(),
+        o.jwt_issuer.clone(),
+        o.jwt_audience.clone(),
+        o.jwt_user_claim.clone(),
+    )?;
+    Ok(Some(Arc::new(verifier)))
 }
 
 /// clap renders an error over several lines (usage, a hint); users get the reason alone.

@@ -76,6 +76,9 @@ pub struct PeerInfo {
     /// Called once the password verifies (the place it held under the reserve's
     /// per-address cap is given back, see `server::RESERVE_PER_ADDRESS`).
     pub on_admin: Option<Box<dyn FnOnce() + Send>>,
+    /// Who the upgrade's valid token (`access_token` or `Authorization: Bearer`) says the
+    /// peer is: its `client_connect` is then acknowledged at once (SPEC §11).
+    pub identity: Option<crate::jwt::Identity>,
 }
 
 /// Serves one upgraded WebSocket until it closes, then removes it from the hub. `peer` is
@@ -90,6 +93,9 @@ pub async fn serve(socket: Socket, shared: Arc<Relay>, info: PeerInfo, peer: Arc
 async fn run(socket: Socket, shared: Arc<Relay>, info: PeerInfo, peer: Arc<Peer>) {
     debug!(addr = %info.addr, "connected");
     let mut session = Session::new(Arc::clone(&peer), Arc::clone(&shared), info.addr);
+    if let Some(identity) = info.identity {
+        session.remember_token(identity);
+    }
     let mut socket = socket;
     // Messages read while the password waited, handled first by the reader.
     let mut early = Early::default();
@@ -295,7 +301,16 @@ async fn read_loop(
                     alive.store(true, Ordering::Relaxed);
                     admitted = true;
                 }
-                stream.next().await
+                // A connection authenticated by a token lasts as long as the token.
+                match session.token_deadline() {
+                    None => stream.next().await,
+                    Some(deadline) => tokio::select! {
+                        next = stream.next() => next,
+                        () = tokio::time::sleep_until(deadline) => {
+                            return End::Close { close: Close::TOKEN_EXPIRED, flush: true };
+                        }
+                    },
+                }
             }
         };
         let message = match next {

@@ -107,6 +107,7 @@ named! {
         ConflictingFilters = "conflicting_filters",
         Unauthorized = "unauthorized",
         RateLimited = "rate_limited",
+        InvalidToken = "invalid_token",
     }
 }
 

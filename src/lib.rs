@@ -20,6 +20,7 @@
 //! - [`memory`]: the global memory budget (`--max-memory`) over every queue and partial message.
 //! - [`overload`]: when the runtime lags, clients' messages wait so bystanders are served.
 //! - [`auth`]: `SOCKET_AUTH` and bcrypt verification off the runtime.
+//! - [`jwt`]: client tokens (`--jwt-*`): a token in, the user, roles and groups it proves out.
 //! - [`api`]: the HTTP publish API (`POST /api/…`).
 //! - [`metrics`]: Prometheus metrics at `GET /metrics`.
 //! - [`console`]: the built-in web console at `GET /console` (`--console on|off`).
@@ -39,6 +40,7 @@ pub mod console;
 pub mod delivery;
 pub mod events;
 pub mod hub;
+pub mod jwt;
 pub mod kinds;
 pub mod log_throttle;
 pub mod memory;

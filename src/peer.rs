@@ -53,6 +53,12 @@ impl Close {
         code: 1008,
         reason: "authentication busy, retry",
     };
+    /// The token that authenticated the connection (SPEC §11) expired; a client reconnects,
+    /// or sends a fresh token in `client_connect` before this happens.
+    pub const TOKEN_EXPIRED: Close = Close {
+        code: 1008,
+        reason: "token expired",
+    };
     pub const SLOW_CONSUMER: Close = Close {
         code: 1008,
         reason: "slow consumer",

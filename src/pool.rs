@@ -315,6 +315,12 @@ impl Pool {
         }
     }
 
+    /// Drops a client's waiting `client_connect`, if any: it was answered otherwise (the
+    /// relay acknowledged the client by its token).
+    pub fn withdraw(&self, client: Uuid) {
+        self.lock().pending.remove(client);
+    }
+
     /// Takes a closed connection out of the pool and the waiting queue.
     pub fn remove(&self, id: Uuid) {
         let mut pool = self.lock();

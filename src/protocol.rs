@@ -61,6 +61,11 @@ pub enum ProtocolError {
     /// bystander closed for asking once).
     #[error("{0}")]
     QueueFull(&'static str),
+    /// A `client_connect` token in the form of a JWT that does not verify (SPEC §11); the
+    /// request is not forwarded. Counted as bad input: a peer trying token after token is
+    /// closed like one sending garbage.
+    #[error("invalid token: {0}")]
+    InvalidToken(crate::jwt::TokenError),
 }
 
 /// Longest channel name.
@@ -100,6 +105,7 @@ impl ProtocolError {
             ProtocolError::ConflictingFilters => Code::ConflictingFilters,
             ProtocolError::Unauthorized => Code::Unauthorized,
             ProtocolError::RateLimited(_) | ProtocolError::ClusterBusy(_) => Code::RateLimited,
+            ProtocolError::InvalidToken(_) => Code::InvalidToken,
         }
     }
 

@@ -413,6 +413,22 @@ async fn upgrade(
     if shared.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "503: shutting down\n").into_response();
     }
+    // Judged before a place is taken: a bad token costs the server nothing more.
+    let identity = match (&shared.config.jwt, upgrade_token(&request)) {
+        (Some(verifier), Some(token)) => match verifier.verify(&token) {
+            Ok(identity) => Some(identity),
+            Err(e) => {
+                debug!(%addr, reason = %e, "upgrade refused: invalid token");
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\"")],
+                    format!("401 Unauthorized: invalid token: {e}\n"),
+                )
+                    .into_response();
+            }
+        },
+        _ => None,
+    };
     let password = headers
         .get("auth")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
@@ -430,6 +446,7 @@ async fn upgrade(
     let info = PeerInfo {
         addr,
         password,
+        identity,
         admin_only: slot.admin_only || tcp.as_ref().is_some_and(|tcp| tcp.reserved),
         // A verified admin no longer counts against its address's share of the reserve (nor
         // of the admins' places), so a backend's many workers can all come in through it.
@@ -497,6 +514,30 @@ async fn upgrade(
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The client token an upgrade carries (SPEC §11): the `access_token` query parameter (a
+/// browser cannot set headers on a WebSocket), else `Authorization: Bearer <token>`.
+fn upgrade_token(request: &Request) -> Option<String> {
+    // Malformed query: no token from it (the header may still have one).
+    let query = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(request.uri());
+    let from_query = query.ok().and_then(|query| {
+        query
+            .0
+            .into_iter()
+            .find_map(|(name, value)| (name == "access_token").then_some(value))
+    });
+    from_query.or_else(|| {
+        let value = request
+            .headers()
+            .get(header::AUTHORIZATION)?
+            .to_str()
+            .ok()?;
+        let (scheme, token) = value.trim().split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string())
+    })
 }
 
 fn is_websocket_upgrade(headers: &HeaderMap) -> bool {

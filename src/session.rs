@@ -13,6 +13,7 @@ use tracing::debug;
 use crate::auth::Verdict;
 use crate::config::ClientSend;
 use crate::delivery::Sender;
+use crate::jwt::Identity;
 use crate::kinds::{Event, Frame};
 use crate::peer::{Close, Peer};
 use crate::protocol::{ProtocolError, compact, event_frame, is_falsy};
@@ -59,6 +60,12 @@ pub struct Session {
     /// `client_connect`s in the current window: each is copied to a server, so one client
     /// must not be able to flood the backends with them.
     connects: Window,
+    /// Who the connection's token says it is (SPEC §11): the upgrade's, replaced by each
+    /// valid JWT in `client_connect`. `None` without one, or without a JWT key configured.
+    pub(crate) identity: Option<Identity>,
+    /// When that token expires: the reader closes the connection then with
+    /// [`Close::TOKEN_EXPIRED`]. A newer token sent in `client_connect` moves it.
+    token_deadline: Option<tokio::time::Instant>,
 }
 
 impl Session {
@@ -73,7 +80,22 @@ impl Session {
             in_pool: false,
             bad_input: Window::new(),
             connects: Window::new(),
+            identity: None,
+            token_deadline: None,
         }
+    }
+
+    /// Remembers the identity a valid token proved, and when the token expires.
+    pub(crate) fn remember_token(&mut self, identity: Identity) {
+        self.token_deadline = identity
+            .expires_in()
+            .map(|left| tokio::time::Instant::now() + left);
+        self.identity = Some(identity);
+    }
+
+    /// When the connection's token expires (see [`Session::remember_token`]).
+    pub(crate) fn token_deadline(&self) -> Option<tokio::time::Instant> {
+        self.token_deadline
     }
 
     /// Counts a `client_connect` against [`MAX_CONNECTS_PER_WINDOW`].
