@@ -145,6 +145,10 @@ impl Verifier {
             );
         }
         if let Some(pem) = public_key_pem {
+            // `jsonwebtoken` would take a private key's PEM too, and then no token verifies.
+            if !is_public_key_pem(pem) {
+                return Err(KeyError::PublicKey);
+            }
             let key = DecodingKey::from_rsa_pem(pem)
                 .or_else(|_| DecodingKey::from_ec_pem(pem))
                 .or_else(|_| DecodingKey::from_ed_pem(pem))
@@ -261,6 +265,17 @@ fn names(
         Some(_) => return Err(TokenError::InvalidClaim(claim.to_string())),
     }
     Ok(())
+}
+
+/// Is the first PEM block a public key (SPKI `PUBLIC KEY`, or PKCS#1 `RSA PUBLIC KEY`)?
+fn is_public_key_pem(pem: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(pem);
+    let label = text
+        .lines()
+        .map(str::trim)
+        .find_map(|line| line.strip_prefix("-----BEGIN "))
+        .and_then(|rest| rest.strip_suffix("-----"));
+    matches!(label, Some("PUBLIC KEY" | "RSA PUBLIC KEY"))
 }
 
 fn token_error(kind: ErrorKind) -> TokenError {

@@ -42,6 +42,26 @@ fn upgrade_request(
     request
 }
 
+/// Sends the upgrade `request`, which must be refused with an HTTP answer: returns its status
+/// and body.
+pub async fn upgrade_refused(
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    name: &str,
+) -> (u16, String) {
+    match timeout(RECV_TIMEOUT, connect_async(request)).await {
+        Err(_) => panic!("{name}: WebSocket handshake timed out"),
+        Ok(Ok(_)) => panic!("{name}: upgrade accepted, expected a refusal"),
+        Ok(Err(WsError::Http(response))) => {
+            let body = response.body().as_deref().unwrap_or_default();
+            (
+                response.status().as_u16(),
+                String::from_utf8_lossy(body).into_owned(),
+            )
+        }
+        Ok(Err(e)) => panic!("{name}: upgrade failed without an HTTP answer: {e}"),
+    }
+}
+
 /// A TCP connection to `server` from the local address `source`.
 pub async fn connect_tcp_from(server: SocketAddr, source: IpAddr) -> TcpStream {
     let socket = match source {
@@ -70,6 +90,23 @@ impl Conn {
     /// Connects to `url`, with header `auth: <password>` when given.
     pub async fn connect(url: &str, password: Option<&str>, name: &str) -> Conn {
         let request = upgrade_request(url, password);
+        let (ws, response) = timeout(RECV_TIMEOUT, connect_async(request))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: WebSocket handshake timed out"))
+            .unwrap_or_else(|e| panic!("{name}: WebSocket handshake failed: {e}"));
+        assert_eq!(response.status(), 101, "{name}: upgrade refused");
+        Conn {
+            name: name.to_string(),
+            id: None,
+            ws,
+        }
+    }
+
+    /// Connects with a prepared upgrade request (a query string, extra headers).
+    pub async fn connect_request(
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+        name: &str,
+    ) -> Conn {
         let (ws, response) = timeout(RECV_TIMEOUT, connect_async(request))
             .await
             .unwrap_or_else(|_| panic!("{name}: WebSocket handshake timed out"))
