@@ -435,7 +435,8 @@ async fn the_user_claim_is_configurable() {
 }
 
 /// Public keys: RSA as SPKI or PKCS#1 (RS256), EC P-256 (ES256); a token of another family
-/// than the key's is refused.
+/// than the key's is refused, the algorithm-confusion attack (HS256 keyed with the public
+/// key's PEM) included.
 #[tokio::test]
 async fn public_keys_in_each_form_verify_their_tokens() {
     for (key, good, other) in [
@@ -443,6 +444,11 @@ async fn public_keys_in_each_form_verify_their_tokens() {
             "rsa_public_spki.pem",
             rs256(json!({"sub": "u"})),
             es256(json!({"sub": "u"})),
+        ),
+        (
+            "rsa_public_spki.pem",
+            rs256(json!({"sub": "u"})),
+            hs256_with_public_key(json!({"sub": "u"})),
         ),
         (
             "rsa_public_pkcs1.pem",
