@@ -518,7 +518,7 @@ async fn upgrade(
 
 /// The client token an upgrade carries (SPEC §11): the `access_token` query parameter (a
 /// browser cannot set headers on a WebSocket), else `Authorization: Bearer <token>`.
-fn upgrade_token(request: &Request) -> Option<String> {
+pub(crate) fn upgrade_token(request: &Request) -> Option<String> {
     // Malformed query: no token from it (the header may still have one).
     let query = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(request.uri());
     let from_query = query.ok().and_then(|query| {
