@@ -175,6 +175,29 @@ pub struct Options {
     /// limiter, so admins and receivers are served first. 0: never.
     #[arg(long, env = "SOCKET_OVERLOAD_LAG", default_value_t = 25)]
     pub overload_lag: u64,
+
+    /// Path of the SignalR endpoint (JSON hub protocol over WebSockets, for Magic-style
+    /// frontends): `POST <path>/negotiate` and the WebSocket at `<path>`. `off` disables it.
+    #[arg(long, env = "SOCKET_SIGNALR_PATH", default_value = "/sockets")]
+    pub signalr_path: String,
+
+    /// The hub method SignalR connections see `notify_client`, `notify_group` and
+    /// `notify_all` as (`connection.on('<method>', …)`).
+    #[arg(long, env = "SOCKET_SIGNALR_NOTIFY_METHOD", default_value = "notify")]
+    pub signalr_notify_method: String,
+
+    /// Seconds between the server's SignalR pings (the protocol's default; for tests).
+    #[arg(long, env = "SOCKET_SIGNALR_KEEPALIVE", default_value_t = 15, hide = true)]
+    pub signalr_keepalive: u64,
+
+    /// Seconds a SignalR client may stay silent before it is closed (the protocol's default;
+    /// for tests).
+    #[arg(long, env = "SOCKET_SIGNALR_CLIENT_TIMEOUT", default_value_t = 30, hide = true)]
+    pub signalr_client_timeout: u64,
+
+    /// Seconds a SignalR client has to send its handshake (the protocol's default; for tests).
+    #[arg(long, env = "SOCKET_SIGNALR_HANDSHAKE_TIMEOUT", default_value_t = 15, hide = true)]
+    pub signalr_handshake_timeout: u64,
 }
 
 /// Validated configuration, shared read-only by every task.
@@ -213,6 +236,12 @@ pub struct Config {
     pub http_idle_timeout: Duration,
     /// `None`: the overload limiter never engages.
     pub overload_lag: Option<Duration>,
+    /// The SignalR endpoint's path (no trailing slash); `None`: disabled.
+    pub signalr_path: Option<String>,
+    pub signalr_notify_method: String,
+    pub signalr_keepalive: Duration,
+    pub signalr_client_timeout: Duration,
+    pub signalr_handshake_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +256,10 @@ pub enum ConfigError {
     HeaderBytes,
     #[error("--redis-url: {0}")]
     RedisUrl(String),
+    #[error("--signalr-path: {0}")]
+    SignalrPath(&'static str),
+    #[error("--signalr-notify-method must be 1 to 128 characters")]
+    NotifyMethod,
 }
 
 impl Config {
@@ -256,6 +289,9 @@ impl Config {
             ("--handshake-timeout", o.handshake_timeout),
             ("--max-memory", o.max_memory.unwrap_or(1) as u64),
             ("--http-idle-timeout", o.http_idle_timeout),
+            ("--signalr-keepalive", o.signalr_keepalive),
+            ("--signalr-client-timeout", o.signalr_client_timeout),
+            ("--signalr-handshake-timeout", o.signalr_handshake_timeout),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
@@ -267,6 +303,10 @@ impl Config {
         if let Some(url) = &o.redis_url {
             crate::cluster::redis::transport(url)
                 .map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
+        }
+        let signalr_path = signalr_path(&o.signalr_path)?;
+        if o.signalr_notify_method.is_empty() || o.signalr_notify_method.chars().count() > 128 {
+            return Err(ConfigError::NotifyMethod);
         }
         let allowed_origins = o
             .allowed_origins
@@ -300,6 +340,11 @@ impl Config {
             max_tcp_connections: (o.max_tcp_connections > 0).then_some(o.max_tcp_connections),
             http_idle_timeout: Duration::from_secs(o.http_idle_timeout),
             overload_lag: (o.overload_lag > 0).then(|| Duration::from_millis(o.overload_lag)),
+            signalr_path,
+            signalr_notify_method: o.signalr_notify_method,
+            signalr_keepalive: Duration::from_secs(o.signalr_keepalive),
+            signalr_client_timeout: Duration::from_secs(o.signalr_client_timeout),
+            signalr_handshake_timeout: Duration::from_secs(o.signalr_handshake_timeout),
         })
     }
 }
@@ -332,6 +377,11 @@ impl Default for Config {
             max_tcp_connections: 0,
             http_idle_timeout: 5,
             overload_lag: 25,
+            signalr_path: "/sockets".into(),
+            signalr_notify_method: "notify".into(),
+            signalr_keepalive: 15,
+            signalr_client_timeout: 30,
+            signalr_handshake_timeout: 15,
         };
         match Config::from_options(options) {
             Ok(config) => config,
@@ -339,6 +389,40 @@ impl Default for Config {
             Err(e) => unreachable!("default configuration is invalid: {e}"),
         }
     }
+}
+
+/// `--signalr-path`: `off`, or an absolute path of plain characters that is not one of the
+/// HTTP routes (it becomes an axum route, `<path>/negotiate`, so `{`, `}` and `*` are out).
+fn signalr_path(path: &str) -> Result<Option<String>, ConfigError> {
+    if path == "off" {
+        return Ok(None);
+    }
+    let path = path.trim_end_matches('/');
+    if !path.starts_with('/') {
+        return Err(ConfigError::SignalrPath(
+            "must start with / (or be off), e.g. /sockets",
+        ));
+    }
+    if path.len() > 256
+        || !path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b))
+        || path.contains("//")
+    {
+        return Err(ConfigError::SignalrPath(
+            "at most 256 characters: letters, digits, / - _ . ~",
+        ));
+    }
+    let taken = ["/healthz", "/readyz", "/metrics", "/console", "/api"];
+    if taken
+        .iter()
+        .any(|t| path == *t || path.starts_with(&format!("{t}/")))
+    {
+        return Err(ConfigError::SignalrPath(
+            "is one of the server's HTTP routes (/healthz, /readyz, /metrics, /console, /api)",
+        ));
+    }
+    Ok(Some(path.to_string()))
 }
 
 /// clap renders an error over several lines (usage, a hint); users get the reason alone.
