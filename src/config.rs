@@ -187,16 +187,31 @@ pub struct Options {
     pub signalr_notify_method: String,
 
     /// Seconds between the server's SignalR pings (the protocol's default; for tests).
-    #[arg(long, env = "SOCKET_SIGNALR_KEEPALIVE", default_value_t = 15, hide = true)]
+    #[arg(
+        long,
+        env = "SOCKET_SIGNALR_KEEPALIVE",
+        default_value_t = 15,
+        hide = true
+    )]
     pub signalr_keepalive: u64,
 
     /// Seconds a SignalR client may stay silent before it is closed (the protocol's default;
     /// for tests).
-    #[arg(long, env = "SOCKET_SIGNALR_CLIENT_TIMEOUT", default_value_t = 30, hide = true)]
+    #[arg(
+        long,
+        env = "SOCKET_SIGNALR_CLIENT_TIMEOUT",
+        default_value_t = 30,
+        hide = true
+    )]
     pub signalr_client_timeout: u64,
 
     /// Seconds a SignalR client has to send its handshake (the protocol's default; for tests).
-    #[arg(long, env = "SOCKET_SIGNALR_HANDSHAKE_TIMEOUT", default_value_t = 15, hide = true)]
+    #[arg(
+        long,
+        env = "SOCKET_SIGNALR_HANDSHAKE_TIMEOUT",
+        default_value_t = 15,
+        hide = true
+    )]
     pub signalr_handshake_timeout: u64,
 }
 

@@ -490,7 +490,12 @@ pub(crate) async fn flush<'a>(sink: &mut Sink, items: Vec<Taken<'a>>) -> Vec<Tak
 
 /// Ends the WebSocket as RFC 6455 §7 asks: sends our close frame when we are the one
 /// closing, and lets the server end TCP first, right after the closing handshake (§7.1.1).
-pub(crate) async fn finish(mut sink: Sink, mut stream: Stream, end: End, shutdown: &CancellationToken) {
+pub(crate) async fn finish(
+    mut sink: Sink,
+    mut stream: Stream,
+    end: End,
+    shutdown: &CancellationToken,
+) {
     let close = match end {
         End::Gone => {
             // Flushes tungstenite's answer to the peer's close frame, if it sent one.

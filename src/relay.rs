@@ -22,10 +22,10 @@ use crate::memory::Memory;
 use crate::metrics::Metrics;
 use crate::overload::Overload;
 use crate::peer::{Peer, Wire};
-use crate::signalr::Form;
 use crate::pool::Forwarded;
 use crate::protocol::ProtocolError;
 use crate::server::Gate;
+use crate::signalr::Form;
 
 pub struct Relay {
     pub config: Config,

@@ -431,7 +431,7 @@ async fn upgrade(
         false => None,
         true => match signalr_connection(&shared, &request) {
             Ok(id) => Some(id),
-            Err(refusal) => return refusal,
+            Err(refusal) => return *refusal,
         },
     };
     let password = match signalr {
@@ -538,13 +538,16 @@ async fn upgrade(
 /// The connection id of a SignalR upgrade: the one negotiated for its `id` (a connection
 /// token, used once), or a new one when the client skipped negotiation. Unknown or expired
 /// tokens get 404, as an ASP.NET server answers them; a refused token 401.
-fn signalr_connection(shared: &Relay, request: &Request) -> Result<uuid::Uuid, Response> {
+fn signalr_connection(shared: &Relay, request: &Request) -> Result<uuid::Uuid, Box<Response>> {
     let query = request.uri().query().unwrap_or("");
-    if let Err(signalr::Refusal(reason)) = signalr::authenticate(shared, request.headers(), query)
-    {
-        return Err(
-            (StatusCode::UNAUTHORIZED, format!("401 Unauthorized: {reason}\n")).into_response(),
-        );
+    if let Err(signalr::Refusal(reason)) = signalr::authenticate(shared, request.headers(), query) {
+        return Err(Box::new(
+            (
+                StatusCode::UNAUTHORIZED,
+                format!("401 Unauthorized: {reason}\n"),
+            )
+                .into_response(),
+        ));
     }
     #[derive(serde::Deserialize)]
     struct Id {
@@ -553,18 +556,25 @@ fn signalr_connection(shared: &Relay, request: &Request) -> Result<uuid::Uuid, R
     let token = match axum::extract::Query::<Id>::try_from_uri(request.uri()) {
         Ok(query) => query.0.id,
         Err(_) => {
-            return Err((StatusCode::BAD_REQUEST, "400 Bad Request: bad query string\n")
-                .into_response());
+            return Err(Box::new(
+                (
+                    StatusCode::BAD_REQUEST,
+                    "400 Bad Request: bad query string\n",
+                )
+                    .into_response(),
+            ));
         }
     };
     match token {
         None => Ok(shared.hub.new_id()),
         Some(token) => shared.signalr.take(&token).ok_or_else(|| {
-            (
-                StatusCode::NOT_FOUND,
-                "404 Not Found: no negotiated connection with that id (negotiate again)\n",
+            Box::new(
+                (
+                    StatusCode::NOT_FOUND,
+                    "404 Not Found: no negotiated connection with that id (negotiate again)\n",
+                )
+                    .into_response(),
             )
-                .into_response()
         }),
     }
 }

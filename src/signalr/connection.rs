@@ -90,7 +90,7 @@ async fn run(socket: Socket, shared: Arc<Relay>, peer: Arc<Peer>, addr: SocketAd
         read = timeout(
             shared.config.signalr_handshake_timeout,
             read_handshake(&mut stream, &mut records, &shared, &peer),
-        ) => read.unwrap_or_else(|_| Err(Stop {
+        ) => read.unwrap_or(Err(Stop {
             end: End::Close { close: HANDSHAKE_TIMEOUT, flush: false },
             farewell: None,
         })),
@@ -183,7 +183,11 @@ fn refused(error: &Error) -> Stop {
 
 /// The next text message, with its memory accounted as `crate::connection` does; `None` for
 /// control frames. A binary frame or the end of the stream stops the connection.
-async fn next_text(stream: &mut Stream, shared: &Relay, peer: &Peer) -> Result<Option<Utf8Bytes>, Stop> {
+async fn next_text(
+    stream: &mut Stream,
+    shared: &Relay,
+    peer: &Peer,
+) -> Result<Option<Utf8Bytes>, Stop> {
     let message = match stream.next().await {
         None => return Err(Stop::gone()),
         Some(Err(e)) => {
@@ -204,9 +208,8 @@ async fn next_text(stream: &mut Stream, shared: &Relay, peer: &Peer) -> Result<O
         Message::Binary(bytes) => {
             memory.message_complete(peer);
             memory.retain(peer, bytes.len());
-            Err(Stop::bad(&Error::Message).with_reason(
-                "binary frame: this server offers the Text transfer format only",
-            ))
+            Err(Stop::bad(&Error::Message)
+                .with_reason("binary frame: this server offers the Text transfer format only"))
         }
         Message::Close(_) => {
             memory.message_complete(peer);

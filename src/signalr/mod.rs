@@ -107,7 +107,11 @@ pub struct Refusal(pub &'static str);
 /// The authentication seam: reads the client's token (`access_token` query parameter or
 /// `Authorization: Bearer`) once JWT keys exist (SPEC §11, another branch). Today every client
 /// is anonymous; a refused token will answer 401 where this is called.
-pub fn authenticate(_relay: &Relay, _headers: &HeaderMap, _query: &str) -> Result<Identity, Refusal> {
+pub fn authenticate(
+    _relay: &Relay,
+    _headers: &HeaderMap,
+    _query: &str,
+) -> Result<Identity, Refusal> {
     Ok(Identity::Anonymous)
 }
 
@@ -170,7 +174,11 @@ pub async fn negotiate(
         return (StatusCode::SERVICE_UNAVAILABLE, "503: shutting down\n").into_response();
     }
     if let Err(Refusal(reason)) = authenticate(&relay, &headers, uri.query().unwrap_or("")) {
-        return (StatusCode::UNAUTHORIZED, format!("401 Unauthorized: {reason}\n")).into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            format!("401 Unauthorized: {reason}\n"),
+        )
+            .into_response();
     }
     let version = match query.negotiate_version.as_deref() {
         None | Some("0") => 0,
@@ -229,7 +237,9 @@ mod tests {
         let encoded = encode(Form::Publish, frame, "notify").map(|f| f.to_string());
         assert_eq!(
             encoded.as_deref(),
-            Some("{\"type\":1,\"target\":\"foo.bar\",\"arguments\":[\"{\\\"a\\\":[1,\\\"x\\\"]}\"]}\u{1e}")
+            Some(
+                "{\"type\":1,\"target\":\"foo.bar\",\"arguments\":[\"{\\\"a\\\":[1,\\\"x\\\"]}\"]}\u{1e}"
+            )
         );
     }
 

@@ -202,7 +202,11 @@ mod tests {
             seen.push(r.to_string());
             Ok::<(), ()>(())
         };
-        assert!(records.feed("{\"type\":6}\u{1e}{\"ty", 100, &mut collect).is_ok());
+        assert!(
+            records
+                .feed("{\"type\":6}\u{1e}{\"ty", 100, &mut collect)
+                .is_ok()
+        );
         assert!(records.feed("pe\":6}\u{1e}", 100, &mut collect).is_ok());
         assert_eq!(seen, ["{\"type\":6}", "{\"type\":6}"]);
         let mut big = Records::default();
