@@ -99,6 +99,28 @@ console_test() {
     CHROMIUM="$(command -v chromium)" bounded node --test tests/console/console.test.mjs
 }
 
+# signalr_test: the SignalR endpoint's end-to-end test (tests/signalr): the built binary and
+# the real @microsoft/signalr client (pinned in tests/signalr/package-lock.json). Installs
+# what it needs; when it cannot, the step fails saying what to install (it never skips).
+signalr_test() {
+    (ensure_pkg node nodejs && ensure_pkg npm npm) || {
+        printf 'error: the SignalR test needs Node.js 20+ and npm: install nodejs and npm\n' >&2
+        return 1
+    }
+    local major
+    major="$(node -p 'process.versions.node.split(".")[0]')"
+    if [ "${major:-0}" -lt 20 ]; then
+        printf 'error: the SignalR test needs Node.js 20+ (found %s): install nodejs 20 or newer\n' \
+            "$(node --version)" >&2
+        return 1
+    fi
+    if [ ! -d tests/signalr/node_modules/@microsoft/signalr ]; then
+        npm ci --prefix tests/signalr --no-audit --no-fund </dev/null || return 1
+    fi
+    cargo build --locked --bin jssocket || return 1
+    bounded node --test tests/signalr/signalr.test.mjs
+}
+
 FAILED=()
 # step NAME COMMAND...: runs one check and records a failure, so one run reports every broken
 # check (callers go on with `|| true`); the script still exits non-zero at the end.
@@ -154,6 +176,7 @@ main() {
         # --all-targets leaves out doctests; they run here.
         step "cargo test --doc" bounded cargo test --doc --locked || true
         step "console browser test (node --test tests/console)" console_test || true
+        step "SignalR client test (node --test tests/signalr)" signalr_test || true
     fi
 
     if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -201,6 +201,43 @@ pub struct Options {
     /// The claim naming a token's user (Magic's tokens use unique_name).
     #[arg(long, env = "SOCKET_JWT_USER_CLAIM", default_value = "sub")]
     pub jwt_user_claim: String,
+    /// Path of the SignalR endpoint (JSON hub protocol over WebSockets, for Magic-style
+    /// frontends): `POST <path>/negotiate` and the WebSocket at `<path>`. `off` disables it.
+    #[arg(long, env = "SOCKET_SIGNALR_PATH", default_value = "/sockets")]
+    pub signalr_path: String,
+
+    /// The hub method SignalR connections see `notify_client`, `notify_group` and
+    /// `notify_all` as (`connection.on('<method>', …)`).
+    #[arg(long, env = "SOCKET_SIGNALR_NOTIFY_METHOD", default_value = "notify")]
+    pub signalr_notify_method: String,
+
+    /// Seconds between the server's SignalR pings (the protocol's default; for tests).
+    #[arg(
+        long,
+        env = "SOCKET_SIGNALR_KEEPALIVE",
+        default_value_t = 15,
+        hide = true
+    )]
+    pub signalr_keepalive: u64,
+
+    /// Seconds a SignalR client may stay silent before it is closed (the protocol's default;
+    /// for tests).
+    #[arg(
+        long,
+        env = "SOCKET_SIGNALR_CLIENT_TIMEOUT",
+        default_value_t = 30,
+        hide = true
+    )]
+    pub signalr_client_timeout: u64,
+
+    /// Seconds a SignalR client has to send its handshake (the protocol's default; for tests).
+    #[arg(
+        long,
+        env = "SOCKET_SIGNALR_HANDSHAKE_TIMEOUT",
+        default_value_t = 15,
+        hide = true
+    )]
+    pub signalr_handshake_timeout: u64,
 }
 
 /// Validated configuration, shared read-only by every task.
@@ -242,6 +279,12 @@ pub struct Config {
     /// Judges client tokens; `None` without --jwt-secret and --jwt-public-key, and then no
     /// token is looked at (SPEC §11).
     pub jwt: Option<Arc<Verifier>>,
+    /// The SignalR endpoint's path (no trailing slash); `None`: disabled.
+    pub signalr_path: Option<String>,
+    pub signalr_notify_method: String,
+    pub signalr_keepalive: Duration,
+    pub signalr_client_timeout: Duration,
+    pub signalr_handshake_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,6 +305,10 @@ pub enum ConfigError {
     JwtKeyFile(String, String),
     #[error("--jwt-issuer and --jwt-audience need --jwt-secret or --jwt-public-key")]
     JwtWithoutKey,
+    #[error("--signalr-path: {0}")]
+    SignalrPath(&'static str),
+    #[error("--signalr-notify-method must be 1 to 128 characters")]
+    NotifyMethod,
 }
 
 impl Config {
@@ -291,6 +338,9 @@ impl Config {
             ("--handshake-timeout", o.handshake_timeout),
             ("--max-memory", o.max_memory.unwrap_or(1) as u64),
             ("--http-idle-timeout", o.http_idle_timeout),
+            ("--signalr-keepalive", o.signalr_keepalive),
+            ("--signalr-client-timeout", o.signalr_client_timeout),
+            ("--signalr-handshake-timeout", o.signalr_handshake_timeout),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
@@ -304,6 +354,10 @@ impl Config {
                 .map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
         }
         let jwt = jwt_verifier(&o)?;
+        let signalr_path = signalr_path(&o.signalr_path)?;
+        if o.signalr_notify_method.is_empty() || o.signalr_notify_method.chars().count() > 128 {
+            return Err(ConfigError::NotifyMethod);
+        }
         let allowed_origins = o
             .allowed_origins
             .iter()
@@ -337,6 +391,11 @@ impl Config {
             http_idle_timeout: Duration::from_secs(o.http_idle_timeout),
             overload_lag: (o.overload_lag > 0).then(|| Duration::from_millis(o.overload_lag)),
             jwt,
+            signalr_path,
+            signalr_notify_method: o.signalr_notify_method,
+            signalr_keepalive: Duration::from_secs(o.signalr_keepalive),
+            signalr_client_timeout: Duration::from_secs(o.signalr_client_timeout),
+            signalr_handshake_timeout: Duration::from_secs(o.signalr_handshake_timeout),
         })
     }
 }
@@ -374,6 +433,11 @@ impl Default for Config {
             jwt_issuer: None,
             jwt_audience: None,
             jwt_user_claim: "sub".into(),
+            signalr_path: "/sockets".into(),
+            signalr_notify_method: "notify".into(),
+            signalr_keepalive: 15,
+            signalr_client_timeout: 30,
+            signalr_handshake_timeout: 15,
         };
         match Config::from_options(options) {
             Ok(config) => config,
@@ -407,6 +471,40 @@ fn jwt_verifier(o: &Options) -> Result<Option<Arc<Verifier>>, ConfigError> {
         o.jwt_user_claim.clone(),
     )?;
     Ok(Some(Arc::new(verifier)))
+}
+
+/// `--signalr-path`: `off`, or an absolute path of plain characters that is not one of the
+/// HTTP routes (it becomes an axum route, `<path>/negotiate`, so `{`, `}` and `*` are out).
+fn signalr_path(path: &str) -> Result<Option<String>, ConfigError> {
+    if path == "off" {
+        return Ok(None);
+    }
+    let path = path.trim_end_matches('/');
+    if !path.starts_with('/') {
+        return Err(ConfigError::SignalrPath(
+            "must start with / (or be off), e.g. /sockets",
+        ));
+    }
+    if path.len() > 256
+        || !path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b))
+        || path.contains("//")
+    {
+        return Err(ConfigError::SignalrPath(
+            "at most 256 characters: letters, digits, / - _ . ~",
+        ));
+    }
+    let taken = ["/healthz", "/readyz", "/metrics", "/console", "/api"];
+    if taken
+        .iter()
+        .any(|t| path == *t || path.starts_with(&format!("{t}/")))
+    {
+        return Err(ConfigError::SignalrPath(
+            "is one of the server's HTTP routes (/healthz, /readyz, /metrics, /console, /api)",
+        ));
+    }
+    Ok(Some(path.to_string()))
 }
 
 /// clap renders an error over several lines (usage, a hint); users get the reason alone.

@@ -32,8 +32,8 @@ use crate::session::{Flow, Session};
 
 /// The stream counts what it reads toward the memory budget (see `memory::Counted`).
 pub type Socket = WebSocketStream<Counted>;
-type Sink = SplitSink<Socket, Message>;
-type Stream = SplitStream<Socket>;
+pub(crate) type Sink = SplitSink<Socket, Message>;
+pub(crate) type Stream = SplitStream<Socket>;
 
 /// How long the closing handshake may take before the socket is simply dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -54,7 +54,7 @@ const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 
 /// How the connection ended, and so what is left to do with the socket.
 #[derive(Debug, Clone, Copy)]
-enum End {
+pub(crate) enum End {
     /// The peer closed, or the socket failed: nothing more to send.
     Gone,
     /// We close: flush what is queued (if `flush`), then send the close frame.
@@ -383,7 +383,7 @@ async fn read_loop(
 
 /// How a read error ends the connection: with the close code RFC 6455 names for what the
 /// peer sent, or quietly when the socket itself is gone.
-fn read_error(e: WsError) -> End {
+pub(crate) fn read_error(e: WsError) -> End {
     match e {
         WsError::Utf8(_) => End::Reject(Close::INVALID_UTF8),
         WsError::Capacity(_) => End::Reject(Close::TOO_BIG),
@@ -468,7 +468,7 @@ async fn write_loop(
 /// Writes up to a batch of queued frames, then flushes once. The frames stay counted (queue
 /// bytes and memory budget) until the flush is done: until then tungstenite's write buffer
 /// holds them, for as long as the socket is stalled.
-async fn write_batch(sink: &mut Sink, peer: &Peer) -> Result<(), WsError> {
+pub(crate) async fn write_batch(sink: &mut Sink, peer: &Peer) -> Result<(), WsError> {
     // Bounded, so a busy connection still answers pings between batches. The frames stay
     // counted until the batch is dropped, after the flush.
     let batch = peer.outbox.take_batch(WRITE_BATCH);
@@ -481,7 +481,7 @@ async fn write_batch(sink: &mut Sink, peer: &Peer) -> Result<(), WsError> {
 /// Writes the frames still queued when the connection decided to close (the answer to the
 /// request that closed it, for instance); returns those it could not write. They stay
 /// counted until written.
-async fn flush<'a>(sink: &mut Sink, items: Vec<Taken<'a>>) -> Vec<Taken<'a>> {
+pub(crate) async fn flush<'a>(sink: &mut Sink, items: Vec<Taken<'a>>) -> Vec<Taken<'a>> {
     let deadline = Instant::now() + CLOSE_GRACE;
     let mut written = Vec::new();
     let mut items = items.into_iter();
@@ -505,7 +505,12 @@ async fn flush<'a>(sink: &mut Sink, items: Vec<Taken<'a>>) -> Vec<Taken<'a>> {
 
 /// Ends the WebSocket as RFC 6455 §7 asks: sends our close frame when we are the one
 /// closing, and lets the server end TCP first, right after the closing handshake (§7.1.1).
-async fn finish(mut sink: Sink, mut stream: Stream, end: End, shutdown: &CancellationToken) {
+pub(crate) async fn finish(
+    mut sink: Sink,
+    mut stream: Stream,
+    end: End,
+    shutdown: &CancellationToken,
+) {
     let close = match end {
         End::Gone => {
             // Flushes tungstenite's answer to the peer's close frame, if it sent one.

@@ -19,33 +19,58 @@ use uuid::Uuid;
 use crate::backplane::{CHANNEL_BUCKETS, Interest, Topic, channel_bucket};
 use crate::memory::Memory;
 use crate::outbox::SharedFrame;
-use crate::peer::{Outgoing, Peer, PeerState};
+use crate::peer::{Outgoing, Peer, PeerState, Wire};
 use crate::pool::Pool;
 use crate::protocol::ProtocolError;
+use crate::signalr::{self, Form};
 
 /// One frame delivered to many connections: every queue holds the same [`SharedFrame`], so
 /// its bytes are charged to the memory budget once, not once per recipient (a 20 KiB
 /// `notify_all` to 15,000 clients is 20 KiB, not 300 MiB, and must not look like a flood).
+/// SignalR connections read another form of it ([`Form`]), encoded once too, for the first
+/// of them.
 struct Broadcast<'a> {
     frame: &'a Utf8Bytes,
+    /// How SignalR connections read it, and the method `notify_*` invoke on them.
+    form: Form,
+    notify_method: &'a str,
     /// Made for the first recipient, so a broadcast that reaches nobody charges nothing.
     shared: Option<Arc<SharedFrame>>,
+    /// The SignalR form, made for the first SignalR recipient (`Some(None)`: it has none,
+    /// e.g. a frame that is not a publish).
+    signalr: Option<Option<Arc<SharedFrame>>>,
 }
 
 impl<'a> Broadcast<'a> {
-    fn new(frame: &'a Utf8Bytes) -> Broadcast<'a> {
+    fn new(frame: &'a Utf8Bytes, form: Form, notify_method: &'a str) -> Broadcast<'a> {
         Broadcast {
             frame,
+            form,
+            notify_method,
             shared: None,
+            signalr: None,
         }
     }
 
-    /// Queues the frame for `peer`, as [`Peer::send`] does.
+    /// Queues the frame, in the form `peer` reads, as [`Peer::send`] does.
     fn send(&mut self, peer: &Peer) -> bool {
         let frame = self.frame;
-        let shared = self
-            .shared
-            .get_or_insert_with(|| SharedFrame::new(frame.clone(), peer.outbox.memory()));
+        let shared = match peer.wire {
+            Wire::Jssocket => self
+                .shared
+                .get_or_insert_with(|| SharedFrame::new(frame.clone(), peer.outbox.memory())),
+            Wire::SignalR => {
+                let (form, method) = (self.form, self.notify_method);
+                let encoded = self.signalr.get_or_insert_with(|| {
+                    signalr::encode(form, frame, method)
+                        .map(|f| SharedFrame::new(f, peer.outbox.memory()))
+                });
+                match encoded {
+                    Some(shared) => shared,
+                    None => return false,
+                }
+            }
+        };
         peer.enqueue(Outgoing::Relay(Arc::clone(shared)))
     }
 }
@@ -95,6 +120,11 @@ pub const MAX_SUBSCRIPTIONS: usize = 256;
 pub struct Hub {
     /// Registered clients by id.
     clients: DashMap<Uuid, Arc<Peer>>,
+    /// The SignalR connections among them: every `publish` is offered to each (SignalR has
+    /// no subscribe step; the filter decides).
+    signalr: DashMap<Uuid, Arc<Peer>>,
+    /// The hub method `notify_*` invoke on SignalR connections (`--signalr-notify-method`).
+    notify_method: Box<str>,
     /// Group name → its members.
     groups: Members,
     /// Channel name → its subscribers.
@@ -117,9 +147,12 @@ impl Hub {
         pending_timeout: Duration,
         node: u32,
         interest: Option<Arc<Interest>>,
+        notify_method: &str,
     ) -> Hub {
         Hub {
             node,
+            signalr: DashMap::new(),
+            notify_method: notify_method.into(),
             channel_buckets: if interest.is_some() {
                 (0..CHANNEL_BUCKETS).map(|_| AtomicU32::new(0)).collect()
             } else {
@@ -137,6 +170,28 @@ impl Hub {
     /// A new connection's handle, its id naming this node.
     pub fn new_peer(&self, max_queue: usize, memory: &Arc<Memory>) -> Arc<Peer> {
         Peer::new(self.node, max_queue, memory)
+    }
+
+    /// A fresh connection id naming this node, for a SignalR negotiation.
+    pub fn new_id(&self) -> Uuid {
+        Peer::new_id(self.node)
+    }
+
+    /// The hub method `notify_*` invoke on SignalR connections.
+    pub fn notify_method(&self) -> &str {
+        &self.notify_method
+    }
+
+    /// Queues `frame` (a `notify_*` frame, or a reply in `form`) for one connection, in the
+    /// form it reads; a frame a SignalR connection has no form for is not sent.
+    pub fn send_to(&self, peer: &Peer, frame: &Utf8Bytes, form: Form) -> bool {
+        match peer.wire {
+            Wire::Jssocket => peer.send(frame.clone()),
+            Wire::SignalR => match signalr::encode(form, frame, &self.notify_method) {
+                Some(frame) => peer.send(frame),
+                None => false,
+            },
+        }
     }
 
     /// The topics the backplane follows; `None` on a single node.
@@ -208,6 +263,9 @@ impl Hub {
         }
         state.registered = true;
         self.clients.insert(peer.id, Arc::clone(peer));
+        if peer.wire == Wire::SignalR {
+            self.signalr.insert(peer.id, Arc::clone(peer));
+        }
     }
 
     /// Acknowledges the client named by `target`: moves it to `ack.group` (leaving its
@@ -253,14 +311,14 @@ impl Hub {
     /// Delivers `frame` to the client `target`; returns how many got it (0 or 1).
     pub fn notify_client(&self, target: &str, frame: Utf8Bytes) -> usize {
         match self.client(target) {
-            Some(client) => usize::from(client.send(frame)),
+            Some(client) => usize::from(self.send_to(&client, &frame, Form::Notify)),
             None => 0,
         }
     }
 
     /// Delivers `frame` to every member of `group`.
     pub fn notify_group(&self, group: &str, frame: &Utf8Bytes) -> usize {
-        let mut broadcast = Broadcast::new(frame);
+        let mut broadcast = Broadcast::new(frame, Form::Notify, &self.notify_method);
         match self.groups.get(group) {
             Some(members) => members.values().filter(|peer| broadcast.send(peer)).count(),
             None => 0,
@@ -277,7 +335,7 @@ impl Hub {
 
     /// Delivers `frame` to every registered client.
     pub fn notify_all(&self, frame: &Utf8Bytes) -> usize {
-        let mut broadcast = Broadcast::new(frame);
+        let mut broadcast = Broadcast::new(frame, Form::Notify, &self.notify_method);
         self.clients
             .iter()
             .filter(|entry| broadcast.send(entry.value()))
@@ -288,6 +346,7 @@ impl Hub {
     /// pool, waiting client connects.
     pub fn remove(&self, peer: &Arc<Peer>) {
         self.clients.remove(&peer.id);
+        self.signalr.remove(&peer.id);
         {
             let mut state = peer.state();
             state.closed = true;
@@ -341,15 +400,18 @@ impl Hub {
         self.bucket_changed(last, channel, -1);
     }
 
-    /// Delivers `frame` to the subscribers of `channel` that `filter` admits.
+    /// Delivers `frame` to the subscribers of `channel` that `filter` admits, and to every
+    /// SignalR connection it admits (as an invocation of `channel`).
     pub fn publish(&self, channel: &str, filter: &Filter, frame: &Utf8Bytes) -> usize {
         // Snapshot the subscribers first: a filter reads each one's state, and a peer's state
         // lock must never be taken while a channel shard is held (see the lock order above).
-        let subscribers: Vec<Arc<Peer>> = match self.channels.get(channel) {
+        let mut subscribers: Vec<Arc<Peer>> = match self.channels.get(channel) {
             Some(members) => members.values().cloned().collect(),
-            None => return 0,
+            None => Vec::new(),
         };
-        let mut broadcast = Broadcast::new(frame);
+        subscribers.extend(self.signalr.iter().map(|e| Arc::clone(e.value())));
+        let form = Form::Publish;
+        let mut broadcast = Broadcast::new(frame, form, &self.notify_method);
         subscribers
             .iter()
             .filter(|peer| filter.admits(&peer.state()))

@@ -28,6 +28,8 @@
 //! - [`cluster`]: the node logic that makes several nodes one relay, over any transport
 //!   (`nodes.rs`: forwards in flight; `backlog.rs`: what waits to be published; `wire.rs`:
 //!   what nodes say), and the Redis and Redis Cluster transports (`redis.rs`).
+//! - [`signalr`]: SignalR clients (the JSON hub protocol over WebSockets), beside jssocket's
+//!   own protocol on the same hub.
 //! - [`log_throttle`]: `warn_throttled!`, for log lines a peer can trigger at will.
 
 pub mod api;
@@ -53,3 +55,4 @@ pub mod protocol;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod signalr;

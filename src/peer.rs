@@ -89,6 +89,15 @@ impl Close {
     };
 }
 
+/// The protocol a connection speaks, so a delivery is written in the form it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// jssocket's own envelope (SPEC §4).
+    Jssocket,
+    /// SignalR's JSON hub protocol (SPEC §10): deliveries arrive as invocations.
+    SignalR,
+}
+
 /// One entry of a connection's outbound queue.
 #[derive(Debug)]
 pub enum Outgoing {
@@ -143,6 +152,8 @@ pub struct PeerState {
 #[derive(Debug)]
 pub struct Peer {
     pub id: Uuid,
+    /// The protocol it speaks; fixed at the upgrade.
+    pub wire: Wire,
     /// The id as text: the connection's `target`.
     pub target: Box<str>,
     /// Frames waiting to be written, bounded in bytes so a slow reader costs bounded memory
@@ -174,11 +185,22 @@ impl Peer {
     /// that node alone. The id stays a version 4 UUID (the version and variant bits are in
     /// bytes 6 and 8), with 90 random bits: no more guessable for it.
     pub fn new(node: u32, max_queue: usize, memory: &Arc<Memory>) -> Arc<Peer> {
+        Peer::with_id(Peer::new_id(node), Wire::Jssocket, max_queue, memory)
+    }
+
+    /// A fresh connection id of node `node` (see [`Peer::new`]): made before the connection
+    /// itself when a SignalR client negotiates first.
+    pub fn new_id(node: u32) -> Uuid {
         let mut bytes = *Uuid::new_v4().as_bytes();
         bytes[..4].copy_from_slice(&node.to_be_bytes());
-        let id = Uuid::from_bytes(bytes);
+        Uuid::from_bytes(bytes)
+    }
+
+    /// A connection with a given id (from [`Peer::new_id`]) speaking `wire`.
+    pub fn with_id(id: Uuid, wire: Wire, max_queue: usize, memory: &Arc<Memory>) -> Arc<Peer> {
         let peer = Peer {
             id,
+            wire,
             target: id.hyphenated().to_string().into_boxed_str(),
             outbox: Outbox::new(max_queue, Arc::clone(memory)),
             inbound: AtomicUsize::new(0),

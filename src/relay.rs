@@ -21,10 +21,11 @@ use crate::kinds::Frame;
 use crate::memory::Memory;
 use crate::metrics::Metrics;
 use crate::overload::Overload;
-use crate::peer::Peer;
+use crate::peer::{Peer, Wire};
 use crate::pool::Forwarded;
 use crate::protocol::ProtocolError;
 use crate::server::Gate;
+use crate::signalr::Form;
 
 pub struct Relay {
     pub config: Config,
@@ -43,6 +44,8 @@ pub struct Relay {
     pub(crate) tracker: TaskTracker,
     /// The listener's connection counts and reserve.
     pub(crate) gate: Gate,
+    /// SignalR connections negotiated and not yet connected.
+    pub signalr: crate::signalr::Negotiations,
 }
 
 /// What became of a delivery here.
@@ -80,7 +83,9 @@ impl Relay {
                 config.pending_timeout,
                 backplane.node_tag(),
                 backplane.interest(),
+                &config.signalr_notify_method,
             ),
+            signalr: crate::signalr::Negotiations::new(),
             auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
             memory: Arc::new(Memory::new(config.max_memory, &metrics)),
             overload: Overload::new(config.overload_lag, &metrics),
@@ -147,7 +152,7 @@ impl Relay {
             }
             Delivery::Client { target, frame } => match hub.client(&target) {
                 Some(client) => {
-                    let n = usize::from(client.send(frame.0.clone()));
+                    let n = usize::from(hub.send_to(&client, &frame, Form::Notify));
                     self.metrics.sent(Frame::NotifyClient, n, frame.len());
                     here(n, None)
                 }
@@ -252,14 +257,21 @@ impl Relay {
             return n;
         };
         let members = self.hub.group_members(group);
+        let method = self.hub.notify_method();
+        let signalr = members
+            .iter()
+            .any(|m| m.wire == Wire::SignalR)
+            .then(|| crate::signalr::encode(Form::Notify, frame, method))
+            .flatten();
         for member in &members {
-            interest.reply(
-                self,
-                topic.clone(),
-                member,
-                frame.clone(),
-                Frame::NotifyGroup,
-            );
+            let frame = match member.wire {
+                Wire::Jssocket => frame.clone(),
+                Wire::SignalR => match &signalr {
+                    Some(frame) => frame.clone(),
+                    None => continue,
+                },
+            };
+            interest.reply(self, topic.clone(), member, frame, Frame::NotifyGroup);
         }
         members.len()
     }
@@ -302,7 +314,11 @@ impl Relay {
     /// Sends `peer` a reply saying it joined `topic` (its `client_connected`, its
     /// `subscribed`) once messages for that topic reach this node (see
     /// [`crate::backplane::Interest`]): at once on a single node.
+    /// A SignalR connection has no such replies: it is not sent one.
     fn reply_when_subscribed(&self, topic: Topic, peer: &Arc<Peer>, frame: Utf8Bytes, kind: Frame) {
+        if peer.wire == Wire::SignalR {
+            return;
+        }
         match self.hub.interest() {
             Some(interest) => {
                 interest.reply(self, topic, peer, frame, kind);

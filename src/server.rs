@@ -38,7 +38,9 @@ use crate::console;
 use crate::memory::{self, Counted};
 use crate::metrics::Format;
 use crate::overload;
+use crate::peer::{Peer, Wire};
 use crate::relay::Relay;
+use crate::signalr;
 
 /// Initial read buffer of a WebSocket. Most inbound messages are small (a token, a notify);
 /// larger ones grow it as needed. It is memory every idle connection keeps.
@@ -211,13 +213,15 @@ struct Routers {
 }
 
 fn router(shared: Arc<Relay>) -> Routers {
-    let http = Router::new()
+    let mut http = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/{event}", post(api::handle))
-        .merge(console::router())
-        .fallback(upgrade)
-        .with_state(Arc::clone(&shared));
+        .merge(console::router());
+    if let Some(path) = &shared.config.signalr_path {
+        http = http.route(&format!("{path}/negotiate"), post(signalr::negotiate));
+    }
+    let http = http.fallback(upgrade).with_state(Arc::clone(&shared));
     let websocket = Router::new().fallback(upgrade).with_state(shared);
     Routers { http, websocket }
 }
@@ -365,7 +369,15 @@ async fn upgrade(
     mut request: Request,
 ) -> Response {
     let headers = request.headers();
+    let signalr_path = shared
+        .config
+        .signalr_path
+        .as_deref()
+        .is_some_and(|path| path == request.uri().path());
     if !is_websocket_upgrade(headers) {
+        if signalr_path {
+            return signalr::other_transport();
+        }
         return if request.method() == Method::GET {
             (
                 StatusCode::UPGRADE_REQUIRED,
@@ -429,9 +441,22 @@ async fn upgrade(
         },
         _ => None,
     };
-    let password = headers
-        .get("auth")
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    // A SignalR client: its negotiated connection id (or a new one when it skipped
+    // negotiation), once its token (none today) is accepted.
+    let signalr = match signalr_path {
+        false => None,
+        true => match signalr_connection(&shared, &request) {
+            Ok(id) => Some(id),
+            Err(refusal) => return *refusal,
+        },
+    };
+    let password = match signalr {
+        None => headers
+            .get("auth")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        // Never an admin: a SignalR client cannot take the admins' places.
+        Some(_) => None,
+    };
     let Some(slot) = Slot::take(&shared, password.is_some(), addr.ip()) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -483,9 +508,17 @@ async fn upgrade(
             return error!(%addr, "upgraded connection is not a TCP stream");
         };
         // Counted: what it reads toward an unfinished message is charged to the budget.
-        let peer = shared
-            .hub
-            .new_peer(shared.config.max_queue_bytes, &shared.memory);
+        let peer = match signalr {
+            None => shared
+                .hub
+                .new_peer(shared.config.max_queue_bytes, &shared.memory),
+            Some(id) => Peer::with_id(
+                id,
+                Wire::SignalR,
+                shared.config.max_queue_bytes,
+                &shared.memory,
+            ),
+        };
         let stream = Counted::new(
             parts.io.into_inner(),
             Arc::clone(&peer),
@@ -505,7 +538,10 @@ async fn upgrade(
         };
         // Boxed so the task holds only the connection's own state, not also the
         // (larger, finished) upgrade state beside it.
-        Box::pin(connection::serve(socket, shared, info, peer)).await;
+        match signalr {
+            None => Box::pin(connection::serve(socket, shared, info, peer)).await,
+            Some(_) => Box::pin(signalr::connection::serve(socket, shared, peer, addr)).await,
+        }
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -538,6 +574,50 @@ pub(crate) fn upgrade_token(request: &Request) -> Option<String> {
             .eq_ignore_ascii_case("bearer")
             .then(|| token.trim().to_string())
     })
+}
+
+/// The connection id of a SignalR upgrade: the one negotiated for its `id` (a connection
+/// token, used once), or a new one when the client skipped negotiation. Unknown or expired
+/// tokens get 404, as an ASP.NET server answers them; a refused token 401.
+fn signalr_connection(shared: &Relay, request: &Request) -> Result<uuid::Uuid, Box<Response>> {
+    let query = request.uri().query().unwrap_or("");
+    if let Err(signalr::Refusal(reason)) = signalr::authenticate(shared, request.headers(), query) {
+        return Err(Box::new(
+            (
+                StatusCode::UNAUTHORIZED,
+                format!("401 Unauthorized: {reason}\n"),
+            )
+                .into_response(),
+        ));
+    }
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: Option<String>,
+    }
+    let token = match axum::extract::Query::<Id>::try_from_uri(request.uri()) {
+        Ok(query) => query.0.id,
+        Err(_) => {
+            return Err(Box::new(
+                (
+                    StatusCode::BAD_REQUEST,
+                    "400 Bad Request: bad query string\n",
+                )
+                    .into_response(),
+            ));
+        }
+    };
+    match token {
+        None => Ok(shared.hub.new_id()),
+        Some(token) => shared.signalr.take(&token).ok_or_else(|| {
+            Box::new(
+                (
+                    StatusCode::NOT_FOUND,
+                    "404 Not Found: no negotiated connection with that id (negotiate again)\n",
+                )
+                    .into_response(),
+            )
+        }),
+    }
 }
 
 fn is_websocket_upgrade(headers: &HeaderMap) -> bool {

@@ -1,0 +1,263 @@
+//! SignalR clients (SPEC §10): ASP.NET Core's JSON hub protocol over WebSockets, next to
+//! jssocket's own protocol on the same hub, so Magic-style frontends connect unchanged.
+//!
+//! - this file: the negotiation (`POST <path>/negotiate`) and its table of connection tokens
+//!   waiting for their WebSocket, the authentication seam, and how deliveries read for a
+//!   SignalR connection ([`Form`], [`encode`]).
+//! - [`protocol`]: the handshake and the record-separated messages a client sends.
+//! - [`connection`]: one SignalR WebSocket: handshake, reader, writer, keep-alive, close.
+//!
+//! The protocol is specified by dotnet/aspnetcore `src/SignalR/docs/specs/HubProtocol.md` and
+//! `TransportProtocols.md`. Only the WebSockets transport and the Text transfer format are
+//! offered; only the `json` hub protocol, version 1.
+
+pub mod connection;
+pub mod protocol;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use uuid::Uuid;
+
+use crate::protocol::push_json_string;
+use crate::relay::Relay;
+
+/// The record separator that ends every SignalR message (handshake included).
+pub const RS: char = '\u{1e}';
+
+/// The handshake's answer when it is accepted.
+pub const HANDSHAKE_OK: &str = "{}\u{1e}";
+
+/// The server's keep-alive message.
+pub const PING: &str = "{\"type\":6}\u{1e}";
+
+/// How a negotiated connection token waits for its WebSocket: the client opens it right
+/// after negotiating, so a token older than this was abandoned.
+pub const NEGOTIATION_TTL: Duration = Duration::from_secs(30);
+
+/// Most negotiated tokens waiting at once: each costs a few dozen bytes, and anyone may
+/// negotiate, so the table is bounded; when full (after dropping the expired ones) negotiate
+/// answers 503.
+pub const MAX_NEGOTIATIONS: usize = 16 * 1024;
+
+/// How a frame made for jssocket connections reads for a SignalR connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// A `notify_*` frame (the bare payload): an invocation of `--signalr-notify-method`.
+    Notify,
+    /// A `publish` frame (`{"type":"publish","data":{"name":N,"data":P}}`): an invocation
+    /// of `N`.
+    Publish,
+}
+
+/// A delivery's frame as a SignalR invocation `{"type":1,"target":T,"arguments":[S]}` + RS,
+/// where `S` is the payload serialised as a JSON string (Magic's convention). `None` when
+/// the frame is not of the form it claims (a publish frame always is: the relay made it).
+pub fn encode(form: Form, frame: &str, notify_method: &str) -> Option<Utf8Bytes> {
+    match form {
+        Form::Notify => Some(invocation(notify_method, frame)),
+        Form::Publish => {
+            #[derive(Deserialize)]
+            struct Frame<'a> {
+                #[serde(borrow)]
+                data: Data<'a>,
+            }
+            #[derive(Deserialize)]
+            struct Data<'a> {
+                name: std::borrow::Cow<'a, str>,
+                #[serde(borrow)]
+                data: &'a RawValue,
+            }
+            let frame: Frame<'_> = serde_json::from_str(frame).ok()?;
+            Some(invocation(&frame.data.name, frame.data.data.get()))
+        }
+    }
+}
+
+/// `{"type":1,"target":<target>,"arguments":[<payload as a JSON string>]}` + RS.
+pub fn invocation(target: &str, payload: &str) -> Utf8Bytes {
+    let mut out = String::with_capacity(payload.len() + target.len() + 48);
+    out.push_str("{\"type\":1,\"target\":");
+    push_json_string(&mut out, target);
+    out.push_str(",\"arguments\":[");
+    push_json_string(&mut out, payload);
+    out.push_str("]}");
+    out.push(RS);
+    Utf8Bytes::from(out)
+}
+
+/// Who a SignalR client is, as its upgrade (or negotiation) shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// No token: a registered, unacknowledged client (SPEC §10).
+    Anonymous,
+}
+
+/// Why a client is refused before its WebSocket opens (401 at negotiate and upgrade).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal(pub &'static str);
+
+/// The authentication seam: reads the client's token (`access_token` query parameter or
+/// `Authorization: Bearer`) once JWT keys exist (SPEC §11, another branch). Today every client
+/// is anonymous; a refused token will answer 401 where this is called.
+pub fn authenticate(
+    _relay: &Relay,
+    _headers: &HeaderMap,
+    _query: &str,
+) -> Result<Identity, Refusal> {
+    Ok(Identity::Anonymous)
+}
+
+/// Connection tokens handed out by negotiate, waiting for their WebSocket.
+pub struct Negotiations {
+    waiting: Mutex<HashMap<String, (Uuid, Instant)>>,
+}
+
+impl Default for Negotiations {
+    fn default() -> Negotiations {
+        Negotiations::new()
+    }
+}
+
+impl Negotiations {
+    pub fn new() -> Negotiations {
+        Negotiations {
+            waiting: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remembers `token` for connection `id`; `false` when the table is full.
+    fn insert(&self, token: String, id: Uuid) -> bool {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if waiting.len() >= MAX_NEGOTIATIONS {
+            waiting.retain(|_, (_, at)| now.duration_since(*at) < NEGOTIATION_TTL);
+        }
+        if waiting.len() >= MAX_NEGOTIATIONS {
+            return false;
+        }
+        waiting.insert(token, (id, now));
+        true
+    }
+
+    /// The connection id negotiated for `token`, once: a token opens one WebSocket.
+    pub fn take(&self, token: &str) -> Option<Uuid> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let (id, at) = waiting.remove(token)?;
+        (at.elapsed() < NEGOTIATION_TTL).then_some(id)
+    }
+}
+
+#[derive(Deserialize)]
+pub struct NegotiateQuery {
+    #[serde(rename = "negotiateVersion", default)]
+    negotiate_version: Option<String>,
+}
+
+/// `POST <path>/negotiate[?negotiateVersion=1]`: a connection id (the connection's `target`,
+/// made now with this node's tag), a token to open the WebSocket with, and WebSockets/Text as
+/// the only transport. Version 0 clients get no separate token: they connect with the id.
+pub async fn negotiate(
+    State(relay): State<Arc<Relay>>,
+    Query(query): Query<NegotiateQuery>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    if relay.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "503: shutting down\n").into_response();
+    }
+    if let Err(Refusal(reason)) = authenticate(&relay, &headers, uri.query().unwrap_or("")) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            format!("401 Unauthorized: {reason}\n"),
+        )
+            .into_response();
+    }
+    let version = match query.negotiate_version.as_deref() {
+        None | Some("0") => 0,
+        Some(v) if v.parse::<u32>().is_ok_and(|v| v >= 1) => 1,
+        Some(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: negotiateVersion must be a number\n",
+            )
+                .into_response();
+        }
+    };
+    let id = relay.hub.new_id();
+    let connection_id = id.hyphenated().to_string();
+    let token = match version {
+        0 => connection_id.clone(),
+        _ => Uuid::new_v4().simple().to_string(),
+    };
+    if !relay.signalr.insert(token.clone(), id) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 Service Unavailable: too many negotiations waiting for their connection\n",
+        )
+            .into_response();
+    }
+    let transports = r#"[{"transport":"WebSockets","transferFormats":["Text"]}]"#;
+    let body = match version {
+        0 => format!(
+            r#"{{"negotiateVersion":0,"connectionId":"{connection_id}","availableTransports":{transports}}}"#
+        ),
+        _ => format!(
+            r#"{{"negotiateVersion":1,"connectionId":"{connection_id}","connectionToken":"{token}","availableTransports":{transports}}}"#
+        ),
+    };
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// What a request to the SignalR path that is not a WebSocket upgrade gets: only the
+/// WebSockets transport is offered (no long polling, no server-sent events).
+pub fn other_transport() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        "400 Bad Request: this SignalR endpoint offers the WebSockets transport only \
+         (negotiate with POST <path>/negotiate, then open a WebSocket)\n",
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_reads_as_an_invocation_of_its_channel() {
+        let frame = r#"{"type":"publish","data":{"name":"foo.bar","data":{"a":[1,"x"]}}}"#;
+        let encoded = encode(Form::Publish, frame, "notify").map(|f| f.to_string());
+        assert_eq!(
+            encoded.as_deref(),
+            Some(
+                "{\"type\":1,\"target\":\"foo.bar\",\"arguments\":[\"{\\\"a\\\":[1,\\\"x\\\"]}\"]}\u{1e}"
+            )
+        );
+    }
+
+    #[test]
+    fn notify_reads_as_an_invocation_of_the_notify_method() {
+        let encoded = encode(Form::Notify, "\"hi\"", "notify").map(|f| f.to_string());
+        assert_eq!(
+            encoded.as_deref(),
+            Some("{\"type\":1,\"target\":\"notify\",\"arguments\":[\"\\\"hi\\\"\"]}\u{1e}")
+        );
+    }
+
+    #[test]
+    fn a_token_opens_one_connection() {
+        let negotiations = Negotiations::new();
+        let id = Uuid::new_v4();
+        assert!(negotiations.insert("t".into(), id));
+        assert_eq!(negotiations.take("t"), Some(id));
+        assert_eq!(negotiations.take("t"), None);
+    }
+}

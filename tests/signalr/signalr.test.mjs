@@ -1,0 +1,281 @@
+// End-to-end test of jssocket's SignalR endpoint (SPEC §10) with the real @microsoft/signalr
+// client: the built jssocket binary, Node 20+. Run with `node --test` from this folder, or
+// `bash scripts/test.sh` from the repository root (it builds the binary first).
+//
+// Environment: JSSOCKET_BIN (default target/debug/jssocket).
+
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { access } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import * as signalR from '@microsoft/signalr';
+import WebSocket from 'ws';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+const BIN = process.env.JSSOCKET_BIN || path.join(ROOT, 'target', 'debug', 'jssocket');
+const PASSWORD = '12345678';
+/** Longest wait for something that must happen (the first admin request pays bcrypt). */
+const WAIT = 10_000;
+const RS = '\x1e';
+
+/** Starts the binary on a free loopback port (it binds port 0 and logs the address). */
+async function startServer(extraArgs = []) {
+  await access(BIN, constants.X_OK).catch(() => {
+    throw new Error(`${BIN} is missing: build it first (cargo build --bin jssocket)`);
+  });
+  const env = Object.fromEntries(
+    Object.entries(process.env).filter(([key]) => !key.startsWith('SOCKET_')),
+  );
+  env.RUST_LOG = 'info';
+  const child = spawn(BIN, ['-h', '127.0.0.1', '-p', '0', ...extraArgs], {
+    env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let log = '';
+  const addr = await new Promise((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new Error(`jssocket did not report its address in time:\n${log}`)),
+      WAIT,
+    );
+    const onData = (chunk) => {
+      log += chunk;
+      const found = /listening.*?(127\.0\.0\.1:\d+)/.exec(log.replace(/\x1b\[[0-9;]*m/g, ''));
+      if (found) {
+        clearTimeout(timer);
+        resolve(found[1]);
+      }
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`jssocket exited (${code}) before listening:\n${log}`));
+    });
+  });
+  const exited = new Promise((resolve) => child.on('exit', resolve));
+  return {
+    base: `http://${addr}`,
+    ws: `ws://${addr}`,
+    async stop() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+      await exited;
+      clearTimeout(timer);
+    },
+  };
+}
+
+/** POST /api/<event> as the admin; returns the parsed answer. */
+async function api(server, event, body) {
+  const response = await fetch(`${server.base}/api/${event}`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${PASSWORD}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  assert.equal(response.status, 200, `POST /api/${event}: ${await response.clone().text()}`);
+  return response.json();
+}
+
+function connection(server, options = {}) {
+  return new signalR.HubConnectionBuilder()
+    .withUrl(`${server.base}/sockets`, options)
+    .configureLogging(signalR.LogLevel.None)
+    .build();
+}
+
+/** Resolves with the arguments of the next invocation of `method`, or fails after WAIT. */
+function next(conn, method) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`no ${method} within ${WAIT} ms`)), WAIT);
+    const handler = (...args) => {
+      clearTimeout(timer);
+      conn.off(method, handler);
+      resolve(args);
+    };
+    conn.on(method, handler);
+  });
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** A raw WebSocket to the SignalR path; collects every text message it gets. */
+async function raw(server, query = '') {
+  const socket = new WebSocket(`${server.ws}/sockets${query}`);
+  const messages = [];
+  const closed = new Promise((resolve) =>
+    socket.on('close', (code, reason) => resolve({ code, reason: reason.toString() })),
+  );
+  socket.on('message', (data) => messages.push(data.toString()));
+  await new Promise((resolve, reject) => {
+    socket.on('open', resolve);
+    socket.on('error', reject);
+  });
+  return { socket, messages, closed };
+}
+
+/** Waits until `predicate()` holds, or fails after WAIT. */
+async function until(predicate, what) {
+  const deadline = Date.now() + WAIT;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+let server;
+before(async () => {
+  server = await startServer();
+});
+after(async () => {
+  await server?.stop();
+});
+
+test('negotiate gives a UUID v4 connection id and the connection starts', async () => {
+  const conn = connection(server);
+  await conn.start();
+  try {
+    assert.equal(conn.state, signalR.HubConnectionState.Connected);
+    assert.match(conn.connectionId, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+  } finally {
+    await conn.stop();
+  }
+});
+
+test('skipNegotiation connects over WebSockets', async () => {
+  const conn = connection(server, {
+    skipNegotiation: true,
+    transport: signalR.HttpTransportType.WebSockets,
+  });
+  await conn.start();
+  try {
+    assert.equal(conn.state, signalR.HubConnectionState.Connected);
+    // Registered: it receives notify_all.
+    const got = next(conn, 'notify');
+    await api(server, 'notify_all', { hello: 'all' });
+    assert.deepEqual(JSON.parse((await got)[0]), { hello: 'all' });
+  } finally {
+    await conn.stop();
+  }
+});
+
+test('on() receives an unfiltered publish as one JSON string argument, no subscription', async () => {
+  const conn = connection(server);
+  await conn.start();
+  try {
+    const got = next(conn, 'foo.bar');
+    const answer = await api(server, 'publish', { name: 'foo.bar', data: { n: 1, s: 'x' } });
+    assert.ok(answer.delivered >= 1, `delivered: ${JSON.stringify(answer)}`);
+    const args = await got;
+    assert.equal(args.length, 1);
+    assert.equal(typeof args[0], 'string');
+    assert.deepEqual(JSON.parse(args[0]), { n: 1, s: 'x' });
+  } finally {
+    await conn.stop();
+  }
+});
+
+test('an anonymous connection gets no publish filtered by roles', async () => {
+  const conn = connection(server);
+  await conn.start();
+  try {
+    const seen = [];
+    conn.on('private', (arg) => seen.push(arg));
+    const got = next(conn, 'marker');
+    await api(server, 'publish', { name: 'private', data: 1, roles: ['admin'] });
+    await api(server, 'publish', { name: 'marker', data: 2 });
+    await got;
+    assert.deepEqual(seen, []);
+  } finally {
+    await conn.stop();
+  }
+});
+
+test('notify_client to the connectionId arrives as the notify method', async () => {
+  const conn = connection(server);
+  await conn.start();
+  try {
+    const got = next(conn, 'notify');
+    const answer = await api(server, 'notify_client', {
+      target: conn.connectionId,
+      data: { for: 'you' },
+    });
+    assert.equal(answer.delivered, 1);
+    assert.deepEqual(JSON.parse((await got)[0]), { for: 'you' });
+  } finally {
+    await conn.stop();
+  }
+});
+
+test('invoking an unknown method rejects with the server error', async () => {
+  const conn = connection(server);
+  await conn.start();
+  try {
+    await assert.rejects(conn.invoke('doesNotExist', 1), /doesNotExist/);
+    // The connection stays usable.
+    assert.equal(conn.state, signalR.HubConnectionState.Connected);
+  } finally {
+    await conn.stop();
+  }
+});
+
+test('a MessagePack handshake is refused with an error, then closed', async () => {
+  const { socket, messages, closed } = await raw(server);
+  socket.send(`{"protocol":"messagepack","version":1}${RS}`);
+  await closed;
+  assert.equal(messages.length, 1, JSON.stringify(messages));
+  assert.ok(messages[0].endsWith(RS));
+  const answer = JSON.parse(messages[0].slice(0, -1));
+  assert.match(answer.error, /messagepack/);
+});
+
+test('an unknown connection token is refused', async () => {
+  const socket = new WebSocket(`${server.ws}/sockets?id=nope`);
+  const status = await new Promise((resolve) => {
+    socket.on('unexpected-response', (_req, res) => resolve(res.statusCode));
+    socket.on('open', () => resolve('open'));
+    socket.on('error', () => {});
+  });
+  assert.equal(status, 404);
+});
+
+test('keep-alive: server pings, a quiet client is closed, an active one stays', async () => {
+  const quick = await startServer([
+    '--signalr-keepalive', '1', '--signalr-client-timeout', '2',
+  ]);
+  try {
+    const conn = new signalR.HubConnectionBuilder()
+      .withUrl(`${quick.base}/sockets`)
+      .configureLogging(signalR.LogLevel.None)
+      .build();
+    conn.keepAliveIntervalInMilliseconds = 500;
+    conn.serverTimeoutInMilliseconds = 3000;
+    await conn.start();
+    // A raw client that sends nothing after its handshake.
+    const silent = await raw(quick);
+    silent.socket.send(`{"protocol":"json","version":1}${RS}`);
+    await sleep(3500);
+    assert.equal(conn.state, signalR.HubConnectionState.Connected, 'the active client stays');
+    const { code } = await silent.closed;
+    assert.equal(silent.messages[0], `{}${RS}`);
+    assert.ok(silent.messages.includes(`{"type":6}${RS}`), JSON.stringify(silent.messages));
+    assert.ok(code === 1001 || code === 1006, `close code ${code}`);
+    await conn.stop();
+  } finally {
+    await quick.stop();
+  }
+});
+
+test('shutdown sends a close message allowing reconnection', async () => {
+  const own = await startServer();
+  const { socket, messages, closed } = await raw(own);
+  socket.send(`{"protocol":"json","version":1}${RS}`);
+  await until(() => messages.length >= 1, 'the handshake answer');
+  await own.stop();
+  const { code } = await closed;
+  assert.deepEqual(messages, [`{}${RS}`, `{"type":7,"allowReconnect":true}${RS}`]);
+  assert.equal(code, 1001);
+});
