@@ -540,7 +540,13 @@ async fn upgrade(
         // (larger, finished) upgrade state beside it.
         match signalr {
             None => Box::pin(connection::serve(socket, shared, info, peer)).await,
-            Some(_) => Box::pin(signalr::connection::serve(socket, shared, peer, addr)).await,
+            Some(_) => {
+                let identity = info.identity;
+                Box::pin(signalr::connection::serve(
+                    socket, shared, peer, addr, identity,
+                ))
+                .await
+            }
         }
     });
     Response::builder()

@@ -72,12 +72,26 @@ impl Stop {
 }
 
 /// Serves one upgraded SignalR WebSocket until it closes, then removes it from the hub.
-pub async fn serve(socket: Socket, shared: Arc<Relay>, peer: Arc<Peer>, addr: SocketAddr) {
+pub async fn serve(
+    socket: Socket,
+    shared: Arc<Relay>,
+    peer: Arc<Peer>,
+    addr: SocketAddr,
+    identity: Option<crate::jwt::Identity>,
+) {
     let span = debug_span!("signalr", conn_id = %peer.target);
-    run(socket, shared, peer, addr).instrument(span).await;
+    run(socket, shared, peer, addr, identity)
+        .instrument(span)
+        .await;
 }
 
-async fn run(socket: Socket, shared: Arc<Relay>, peer: Arc<Peer>, addr: SocketAddr) {
+async fn run(
+    socket: Socket,
+    shared: Arc<Relay>,
+    peer: Arc<Peer>,
+    addr: SocketAddr,
+    identity: Option<crate::jwt::Identity>,
+) {
     debug!(%addr, "SignalR connected");
     let (mut sink, mut stream) = socket.split();
     let mut records = Records::default();
@@ -107,6 +121,17 @@ async fn run(socket: Socket, shared: Arc<Relay>, peer: Arc<Peer>, addr: SocketAd
                 Stop::gone()
             } else {
                 shared.hub.register_client(&peer);
+                // A valid token acknowledges it at once: its user's group, roles and groups
+                // for publish filters (SPEC §11). (WIP: token expiry is not enforced here yet.)
+                if let Some(identity) = identity {
+                    let ack = crate::hub::Acknowledgement {
+                        group: Arc::clone(&identity.user),
+                        user: Some(identity.user),
+                        roles: identity.roles,
+                        groups: identity.groups,
+                    };
+                    shared.hub.acknowledge(&peer.target, ack);
+                }
                 connected(&mut sink, &mut stream, &mut records, &shared, &peer, early).await
             }
         }

@@ -98,21 +98,49 @@ pub fn invocation(target: &str, payload: &str) -> Utf8Bytes {
 pub enum Identity {
     /// No token: a registered, unacknowledged client (SPEC §10).
     Anonymous,
+    /// A valid token (SPEC §11): acknowledged at once with its user, roles and groups.
+    Token(crate::jwt::Identity),
 }
 
 /// Why a client is refused before its WebSocket opens (401 at negotiate and upgrade).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal(pub &'static str);
 
-/// The authentication seam: reads the client's token (`access_token` query parameter or
-/// `Authorization: Bearer`) once JWT keys exist (SPEC §11, another branch). Today every client
-/// is anonymous; a refused token will answer 401 where this is called.
-pub fn authenticate(
-    _relay: &Relay,
-    _headers: &HeaderMap,
-    _query: &str,
-) -> Result<Identity, Refusal> {
-    Ok(Identity::Anonymous)
+/// Reads the client's token (`access_token` query parameter, else `Authorization: Bearer`)
+/// when JWT keys are configured (SPEC §11): no keys or no token, anonymous; a valid token,
+/// its identity; any other token is refused (401 where this is called).
+pub fn authenticate(relay: &Relay, headers: &HeaderMap, query: &str) -> Result<Identity, Refusal> {
+    let Some(verifier) = &relay.config.jwt else {
+        return Ok(Identity::Anonymous);
+    };
+    let from_query = url_query_token(query);
+    let from_header = || {
+        let value = headers
+            .get(axum::http::header::AUTHORIZATION)?
+            .to_str()
+            .ok()?;
+        let (scheme, token) = value.trim().split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string())
+    };
+    match from_query.or_else(from_header) {
+        None => Ok(Identity::Anonymous),
+        Some(token) => verifier
+            .verify(&token)
+            .map(Identity::Token)
+            .map_err(|_| Refusal("invalid token")),
+    }
+}
+
+/// `access_token` from a query string (percent-decoded), if present.
+fn url_query_token(query: &str) -> Option<String> {
+    let uri: axum::http::Uri = format!("/?{query}").parse().ok()?;
+    let pairs = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&uri).ok()?;
+    pairs
+        .0
+        .into_iter()
+        .find_map(|(name, value)| (name == "access_token").then_some(value))
 }
 
 /// Connection tokens handed out by negotiate, waiting for their WebSocket.

@@ -279,3 +279,50 @@ test('shutdown sends a close message allowing reconnection', async () => {
   assert.deepEqual(messages, [`{}${RS}`, `{"type":7,"allowReconnect":true}${RS}`]);
   assert.equal(code, 1001);
 });
+
+// ---------------------------------------------------------------- tokens (SPEC §11)
+
+const JWT_SECRET = 'signalr-test-secret';
+
+/** An HS256 JWT with these claims, made here with node:crypto. */
+async function jwt(claims, secret = JWT_SECRET) {
+  const { createHmac } = await import('node:crypto');
+  const b64 = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
+  const signature = createHmac('sha256', secret).update(body).digest('base64url');
+  return `${body}.${signature}`;
+}
+
+test('a valid token acknowledges the connection: role-filtered publishes reach it, a bad token is refused', async () => {
+  const secured = await startServer(['--jwt-secret', JWT_SECRET]);
+  try {
+    const exp = Math.floor(Date.now() / 1000) + 3600;
+    const token = await jwt({ sub: 'alice', roles: ['admin'], exp });
+    const conn = connection(secured, { accessTokenFactory: () => token });
+    await conn.start();
+    try {
+      const got = next(conn, 'private');
+      const other = [];
+      conn.on('others', (arg) => other.push(arg));
+      await api(secured, 'publish', { name: 'others', data: 0, roles: ['nobody'] });
+      await api(secured, 'publish', { name: 'private', data: { to: 'admins' }, roles: ['admin'] });
+      assert.deepEqual(JSON.parse((await got)[0]), { to: 'admins' });
+      const byUser = next(conn, 'mine');
+      await api(secured, 'publish', { name: 'mine', data: 'u', users: ['alice'] });
+      assert.deepEqual(JSON.parse((await byUser)[0]), 'u');
+      assert.deepEqual(other, []);
+    } finally {
+      await conn.stop();
+    }
+    for (const bad of [
+      await jwt({ sub: 'alice', exp }, 'another-secret'),
+      await jwt({ sub: 'alice', exp: Math.floor(Date.now() / 1000) - 3600 }),
+      'not.a.token',
+    ]) {
+      const refused = connection(secured, { accessTokenFactory: () => bad });
+      await assert.rejects(refused.start(), /401|Unauthorized/);
+    }
+  } finally {
+    await secured.stop();
+  }
+});
