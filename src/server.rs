@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper::body::Incoming;
@@ -426,7 +426,7 @@ async fn upgrade(
         return (StatusCode::SERVICE_UNAVAILABLE, "503: shutting down\n").into_response();
     }
     // Judged before a place is taken: a bad token costs the server nothing more.
-    let identity = match (&shared.config.jwt, upgrade_token(&request)) {
+    let identity = match (&shared.config.jwt, upgrade_token(request.uri(), headers)) {
         (Some(verifier), Some(token)) => match verifier.verify(&token) {
             Ok(identity) => Some(identity),
             Err(e) => {
@@ -560,9 +560,9 @@ async fn upgrade(
 
 /// The client token an upgrade carries (SPEC §11): the `access_token` query parameter (a
 /// browser cannot set headers on a WebSocket), else `Authorization: Bearer <token>`.
-pub(crate) fn upgrade_token(request: &Request) -> Option<String> {
+pub(crate) fn upgrade_token(uri: &Uri, headers: &HeaderMap) -> Option<String> {
     // Malformed query: no token from it (the header may still have one).
-    let query = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(request.uri());
+    let query = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri);
     let from_query = query.ok().and_then(|query| {
         query
             .0
@@ -570,11 +570,7 @@ pub(crate) fn upgrade_token(request: &Request) -> Option<String> {
             .find_map(|(name, value)| (name == "access_token").then_some(value))
     });
     from_query.or_else(|| {
-        let value = request
-            .headers()
-            .get(header::AUTHORIZATION)?
-            .to_str()
-            .ok()?;
+        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
         let (scheme, token) = value.trim().split_once(' ')?;
         scheme
             .eq_ignore_ascii_case("bearer")
@@ -584,18 +580,9 @@ pub(crate) fn upgrade_token(request: &Request) -> Option<String> {
 
 /// The connection id of a SignalR upgrade: the one negotiated for its `id` (a connection
 /// token, used once), or a new one when the client skipped negotiation. Unknown or expired
-/// tokens get 404, as an ASP.NET server answers them; a refused token 401.
+/// tokens get 404, as an ASP.NET server answers them. (Its token was judged with every
+/// upgrade's, before this.)
 fn signalr_connection(shared: &Relay, request: &Request) -> Result<uuid::Uuid, Box<Response>> {
-    let query = request.uri().query().unwrap_or("");
-    if let Err(signalr::Refusal(reason)) = signalr::authenticate(shared, request.headers(), query) {
-        return Err(Box::new(
-            (
-                StatusCode::UNAUTHORIZED,
-                format!("401 Unauthorized: {reason}\n"),
-            )
-                .into_response(),
-        ));
-    }
     #[derive(serde::Deserialize)]
     struct Id {
         id: Option<String>,

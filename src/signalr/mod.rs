@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -93,54 +93,25 @@ pub fn invocation(target: &str, payload: &str) -> Utf8Bytes {
     Utf8Bytes::from(out)
 }
 
-/// Who a SignalR client is, as its upgrade (or negotiation) shows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    /// No token: a registered, unacknowledged client (SPEC §10).
-    Anonymous,
-    /// A valid token (SPEC §11): acknowledged at once with its user, roles and groups.
-    Token(crate::jwt::Identity),
-}
-
-/// Why a client is refused before its WebSocket opens (401 at negotiate and upgrade).
+/// Why a client is refused before its WebSocket opens (401 at negotiate).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal(pub &'static str);
 
-/// Reads the client's token (`access_token` query parameter, else `Authorization: Bearer`)
-/// when JWT keys are configured (SPEC §11): no keys or no token, anonymous; a valid token,
-/// its identity; any other token is refused (401 where this is called).
-pub fn authenticate(relay: &Relay, headers: &HeaderMap, query: &str) -> Result<Identity, Refusal> {
+/// Judges the token of a negotiate request (SPEC §11), read as at the upgrade
+/// ([`crate::server::upgrade_token`]): no keys configured or no token, let in (anonymous); a
+/// token that does not verify, refused. (The upgrade itself judges its token in
+/// `server::upgrade`, for SignalR and jssocket clients alike.)
+pub fn authenticate(relay: &Relay, uri: &Uri, headers: &HeaderMap) -> Result<(), Refusal> {
     let Some(verifier) = &relay.config.jwt else {
-        return Ok(Identity::Anonymous);
+        return Ok(());
     };
-    let from_query = url_query_token(query);
-    let from_header = || {
-        let value = headers
-            .get(axum::http::header::AUTHORIZATION)?
-            .to_str()
-            .ok()?;
-        let (scheme, token) = value.trim().split_once(' ')?;
-        scheme
-            .eq_ignore_ascii_case("bearer")
-            .then(|| token.trim().to_string())
-    };
-    match from_query.or_else(from_header) {
-        None => Ok(Identity::Anonymous),
+    match crate::server::upgrade_token(uri, headers) {
+        None => Ok(()),
         Some(token) => verifier
             .verify(&token)
-            .map(Identity::Token)
+            .map(|_| ())
             .map_err(|_| Refusal("invalid token")),
     }
-}
-
-/// `access_token` from a query string (percent-decoded), if present.
-fn url_query_token(query: &str) -> Option<String> {
-    let uri: axum::http::Uri = format!("/?{query}").parse().ok()?;
-    let pairs = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&uri).ok()?;
-    pairs
-        .0
-        .into_iter()
-        .find_map(|(name, value)| (name == "access_token").then_some(value))
 }
 
 /// Connection tokens handed out by negotiate, waiting for their WebSocket.
@@ -201,7 +172,7 @@ pub async fn negotiate(
     if relay.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "503: shutting down\n").into_response();
     }
-    if let Err(Refusal(reason)) = authenticate(&relay, &headers, uri.query().unwrap_or("")) {
+    if let Err(Refusal(reason)) = authenticate(&relay, &uri, &headers) {
         return (
             StatusCode::UNAUTHORIZED,
             format!("401 Unauthorized: {reason}\n"),
