@@ -9,10 +9,10 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use redis::aio::{AsyncPushSender, MultiplexedConnection, PubSubSink, SendError};
+use redis::aio::{AsyncPushSender, ConnectionLike, MultiplexedConnection, PubSubSink, SendError};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{PushInfo, PushKind, RedisResult, Value};
+use redis::{Pipeline, PushInfo, PushKind, RedisResult, Value};
 use tokio::sync::mpsc;
 
 use crate::backplane::{
@@ -73,11 +73,12 @@ impl Publisher for RedisPublisher {
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move {
             // A pipeline: one write, the replies read after it.
-            let mut pipe = redis::pipe();
-            for (topic, message) in batch {
-                pipe.cmd("PUBLISH").arg(topic).arg(message).ignore();
-            }
-            pipe.query_async::<()>(&mut self.0).await?;
+            let messages = batch
+                .iter()
+                .map(|(topic, message)| (topic.as_str(), message.as_str()));
+            pipeline("PUBLISH", messages)
+                .query_async::<()>(&mut self.0)
+                .await?;
             Ok(())
         })
     }
@@ -87,25 +88,11 @@ impl Publisher for RedisPublisher {
         topic: &'a str,
         message: &'a str,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(async move {
-            redis::cmd("PUBLISH")
-                .arg(topic)
-                .arg(message)
-                .query_async::<i64>(&mut self.0)
-                .await?;
-            Ok(())
-        })
+        Box::pin(publish_with(&mut self.0, "PUBLISH", topic, message))
     }
 
     fn subscribers<'a>(&'a mut self, topic: &'a str) -> BoxFuture<'a, Option<usize>> {
-        Box::pin(async move {
-            let counts: RedisResult<(String, i64)> = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(topic)
-                .query_async(&mut self.0)
-                .await;
-            counts.ok().map(|(_, n)| usize::try_from(n).unwrap_or(0))
-        })
+        Box::pin(subscribers_with(&mut self.0, "NUMSUB", topic))
     }
 }
 
@@ -125,6 +112,45 @@ impl Subscriptions for RedisSubscriptions {
     ) -> BoxFuture<'a, Result<(), TransportError>> {
         Box::pin(async move { Ok(self.0.unsubscribe(topics).await?) })
     }
+}
+
+/// `command` (`PUBLISH` or `SPUBLISH`) of one message.
+async fn publish_with(
+    connection: &mut impl ConnectionLike,
+    command: &str,
+    topic: &str,
+    message: &str,
+) -> Result<(), TransportError> {
+    redis::cmd(command)
+        .arg(topic)
+        .arg(message)
+        .query_async::<i64>(connection)
+        .await?;
+    Ok(())
+}
+
+/// `command` (`PUBLISH` or `SPUBLISH`) of each (topic, message), in one pipeline.
+fn pipeline<'a>(command: &str, messages: impl Iterator<Item = (&'a str, &'a str)>) -> Pipeline {
+    let mut pipe = redis::pipe();
+    for (topic, message) in messages {
+        pipe.cmd(command).arg(topic).arg(message).ignore();
+    }
+    pipe
+}
+
+/// `PUBSUB <subcommand> <topic>` (`NUMSUB` or `SHARDNUMSUB`): the topic's subscribers, `None`
+/// when the answer cannot be had.
+async fn subscribers_with(
+    connection: &mut impl ConnectionLike,
+    subcommand: &str,
+    topic: &str,
+) -> Option<usize> {
+    let counts: RedisResult<(String, i64)> = redis::cmd("PUBSUB")
+        .arg(subcommand)
+        .arg(topic)
+        .query_async(connection)
+        .await;
+    counts.ok().map(|(_, n)| usize::try_from(n).unwrap_or(0))
 }
 
 // ----------------------------------------------------------------------- Redis Cluster
@@ -220,10 +246,7 @@ impl Publisher for ClusterPublisher {
             }
             let sends = by_topic.into_iter().map(|(topic, messages)| {
                 let mut connection = self.0.clone();
-                let mut pipe = redis::pipe();
-                for message in messages {
-                    pipe.cmd("SPUBLISH").arg(topic).arg(message).ignore();
-                }
+                let pipe = pipeline("SPUBLISH", messages.into_iter().map(|m| (topic, m)));
                 async move { pipe.query_async::<()>(&mut connection).await }
             });
             for sent in futures_util::future::join_all(sends).await {
@@ -238,26 +261,12 @@ impl Publisher for ClusterPublisher {
         topic: &'a str,
         message: &'a str,
     ) -> BoxFuture<'a, Result<(), TransportError>> {
-        Box::pin(async move {
-            redis::cmd("SPUBLISH")
-                .arg(topic)
-                .arg(message)
-                .query_async::<i64>(&mut self.0)
-                .await?;
-            Ok(())
-        })
+        Box::pin(publish_with(&mut self.0, "SPUBLISH", topic, message))
     }
 
     fn subscribers<'a>(&'a mut self, topic: &'a str) -> BoxFuture<'a, Option<usize>> {
-        Box::pin(async move {
-            // PUBSUB SHARDNUMSUB, on the shard that owns the topic.
-            let counts: RedisResult<(String, i64)> = redis::cmd("PUBSUB")
-                .arg("SHARDNUMSUB")
-                .arg(topic)
-                .query_async(&mut self.0)
-                .await;
-            counts.ok().map(|(_, n)| usize::try_from(n).unwrap_or(0))
-        })
+        // On the shard that owns the topic.
+        Box::pin(subscribers_with(&mut self.0, "SHARDNUMSUB", topic))
     }
 }
 
