@@ -282,17 +282,12 @@ impl Relay {
         self.backplane.servers_changed(self);
     }
 
-    /// Answers a `subscribe` to `channel` once the channel's publishes reach this node.
-    pub fn subscribed(&self, peer: &Arc<Peer>, channel: &str, frame: Utf8Bytes) {
+    /// Answers a `subscribe` (`subscribed`) or an `unsubscribe` (`unsubscribed`) to
+    /// `channel` once the channel's publishes reach this node, in the order of the requests
+    /// (an `unsubscribed` waits behind a `subscribed` still waiting).
+    pub fn channel_reply(&self, peer: &Arc<Peer>, channel: &str, frame: Utf8Bytes, kind: Frame) {
         let topic = Topic::Channels(channel_bucket(channel));
-        self.reply_when_subscribed(topic, peer, frame, Frame::Subscribed);
-    }
-
-    /// Answers an `unsubscribe` from `channel`, after a `subscribed` still waiting for the
-    /// channel's subscription (the replies keep the order of the requests).
-    pub fn unsubscribed(&self, peer: &Arc<Peer>, channel: &str, frame: Utf8Bytes) {
-        let topic = Topic::Channels(channel_bucket(channel));
-        self.reply_when_subscribed(topic, peer, frame, Frame::Unsubscribed);
+        self.reply_when_subscribed(topic, peer, frame, kind);
     }
 
     /// Forwards a client's `client_connect` to a server: this node's, round robin, else one

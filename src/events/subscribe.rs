@@ -6,6 +6,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::kinds::Frame;
 use crate::protocol::{
     Data, ProtocolError, event_frame, opt_string, push_json_string, validate_channel,
 };
@@ -37,18 +38,18 @@ impl Subscribe {
         let mut data = String::from("{\"name\":");
         push_json_string(&mut data, &self.name);
         data.push('}');
-        if self.leave {
+        let kind = if self.leave {
             hub.unsubscribe(&session.peer, &self.name);
-            let reply = event_frame("unsubscribed", &data);
-            session
-                .shared
-                .unsubscribed(&session.peer, &self.name, reply);
+            Frame::Unsubscribed
         } else {
             hub.subscribe(&session.peer, &self.name)?;
-            // Once this node receives the channel's publishes from the other nodes.
-            let reply = event_frame("subscribed", &data);
-            session.shared.subscribed(&session.peer, &self.name, reply);
-        }
+            Frame::Subscribed
+        };
+        // Once this node receives the channel's publishes from the other nodes.
+        let reply = event_frame(kind.name(), &data);
+        session
+            .shared
+            .channel_reply(&session.peer, &self.name, reply, kind);
         Ok(Flow::Continue)
     }
 }
