@@ -6,11 +6,9 @@
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { access } from 'node:fs/promises';
-import { constants } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { startServer as startBinary } from '../support/server.mjs';
 import * as signalR from '@microsoft/signalr';
 import WebSocket from 'ws';
 
@@ -21,52 +19,9 @@ const PASSWORD = '12345678';
 const WAIT = 10_000;
 const RS = '\x1e';
 
-/** Starts the binary on a free loopback port (it binds port 0 and logs the address). */
-async function startServer(extraArgs = []) {
-  await access(BIN, constants.X_OK).catch(() => {
-    throw new Error(`${BIN} is missing: build it first (cargo build --bin jssocket)`);
-  });
-  const env = Object.fromEntries(
-    Object.entries(process.env).filter(([key]) => !key.startsWith('SOCKET_')),
-  );
-  env.RUST_LOG = 'info';
-  const child = spawn(BIN, ['-h', '127.0.0.1', '-p', '0', ...extraArgs], {
-    env,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let log = '';
-  const addr = await new Promise((resolve, reject) => {
-    const timer = setTimeout(
-      () => reject(new Error(`jssocket did not report its address in time:\n${log}`)),
-      WAIT,
-    );
-    const onData = (chunk) => {
-      log += chunk;
-      const found = /listening.*?(127\.0\.0\.1:\d+)/.exec(log.replace(/\x1b\[[0-9;]*m/g, ''));
-      if (found) {
-        clearTimeout(timer);
-        resolve(found[1]);
-      }
-    };
-    child.stdout.on('data', onData);
-    child.stderr.on('data', onData);
-    child.on('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`jssocket exited (${code}) before listening:\n${log}`));
-    });
-  });
-  const exited = new Promise((resolve) => child.on('exit', resolve));
-  return {
-    base: `http://${addr}`,
-    ws: `ws://${addr}`,
-    async stop() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      child.kill('SIGTERM');
-      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-      await exited;
-      clearTimeout(timer);
-    },
-  };
+/** Starts the binary on a free loopback port (see ../support/server.mjs). */
+function startServer(extraArgs = []) {
+  return startBinary(BIN, extraArgs, WAIT);
 }
 
 /** POST /api/<event> as the admin; returns the parsed answer. */
