@@ -73,21 +73,28 @@ ensure_tools() {
     # (chromium, node and npm: console_test ensures them, so that only its step fails.)
 }
 
-# console_test: the web console's end-to-end test (tests/console): the built binary, Debian's
-# chromium driven by playwright-core from npm (no browser download). Installs what it needs;
-# when it cannot, the step fails saying what to install (it never skips).
-console_test() {
+# ensure_node WHAT: Node.js 20+ and npm, installed when missing; else fails saying what to
+# install for WHAT.
+ensure_node() {
+    local what="$1"
     (ensure_pkg node nodejs && ensure_pkg npm npm) || {
-        printf 'error: the console test needs Node.js 20+ and npm: install nodejs and npm\n' >&2
+        printf 'error: %s needs Node.js 20+ and npm: install nodejs and npm\n' "$what" >&2
         return 1
     }
     local major
     major="$(node -p 'process.versions.node.split(".")[0]')"
     if [ "${major:-0}" -lt 20 ]; then
-        printf 'error: the console test needs Node.js 20+ (found %s): install nodejs 20 or newer\n' \
-            "$(node --version)" >&2
+        printf 'error: %s needs Node.js 20+ (found %s): install nodejs 20 or newer\n' \
+            "$what" "$(node --version)" >&2
         return 1
     fi
+}
+
+# console_test: the web console's end-to-end test (tests/console): the built binary, Debian's
+# chromium driven by playwright-core from npm (no browser download). Installs what it needs;
+# when it cannot, the step fails saying what to install (it never skips).
+console_test() {
+    ensure_node "the console test" || return 1
     (ensure_pkg chromium) || {
         printf 'error: the console test needs a browser: install the chromium package (apt-get install chromium)\n' >&2
         return 1
@@ -103,17 +110,7 @@ console_test() {
 # the real @microsoft/signalr client (pinned in tests/signalr/package-lock.json). Installs
 # what it needs; when it cannot, the step fails saying what to install (it never skips).
 signalr_test() {
-    (ensure_pkg node nodejs && ensure_pkg npm npm) || {
-        printf 'error: the SignalR test needs Node.js 20+ and npm: install nodejs and npm\n' >&2
-        return 1
-    }
-    local major
-    major="$(node -p 'process.versions.node.split(".")[0]')"
-    if [ "${major:-0}" -lt 20 ]; then
-        printf 'error: the SignalR test needs Node.js 20+ (found %s): install nodejs 20 or newer\n' \
-            "$(node --version)" >&2
-        return 1
-    fi
+    ensure_node "the SignalR test" || return 1
     if [ ! -d tests/signalr/node_modules/@microsoft/signalr ]; then
         npm ci --prefix tests/signalr --no-audit --no-fund </dev/null || return 1
     fi
