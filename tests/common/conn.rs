@@ -89,17 +89,7 @@ pub struct Conn {
 impl Conn {
     /// Connects to `url`, with header `auth: <password>` when given.
     pub async fn connect(url: &str, password: Option<&str>, name: &str) -> Conn {
-        let request = upgrade_request(url, password);
-        let (ws, response) = timeout(RECV_TIMEOUT, connect_async(request))
-            .await
-            .unwrap_or_else(|_| panic!("{name}: WebSocket handshake timed out"))
-            .unwrap_or_else(|e| panic!("{name}: WebSocket handshake failed: {e}"));
-        assert_eq!(response.status(), 101, "{name}: upgrade refused");
-        Conn {
-            name: name.to_string(),
-            id: None,
-            ws,
-        }
+        Conn::connect_request(upgrade_request(url, password), name).await
     }
 
     /// Connects with a prepared upgrade request (a query string, extra headers).
