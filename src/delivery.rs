@@ -85,7 +85,10 @@ impl Delivery {
             } => {
                 let filter = match filter {
                     Filter::All => 0,
-                    Filter::Roles(n) | Filter::Groups(n) | Filter::Users(n) => names(n),
+                    Filter::Roles(n)
+                    | Filter::Groups(n)
+                    | Filter::Users(n)
+                    | Filter::Clients(n) => names(n),
                 };
                 channel.len() + filter + frame.len()
             }

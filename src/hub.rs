@@ -7,7 +7,7 @@
 //! Lock order, to stay deadlock-free: a peer's `state` mutex may be held while a `groups` or
 //! `channels` shard is locked, never the other way round; nothing is awaited while any lock is held.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -97,6 +97,8 @@ pub enum Filter {
     Groups(Vec<String>),
     /// Subscribers whose `user` is one of these.
     Users(Vec<String>),
+    /// Subscribers whose connection id (`target`) is one of these.
+    Clients(Vec<String>),
 }
 
 impl Filter {
@@ -110,6 +112,8 @@ impl Filter {
                 .user
                 .as_deref()
                 .is_some_and(|user| users.iter().any(|u| u == user)),
+            // `publish` looks these up by id instead (see [`Hub::publish`]).
+            Filter::Clients(_) => false,
         }
     }
 }
@@ -403,20 +407,45 @@ impl Hub {
     /// Delivers `frame` to the subscribers of `channel` that `filter` admits, and to every
     /// SignalR connection it admits (as an invocation of `channel`).
     pub fn publish(&self, channel: &str, filter: &Filter, frame: &Utf8Bytes) -> usize {
-        // Snapshot the subscribers first: a filter reads each one's state, and a peer's state
+        // Snapshot the recipients first: a filter reads each one's state, and a peer's state
         // lock must never be taken while a channel shard is held (see the lock order above).
-        let mut subscribers: Vec<Arc<Peer>> = match self.channels.get(channel) {
-            Some(members) => members.values().cloned().collect(),
-            None => Vec::new(),
+        let recipients: Vec<Arc<Peer>> = match filter {
+            Filter::Clients(targets) => self.listed(channel, targets),
+            _ => {
+                let mut subscribers: Vec<Arc<Peer>> = match self.channels.get(channel) {
+                    Some(members) => members.values().cloned().collect(),
+                    None => Vec::new(),
+                };
+                subscribers.extend(self.signalr.iter().map(|e| Arc::clone(e.value())));
+                subscribers.retain(|peer| filter.admits(&peer.state()));
+                subscribers
+            }
         };
-        subscribers.extend(self.signalr.iter().map(|e| Arc::clone(e.value())));
-        let form = Form::Publish;
-        let mut broadcast = Broadcast::new(frame, form, &self.notify_method);
-        subscribers
+        let mut broadcast = Broadcast::new(frame, Form::Publish, &self.notify_method);
+        recipients
             .iter()
-            .filter(|peer| filter.admits(&peer.state()))
             .filter(|peer| broadcast.send(peer))
             .count()
+    }
+
+    /// The connections named in a `clients` filter that a publish to `channel` reaches: its
+    /// subscribers and SignalR connections, each once however often it is listed. Looked up
+    /// by id, so the work follows the list, not the channel's size.
+    fn listed(&self, channel: &str, targets: &[String]) -> Vec<Arc<Peer>> {
+        let mut seen = HashSet::with_capacity(targets.len());
+        targets
+            .iter()
+            .filter_map(|target| parse_target(target))
+            .filter(|id| seen.insert(*id))
+            .filter_map(|id| self.clients.get(&id).map(|e| Arc::clone(e.value())))
+            .filter(|peer| {
+                peer.wire == Wire::SignalR
+                    || self
+                        .channels
+                        .get(channel)
+                        .is_some_and(|members| members.contains_key(&peer.id))
+            })
+            .collect()
     }
 
     /// Counts for logs, metrics and tests.

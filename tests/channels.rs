@@ -1,6 +1,6 @@
 //! SPEC §5 `subscribe`, `unsubscribe` and `publish`: channel names, replies, who receives a
 //! publish (filters by `roles`, `groups`, `users` against each subscriber's latest
-//! acknowledgement), limits, and removal of closed subscribers.
+//! acknowledgement, and `clients` by connection id), limits, and removal of closed subscribers.
 
 mod common;
 
@@ -479,6 +479,60 @@ async fn users_filter_admits_subscribers_whose_user_is_listed() {
     admin.ping(1, false).await;
 }
 
+/// SPEC §10: `clients` names connections by id; only subscribers of the channel among them
+/// receive it, once however often they are listed, acknowledged or not.
+#[tokio::test]
+async fn clients_filter_admits_subscribers_whose_id_is_listed() {
+    let server = Server::start().await;
+    let mut backend = server.backend("backend").await;
+    let mut admin = server.admin("admin").await;
+    let mut alice = acked(&server, &mut backend, "alice", Some("alice"), "").await;
+    let mut bob = acked(&server, &mut backend, "bob", Some("bob"), "").await;
+    let mut unacked = registered(&server, &mut backend, "unacknowledged").await;
+    // Listed, but not a subscriber of the channel: never receives it.
+    let mut outsider = acked(&server, &mut backend, "outsider", Some("o"), "").await;
+    for s in [&mut alice, &mut bob, &mut unacked] {
+        subscribe(s, "inbox").await;
+    }
+    subscribe(&mut outsider, "elsewhere").await;
+    let (a, b, u, o) = (
+        alice.id().to_string(),
+        bob.id().to_string(),
+        unacked.id().to_string(),
+        outsider.id().to_string(),
+    );
+    let cases = [
+        (format!(r#","clients":["{a}"]"#), [true, false, false]),
+        (
+            format!(r#","clients":["{b}","{a}","{b}"]"#),
+            [true, true, false],
+        ),
+        (format!(r#","clients":["{u}","{o}"]"#), [false, false, true]),
+        // Only the exact lowercase form names a connection, as for notify_client.
+        (
+            format!(r#","clients":["{}","alice","",null]"#, a.to_uppercase()),
+            [false; 3],
+        ),
+        (r#","clients":[]"#.to_string(), [false; 3]),
+    ];
+    for (round, (filter, admitted)) in (0u32..).zip(cases) {
+        let mut subs = [
+            (&mut alice, admitted[0]),
+            (&mut bob, admitted[1]),
+            (&mut unacked, admitted[2]),
+        ];
+        if filter.contains("null") {
+            // Not an array of strings: refused, nothing delivered.
+            publish(&mut admin, "inbox", "0", &filter).await;
+            admin.expect_error("invalid_field", Some("publish")).await;
+            continue;
+        }
+        check_filter(&mut admin, "inbox", &filter, &mut subs, round).await;
+    }
+    outsider.expect_silence().await;
+    admin.ping(1, false).await;
+}
+
 #[tokio::test]
 async fn unacknowledged_subscriber_gets_only_unfiltered_publishes() {
     let server = Server::start().await;
@@ -540,6 +594,8 @@ async fn two_filters_are_refused_and_nothing_is_delivered() {
         r#","roles":["r"],"users":["u"]"#,
         r#","groups":["g"],"users":["u"]"#,
         r#","roles":["r"],"groups":["g"],"users":["u"]"#,
+        r#","roles":["r"],"clients":["c"]"#,
+        r#","users":["u"],"clients":[]"#,
         // Empty arrays are still filters.
         r#","roles":[],"users":[]"#,
     ] {
@@ -578,7 +634,12 @@ async fn null_filters_are_refused_and_nothing_is_delivered() {
     subscribe(&mut sub, "c").await;
     subscribe(&mut plain, "c").await;
 
-    for filter in [r#","roles":null"#, r#","groups":null"#, r#","users":null"#] {
+    for filter in [
+        r#","roles":null"#,
+        r#","groups":null"#,
+        r#","users":null"#,
+        r#","clients":null"#,
+    ] {
         publish(&mut admin, "c", r#"{"leak":true}"#, filter).await;
         let error = admin.expect_error("invalid_field", Some("publish")).await;
         let field = filter

@@ -1,6 +1,8 @@
 //! `publish`: an admin sends a payload to a channel's subscribers, all of them or only those
-//! with one of the given `roles`, in one of the `groups`, or whose `user` is listed. They
-//! receive `{"type":"publish","data":{"name":…,"data":…}}`.
+//! with one of the given `roles`, in one of the `groups`, whose `user` is listed, or whose
+//! connection id is among the `clients`. They receive
+//! `{"type":"publish","data":{"name":…,"data":…}}`; SignalR connections the filter admits
+//! receive it too, as an invocation of the channel (SPEC §10).
 
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -34,6 +36,8 @@ struct Fields<'a> {
     groups: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "keep_null")]
     users: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "keep_null")]
+    clients: Option<&'a RawValue>,
 }
 
 /// A present filter as written, `null` included: serde would read `null` as "absent", and
@@ -54,6 +58,7 @@ impl<'a> Publish<'a> {
             (fields.roles, "roles"),
             (fields.groups, "groups"),
             (fields.users, "users"),
+            (fields.clients, "clients"),
         ] {
             if raw.is_some_and(|r| r.get() == "null") {
                 return Err(ProtocolError::InvalidField(
@@ -63,7 +68,7 @@ impl<'a> Publish<'a> {
             }
         }
         let present = |raw: Option<&RawValue>| raw.is_some();
-        let filters = [fields.roles, fields.groups, fields.users]
+        let filters = [fields.roles, fields.groups, fields.users, fields.clients]
             .into_iter()
             .filter(|f| present(*f))
             .count();
@@ -76,6 +81,8 @@ impl<'a> Publish<'a> {
             Filter::Groups(opt_strings(fields.groups, "groups")?)
         } else if present(fields.users) {
             Filter::Users(opt_strings(fields.users, "users")?)
+        } else if present(fields.clients) {
+            Filter::Clients(opt_strings(fields.clients, "clients")?)
         } else {
             Filter::All
         };
