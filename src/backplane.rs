@@ -137,6 +137,11 @@ impl Backplane for Local {
 pub enum Topic {
     Group(Arc<str>),
     Channels(u16),
+    /// Every `publish`, for the nodes with SignalR connections: those receive publishes
+    /// without subscribing to channels (SPEC §10), so such a node cannot know which
+    /// channel buckets to follow. A publish goes to its channel's bucket and, as a twin
+    /// (applied once by a node that gets both), here.
+    SignalR,
 }
 
 /// Topics the channels share (see [`Topic`]).
@@ -159,6 +164,7 @@ impl Topic {
         match self {
             Topic::Group(name) => topic_key("jssocket:group:", name),
             Topic::Channels(bucket) => format!("jssocket:channels:{bucket}"),
+            Topic::SignalR => "jssocket:signalr".to_string(),
         }
     }
 }
@@ -342,6 +348,13 @@ impl Interest {
     /// The touched topics, taken.
     pub fn take_touched(&self) -> Vec<Topic> {
         self.state().touched.drain().collect()
+    }
+
+    /// Whether `topic`'s messages reach this node now (or the transport is down, when
+    /// nothing is waited for): what a reply held for it waits for.
+    pub fn is_ready(&self, topic: &Topic) -> bool {
+        let state = self.state();
+        !state.live || state.ready(topic)
     }
 
     pub fn is_confirmed(&self, topic: &Topic) -> bool {

@@ -132,7 +132,8 @@ pub enum Route {
     Owner(Box<str>),
     /// The nodes with members in this group.
     Group(Arc<str>),
-    /// The nodes with subscribers to this channel.
+    /// The nodes with subscribers to this channel, and those with SignalR connections
+    /// (which receive every publish; see [`crate::backplane::Topic::SignalR`]).
     Channel(Arc<str>),
 }
 

@@ -127,6 +127,9 @@ pub struct Hub {
     /// The SignalR connections among them: every `publish` is offered to each (SignalR has
     /// no subscribe step; the filter decides).
     signalr: DashMap<Uuid, Arc<Peer>>,
+    /// How many they are, kept beside the table so the first one in and the last one out
+    /// are seen exactly once each (the backplane follows them, see [`Topic::SignalR`]).
+    signalr_count: AtomicUsize,
     /// The hub method `notify_*` invoke on SignalR connections (`--signalr-notify-method`).
     notify_method: Box<str>,
     /// Group name → its members.
@@ -156,6 +159,7 @@ impl Hub {
         Hub {
             node,
             signalr: DashMap::new(),
+            signalr_count: AtomicUsize::new(0),
             notify_method: notify_method.into(),
             channel_buckets: if interest.is_some() {
                 (0..CHANNEL_BUCKETS).map(|_| AtomicU32::new(0)).collect()
@@ -211,6 +215,7 @@ impl Hub {
                 .channel_buckets
                 .get(usize::from(*bucket))
                 .is_some_and(|n| n.load(Ordering::Relaxed) > 0),
+            Topic::SignalR => self.signalr_count.load(Ordering::Relaxed) > 0,
         }
     }
 
@@ -224,7 +229,8 @@ impl Hub {
         let channels = (0..CHANNEL_BUCKETS)
             .map(|b| Topic::Channels(b as u16))
             .filter(|topic| self.has_members(topic));
-        groups.chain(channels).collect()
+        let signalr = Some(Topic::SignalR).filter(|topic| self.has_members(topic));
+        groups.chain(channels).chain(signalr).collect()
     }
 
     /// Tells the backplane a name got its first local member or lost its last.
@@ -267,8 +273,9 @@ impl Hub {
         }
         state.registered = true;
         self.clients.insert(peer.id, Arc::clone(peer));
-        if peer.wire == Wire::SignalR {
-            self.signalr.insert(peer.id, Arc::clone(peer));
+        if peer.wire == Wire::SignalR && self.signalr.insert(peer.id, Arc::clone(peer)).is_none() {
+            let first = self.signalr_count.fetch_add(1, Ordering::Relaxed) == 0;
+            self.touched(first, || Topic::SignalR);
         }
     }
 
@@ -350,7 +357,10 @@ impl Hub {
     /// pool, waiting client connects.
     pub fn remove(&self, peer: &Arc<Peer>) {
         self.clients.remove(&peer.id);
-        self.signalr.remove(&peer.id);
+        if self.signalr.remove(&peer.id).is_some() {
+            let last = self.signalr_count.fetch_sub(1, Ordering::Relaxed) == 1;
+            self.touched(last, || Topic::SignalR);
+        }
         {
             let mut state = peer.state();
             state.closed = true;

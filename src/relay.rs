@@ -7,6 +7,7 @@
 //! deliver it with the same code.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -304,6 +305,22 @@ impl Relay {
             .forward_connect(client, frame, |client, frame| {
                 self.backplane.forward_connect(self, client, frame)
             })
+    }
+
+    /// Waits until the messages of all `topics` reach this node, for at most `limit`: a
+    /// SignalR connection is answered its handshake only then, so a publish or a group
+    /// notification sent right after it connected is not lost in a cluster. At once on a
+    /// single node.
+    pub async fn subscribed(&self, topics: &[Topic], limit: Duration) {
+        let Some(interest) = self.hub.interest() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        while !topics.iter().all(|topic| interest.is_ready(topic))
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Sends `peer` a reply saying it joined `topic` (its `client_connected`, its

@@ -17,7 +17,10 @@ mod nodes;
 
 use std::time::{Duration, Instant};
 
-use common::{Conn, Event, RECV_TIMEOUT, api_post, expect_silence_all, recv_any, register};
+use common::{
+    Conn, Event, RECV_TIMEOUT, api_post, expect_silence_all, invocation, recv_any, register,
+    signalr_client,
+};
 use nodes::{
     CLUSTER_TIMEOUT, Kind, Node, POLL, Proxy, Redis, cluster_on, metric, wait_all, wait_cluster,
 };
@@ -50,6 +53,7 @@ on!([Loopback, Redis, RedisCluster]
     client_connect_is_served_round_robin_by_servers_on_other_nodes,
     a_crashed_node_takes_only_its_own_connections,
     a_stopped_node_is_forgotten_at_once,
+    signalr_connections_are_reached_from_every_node,
 );
 on!([Loopback, Redis] an_outage_is_survived_and_the_backlog_is_delivered_once);
 
@@ -1214,3 +1218,107 @@ async fn subscribe_churn_is_answered_in_order_and_holds_nothing(kind: Kind) {
 }
 
 on!([Loopback, Redis, RedisCluster] subscribe_churn_is_answered_in_order_and_holds_nothing);
+
+// ---------------------------------------------------------------- SignalR
+
+const JWT_SECRET: &str = "a cluster test secret long enough for HS256";
+
+/// An HS256 token for `user` with `roles`, valid for an hour.
+fn token(user: &str, roles: &[&str]) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+        + 3600;
+    let claims = json!({"sub": user, "roles": roles, "exp": exp});
+    let key = jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()).expect("HMAC key");
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)
+        .expect("sign a test token")
+}
+
+/// SPEC §10 in a cluster: a SignalR connection subscribes to nothing, yet a publish on any
+/// node reaches it (filtered by its token's roles, by its id), once, beside a jssocket
+/// subscriber of the same channel on its node; notify_group by its user and notify_client
+/// by its id cross nodes too.
+async fn signalr_connections_are_reached_from_every_node(kind: Kind) {
+    let backing = nodes::Backing::start(kind);
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| backing.node(&format!("n{i}"), &["--jwt-secret", JWT_SECRET]))
+        .collect();
+    wait_cluster(&nodes.iter().collect::<Vec<_>>()).await;
+    let mut backend = nodes[0].backend("backend").await;
+    let mut sub = nodes[0].client("jssocket-sub").await;
+    register(&mut sub, &mut backend).await;
+    subscribe(&mut sub, "news").await;
+    let mut local = signalr_client(nodes[0].addr, None, "signalr-n0").await;
+    let mut anon = signalr_client(nodes[1].addr, None, "signalr-n1").await;
+    let editor_token = token("alice", &["editor"]);
+    let mut alice = signalr_client(nodes[2].addr, Some(&editor_token), "alice-n2").await;
+    let mut admin = nodes[1].admin("admin").await;
+    let mut all = [&mut sub, &mut local, &mut anon, &mut alice];
+
+    // Unfiltered, from n1's admin socket: everyone, once.
+    admin
+        .send_event("publish", json!({"name": "news", "data": {"msg": "p1"}}))
+        .await;
+    all[0].expect_text(&published("news", "p1")).await;
+    for conn in &mut all[1..] {
+        conn.expect_text(&invocation("news", r#"{"msg":"p1"}"#))
+            .await;
+    }
+    expect_silence_all(&mut all).await;
+
+    // A channel nobody subscribed to still reaches SignalR on every node.
+    let response = api_post(
+        nodes[2].addr,
+        "publish",
+        r#"{"name":"orders","data":{"msg":"p2"}}"#,
+    )
+    .await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    for conn in &mut all[1..] {
+        conn.expect_text(&invocation("orders", r#"{"msg":"p2"}"#))
+            .await;
+    }
+    expect_silence_all(&mut all).await;
+
+    // Roles from alice's token, and a clients filter, from n0 to the other nodes.
+    admin
+        .send_event(
+            "publish",
+            json!({"name": "news", "data": {"msg": "p3"}, "roles": ["editor"]}),
+        )
+        .await;
+    all[3]
+        .expect_text(&invocation("news", r#"{"msg":"p3"}"#))
+        .await;
+    let anon_id = all[2].id().to_string();
+    let body = json!({"name": "news", "data": {"msg": "p4"}, "clients": [anon_id]});
+    let response = api_post(nodes[0].addr, "publish", &body.to_string()).await;
+    assert_eq!(response.status, 200, "{}", response.text());
+    all[2]
+        .expect_text(&invocation("news", r#"{"msg":"p4"}"#))
+        .await;
+    expect_silence_all(&mut all).await;
+
+    // notify_group by alice's user and notify_client by anon's id, from n1.
+    admin
+        .send_event(
+            "notify_group",
+            json!({"target": "alice", "data": {"msg": "g"}}),
+        )
+        .await;
+    all[3]
+        .expect_text(&invocation("notify", r#"{"msg":"g"}"#))
+        .await;
+    admin
+        .send_event(
+            "notify_client",
+            json!({"target": anon_id, "data": {"msg": "c"}}),
+        )
+        .await;
+    all[2]
+        .expect_text(&invocation("notify", r#"{"msg":"c"}"#))
+        .await;
+    expect_silence_all(&mut all).await;
+}

@@ -501,20 +501,29 @@ impl Backplane for Cluster {
                 None => return Ok(()),
             },
             Route::Group(name) => {
-                twins = self.joining_nodes(&name);
+                twins = self
+                    .joining_nodes(&name)
+                    .into_iter()
+                    .map(node_topic)
+                    .collect();
                 Topic::Group(name).key()
             }
-            Route::Channel(name) => Topic::Channels(channel_bucket(&name)).key(),
+            Route::Channel(name) => {
+                if relay.config.signalr_path.is_some() {
+                    twins.push(Topic::SignalR.key());
+                }
+                Topic::Channels(channel_bucket(&name)).key()
+            }
         };
         let from_client = !matches!(sender, Sender::Admin);
         let twin = (!twins.is_empty()).then(|| self.next_twin.fetch_add(1, Ordering::Relaxed));
-        for node in twins {
+        for twin_topic in twins {
             let op = Op::Deliver {
                 delivery: delivery.clone(),
                 from_client,
                 twin,
             };
-            self.publish_one(relay, node_topic(node), op, sender)?;
+            self.publish_one(relay, twin_topic, op, sender)?;
         }
         let op = Op::Deliver {
             delivery,

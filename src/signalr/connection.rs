@@ -18,6 +18,7 @@ use tracing::{Instrument, debug, debug_span, info};
 
 use super::protocol::{self, Error, Message as HubMessage, Records};
 use super::{HANDSHAKE_OK, PING};
+use crate::backplane::Topic;
 use crate::connection::{End, Sink, Socket, Stream, finish, flush, read_error, write_batch};
 use crate::peer::{Close, Peer};
 use crate::relay::Relay;
@@ -41,6 +42,10 @@ const CLIENT_TIMEOUT: Close = Close::PING_TIMEOUT;
 
 /// How long the SignalR close message may take: a peer that does not take it is gone.
 const FAREWELL_GRACE: Duration = Duration::from_secs(1);
+
+/// Longest a handshake answer waits for this node to receive the connection's messages (see
+/// [`Relay::subscribed`]); a backplane slower than that answers it anyway.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
 /// How the connection stops: how the WebSocket ends, and the SignalR message said first.
 struct Stop {
@@ -112,6 +117,23 @@ async fn run(
     let stop = match handshake {
         Err(stop) => stop,
         Ok(early) => {
+            // Registered (and acknowledged) before it is answered, and answered once this
+            // node receives what is sent to it; the outbox holds what comes meanwhile.
+            shared.hub.register_client(&peer);
+            let mut topics = vec![Topic::SignalR];
+            // A valid token acknowledges it at once: its user's group, roles and groups
+            // for publish filters (SPEC §11). (WIP: token expiry is not enforced here yet.)
+            if let Some(identity) = identity {
+                topics.push(Topic::Group(Arc::clone(&identity.user)));
+                let ack = crate::hub::Acknowledgement {
+                    group: Arc::clone(&identity.user),
+                    user: Some(identity.user),
+                    roles: identity.roles,
+                    groups: identity.groups,
+                };
+                shared.hub.acknowledge(&peer.target, ack);
+            }
+            shared.subscribed(&topics, SUBSCRIBE_WAIT).await;
             let answered = timeout(
                 FAREWELL_GRACE,
                 sink.send(Message::Text(Utf8Bytes::from_static(HANDSHAKE_OK))),
@@ -120,18 +142,6 @@ async fn run(
             if !matches!(answered, Ok(Ok(()))) {
                 Stop::gone()
             } else {
-                shared.hub.register_client(&peer);
-                // A valid token acknowledges it at once: its user's group, roles and groups
-                // for publish filters (SPEC §11). (WIP: token expiry is not enforced here yet.)
-                if let Some(identity) = identity {
-                    let ack = crate::hub::Acknowledgement {
-                        group: Arc::clone(&identity.user),
-                        user: Some(identity.user),
-                        roles: identity.roles,
-                        groups: identity.groups,
-                    };
-                    shared.hub.acknowledge(&peer.target, ack);
-                }
                 connected(&mut sink, &mut stream, &mut records, &shared, &peer, early).await
             }
         }

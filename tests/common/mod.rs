@@ -6,7 +6,8 @@
 //!
 //! By concern: `server` (the in-process server), `conn` (a WebSocket connection and waits on
 //! it), `protocol` (register, acknowledge, the error shape), `http` (ordinary HTTP requests),
-//! `metrics` (scraping `/metrics`), `logs` (capturing the server's log). Everything is
+//! `metrics` (scraping `/metrics`), `logs` (capturing the server's log), `signalr` (a raw
+//! SignalR JSON-protocol connection). Everything is
 //! re-exported here, so a test says `common::Server` whatever file it lives in.
 //!
 //! Every test binary includes this module and uses a different part of it: what one leaves
@@ -19,6 +20,7 @@ mod logs;
 mod metrics;
 mod protocol;
 mod server;
+mod signalr;
 
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ pub use logs::*;
 pub use metrics::*;
 pub use protocol::*;
 pub use server::*;
+pub use signalr::*;
 
 /// The default admin password (the original relay's default hash).
 pub const PASSWORD: &str = "12345678";
