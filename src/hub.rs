@@ -266,17 +266,31 @@ impl Hub {
         self.clients.get(&id).map(|entry| Arc::clone(entry.value()))
     }
 
-    pub fn register_client(&self, peer: &Arc<Peer>) {
+    /// Whether a connection with this id is registered here.
+    pub fn has_client(&self, id: Uuid) -> bool {
+        self.clients.contains_key(&id)
+    }
+
+    /// Registers `peer`; false when it is closed or its id is taken. An id already
+    /// registered stays with its connection (two upgrades racing with one SignalR connection
+    /// token): the newcomer is registered nowhere.
+    pub fn register_client(&self, peer: &Arc<Peer>) -> bool {
         let mut state = peer.state();
         if state.closed {
-            return;
+            return false;
+        }
+        match self.clients.entry(peer.id) {
+            dashmap::Entry::Occupied(_) => return false,
+            dashmap::Entry::Vacant(entry) => {
+                entry.insert(Arc::clone(peer));
+            }
         }
         state.registered = true;
-        self.clients.insert(peer.id, Arc::clone(peer));
         if peer.wire == Wire::SignalR && self.signalr.insert(peer.id, Arc::clone(peer)).is_none() {
             let first = self.signalr_count.fetch_add(1, Ordering::Relaxed) == 0;
             self.touched(first, || Topic::SignalR);
         }
+        true
     }
 
     /// Acknowledges the client named by `target`: moves it to `ack.group` (leaving its
@@ -356,8 +370,10 @@ impl Hub {
     /// Removes a closed connection from everything at once: client table, group, server
     /// pool, waiting client connects.
     pub fn remove(&self, peer: &Arc<Peer>) {
-        self.clients.remove(&peer.id);
-        if self.signalr.remove(&peer.id).is_some() {
+        // Only its own entries: an id is registered by one connection at most.
+        let own = |_: &Uuid, registered: &Arc<Peer>| Arc::ptr_eq(registered, peer);
+        self.clients.remove_if(&peer.id, own);
+        if self.signalr.remove_if(&peer.id, own).is_some() {
             let last = self.signalr_count.fetch_sub(1, Ordering::Relaxed) == 1;
             self.touched(last, || Topic::SignalR);
         }

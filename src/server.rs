@@ -578,10 +578,10 @@ pub(crate) fn upgrade_token(uri: &Uri, headers: &HeaderMap) -> Option<String> {
     })
 }
 
-/// The connection id of a SignalR upgrade: the one negotiated for its `id` (a connection
-/// token, used once), or a new one when the client skipped negotiation. Unknown or expired
-/// tokens get 404, as an ASP.NET server answers them. (Its token was judged with every
-/// upgrade's, before this.)
+/// The connection id of a SignalR upgrade: the one its `id` (a connection token from
+/// negotiate) names, or a new one when the client skipped negotiation. A token that is not
+/// this node's, is too old, or names a connection that is open gets 404, as an ASP.NET server
+/// answers an unknown token. (Its access token was judged with every upgrade's, before this.)
 fn signalr_connection(shared: &Relay, request: &Request) -> Result<uuid::Uuid, Box<Response>> {
     #[derive(serde::Deserialize)]
     struct Id {
@@ -599,17 +599,18 @@ fn signalr_connection(shared: &Relay, request: &Request) -> Result<uuid::Uuid, B
             ));
         }
     };
-    match token {
-        None => Ok(shared.hub.new_id()),
-        Some(token) => shared.signalr.take(&token).ok_or_else(|| {
-            Box::new(
-                (
-                    StatusCode::NOT_FOUND,
-                    "404 Not Found: no negotiated connection with that id (negotiate again)\n",
-                )
-                    .into_response(),
+    let Some(token) = token else {
+        return Ok(shared.hub.new_id());
+    };
+    match shared.signalr.open(&token) {
+        Some(id) if !shared.hub.has_client(id) => Ok(id),
+        _ => Err(Box::new(
+            (
+                StatusCode::NOT_FOUND,
+                "404 Not Found: no negotiated connection with that id (negotiate again)\n",
             )
-        }),
+                .into_response(),
+        )),
     }
 }
 

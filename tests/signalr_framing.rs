@@ -139,3 +139,54 @@ async fn a_binary_frame_closes_with_an_error() {
     );
     conn.expect_close_code(1008).await;
 }
+
+/// A connection token from negotiate opens its own connection only: not while that one is
+/// open, not when changed, not on another server (another key).
+#[tokio::test]
+async fn a_connection_token_opens_only_its_own_connection() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let server = Server::start().await;
+    let other = Server::start().await;
+    let answer = common::http(
+        server.addr,
+        "POST",
+        "/sockets/negotiate?negotiateVersion=1",
+        &[],
+        b"",
+    )
+    .await;
+    let token = answer.json()["connectionToken"]
+        .as_str()
+        .expect("a connection token")
+        .to_string();
+    let url = |addr: std::net::SocketAddr, token: &str| {
+        format!("ws://{addr}/sockets?id={token}")
+            .into_client_request()
+            .expect("a valid URL")
+    };
+    let mut first = Conn::connect(
+        &format!("ws://{}/sockets?id={token}", server.addr),
+        None,
+        "first",
+    )
+    .await;
+    first
+        .send_text(&format!("{{\"protocol\":\"json\",\"version\":1}}{RS}"))
+        .await;
+    first.expect_text(&format!("{{}}{RS}")).await;
+    let mut forged = token.clone().into_bytes();
+    forged[40] = if forged[40] == b'a' { b'b' } else { b'a' };
+    let forged = String::from_utf8(forged).expect("hex");
+    for (addr, token, name) in [
+        (server.addr, token.as_str(), "again while open"),
+        (server.addr, forged.as_str(), "forged"),
+        (server.addr, "0123", "garbage"),
+        (other.addr, token.as_str(), "another server"),
+    ] {
+        let (status, body) = common::upgrade_refused(url(addr, token), name).await;
+        assert_eq!(status, 404, "{name}: {body}");
+        assert!(body.contains("negotiate again"), "{name}: {body}");
+    }
+    // The first connection is untouched.
+    first.expect_silence().await;
+}

@@ -116,10 +116,10 @@ async fn run(
     };
     let stop = match handshake {
         Err(stop) => stop,
+        // Registered (and acknowledged) before it is answered, and answered once this node
+        // receives what is sent to it; the outbox holds what comes meanwhile.
+        Ok(_) if !shared.hub.register_client(&peer) => refused(&Error::IdInUse),
         Ok(early) => {
-            // Registered (and acknowledged) before it is answered, and answered once this
-            // node receives what is sent to it; the outbox holds what comes meanwhile.
-            shared.hub.register_client(&peer);
             let mut topics = vec![Topic::SignalR];
             // A valid token acknowledges it at once: its user's group, roles and groups
             // for publish filters (SPEC §11). (WIP: token expiry is not enforced here yet.)

@@ -14,8 +14,7 @@
 pub mod connection;
 pub mod protocol;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
@@ -38,14 +37,9 @@ pub const HANDSHAKE_OK: &str = "{}\u{1e}";
 /// The server's keep-alive message.
 pub const PING: &str = "{\"type\":6}\u{1e}";
 
-/// How a negotiated connection token waits for its WebSocket: the client opens it right
-/// after negotiating, so a token older than this was abandoned.
+/// How long a negotiated connection token opens its WebSocket: the client opens it right
+/// after negotiating.
 pub const NEGOTIATION_TTL: Duration = Duration::from_secs(30);
-
-/// Most negotiated tokens waiting at once: each costs a few dozen bytes, and anyone may
-/// negotiate, so the table is bounded; when full (after dropping the expired ones) negotiate
-/// answers 503.
-pub const MAX_NEGOTIATIONS: usize = 16 * 1024;
 
 /// How a frame made for jssocket connections reads for a SignalR connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,9 +108,14 @@ pub fn authenticate(relay: &Relay, uri: &Uri, headers: &HeaderMap) -> Result<(),
     }
 }
 
-/// Connection tokens handed out by negotiate, waiting for their WebSocket.
+/// Connection tokens handed out by negotiate. They hold what they stand for: the connection
+/// id and when it was negotiated, signed with a key made at start. Nothing is stored per
+/// negotiation, so anyone may negotiate as often as they like without filling a table and
+/// locking others out; a token is good for [`NEGOTIATION_TTL`] on this node, and opens no
+/// connection while one with its id is open (see `server::signalr_connection`).
 pub struct Negotiations {
-    waiting: Mutex<HashMap<String, (Uuid, Instant)>>,
+    key: [u8; 32],
+    started: Instant,
 }
 
 impl Default for Negotiations {
@@ -125,32 +124,65 @@ impl Default for Negotiations {
     }
 }
 
+type Mac = hmac::Hmac<sha2::Sha256>;
+
+/// Bytes of a token's signature (truncated HMAC-SHA256: 128 bits).
+const TOKEN_MAC: usize = 16;
+
 impl Negotiations {
     pub fn new() -> Negotiations {
+        let mut key = [0u8; 32];
+        if getrandom::fill(&mut key).is_err() {
+            // No randomness from the system: tokens made now would be guessable, so none
+            // made now verifies (a fresh random-looking key from the clock is not a secret).
+            tracing::warn!("no system randomness: SignalR negotiation tokens will not verify");
+        }
         Negotiations {
-            waiting: Mutex::new(HashMap::new()),
+            key,
+            started: Instant::now(),
         }
     }
 
-    /// Remembers `token` for connection `id`; `false` when the table is full.
-    fn insert(&self, token: String, id: Uuid) -> bool {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if waiting.len() >= MAX_NEGOTIATIONS {
-            waiting.retain(|_, (_, at)| now.duration_since(*at) < NEGOTIATION_TTL);
-        }
-        if waiting.len() >= MAX_NEGOTIATIONS {
-            return false;
-        }
-        waiting.insert(token, (id, now));
-        true
+    fn mac(&self, body: &[u8]) -> [u8; TOKEN_MAC] {
+        use hmac::{KeyInit, Mac as _};
+        let Ok(mut mac) = Mac::new_from_slice(&self.key) else {
+            unreachable!("HMAC takes keys of any length");
+        };
+        mac.update(body);
+        let mut out = [0u8; TOKEN_MAC];
+        out.copy_from_slice(&mac.finalize().into_bytes()[..TOKEN_MAC]);
+        out
     }
 
-    /// The connection id negotiated for `token`, once: a token opens one WebSocket.
-    pub fn take(&self, token: &str) -> Option<Uuid> {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        let (id, at) = waiting.remove(token)?;
-        (at.elapsed() < NEGOTIATION_TTL).then_some(id)
+    /// A token for connection `id`: hex of id (16 bytes), milliseconds since start (8), MAC.
+    pub fn issue(&self, id: Uuid) -> String {
+        let mut body = [0u8; 24];
+        body[..16].copy_from_slice(id.as_bytes());
+        let at = self.started.elapsed().as_millis() as u64;
+        body[16..].copy_from_slice(&at.to_be_bytes());
+        let mut token = hex::encode(body);
+        token.push_str(&hex::encode(self.mac(&body)));
+        token
+    }
+
+    /// The connection id `token` was issued for, if it is this node's and not too old.
+    pub fn open(&self, token: &str) -> Option<Uuid> {
+        use hmac::{KeyInit, Mac as _};
+        let mut raw = [0u8; 24 + TOKEN_MAC];
+        hex::decode_to_slice(token, &mut raw).ok()?;
+        let (body, signature) = raw.split_at(24);
+        let Ok(mut mac) = Mac::new_from_slice(&self.key) else {
+            unreachable!("HMAC takes keys of any length");
+        };
+        mac.update(body);
+        // Compared in constant time.
+        mac.verify_truncated_left(signature).ok()?;
+        let at = u64::from_be_bytes(body[16..24].try_into().ok()?);
+        let age = (self.started.elapsed().as_millis() as u64).checked_sub(at)?;
+        if age >= NEGOTIATION_TTL.as_millis() as u64 {
+            return None;
+        }
+        Uuid::from_slice(&body[..16]).ok()
     }
 }
 
@@ -162,7 +194,8 @@ pub struct NegotiateQuery {
 
 /// `POST <path>/negotiate[?negotiateVersion=1]`: a connection id (the connection's `target`,
 /// made now with this node's tag), a token to open the WebSocket with, and WebSockets/Text as
-/// the only transport. Version 0 clients get no separate token: they connect with the id.
+/// the only transport. The answer is version 1 whatever is asked: a version 0 client (whose
+/// WebSocket would carry the id itself, ASP.NET Core 2.x) is not served.
 pub async fn negotiate(
     State(relay): State<Arc<Relay>>,
     Query(query): Query<NegotiateQuery>,
@@ -179,39 +212,22 @@ pub async fn negotiate(
         )
             .into_response();
     }
-    let version = match query.negotiate_version.as_deref() {
-        None | Some("0") => 0,
-        Some(v) if v.parse::<u32>().is_ok_and(|v| v >= 1) => 1,
-        Some(_) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                "400 Bad Request: negotiateVersion must be a number\n",
-            )
-                .into_response();
-        }
-    };
-    let id = relay.hub.new_id();
-    let connection_id = id.hyphenated().to_string();
-    let token = match version {
-        0 => connection_id.clone(),
-        _ => Uuid::new_v4().simple().to_string(),
-    };
-    if !relay.signalr.insert(token.clone(), id) {
+    if query
+        .negotiate_version
+        .is_some_and(|v| v.parse::<u32>().is_err())
+    {
         return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "503 Service Unavailable: too many negotiations waiting for their connection\n",
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: negotiateVersion must be a number\n",
         )
             .into_response();
     }
-    let transports = r#"[{"transport":"WebSockets","transferFormats":["Text"]}]"#;
-    let body = match version {
-        0 => format!(
-            r#"{{"negotiateVersion":0,"connectionId":"{connection_id}","availableTransports":{transports}}}"#
-        ),
-        _ => format!(
-            r#"{{"negotiateVersion":1,"connectionId":"{connection_id}","connectionToken":"{token}","availableTransports":{transports}}}"#
-        ),
-    };
+    let id = relay.hub.new_id();
+    let token = relay.signalr.issue(id);
+    let body = format!(
+        r#"{{"negotiateVersion":1,"connectionId":"{}","connectionToken":"{token}","availableTransports":[{{"transport":"WebSockets","transferFormats":["Text"]}}]}}"#,
+        id.hyphenated()
+    );
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
@@ -252,11 +268,18 @@ mod tests {
     }
 
     #[test]
-    fn a_token_opens_one_connection() {
+    fn a_token_opens_its_own_id_and_nothing_else() {
         let negotiations = Negotiations::new();
         let id = Uuid::new_v4();
-        assert!(negotiations.insert("t".into(), id));
-        assert_eq!(negotiations.take("t"), Some(id));
-        assert_eq!(negotiations.take("t"), None);
+        let token = negotiations.issue(id);
+        assert_eq!(negotiations.open(&token), Some(id));
+        // Another node's (another key's) token, a changed one, garbage: nothing.
+        assert_eq!(Negotiations::new().open(&token), None);
+        let mut forged = token.clone().into_bytes();
+        forged[0] = if forged[0] == b'0' { b'1' } else { b'0' };
+        assert_eq!(negotiations.open(&String::from_utf8_lossy(&forged)), None);
+        for bad in ["", "t", &token[..token.len() - 2], &format!("{token}00")] {
+            assert_eq!(negotiations.open(bad), None, "{bad:?}");
+        }
     }
 }

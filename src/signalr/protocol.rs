@@ -19,6 +19,8 @@ pub enum Error {
     Protocol(String),
     #[error("protocol 'json' version {0} is not supported (this server supports version 1)")]
     Version(u64),
+    #[error("this connection id is connected already; negotiate again")]
+    IdInUse,
     #[error("message is not a JSON object with a numeric 'type'")]
     Message,
     #[error("message is over {0} bytes")]
