@@ -5,6 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use tokio::time::timeout;
+
 use common::{
     Conn, Server, api_post, http, scrape, upgrade_refused, upgrade_request, wait_metric,
     wait_metrics,
@@ -441,4 +443,98 @@ async fn a_flood_of_unknown_invocations_is_cut_off_and_others_are_served() {
         (31.0..=32.0).contains(&errors),
         "{errors} unknown_method errors counted"
     );
+}
+
+/// The next completion, skipping invocations and pings.
+async fn completion(conn: &mut Conn) -> Value {
+    loop {
+        let message = recv_message(conn).await;
+        if message["type"] == 3 {
+            return message;
+        }
+    }
+}
+
+/// Under overload (the runtime lagging behind a crowd of senders nobody vouched for),
+/// SignalR clients' frames wait for the overload limiter as jssocket clients' messages do:
+/// the waits are counted, a bystander's publish still arrives, and nothing a flooder sent is
+/// lost, only delayed. Only SignalR connections flood here, so every throttled message is
+/// theirs. (Lag threshold 2 ms, as in tests/hardening.rs, so a flood small enough for a
+/// shared test machine engages it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signalr_floods_wait_for_the_overload_limiter() {
+    const FLOODERS: usize = 40;
+    const ROUNDS: usize = 10;
+    const BATCH: usize = 40;
+    let server = Server::with_args(&["--overload-lag", "2"]).await;
+    let addr = server.addr;
+    let mut bystander = handshaken(&server, "bystander").await;
+    let mut flooders = Vec::new();
+    for i in 0..FLOODERS {
+        flooders.push(handshaken(&server, &format!("flooder {i}")).await);
+    }
+    // Fire-and-forget invocations (no reply, not bad input), each round closed by one that
+    // waits for its (error) completion: it arrives, so nothing before it was dropped.
+    let pad = "x".repeat(4096);
+    let floods: Vec<_> = flooders
+        .into_iter()
+        .map(|mut flooder| {
+            let pad = pad.clone();
+            tokio::spawn(async move {
+                for round in 0..ROUNDS {
+                    for _ in 0..BATCH {
+                        flooder
+                            .send_text(&format!(
+                                "{{\"type\":1,\"target\":\"x\",\"arguments\":[\"{pad}\"]}}{RS}"
+                            ))
+                            .await;
+                    }
+                    flooder
+                        .send_text(&format!(
+                            "{{\"type\":1,\"target\":\"x\",\"invocationId\":\"{round}\",\"arguments\":[]}}{RS}"
+                        ))
+                        .await;
+                    // (The bystander's publishes reach every SignalR connection: skipped.)
+                    let completion = completion(&mut flooder).await;
+                    assert_eq!(completion["invocationId"], round.to_string(), "{completion}");
+                }
+                flooder
+            })
+        })
+        .collect();
+    let mut engaged = false;
+    for n in 0..10 {
+        let body = format!(r#"{{"name":"watch","data":{n}}}"#);
+        let answer = api_post(addr, "publish", &body).await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let invocation = recv_message(&mut bystander).await;
+        assert_eq!(invocation["arguments"][0], n.to_string(), "{invocation}");
+        engaged |= scrape(addr).await.get("jssocket_overloaded", &[]) == Some(1.0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let flooders = timeout(Duration::from_secs(90), async {
+        let mut done = Vec::new();
+        for flood in floods {
+            done.push(flood.await.expect("flooder"));
+        }
+        done
+    })
+    .await
+    .expect("every flooder's invocations were handled in time");
+    let throttled = scrape(addr)
+        .await
+        .get("jssocket_overload_throttled_messages_total", &[]);
+    assert!(
+        throttled.is_some_and(|n| n > 0.0),
+        "no SignalR frame waited for the limiter (engaged: {engaged}, throttled: {throttled:?})"
+    );
+    // Everyone is still served.
+    for mut flooder in flooders {
+        flooder
+            .send_text(&format!(
+                "{{\"type\":1,\"target\":\"x\",\"invocationId\":\"after\",\"arguments\":[]}}{RS}"
+            ))
+            .await;
+        assert_eq!(completion(&mut flooder).await["invocationId"], "after");
+    }
 }

@@ -342,8 +342,15 @@ async fn read_loop(
         // Under overload, an unacknowledged client's next frame waits its turn before it is
         // even read, as a jssocket client's (`crate::connection`); the wait is not silence.
         if held_back(session) {
-            wait_for_permit(session).await;
-            hear();
+            let permit = wait_for_permit(session);
+            tokio::pin!(permit);
+            loop {
+                hear();
+                tokio::select! {
+                    () = &mut permit => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
         }
         let next = next_text(stream, &shared, &peer).await;
         // Any frame, control frames included, says the client is alive.
