@@ -538,3 +538,44 @@ async fn signalr_floods_wait_for_the_overload_limiter() {
         assert_eq!(completion(&mut flooder).await["invocationId"], "after");
     }
 }
+
+/// With a bad-input limit too high to stop it, a client invoking methods with big
+/// invocation ids and never reading the completions is closed for not reading them (1008
+/// "not reading replies") once they pile up in its queue, as a jssocket client not reading
+/// its error replies is: the completions it provokes cannot grow the server's memory.
+#[tokio::test]
+async fn a_client_not_reading_its_completions_is_closed() {
+    let server = Server::with_args(&["--bad-input-limit", "1000000"]).await;
+    let addr = server.addr;
+    let mut attacker = handshaken(&server, "not-reading").await;
+    let id = "i".repeat(4096);
+    let frame: String = (0..10)
+        .map(|_| {
+            format!(
+                "{{\"type\":1,\"target\":\"m\",\"invocationId\":\"{id}\",\"arguments\":[]}}{RS}"
+            )
+        })
+        .collect();
+    // Up to 40 MB of completions asked for, far beyond what the kernel's buffers hold.
+    for _ in 0..1000 {
+        if !attacker.try_send_text(&frame).await {
+            break;
+        }
+    }
+    let close = loop {
+        match attacker.next_event(common::RECV_TIMEOUT).await {
+            Some(common::Event::Text(_)) => {}
+            Some(common::Event::Close(Some(close))) => break close,
+            other => panic!("expected the completions then a close, got {other:?}"),
+        }
+    };
+    assert_eq!(close, (1008, "not reading replies".to_string()));
+    wait_metrics(
+        addr,
+        &[
+            ("jssocket_memory_outbound_bytes", &[], 0.0),
+            ("jssocket_signalr_connections", &[], 0.0),
+        ],
+    )
+    .await;
+}
