@@ -19,7 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Bytes, Error as WsError, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, info};
 
@@ -253,7 +253,7 @@ async fn peer_gone(tcp: &tokio::net::TcpStream) {
 
 /// Waits for the overload limiter's permit, or until the connection no longer needs one (a
 /// backend acknowledged it meanwhile, or the limiter let go).
-async fn wait_for_permit(session: &Session) {
+pub(crate) async fn wait_for_permit(session: &Session) {
     let admit = session.shared.overload.admit();
     tokio::pin!(admit);
     loop {
@@ -270,7 +270,7 @@ async fn wait_for_permit(session: &Session) {
 
 /// Whether this connection's messages wait for the overload limiter now: only while it is
 /// engaged, and only for connections nobody vouched for (not an admin, not acknowledged).
-fn held_back(session: &Session) -> bool {
+pub(crate) fn held_back(session: &Session) -> bool {
     session.shared.overload.engaged() && !session.admin && !session.peer.is_acknowledged()
 }
 
@@ -433,7 +433,7 @@ async fn write_loop(
     let stuck = shared.config.ping_interval + shared.config.ping_timeout;
     loop {
         if !peer.outbox.is_empty() {
-            match timeout(stuck, write_batch(sink, peer)).await {
+            match timeout(stuck, write_batch(sink, peer, |_| {})).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return End::Gone,
                 Err(_) => {
@@ -465,15 +465,21 @@ async fn write_loop(
     }
 }
 
-/// Writes up to a batch of queued frames, then flushes once. The frames stay counted (queue
+/// Writes up to a batch of queued frames, then flushes once; `written` sees each frame (a
+/// SignalR connection counts its hub messages by kind). The frames stay counted (queue
 /// bytes and memory budget) until the flush is done: until then tungstenite's write buffer
 /// holds them, for as long as the socket is stalled.
-pub(crate) async fn write_batch(sink: &mut Sink, peer: &Peer) -> Result<(), WsError> {
+pub(crate) async fn write_batch(
+    sink: &mut Sink,
+    peer: &Peer,
+    mut written: impl FnMut(&Utf8Bytes),
+) -> Result<(), WsError> {
     // Bounded, so a busy connection still answers pings between batches. The frames stay
     // counted until the batch is dropped, after the flush.
     let batch = peer.outbox.take_batch(WRITE_BATCH);
     for frame in batch.frames() {
         sink.feed(Message::Text(frame.clone())).await?;
+        written(frame);
     }
     sink.flush().await
 }

@@ -108,6 +108,36 @@ named! {
         Unauthorized = "unauthorized",
         RateLimited = "rate_limited",
         InvalidToken = "invalid_token",
+        UnknownMethod = "unknown_method",
+    }
+}
+
+named! {
+    /// SignalR hub messages (HubProtocol.md's `type`s) received from and sent to SignalR
+    /// connections, for `signalr_messages_received_total{type}` and
+    /// `signalr_messages_sent_total{type}`. jssocket's own counters (`messages_sent_total`
+    /// and the rest) count SignalR recipients too, under the jssocket kind they were sent as.
+    pub enum HubKind {
+        Invocation = "invocation",
+        Completion = "completion",
+        Ping = "ping",
+        Close = "close",
+        /// Any other type (stream items, cancellations, acks...), ignored by the relay.
+        Other = "other",
+    }
+}
+
+impl HubKind {
+    /// The kind of a message the relay wrote (`{"type":N,...}`): every one it writes starts
+    /// with its type, so its first bytes say which.
+    pub fn of_sent(frame: &str) -> HubKind {
+        match frame.as_bytes().get(..9) {
+            Some(b"{\"type\":1") => HubKind::Invocation,
+            Some(b"{\"type\":3") => HubKind::Completion,
+            Some(b"{\"type\":6") => HubKind::Ping,
+            Some(b"{\"type\":7") => HubKind::Close,
+            _ => HubKind::Other,
+        }
     }
 }
 
@@ -130,5 +160,16 @@ mod tests {
             assert_eq!(frame.index(), i);
         }
         assert_eq!(Event::from_name("nope"), None);
+        assert_eq!(
+            HubKind::of_sent("{\"type\":1,\"target\":\"x\"}"),
+            HubKind::Invocation
+        );
+        assert_eq!(
+            HubKind::of_sent("{\"type\":3,\"invocationId\":\"1\"}"),
+            HubKind::Completion
+        );
+        assert_eq!(HubKind::of_sent("{\"type\":6}\u{1e}"), HubKind::Ping);
+        assert_eq!(HubKind::of_sent("{\"type\":7}\u{1e}"), HubKind::Close);
+        assert_eq!(HubKind::of_sent("{}"), HubKind::Other);
     }
 }

@@ -20,7 +20,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::hub::HubStats;
-use crate::kinds::{Code, Event, Frame};
+use crate::kinds::{Code, Event, Frame, HubKind};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {
@@ -58,6 +58,11 @@ pub struct Metrics {
     pub auth: AuthMetrics,
     /// Open WebSocket connections.
     pub connections: Gauge,
+    /// Of them, SignalR connections past their handshake.
+    pub signalr_connections: Gauge,
+    /// By [`HubKind::index`]: hub messages SignalR clients sent, and those written to them.
+    signalr_received: Vec<Counter>,
+    signalr_sent: Vec<Counter>,
     /// Open TCP connections of every kind (plain HTTP included), for `--max-tcp-connections`.
     pub tcp_connections: Gauge,
     /// Connections that proved the admin password.
@@ -184,6 +189,31 @@ impl Metrics {
             "Open WebSocket connections",
             connections.clone(),
         );
+        let signalr_connections = Gauge::default();
+        registry.register(
+            "signalr_connections",
+            "Open SignalR connections (past their handshake), counted in connections too",
+            signalr_connections.clone(),
+        );
+        let signalr_received_family = Family::<TypeLabel, Counter>::default();
+        let signalr_sent_family = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "signalr_messages_received",
+            "SignalR hub messages received, by type",
+            signalr_received_family.clone(),
+        );
+        registry.register(
+            "signalr_messages_sent",
+            "SignalR hub messages written to SignalR connections, by type",
+            signalr_sent_family.clone(),
+        );
+        let hub_kinds = || HubKind::ALL.iter().map(|k| k.name());
+        let signalr_received = labelled(&signalr_received_family, hub_kinds(), |t| TypeLabel {
+            r#type: t,
+        });
+        let signalr_sent = labelled(&signalr_sent_family, hub_kinds(), |t| TypeLabel {
+            r#type: t,
+        });
         let tcp_connections = Gauge::default();
         registry.register(
             "tcp_connections",
@@ -304,6 +334,9 @@ impl Metrics {
             auth_failures,
             auth,
             connections,
+            signalr_connections,
+            signalr_received,
+            signalr_sent,
             tcp_connections,
             admins,
             fanout_seconds,
@@ -352,6 +385,21 @@ impl Metrics {
             counter.inc_by(n as u64);
         }
         self.bytes_sent.inc_by((n * bytes) as u64);
+    }
+
+    /// Counts a hub message of `bytes` received from a SignalR client.
+    pub fn signalr_received(&self, kind: HubKind, bytes: usize) {
+        if let Some(counter) = self.signalr_received.get(kind.index()) {
+            counter.inc();
+        }
+        self.bytes_received.inc_by(bytes as u64);
+    }
+
+    /// Counts a hub message written to a SignalR connection.
+    pub fn signalr_sent(&self, kind: HubKind) {
+        if let Some(counter) = self.signalr_sent.get(kind.index()) {
+            counter.inc();
+        }
     }
 
     pub fn error(&self, code: Code) {

@@ -50,6 +50,10 @@ pub enum ProtocolError {
     Unauthorized,
     #[error("{0}")]
     RateLimited(&'static str),
+    /// A SignalR client invoked a hub method (the relay offers none): answered with a
+    /// completion error, and counted as bad input like a jssocket client's unknown event.
+    #[error("Unknown hub method '{0}': this relay offers no hub methods")]
+    UnknownMethod(String),
     /// Refused because something shared is full (the cluster's client lane, filled by many
     /// senders), not because of what this sender did: sent as `rate_limited`, never counted
     /// against the sender (see [`ProtocolError::is_load`]).
@@ -106,6 +110,7 @@ impl ProtocolError {
             ProtocolError::Unauthorized => Code::Unauthorized,
             ProtocolError::RateLimited(_) | ProtocolError::ClusterBusy(_) => Code::RateLimited,
             ProtocolError::InvalidToken(_) => Code::InvalidToken,
+            ProtocolError::UnknownMethod(_) => Code::UnknownMethod,
         }
     }
 

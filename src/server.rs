@@ -219,7 +219,10 @@ fn router(shared: Arc<Relay>) -> Routers {
         .route("/api/{event}", post(api::handle))
         .merge(console::router());
     if let Some(path) = &shared.config.signalr_path {
-        http = http.route(&format!("{path}/negotiate"), post(signalr::negotiate));
+        http = http.route(
+            &format!("{path}/negotiate"),
+            post(signalr::negotiate).options(signalr::preflight),
+        );
     }
     let http = http.fallback(upgrade).with_state(Arc::clone(&shared));
     let websocket = Router::new().fallback(upgrade).with_state(shared);
@@ -431,6 +434,9 @@ async fn upgrade(
             Ok(identity) => Some(identity),
             Err(e) => {
                 debug!(%addr, reason = %e, "upgrade refused: invalid token");
+                // Counted like a jssocket client's bad token in `client_connect`, so a run of
+                // refused upgrades (expired tokens, a wrong key) shows on /metrics.
+                shared.metrics.error(crate::kinds::Code::InvalidToken);
                 return (
                     StatusCode::UNAUTHORIZED,
                     [(header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\"")],
@@ -628,7 +634,7 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 /// Browsers always send `Origin`; backends (Jaseci's socket client, tungstenite, Python
 /// `websockets`) send none, and a non-browser peer could send any, so a request without
 /// `Origin` is let through rather than locking backends out.
-fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     if allowed.is_empty() {
         return true;
     }

@@ -213,11 +213,21 @@ impl Session {
         // `?`: Debug formatting escapes control characters, so nothing a peer sends can
         // forge a log line or a terminal escape.
         debug!(code = %error.code(), event = ?event, reason = ?error.to_string(), "rejected");
+        self.reject_with(error, || error.to_frame(event))
+    }
+
+    /// [`Session::reject`] with the reply `frame` makes (a SignalR connection answers with a
+    /// completion error, not an error event): the same counting, limits and closes.
+    pub(crate) fn reject_with(
+        &mut self,
+        error: &ProtocolError,
+        frame: impl FnOnce() -> Utf8Bytes,
+    ) -> Flow {
         self.shared.metrics.error(error.code());
         if !self.admin && self.peer.outbox.unread_errors() > UNREAD_REPLIES {
             return Flow::Close(Close::NOT_READING);
         }
-        let frame = error.to_frame(event);
+        let frame = frame();
         self.shared.metrics.sent(Frame::Error, 1, frame.len());
         self.peer.send_error(frame);
         // Load that others caused (a full cluster lane) is not this peer's bad input.

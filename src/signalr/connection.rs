@@ -19,9 +19,14 @@ use tracing::{Instrument, debug, debug_span, info};
 use super::protocol::{self, Error, Message as HubMessage, Records};
 use super::{HANDSHAKE_OK, PING};
 use crate::backplane::Topic;
-use crate::connection::{End, Sink, Socket, Stream, finish, flush, read_error, write_batch};
+use crate::connection::{
+    End, Sink, Socket, Stream, finish, flush, held_back, read_error, wait_for_permit, write_batch,
+};
+use crate::kinds::HubKind;
 use crate::peer::{Close, Peer};
+use crate::protocol::ProtocolError;
 use crate::relay::Relay;
+use crate::session::{Flow, Session};
 
 /// The handshake was refused (its reason went in the handshake response).
 const HANDSHAKE_REFUSED: Close = Close {
@@ -121,8 +126,14 @@ async fn run(
         Ok(_) if !shared.hub.register_client(&peer) => refused(&Error::IdInUse),
         Ok(early) => {
             let mut topics = vec![Topic::SignalR];
+            // A connection authenticated by a token lasts as long as the token (SPEC §11,
+            // as `Session::remember_token` for jssocket connections).
+            let expires = identity
+                .as_ref()
+                .and_then(|identity| identity.expires_in())
+                .map(|left| Instant::now() + left);
             // A valid token acknowledges it at once: its user's group, roles and groups
-            // for publish filters (SPEC §11). (WIP: token expiry is not enforced here yet.)
+            // for publish filters (SPEC §11).
             if let Some(identity) = identity {
                 topics.push(Topic::Group(Arc::clone(&identity.user)));
                 let ack = crate::hub::Acknowledgement {
@@ -142,7 +153,14 @@ async fn run(
             if !matches!(answered, Ok(Ok(()))) {
                 Stop::gone()
             } else {
-                connected(&mut sink, &mut stream, &mut records, &shared, &peer, early).await
+                // Its limits on what it sends (bad input, error replies it does not read, the
+                // overload limiter) are a jssocket client's, kept by the same `Session`.
+                let mut session = Session::new(Arc::clone(&peer), Arc::clone(&shared), addr);
+                shared.metrics.signalr_connections.inc();
+                let io = (&mut sink, &mut stream, &mut records);
+                let stop = connected(io, &mut session, early, expires).await;
+                shared.metrics.signalr_connections.dec();
+                stop
             }
         }
     };
@@ -158,11 +176,14 @@ async fn run(
         drop(unsent);
     }
     if let Some(farewell) = stop.farewell {
-        let _ = timeout(
+        let said = timeout(
             FAREWELL_GRACE,
             sink.send(Message::Text(Utf8Bytes::from(farewell))),
         )
         .await;
+        if matches!(said, Ok(Ok(()))) {
+            shared.metrics.signalr_sent(HubKind::Close);
+        }
     }
     match stop.end {
         End::Close { close, .. } if close == Close::SLOW_CONSUMER => {
@@ -268,20 +289,22 @@ impl Stop {
     }
 }
 
-/// After the handshake: reads and writes until something stops the connection.
+/// After the handshake: reads and writes until something stops the connection, or until
+/// `expires` (the token's end): then the client is told `token expired` without leave to
+/// reconnect (the same token would be refused) and closed with [`Close::TOKEN_EXPIRED`].
 async fn connected(
-    sink: &mut Sink,
-    stream: &mut Stream,
-    records: &mut Records,
-    shared: &Relay,
-    peer: &Peer,
+    (sink, stream, records): (&mut Sink, &mut Stream, &mut Records),
+    session: &mut Session,
     early: Vec<String>,
+    expires: Option<Instant>,
 ) -> Stop {
+    let shared = Arc::clone(&session.shared);
+    let peer = Arc::clone(&session.peer);
     let start = Instant::now();
     // Milliseconds from `start` to the last message heard from the client.
     let heard = AtomicU64::new(0);
     for record in &early {
-        if let Err(stop) = handle(record, peer) {
+        if let Err(stop) = handle(record, session) {
             return stop;
         }
     }
@@ -297,30 +320,57 @@ async fn connected(
             farewell: (close != Close::SLOW_CONSUMER)
                 .then(|| protocol::close_message(Some(close.reason), false)),
         },
-        stop = read_loop(stream, records, shared, peer, start, &heard) => stop,
-        stop = write_loop(sink, shared, peer, start, &heard) => stop,
+        () = expiry(expires) => Stop {
+            end: End::Close { close: Close::TOKEN_EXPIRED, flush: true },
+            farewell: Some(protocol::close_message(Some(Close::TOKEN_EXPIRED.reason), false)),
+        },
+        stop = read_loop(stream, records, session, start, &heard) => stop,
+        stop = write_loop(sink, &shared, &peer, start, &heard) => stop,
+    }
+}
+
+/// Resolves at `deadline`; never without one.
+async fn expiry(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
 async fn read_loop(
     stream: &mut Stream,
     records: &mut Records,
-    shared: &Relay,
-    peer: &Peer,
+    session: &mut Session,
     start: Instant,
     heard: &AtomicU64,
 ) -> Stop {
+    let shared = Arc::clone(&session.shared);
+    let peer = Arc::clone(&session.peer);
     let max = shared.config.max_message_size;
+    let hear = || heard.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     loop {
-        let next = next_text(stream, shared, peer).await;
+        // Under overload, an unacknowledged client's next frame waits its turn before it is
+        // even read, as a jssocket client's (`crate::connection`); the wait is not silence.
+        if held_back(session) {
+            let permit = wait_for_permit(session);
+            tokio::pin!(permit);
+            loop {
+                hear();
+                tokio::select! {
+                    () = &mut permit => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+        let next = next_text(stream, &shared, &peer).await;
         // Any frame, control frames included, says the client is alive.
-        heard.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        hear();
         let text = match next {
             Err(stop) => return stop,
             Ok(None) => continue,
             Ok(Some(text)) => text,
         };
-        match records.feed(&text, max, |record| handle(record, peer)) {
+        match records.feed(&text, max, |record| handle(record, session)) {
             Ok(()) => {}
             Err(Ok(stop)) => return stop,
             Err(Err(error)) => return Stop::bad(&error),
@@ -329,19 +379,41 @@ async fn read_loop(
 }
 
 /// Applies one hub message from the client.
-fn handle(record: &str, peer: &Peer) -> Result<(), Stop> {
-    match HubMessage::parse(record) {
+fn handle(record: &str, session: &mut Session) -> Result<(), Stop> {
+    let message = HubMessage::parse(record);
+    let metrics = &session.shared.metrics;
+    let kind = match &message {
+        Ok(HubMessage::Invocation { .. }) => HubKind::Invocation,
+        Ok(HubMessage::Ping) => HubKind::Ping,
+        Ok(HubMessage::Close) => HubKind::Close,
+        Ok(HubMessage::Other) | Err(_) => HubKind::Other,
+    };
+    metrics.signalr_received(kind, record.len());
+    match message {
         Err(error) => Err(Stop::bad(&error)),
         // The relay offers no hub methods: a caller waiting for a result is told so, as an
-        // ASP.NET hub answers an unknown method.
+        // ASP.NET hub answers an unknown method. Each such answer is bad input under
+        // `--bad-input-limit`, and a client that does not read them is closed
+        // (`Session::reject_with`): a flood of invocations costs what a jssocket client's
+        // flood of bad events costs, no more.
         Ok(HubMessage::Invocation {
             target,
             invocation_id: Some(id),
         }) => {
-            let target: String = target.chars().take(128).collect();
-            let error = format!("Unknown hub method '{target}': this relay offers no hub methods");
-            peer.send_error(Utf8Bytes::from(protocol::completion_error(&id, &error)));
-            Ok(())
+            let error = ProtocolError::UnknownMethod(target.chars().take(128).collect());
+            let reply = || Utf8Bytes::from(protocol::completion_error(&id, &error.to_string()));
+            match session.reject_with(&error, reply) {
+                Flow::Continue => Ok(()),
+                Flow::Close(close) => Err(Stop {
+                    // One closed for not reading its replies would not read these either.
+                    end: End::Close {
+                        close,
+                        flush: close != Close::NOT_READING,
+                    },
+                    farewell: (close != Close::NOT_READING)
+                        .then(|| protocol::close_message(Some(close.reason), false)),
+                }),
+            }
         }
         Ok(HubMessage::Close) => Err(Stop {
             end: End::Close {
@@ -378,7 +450,8 @@ async fn write_loop(
     };
     loop {
         if !peer.outbox.is_empty() {
-            match timeout(client_timeout, write_batch(sink, peer)).await {
+            let written = |frame: &Utf8Bytes| shared.metrics.signalr_sent(HubKind::of_sent(frame));
+            match timeout(client_timeout, write_batch(sink, peer, written)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Stop::gone(),
                 Err(_) => return timed_out(),
@@ -396,6 +469,7 @@ async fn write_loop(
                 if !matches!(sent, Ok(Ok(()))) {
                     return Stop::gone();
                 }
+                shared.metrics.signalr_sent(HubKind::Ping);
             }
             () = sleep_until(silent_until()) => {
                 if Instant::now() >= silent_until() {

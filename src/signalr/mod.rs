@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -192,20 +192,100 @@ pub struct NegotiateQuery {
     negotiate_version: Option<String>,
 }
 
+/// The request headers the SignalR JS client sends on negotiate (its `fetch` with
+/// `withCredentials`, an access token, its user agent), allowed in a preflight.
+const CORS_HEADERS: &str = "authorization, x-requested-with, x-signalr-user-agent, content-type";
+
+/// How long a browser may reuse a preflight's answer (seconds).
+const CORS_MAX_AGE: &str = "600";
+
+/// A page on another origin negotiating from a browser: the origin policy is the upgrade's
+/// (`--allowed-origins`, see `server::origin_allowed`), so a page allowed to open the
+/// WebSocket may negotiate it, and one that is not gets 403 here as it would there. A
+/// request without `Origin` (not from a browser page) needs no CORS headers. Allowed, the
+/// origin is echoed (never `*`: the client sends credentials) with
+/// `Access-Control-Allow-Credentials`.
+fn cors(relay: &Relay, headers: &HeaderMap) -> Result<Option<HeaderValue>, OriginRefused> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(None);
+    };
+    if !crate::server::origin_allowed(&relay.config.allowed_origins, headers) {
+        return Err(OriginRefused);
+    }
+    Ok(Some(origin.clone()))
+}
+
+/// A negotiation from an origin `--allowed-origins` does not list: 403, as its upgrade.
+struct OriginRefused;
+
+impl IntoResponse for OriginRefused {
+    fn into_response(self) -> Response {
+        (StatusCode::FORBIDDEN, "403 Forbidden: Origin not allowed\n").into_response()
+    }
+}
+
+/// Adds the CORS answer for `origin` (see [`cors`]) to `response`.
+fn allow_origin(mut response: Response, origin: Option<HeaderValue>) -> Response {
+    if let Some(origin) = origin {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    response
+}
+
+/// `OPTIONS <path>/negotiate`: the CORS preflight a browser sends before negotiating from
+/// another origin (the client's `POST` carries `authorization` and `x-signalr-user-agent`).
+pub async fn preflight(State(relay): State<Arc<Relay>>, headers: HeaderMap) -> Response {
+    let origin = match cors(&relay, &headers) {
+        Ok(origin) => origin,
+        Err(refused) => return refused.into_response(),
+    };
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let answer = response.headers_mut();
+    answer.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST"),
+    );
+    answer.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(CORS_HEADERS),
+    );
+    answer.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static(CORS_MAX_AGE),
+    );
+    allow_origin(response, origin)
+}
+
 /// `POST <path>/negotiate[?negotiateVersion=1]`: a connection id (the connection's `target`,
 /// made now with this node's tag), a token to open the WebSocket with, and WebSockets/Text as
 /// the only transport. The answer is version 1 whatever is asked: a version 0 client (whose
-/// WebSocket would carry the id itself, ASP.NET Core 2.x) is not served.
+/// WebSocket would carry the id itself, ASP.NET Core 2.x) is not served. Every answer
+/// carries the CORS headers a browser on an allowed origin needs to read it.
 pub async fn negotiate(
     State(relay): State<Arc<Relay>>,
     Query(query): Query<NegotiateQuery>,
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Response {
+    let origin = match cors(&relay, &headers) {
+        Ok(origin) => origin,
+        Err(refused) => return refused.into_response(),
+    };
+    allow_origin(answer(&relay, query, &headers, &uri), origin)
+}
+
+fn answer(relay: &Relay, query: NegotiateQuery, headers: &HeaderMap, uri: &Uri) -> Response {
     if relay.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "503: shutting down\n").into_response();
     }
-    if let Err(Refusal(reason)) = authenticate(&relay, &uri, &headers) {
+    if let Err(Refusal(reason)) = authenticate(relay, uri, headers) {
+        relay.metrics.error(crate::kinds::Code::InvalidToken);
         return (
             StatusCode::UNAUTHORIZED,
             format!("401 Unauthorized: {reason}\n"),

@@ -63,9 +63,13 @@ pub fn close_message(error: Option<&str>, allow_reconnect: bool) -> String {
         out.push_str(",\"error\":");
         push_json_string(&mut out, error);
     }
-    if allow_reconnect {
-        out.push_str(",\"allowReconnect\":true");
-    }
+    // Written out either way (the protocol's default is false): a client, or someone reading
+    // a capture, sees whether reconnecting with the same credentials makes sense.
+    out.push_str(if allow_reconnect {
+        ",\"allowReconnect\":true"
+    } else {
+        ",\"allowReconnect\":false"
+    });
     out.push('}');
     out.push(RS);
     out

@@ -28,7 +28,7 @@ pub enum Event {
 }
 
 /// The upgrade request for `url`, with header `auth: <password>` when given.
-fn upgrade_request(
+pub fn upgrade_request(
     url: &str,
     password: Option<&str>,
 ) -> tokio_tungstenite::tungstenite::handshake::client::Request {
@@ -160,6 +160,15 @@ impl Conn {
             .await
             .unwrap_or_else(|_| panic!("{name}: send timed out"))
             .unwrap_or_else(|e| panic!("{name}: send failed: {e}"));
+    }
+
+    /// Sends `text` unless the connection is gone or the send stalls for [`RECV_TIMEOUT`]:
+    /// `false` then. For floods that the server is expected to cut off midway.
+    pub async fn try_send_text(&mut self, text: &str) -> bool {
+        matches!(
+            timeout(RECV_TIMEOUT, self.ws.send(Message::text(text))).await,
+            Ok(Ok(()))
+        )
     }
 
     /// Sends `{"type": kind, "data": data}`.

@@ -19,9 +19,9 @@ const PASSWORD = '12345678';
 const WAIT = 10_000;
 const RS = '\x1e';
 
-/** Starts the binary on a free loopback port (see ../support/server.mjs). */
-function startServer(extraArgs = []) {
-  return startBinary(BIN, extraArgs, WAIT);
+/** Starts the binary on `port` (0: a free one) of the loopback (see ../support/server.mjs). */
+function startServer(extraArgs = [], port = 0) {
+  return startBinary(BIN, extraArgs, WAIT, port);
 }
 
 /** POST /api/<event> as the admin; returns the parsed answer. */
@@ -235,6 +235,73 @@ test('shutdown sends a close message allowing reconnection', async () => {
   assert.equal(code, 1001);
 });
 
+test('withAutomaticReconnect reconnects after the server restarts on the same port', async () => {
+  let own = await startServer();
+  const { port } = own;
+  const conn = new signalR.HubConnectionBuilder()
+    .withUrl(`${own.base}/sockets`)
+    .withAutomaticReconnect([0, 100, 200, 300, 500, 500, 500, 500, 500, 500, 1000, 1000, 1000])
+    .configureLogging(signalR.LogLevel.None)
+    .build();
+  let closedForGood = false;
+  conn.onclose(() => { closedForGood = true; });
+  const reconnecting = new Promise((resolve) => conn.onreconnecting(resolve));
+  const reconnected = new Promise((resolve) => conn.onreconnected(resolve));
+  try {
+    await conn.start();
+    const before = conn.connectionId;
+    // SIGTERM: the server says `allowReconnect` and closes with 1001.
+    await own.stop();
+    await reconnecting;
+    own = await startServer([], port);
+    const id = await Promise.race([
+      reconnected,
+      sleep(WAIT).then(() => { throw new Error(`no onreconnected within ${WAIT} ms`); }),
+    ]);
+    assert.equal(closedForGood, false, 'the client gave up instead of reconnecting');
+    assert.equal(conn.state, signalR.HubConnectionState.Connected);
+    assert.notEqual(id, before, 'a new server hands out a new connection id');
+    const got = next(conn, 'after.restart');
+    const answer = await api(own, 'publish', { name: 'after.restart', data: { back: true } });
+    assert.equal(answer.delivered, 1);
+    assert.deepEqual(JSON.parse((await got)[0]), { back: true });
+  } finally {
+    await conn.stop();
+    await own.stop();
+  }
+});
+
+test('one /api/publish reaches a jssocket subscriber and a SignalR connection', async () => {
+  const conn = connection(server);
+  await conn.start();
+  const js = new WebSocket(`${server.ws}/ws`);
+  const frames = [];
+  const arrived = () => frames.map((f) => JSON.parse(f));
+  js.on('message', (data) => frames.push(data.toString()));
+  try {
+    await new Promise((resolve, reject) => {
+      js.on('open', resolve);
+      js.on('error', reject);
+    });
+    // Registered (its connect waits for a server meanwhile), then subscribed.
+    js.send(JSON.stringify({ type: 'client_connect', data: {} }));
+    js.send(JSON.stringify({ type: 'subscribe', data: { name: 'both.wires' } }));
+    await until(() => arrived().some((f) => f.type === 'subscribed'), 'subscribed');
+    const got = next(conn, 'both.wires');
+    const answer = await api(server, 'publish', { name: 'both.wires', data: { n: 42 } });
+    assert.equal(answer.delivered, 2, JSON.stringify(answer));
+    assert.deepEqual(JSON.parse((await got)[0]), { n: 42 });
+    await until(() => arrived().some((f) => f.type === 'publish'), 'the jssocket publish');
+    assert.deepEqual(
+      arrived().find((f) => f.type === 'publish'),
+      { type: 'publish', data: { name: 'both.wires', data: { n: 42 } } },
+    );
+  } finally {
+    js.close();
+    await conn.stop();
+  }
+});
+
 // ---------------------------------------------------------------- tokens (SPEC §11)
 
 const JWT_SECRET = 'signalr-test-secret';
@@ -277,6 +344,44 @@ test('a valid token acknowledges the connection: role-filtered publishes reach i
       const refused = connection(secured, { accessTokenFactory: () => bad });
       await assert.rejects(refused.start(), /401|Unauthorized/);
     }
+  } finally {
+    await secured.stop();
+  }
+});
+
+test('a SignalR connection closes when its token expires: type 7 without reconnect, then 1008', async () => {
+  const secured = await startServer(['--jwt-secret', JWT_SECRET]);
+  try {
+    // Valid for about two more seconds: `exp` is 28 s ago, within the 30 s leeway.
+    const short = await jwt({ sub: 'alice', exp: Math.floor(Date.now() / 1000) - 28 });
+    const started = Date.now();
+    const { socket, messages, closed } = await raw(secured, `?access_token=${short}`);
+    socket.send(`{"protocol":"json","version":1}${RS}`);
+    const { code, reason } = await Promise.race([
+      closed,
+      sleep(WAIT).then(() => { throw new Error(`not closed within ${WAIT} ms`); }),
+    ]);
+    const elapsed = Date.now() - started;
+    assert.ok(elapsed > 500, `closed after ${elapsed} ms, before the token expired`);
+    assert.deepEqual(messages, [
+      `{}${RS}`,
+      `{"type":7,"error":"token expired","allowReconnect":false}${RS}`,
+    ]);
+    assert.equal(code, 1008);
+    assert.equal(reason, 'token expired');
+
+    // The real client: onclose with the server's error, and no reconnection attempt.
+    const conn = connection(secured, { accessTokenFactory: () => short });
+    const reconnecting = [];
+    conn.onreconnecting(() => reconnecting.push(1));
+    const onclose = new Promise((resolve) => conn.onclose(resolve));
+    await conn.start();
+    const error = await Promise.race([
+      onclose,
+      sleep(WAIT).then(() => { throw new Error(`no onclose within ${WAIT} ms`); }),
+    ]);
+    assert.match(String(error), /token expired/);
+    assert.deepEqual(reconnecting, []);
   } finally {
     await secured.stop();
   }

@@ -7,11 +7,12 @@ import { access } from 'node:fs/promises';
 import { constants } from 'node:fs';
 
 /**
- * Starts `bin` on 127.0.0.1, port 0, with `extraArgs`, and waits (at most `wait` ms) until it
- * logs the address it listens on (text or JSON logs). Returns its `base` and `ws` URLs and
- * `stop()`.
+ * Starts `bin` on 127.0.0.1, `port` (0: a free one), with `extraArgs`, and waits (at most
+ * `wait` ms) until it logs the address it listens on (text or JSON logs). Returns its `base`
+ * and `ws` URLs, its `port` and `stop()`. A test that restarts a server on the same port
+ * passes the first one's `port` to the second.
  */
-export async function startServer(bin, extraArgs = [], wait = 10_000) {
+export async function startServer(bin, extraArgs = [], wait = 10_000, port = 0) {
   await access(bin, constants.X_OK).catch(() => {
     throw new Error(`${bin} is missing: build it first (cargo build --bin jssocket)`);
   });
@@ -19,7 +20,7 @@ export async function startServer(bin, extraArgs = [], wait = 10_000) {
     Object.entries(process.env).filter(([key]) => !key.startsWith('SOCKET_')),
   );
   env.RUST_LOG = 'info';
-  const child = spawn(bin, ['-h', '127.0.0.1', '-p', '0', ...extraArgs], {
+  const child = spawn(bin, ['-h', '127.0.0.1', '-p', String(port), ...extraArgs], {
     env,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -50,6 +51,7 @@ export async function startServer(bin, extraArgs = [], wait = 10_000) {
   return {
     base: `http://${addr}`,
     ws: `ws://${addr}`,
+    port: Number(addr.split(':')[1]),
     async stop() {
       if (child.exitCode !== null || child.signalCode !== null) return;
       child.kill('SIGTERM');
