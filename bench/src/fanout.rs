@@ -19,9 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::client::{Acked, Hello, RS, connect_many_as};
 use crate::common::{BitSet, Ctx, Ws, close_desc, drain_wait, now_ns, payload, secs, share};
-use crate::stats::{
-    LatSummary, LatencySink, ProcSample, maybe_sample, proc_delta, round1, round3,
-};
+use crate::stats::{LatSummary, LatencySink, ProcSample, maybe_sample, proc_delta, round1, round3};
 
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -690,4 +688,32 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
             && connect_failures == 0
             && lost + dup + reordered + misdelivered == 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seqs(frames: Frames, text: &str) -> Vec<Option<u64>> {
+        let mut out = Vec::new();
+        frames.payloads(text.as_bytes(), |p| out.push(p.map(|p| p.seq)));
+        out
+    }
+
+    #[test]
+    fn signalr_records_are_split_and_pings_skipped() {
+        let text = "{\"type\":6}\u{1e}\
+                    {\"type\":1,\"target\":\"c\",\"arguments\":[\"{\\\"seq\\\":7,\\\"ts\\\":1}\"]}\u{1e}\
+                    {\"type\":1,\"target\":\"c\",\"arguments\":[\"{\\\"seq\\\":8,\\\"ts\\\":2}\"]}\u{1e}\
+                    {\"type\":1,\"target\":\"c\",\"arguments\":[]}\u{1e}";
+        assert_eq!(seqs(Frames::SignalR, text), [Some(7), Some(8), None]);
+    }
+
+    #[test]
+    fn publish_frames_carry_the_payload_in_data() {
+        let text = r#"{"type":"publish","data":{"name":"c","data":{"seq":3,"ts":9,"pad":"x"}}}"#;
+        assert_eq!(seqs(Frames::Publish, text), [Some(3)]);
+        assert_eq!(seqs(Frames::Bare, r#"{"seq":4,"ts":1}"#), [Some(4)]);
+        assert_eq!(seqs(Frames::Publish, r#"{"seq":4,"ts":1}"#), [None]);
+    }
 }

@@ -500,10 +500,9 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         Cmd::Connect { clients, .. } | Cmd::P2p { clients, .. } | Cmd::Churn { clients, .. } => {
             *clients
         }
-        Cmd::Fanout(f)
-        | Cmd::Group { f, .. }
-        | Cmd::PublishFanout { f, .. }
-        | Cmd::Baseline(f) => f.clients + f.slow_clients,
+        Cmd::Fanout(f) | Cmd::Group { f, .. } | Cmd::PublishFanout { f, .. } | Cmd::Baseline(f) => {
+            f.clients + f.slow_clients
+        }
         Cmd::ClusterRoute {
             nodes,
             clients_per_node,
