@@ -1,5 +1,6 @@
-//! Clients: connect, send `client_connect`, wait for the `client_connected` acknowledgement;
-//! and many of them at once with bounded concurrency.
+//! Clients: connect, send `client_connect`, wait for the `client_connected` acknowledgement
+//! (and, for channel subscribers, subscribe); or connect as a SignalR client and complete its
+//! handshake; and many of them at once with bounded concurrency.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -12,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::common::{ConnErr, Ctx, Ws, close_desc, now_ns, open_ws};
+use crate::common::{ConnErr, Ctx, Ws, close_desc, now_ns, open_ws, open_ws_at};
 use crate::stats::{LatSummary, new_hist};
 
 /// An acknowledged client.
@@ -70,21 +71,7 @@ pub async fn connect_acked(ctx: &Ctx, idx: usize, group: Option<u32>) -> Result<
     let deadline = tokio::time::Instant::now() + ctx.ack_timeout;
     let mut pre_ack = Vec::new();
     loop {
-        let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) => return Err(ConnErr::AckTimeout),
-            Ok(None) => return Err(ConnErr::Closed("connection ended".into())),
-            Ok(Some(Err(e))) => return Err(ConnErr::Closed(e.to_string())),
-            Ok(Some(Ok(m))) => m,
-        };
-        let text = match msg {
-            Message::Text(t) => t,
-            Message::Binary(b) => match Utf8Bytes::try_from(b) {
-                Ok(t) => t,
-                Err(_) => continue,
-            },
-            Message::Close(f) => return Err(ConnErr::Closed(close_desc(f.as_ref()))),
-            _ => continue,
-        };
+        let text = next_text(&mut ws, deadline).await?;
         match classify(text.as_str()) {
             Incoming::Ack(id) => {
                 return Ok(Acked {
@@ -100,6 +87,125 @@ pub async fn connect_acked(ctx: &Ctx, idx: usize, group: Option<u32>) -> Result<
             Incoming::Other => pre_ack.push(text),
         }
     }
+}
+
+/// How a client of [`connect_many_as`] gets ready to receive.
+#[derive(Clone, Debug)]
+pub enum Hello {
+    /// `client_connect`, then the admin's acknowledgement ([`connect_acked`]).
+    Acked,
+    /// Acknowledged, then subscribed to this channel (`subscribe` → `subscribed`).
+    Subscribed(Arc<str>),
+    /// A SignalR client on this path of the server (`/sockets`): the WebSocket without
+    /// negotiation (`skipNegotiation`), then the JSON hub protocol's handshake. It has no
+    /// acknowledgement and no subscription: every `publish` its filter admits reaches it.
+    SignalR(Arc<str>),
+}
+
+/// The SignalR record separator, which ends every SignalR message.
+pub const RS: char = '\u{1e}';
+
+impl Hello {
+    async fn connect(&self, ctx: &Ctx, idx: usize, group: Option<u32>) -> Result<Acked, ConnErr> {
+        match self {
+            Hello::Acked => connect_acked(ctx, idx, group).await,
+            Hello::Subscribed(channel) => {
+                let mut c = connect_acked(ctx, idx, group).await?;
+                subscribe(ctx, &mut c, channel).await?;
+                Ok(c)
+            }
+            Hello::SignalR(path) => connect_signalr(ctx, idx, path).await,
+        }
+    }
+}
+
+/// Next text frame within `deadline` (binary frames read as text when they are UTF-8).
+async fn next_text(ws: &mut Ws, deadline: tokio::time::Instant) -> Result<Utf8Bytes, ConnErr> {
+    loop {
+        let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return Err(ConnErr::AckTimeout),
+            Ok(None) => return Err(ConnErr::Closed("connection ended".into())),
+            Ok(Some(Err(e))) => return Err(ConnErr::Closed(e.to_string())),
+            Ok(Some(Ok(m))) => m,
+        };
+        match msg {
+            Message::Text(t) => return Ok(t),
+            Message::Binary(b) => {
+                if let Ok(t) = Utf8Bytes::try_from(b) {
+                    return Ok(t);
+                }
+            }
+            Message::Close(f) => return Err(ConnErr::Closed(close_desc(f.as_ref()))),
+            _ => {}
+        }
+    }
+}
+
+/// Subscribes an acknowledged client to `channel` and waits (within `--ack-timeout`) for its
+/// `subscribed` reply; anything else that arrives first is kept in `pre_ack`.
+async fn subscribe(ctx: &Ctx, c: &mut Acked, channel: &str) -> Result<(), ConnErr> {
+    let request = json!({"type": "subscribe", "data": {"name": channel}});
+    c.ws.send(Message::text(request.to_string()))
+        .await
+        .map_err(|e| ConnErr::Ws(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + ctx.ack_timeout;
+    loop {
+        let text = next_text(&mut c.ws, deadline).await?;
+        if text.contains("subscribed") || text.contains("error") {
+            let v: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+            match v.get("type").and_then(Value::as_str) {
+                Some("subscribed") => {
+                    c.acked_ns = now_ns();
+                    return Ok(());
+                }
+                Some("error") => {
+                    let why = v.get("data").map(Value::to_string).unwrap_or_default();
+                    return Err(ConnErr::ServerError(why));
+                }
+                _ => {}
+            }
+        }
+        c.pre_ack.push(text);
+    }
+}
+
+/// Connects one SignalR client to `path` without negotiation and completes the handshake
+/// (`{"protocol":"json","version":1}` → `{}`) within `--ack-timeout`. Its `id` is empty: the
+/// server names a connection made without negotiation, and the bench does not need the name.
+pub async fn connect_signalr(ctx: &Ctx, idx: usize, path: &str) -> Result<Acked, ConnErr> {
+    let started_ns = now_ns();
+    let mut ws = open_ws_at(ctx, None, Some(path)).await?;
+    ws.send(Message::text(format!(
+        r#"{{"protocol":"json","version":1}}{RS}"#
+    )))
+    .await
+    .map_err(|e| ConnErr::Ws(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + ctx.ack_timeout;
+    let text = next_text(&mut ws, deadline).await?;
+    // The handshake answer is the first record; records may share a frame.
+    let (first, rest) = text.as_str().split_once(RS).unwrap_or((text.as_str(), ""));
+    let v: Value = serde_json::from_str(first).unwrap_or(Value::Null);
+    if let Some(e) = v.get("error") {
+        return Err(ConnErr::ServerError(format!("handshake refused: {e}")));
+    }
+    if v != json!({}) {
+        return Err(ConnErr::ServerError(format!(
+            "unexpected handshake answer {first:?}"
+        )));
+    }
+    let pre_ack = if rest.is_empty() {
+        Vec::new()
+    } else {
+        vec![Utf8Bytes::from(rest.to_string())]
+    };
+    Ok(Acked {
+        idx,
+        id: String::new(),
+        ws,
+        pre_ack,
+        started_ns,
+        acked_ns: now_ns(),
+    })
 }
 
 /// Like [`connect_acked`] but waits for a handshake slot first and gives up on `stop`.
@@ -209,6 +315,17 @@ pub async fn connect_many(
     group: impl Fn(usize) -> Option<u32>,
     label: &str,
 ) -> Batch {
+    connect_many_as(ctx, range, group, label, &Hello::Acked).await
+}
+
+/// [`connect_many`] with clients that get ready as `hello` says.
+pub async fn connect_many_as(
+    ctx: &Arc<Ctx>,
+    range: Range<usize>,
+    group: impl Fn(usize) -> Option<u32>,
+    label: &str,
+    hello: &Hello,
+) -> Batch {
     let start = Instant::now();
     let start_ns = now_ns();
     let total = range.len();
@@ -238,8 +355,9 @@ pub async fn connect_many(
         };
         let g = group(i);
         let c = ctx.clone();
+        let hello = hello.clone();
         set.spawn(async move {
-            let r = connect_acked(&c, i, g).await;
+            let r = hello.connect(&c, i, g).await;
             drop(permit);
             (i, r)
         });

@@ -274,10 +274,20 @@ pub fn bind_address_no_port(sock: &TcpSocket) {
 
 /// Opens a WebSocket to the target from the next source address; with `auth`, as an admin.
 pub async fn open_ws(ctx: &Ctx, auth: Option<&str>) -> Result<Ws, ConnErr> {
+    open_ws_at(ctx, auth, None).await
+}
+
+/// [`open_ws`] on another path of the same server (`path` replaces the URL's path and
+/// query): SignalR clients connect to the SignalR path, not to the jssocket path of `--url`.
+pub async fn open_ws_at(ctx: &Ctx, auth: Option<&str>, path: Option<&str>) -> Result<Ws, ConnErr> {
     let target = if auth.is_some() {
         &ctx.target
     } else {
         ctx.client_target()
+    };
+    let url = match path {
+        Some(path) => with_path(&target.url, path).map_err(ConnErr::Handshake)?,
+        None => target.url.clone(),
     };
     let sock = if target.addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -291,8 +301,7 @@ pub async fn open_ws(ctx: &Ctx, auth: Option<&str>) -> Result<Ws, ConnErr> {
     }
     let stream = sock.connect(target.addr).await.map_err(ConnErr::Tcp)?;
     stream.set_nodelay(true).map_err(ConnErr::Tcp)?;
-    let mut request = target
-        .url
+    let mut request = url
         .as_str()
         .into_client_request()
         .map_err(|e| ConnErr::Handshake(e.to_string()))?;
@@ -305,6 +314,15 @@ pub async fn open_ws(ctx: &Ctx, auth: Option<&str>) -> Result<Ws, ConnErr> {
         .await
         .map_err(|e| ConnErr::Handshake(e.to_string()))?;
     Ok(ws)
+}
+
+/// `url` with its path (and query) replaced by `path`: `ws://h:p/ws` → `ws://h:p/sockets`.
+pub fn with_path(url: &str, path: &str) -> Result<String, String> {
+    let uri: Uri = url.parse().map_err(|e| format!("{url:?}: {e}"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(format!("{url:?} has no scheme or host"));
+    };
+    Ok(format!("{scheme}://{authority}{path}"))
 }
 
 /// "1008 slow consumer" style description of a close frame.
@@ -440,6 +458,15 @@ mod tests {
             assert_eq!(v["seq"], 12345);
             assert_eq!(v["to"], 3);
         }
+    }
+
+    #[test]
+    fn with_path_keeps_the_server_and_replaces_the_path() {
+        assert_eq!(
+            with_path("ws://127.0.0.1:18090/ws?x=1", "/sockets").as_deref(),
+            Ok("ws://127.0.0.1:18090/sockets")
+        );
+        assert!(with_path("/ws", "/sockets").is_err());
     }
 
     #[test]

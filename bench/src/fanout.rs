@@ -1,5 +1,6 @@
-//! `fanout` (admin `notify_all`) and `group` (admin `notify_group`, round robin over groups):
-//! every receiver checks exactly-once, in-order delivery and records latency.
+//! `fanout` (admin `notify_all`), `group` (admin `notify_group`, round robin over groups) and
+//! `publish-fanout` (admin `publish` to one channel, received by jssocket subscribers or by
+//! SignalR clients): every receiver checks exactly-once, in-order delivery and records latency.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -16,9 +17,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
-use crate::client::{Acked, connect_many};
+use crate::client::{Acked, Hello, RS, connect_many_as};
 use crate::common::{BitSet, Ctx, Ws, close_desc, drain_wait, now_ns, payload, secs, share};
-use crate::stats::{LatSummary, LatencySink, maybe_sample, proc_delta, round1, round3};
+use crate::stats::{LatSummary, LatencySink, ProcSample, maybe_sample, proc_delta, round1, round3};
 
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -33,6 +34,85 @@ pub struct Params {
     pub drain: Duration,
     /// `None`: `notify_all`; `Some(g)`: `notify_group` round robin over `g` groups.
     pub groups: Option<u32>,
+    /// `Some`: the admin sends `publish` to one channel instead (and `groups` is `None`).
+    pub publish: Option<Publish>,
+}
+
+/// `publish-fanout`: what the receivers are and which channel the admin publishes to.
+#[derive(Clone, Debug)]
+pub struct Publish {
+    pub wire: Wire,
+    pub channel: String,
+    /// The server's SignalR path (`--signalr-path` of the server, `/sockets` by default).
+    pub signalr_path: String,
+}
+
+/// The protocol the receivers of `publish-fanout` speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wire {
+    /// jssocket clients, acknowledged and subscribed to the channel.
+    Jssocket,
+    /// SignalR clients (JSON hub protocol, no negotiation): no subscription.
+    Signalr,
+}
+
+/// How often a SignalR receiver sends a ping: the server closes a client silent for 30 s
+/// (the protocol's default client timeout), and receivers only read.
+const SIGNALR_PING_EVERY: Duration = Duration::from_secs(10);
+
+/// The shape of the frames a receiver reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Frames {
+    /// `notify_*`: the payload itself.
+    Bare,
+    /// jssocket `publish`: `{"type":"publish","data":{"name":…,"data":<payload>}}`.
+    Publish,
+    /// SignalR records `{"type":1,"target":…,"arguments":["<payload as a JSON string>"]}`␞;
+    /// the server's pings (type 6) are skipped.
+    SignalR,
+}
+
+impl Frames {
+    /// Calls `f` with each payload of a frame, `None` for a part that is not one.
+    fn payloads(self, bytes: &[u8], mut f: impl FnMut(Option<Payload>)) {
+        #[derive(Deserialize)]
+        struct PublishFrame {
+            data: PublishData,
+        }
+        #[derive(Deserialize)]
+        struct PublishData {
+            data: Payload,
+        }
+        #[derive(Deserialize)]
+        struct Record {
+            #[serde(rename = "type")]
+            kind: u8,
+            #[serde(default)]
+            arguments: Vec<String>,
+        }
+        match self {
+            Frames::Bare => f(serde_json::from_slice::<Payload>(bytes).ok()),
+            Frames::Publish => {
+                f(serde_json::from_slice::<PublishFrame>(bytes)
+                    .ok()
+                    .map(|p| p.data.data));
+            }
+            Frames::SignalR => {
+                let Ok(text) = std::str::from_utf8(bytes) else {
+                    return f(None);
+                };
+                for record in text.split_terminator(RS) {
+                    match serde_json::from_str::<Record>(record) {
+                        Ok(r) if r.kind == 6 => {}
+                        Ok(r) if r.kind == 1 && r.arguments.len() == 1 => {
+                            f(serde_json::from_str::<Payload>(&r.arguments[0]).ok());
+                        }
+                        _ => f(None),
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Params {
@@ -101,9 +181,16 @@ async fn reader(
     mut ws: Ws,
     idx: usize,
     exp: Expect,
+    frames: Frames,
     sh: Arc<Relay>,
     done: CancellationToken,
 ) -> ReaderResult {
+    let signalr = frames == Frames::SignalR;
+    let mut keepalive = tokio::time::interval_at(
+        tokio::time::Instant::now() + SIGNALR_PING_EVERY,
+        SIGNALR_PING_EVERY,
+    );
+    let ping = Message::text(format!("{{\"type\":6}}{RS}"));
     let expected = exp.count();
     let mut r = ReaderResult {
         group: exp.group,
@@ -123,6 +210,13 @@ async fn reader(
             biased;
             m = ws.next() => m,
             _ = done.cancelled() => break,
+            _ = keepalive.tick(), if signalr => {
+                if let Err(e) = ws.send(ping.clone()).await {
+                    r.closed = Some(format!("error: {e}"));
+                    break;
+                }
+                continue;
+            }
         };
         let msg = match msg {
             None => {
@@ -144,44 +238,58 @@ async fn reader(
             }
             _ => continue,
         };
-        let Ok(p) = serde_json::from_slice::<Payload>(bytes) else {
-            r.other += 1;
-            continue;
-        };
-        let now = now_ns();
-        if p.seq % groups != u64::from(exp.group) {
-            r.misdelivered += 1;
-            continue;
-        }
-        let local = p.seq / groups;
-        if local >= expected {
-            r.misdelivered += 1;
-            continue;
-        }
-        rec.record_ns(now.saturating_sub(p.ts));
-        if r.seen.test_set(local as usize) {
-            r.dup += 1;
-        } else {
-            r.unique += 1;
-            if highest.is_some_and(|h| local < h) {
-                r.reordered += 1;
+        frames.payloads(bytes, |p| {
+            let Some(p) = p else {
+                r.other += 1;
+                return;
+            };
+            let now = now_ns();
+            if p.seq % groups != u64::from(exp.group) {
+                r.misdelivered += 1;
+                return;
             }
-            highest = Some(highest.map_or(local, |h| h.max(local)));
-        }
-        sh.delivered.fetch_add(1, Ordering::Relaxed);
-        sh.last_ns.fetch_max(now, Ordering::Relaxed);
-        if sh.sender_waiting.load(Ordering::Relaxed) {
-            sh.progress.notify_one();
-        }
+            let local = p.seq / groups;
+            if local >= expected {
+                r.misdelivered += 1;
+                return;
+            }
+            rec.record_ns(now.saturating_sub(p.ts));
+            if r.seen.test_set(local as usize) {
+                r.dup += 1;
+            } else {
+                r.unique += 1;
+                if highest.is_some_and(|h| local < h) {
+                    r.reordered += 1;
+                }
+                highest = Some(highest.map_or(local, |h| h.max(local)));
+            }
+            sh.delivered.fetch_add(1, Ordering::Relaxed);
+            sh.last_ns.fetch_max(now, Ordering::Relaxed);
+            if sh.sender_waiting.load(Ordering::Relaxed) {
+                sh.progress.notify_one();
+            }
+        });
     }
     rec.flush();
     sh.active.fetch_sub(1, Ordering::Relaxed);
     // Keep the socket open until the run ends so that an early finisher does not change the
-    // server's fan-out set for the others.
-    if r.closed.is_none() {
-        done.cancelled().await;
+    // server's fan-out set for the others (a SignalR receiver keeps pinging meanwhile).
+    while r.closed.is_none() {
+        tokio::select! {
+            _ = done.cancelled() => break,
+            _ = keepalive.tick(), if signalr => {
+                if let Err(e) = ws.send(ping.clone()).await {
+                    r.closed = Some(format!("error: {e}"));
+                }
+            }
+        }
     }
     r
+}
+
+/// Server CPU seconds between two samplings, when both were taken.
+fn delivery_cpu(before: Option<ProcSample>, after: Option<ProcSample>) -> Option<f64> {
+    Some(after?.cpu_s - before?.cpu_s)
 }
 
 /// Sets SO_RCVBUF to its minimum on a slow client's socket.
@@ -221,21 +329,33 @@ async fn drain_slow(mut ws: Ws, _stop: CancellationToken) -> (u64, Option<String
 }
 
 pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
-    let scenario = if p.groups.is_some() {
-        "group"
-    } else {
-        "fanout"
+    let (scenario, hello, frames) = match (&p.publish, p.groups) {
+        (Some(publish), _) => match publish.wire {
+            Wire::Jssocket => (
+                "publish-fanout",
+                Hello::Subscribed(publish.channel.as_str().into()),
+                Frames::Publish,
+            ),
+            Wire::Signalr => (
+                "publish-fanout",
+                Hello::SignalR(publish.signalr_path.as_str().into()),
+                Frames::SignalR,
+            ),
+        },
+        (None, Some(_)) => ("group", Hello::Acked, Frames::Bare),
+        (None, None) => ("fanout", Hello::Acked, Frames::Bare),
     };
     let groups = p.groups.unwrap_or(1).max(1);
     let before = maybe_sample(ctx.server_pid);
     let admin = Admin::connect(ctx, groups).await?;
     let hint = |i: usize| p.groups.map(|g| (i % g as usize) as u32);
-    let batch = connect_many(ctx, 0..p.clients, hint, label).await;
+    let batch = connect_many_as(ctx, 0..p.clients, hint, label, &hello).await;
     println!("{}", batch.line(label));
     let connect_json = batch.json();
     let connect_failures = batch.failures.total();
     let slow_batch = if p.slow_clients > 0 {
-        let b = connect_many(ctx, p.clients..p.clients + p.slow_clients, hint, label).await;
+        let slow = p.clients..p.clients + p.slow_clients;
+        let b = connect_many_as(ctx, slow, hint, label, &hello).await;
         println!("{}", b.line(&format!("{label} (slow clients)")));
         Some(b)
     } else {
@@ -281,7 +401,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
             groups,
             messages: p.messages,
         };
-        readers.spawn(reader(c.ws, c.idx, exp, sh.clone(), done.clone()));
+        readers.spawn(reader(c.ws, c.idx, exp, frames, sh.clone(), done.clone()));
     }
     let slow: Vec<Acked> = slow_batch.map(|b| b.clients).unwrap_or_default();
     // A slow reader on a real network has a small receive window; on loopback the kernel
@@ -296,6 +416,8 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
     let mut sent = 0u64;
     let mut stalls = 0u64;
     let mut send_error: Option<String> = None;
+    // Server CPU of the sending and delivering only (not of the connects).
+    let cpu_before = maybe_sample(ctx.server_pid);
     let first_send_ns = now_ns();
     let t0 = Instant::now();
     for k in 0..p.messages {
@@ -336,9 +458,13 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
             }
         }
         let body = payload(k, now_ns(), "", p.size);
-        let text = match p.groups {
-            None => format!(r#"{{"type":"notify_all","data":{body}}}"#),
-            Some(g) => format!(
+        let text = match (&p.publish, p.groups) {
+            (Some(publish), _) => format!(
+                r#"{{"type":"publish","data":{{"name":{},"data":{body}}}}}"#,
+                Value::from(publish.channel.as_str())
+            ),
+            (None, None) => format!(r#"{{"type":"notify_all","data":{body}}}"#),
+            (None, Some(g)) => format!(
                 r#"{{"type":"notify_group","data":{{"target":"g{}","data":{body}}}}}"#,
                 k % u64::from(g)
             ),
@@ -371,6 +497,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
         }
     }
     let after = maybe_sample(ctx.server_pid);
+    let delivery_cpu = delivery_cpu(cpu_before, after);
 
     // Slow clients: did the server close them?
     let mut slow_closed = 0u64;
@@ -427,9 +554,17 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
     let (server_json, server_line) = proc_delta(before, after);
     let timed_out = ctx.stop.is_cancelled();
 
-    let what = match p.groups {
-        Some(g) => format!("notify_group over {g} groups"),
-        None => "notify_all".into(),
+    let what = match (&p.publish, p.groups) {
+        (Some(publish), _) => format!(
+            "publish to {:?} ({} receivers)",
+            publish.channel,
+            match publish.wire {
+                Wire::Jssocket => "jssocket",
+                Wire::Signalr => "SignalR",
+            }
+        ),
+        (None, Some(g)) => format!("notify_group over {g} groups"),
+        (None, None) => "notify_all".into(),
     };
     println!(
         "{label}: sent {sent}/{} {what} of {} B in {:.3} s ({:.0} msg/s, window {}/receiver{}){}",
@@ -481,6 +616,13 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
     if !server_line.is_empty() {
         println!("{label}: {server_line}");
     }
+    let per_cpu_s = delivery_cpu.map(|cpu| unique as f64 / cpu.max(1e-9));
+    if let (Some(cpu), Some(per)) = (delivery_cpu, per_cpu_s) {
+        println!(
+            "{label}: server CPU from the first send to the end {cpu:.2} s = {per:.0} deliveries \
+             per server-CPU-second"
+        );
+    }
     if let Some(e) = &send_error {
         println!("{label}: sending stopped: {e}");
     }
@@ -529,6 +671,10 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
             "frames_pending": slow_frames,
         }) } else { Value::Null },
         "server": server_json,
+        "server_cpu_s_sending": delivery_cpu.map(round3),
+        "deliveries_per_server_cpu_s": per_cpu_s.map(round1),
+        "wire": p.publish.as_ref().map(|publish| format!("{:?}", publish.wire).to_lowercase()),
+        "channel": p.publish.as_ref().map(|publish| publish.channel.clone()),
         "admin": admin.json(),
         "send_error": send_error,
         "timed_out": timed_out,
@@ -542,4 +688,32 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params, label: &str) -> Result<Outcome> {
             && connect_failures == 0
             && lost + dup + reordered + misdelivered == 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seqs(frames: Frames, text: &str) -> Vec<Option<u64>> {
+        let mut out = Vec::new();
+        frames.payloads(text.as_bytes(), |p| out.push(p.map(|p| p.seq)));
+        out
+    }
+
+    #[test]
+    fn signalr_records_are_split_and_pings_skipped() {
+        let text = "{\"type\":6}\u{1e}\
+                    {\"type\":1,\"target\":\"c\",\"arguments\":[\"{\\\"seq\\\":7,\\\"ts\\\":1}\"]}\u{1e}\
+                    {\"type\":1,\"target\":\"c\",\"arguments\":[\"{\\\"seq\\\":8,\\\"ts\\\":2}\"]}\u{1e}\
+                    {\"type\":1,\"target\":\"c\",\"arguments\":[]}\u{1e}";
+        assert_eq!(seqs(Frames::SignalR, text), [Some(7), Some(8), None]);
+    }
+
+    #[test]
+    fn publish_frames_carry_the_payload_in_data() {
+        let text = r#"{"type":"publish","data":{"name":"c","data":{"seq":3,"ts":9,"pad":"x"}}}"#;
+        assert_eq!(seqs(Frames::Publish, text), [Some(3)]);
+        assert_eq!(seqs(Frames::Bare, r#"{"seq":4,"ts":1}"#), [Some(4)]);
+        assert_eq!(seqs(Frames::Publish, r#"{"seq":4,"ts":1}"#), [None]);
+    }
 }

@@ -95,6 +95,21 @@ enum Cmd {
     },
     /// Admin notify_all to N clients: deliveries/s, latency, loss/dup/order.
     Fanout(FanoutArgs),
+    /// Admin publish to one channel, received by N jssocket subscribers or N SignalR clients:
+    /// deliveries/s, deliveries per server-CPU-second, loss/dup/order (issue 12).
+    PublishFanout {
+        #[command(flatten)]
+        f: FanoutArgs,
+        /// The receivers' protocol.
+        #[arg(long, value_enum)]
+        wire: fanout::Wire,
+        /// The channel the admin publishes to (jssocket receivers subscribe to it first).
+        #[arg(long, default_value = "bench.fanout")]
+        channel: String,
+        /// The server's SignalR path (its --signalr-path).
+        #[arg(long, default_value = "/sockets", value_parser = url_path)]
+        signalr_path: String,
+    },
     /// Admin notify_group round robin over G groups.
     Group {
         #[command(flatten)]
@@ -352,6 +367,7 @@ impl FanoutArgs {
             slow_clients: self.slow_clients as usize,
             drain: Duration::from_secs_f64(self.drain),
             groups,
+            publish: None,
         }
     }
 }
@@ -362,6 +378,14 @@ fn clients_range() -> clap::builder::RangedU64ValueParser {
 
 fn size_range() -> clap::builder::RangedU64ValueParser {
     clap::value_parser!(u64).range(1..=1_000_000)
+}
+
+fn url_path(s: &str) -> Result<String, String> {
+    if s.starts_with('/') && !s.contains(['?', '#', ' ']) {
+        Ok(s.to_string())
+    } else {
+        Err("must be a path such as /sockets".into())
+    }
 }
 
 fn parse_f64(s: &str, lo: f64, hi: f64) -> Result<f64, String> {
@@ -390,6 +414,7 @@ impl Cmd {
             Cmd::Connect { .. } => "connect",
             Cmd::Fanout(_) => "fanout",
             Cmd::Group { .. } => "group",
+            Cmd::PublishFanout { .. } => "publish-fanout",
             Cmd::P2p { .. } => "p2p",
             Cmd::Churn { .. } => "churn",
             Cmd::BaselineServer { .. } => "baseline-server",
@@ -475,7 +500,9 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         Cmd::Connect { clients, .. } | Cmd::P2p { clients, .. } | Cmd::Churn { clients, .. } => {
             *clients
         }
-        Cmd::Fanout(f) | Cmd::Group { f, .. } | Cmd::Baseline(f) => f.clients + f.slow_clients,
+        Cmd::Fanout(f) | Cmd::Group { f, .. } | Cmd::PublishFanout { f, .. } | Cmd::Baseline(f) => {
+            f.clients + f.slow_clients
+        }
         Cmd::ClusterRoute {
             nodes,
             clients_per_node,
@@ -537,6 +564,20 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
             Cmd::Fanout(f) => fanout_json(fanout::run(&ctx, &f.params(None), "fanout").await),
             Cmd::Group { f, groups } => {
                 fanout_json(fanout::run(&ctx, &f.params(Some(*groups)), "group").await)
+            }
+            Cmd::PublishFanout {
+                f,
+                wire,
+                channel,
+                signalr_path,
+            } => {
+                let mut p = f.params(None);
+                p.publish = Some(fanout::Publish {
+                    wire: *wire,
+                    channel: channel.clone(),
+                    signalr_path: signalr_path.clone(),
+                });
+                fanout_json(fanout::run(&ctx, &p, "publish-fanout").await)
             }
             Cmd::P2p {
                 clients,
