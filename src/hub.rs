@@ -438,11 +438,18 @@ impl Hub {
         let recipients: Vec<Arc<Peer>> = match filter {
             Filter::Clients(targets) => self.listed(channel, targets),
             _ => {
+                let signalr = self.signalr_count.load(Ordering::Relaxed);
                 let mut subscribers: Vec<Arc<Peer>> = match self.channels.get(channel) {
-                    Some(members) => members.values().cloned().collect(),
-                    None => Vec::new(),
+                    Some(members) => {
+                        let mut all = Vec::with_capacity(members.len() + signalr);
+                        all.extend(members.values().cloned());
+                        all
+                    }
+                    None => Vec::with_capacity(signalr),
                 };
-                subscribers.extend(self.signalr.iter().map(|e| Arc::clone(e.value())));
+                if signalr > 0 {
+                    subscribers.extend(self.signalr.iter().map(|e| Arc::clone(e.value())));
+                }
                 subscribers.retain(|peer| filter.admits(&peer.state()));
                 subscribers
             }
