@@ -386,3 +386,49 @@ test('a SignalR connection closes when its token expires: type 7 without reconne
     await secured.stop();
   }
 });
+
+test('every publish filter, matching and not, and the clients filter reach the right connections', async () => {
+  const secured = await startServer(['--jwt-secret', JWT_SECRET]);
+  const exp = Math.floor(Date.now() / 1000) + 3600;
+  const people = {
+    alice: { sub: 'alice', roles: ['admin'], groups: ['red'], exp },
+    bob: { sub: 'bob', roles: 'user', groups: 'blue', exp },
+  };
+  const conns = {};
+  const got = { alice: [], bob: [] };
+  try {
+    for (const [name, claims] of Object.entries(people)) {
+      const token = await jwt(claims);
+      conns[name] = connection(secured, { accessTokenFactory: () => token });
+      conns[name].on('f', (arg) => got[name].push(JSON.parse(arg)));
+      await conns[name].start();
+    }
+    const cases = [
+      [{ roles: ['admin'] }, ['alice']],
+      [{ roles: ['user', 'admin'] }, ['alice', 'bob']],
+      [{ roles: ['root'] }, []],
+      [{ groups: ['blue'] }, ['bob']],
+      [{ groups: ['green'] }, []],
+      [{ users: ['bob'] }, ['bob']],
+      [{ users: ['carol'] }, []],
+      [{ clients: [conns.alice.connectionId] }, ['alice']],
+      [{ clients: [conns.bob.connectionId, conns.alice.connectionId] }, ['alice', 'bob']],
+      [{ clients: ['00000000-0000-4000-8000-000000000000'] }, []],
+    ];
+    for (const [round, [filter, admitted]] of cases.entries()) {
+      await api(secured, 'publish', { name: 'f', data: { round }, ...filter });
+      await api(secured, 'publish', { name: 'f', data: { round, marker: true } });
+      for (const name of Object.keys(people)) {
+        await until(() => got[name].some((m) => m.round === round && m.marker), `${name}'s marker ${round}`);
+        const expected = admitted.includes(name)
+          ? [{ round }, { round, marker: true }]
+          : [{ round, marker: true }];
+        assert.deepEqual(got[name], expected, `${JSON.stringify(filter)} for ${name}`);
+        got[name].length = 0;
+      }
+    }
+  } finally {
+    for (const conn of Object.values(conns)) await conn.stop();
+    await secured.stop();
+  }
+});
