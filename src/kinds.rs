@@ -58,6 +58,8 @@ named! {
         Subscribe = "subscribe",
         Unsubscribe = "unsubscribe",
         Publish = "publish",
+        Invoke = "invoke",
+        InvokeResult = "invoke_result",
     }
 }
 
@@ -85,6 +87,8 @@ named! {
         Unsubscribed = "unsubscribed",
         Callback = "callback",
         Error = "error",
+        Invoke = "invoke",
+        InvokeResult = "invoke_result",
     }
 }
 
@@ -108,6 +112,8 @@ named! {
         Unauthorized = "unauthorized",
         RateLimited = "rate_limited",
         InvalidToken = "invalid_token",
+        /// An `invoke` no server answered within `--invoke-timeout` (its `invoke_result`).
+        Timeout = "timeout",
     }
 }
 
