@@ -20,8 +20,10 @@ use super::protocol::{self, Error, Message as HubMessage, Records};
 use super::{HANDSHAKE_OK, PING};
 use crate::backplane::Topic;
 use crate::connection::{End, Sink, Socket, Stream, finish, flush, read_error, write_batch};
+use crate::invoke::{MAX_ID_LEN, RateWindow, Reply, check_method, refusal_error};
 use crate::peer::{Close, Peer};
-use crate::relay::Relay;
+use crate::protocol::{ProtocolError, compact, push_json_string};
+use crate::relay::{Call, Relay};
 
 /// The handshake was refused (its reason went in the handshake response).
 const HANDSHAKE_REFUSED: Close = Close {
@@ -274,14 +276,15 @@ async fn connected(
     stream: &mut Stream,
     records: &mut Records,
     shared: &Relay,
-    peer: &Peer,
+    peer: &Arc<Peer>,
     early: Vec<String>,
 ) -> Stop {
     let start = Instant::now();
     // Milliseconds from `start` to the last message heard from the client.
     let heard = AtomicU64::new(0);
+    let mut calls = RateWindow::default();
     for record in &early {
-        if let Err(stop) = handle(record, peer) {
+        if let Err(stop) = handle(record, shared, peer, &mut calls) {
             return stop;
         }
     }
@@ -297,7 +300,7 @@ async fn connected(
             farewell: (close != Close::SLOW_CONSUMER)
                 .then(|| protocol::close_message(Some(close.reason), false)),
         },
-        stop = read_loop(stream, records, shared, peer, start, &heard) => stop,
+        stop = read_loop(stream, records, shared, peer, start, &heard, &mut calls) => stop,
         stop = write_loop(sink, shared, peer, start, &heard) => stop,
     }
 }
@@ -306,9 +309,10 @@ async fn read_loop(
     stream: &mut Stream,
     records: &mut Records,
     shared: &Relay,
-    peer: &Peer,
+    peer: &Arc<Peer>,
     start: Instant,
     heard: &AtomicU64,
+    calls: &mut RateWindow,
 ) -> Stop {
     let max = shared.config.max_message_size;
     loop {
@@ -320,7 +324,7 @@ async fn read_loop(
             Ok(None) => continue,
             Ok(Some(text)) => text,
         };
-        match records.feed(&text, max, |record| handle(record, peer)) {
+        match records.feed(&text, max, |record| handle(record, shared, peer, calls)) {
             Ok(()) => {}
             Err(Ok(stop)) => return stop,
             Err(Err(error)) => return Stop::bad(&error),
@@ -329,18 +333,44 @@ async fn read_loop(
 }
 
 /// Applies one hub message from the client.
-fn handle(record: &str, peer: &Peer) -> Result<(), Stop> {
+///
+/// An invocation is a call to the backend (SPEC §12, [`crate::invoke`]): `invoke(M, ...args)`
+/// becomes an `invoke` with `method` M, `data` the arguments array and `id` the invocation id,
+/// and its result the completion; `send(M, ...args)` (no invocation id) is forwarded the same
+/// with `"id":null` and gets no completion. Streaming invocations are not offered.
+fn handle(
+    record: &str,
+    shared: &Relay,
+    peer: &Arc<Peer>,
+    calls: &mut RateWindow,
+) -> Result<(), Stop> {
     match HubMessage::parse(record) {
         Err(error) => Err(Stop::bad(&error)),
-        // The relay offers no hub methods: a caller waiting for a result is told so, as an
-        // ASP.NET hub answers an unknown method.
         Ok(HubMessage::Invocation {
             target,
             invocation_id: Some(id),
+            stream: true,
+            ..
         }) => {
             let target: String = target.chars().take(128).collect();
-            let error = format!("Unknown hub method '{target}': this relay offers no hub methods");
+            let error = format!("Streaming hub method '{target}': this relay offers no streams");
             peer.send_error(Utf8Bytes::from(protocol::completion_error(&id, &error)));
+            Ok(())
+        }
+        Ok(HubMessage::Invocation {
+            target,
+            invocation_id,
+            arguments,
+            stream: false,
+        }) => {
+            let id = invocation_id.as_deref();
+            if let Err(error) = call(shared, peer, calls, &target, id, arguments)
+                && let Some(id) = id
+            {
+                shared.metrics.error(error.code());
+                let error = refusal_error(&error);
+                peer.send_error(Utf8Bytes::from(protocol::completion_error(id, &error)));
+            }
             Ok(())
         }
         Ok(HubMessage::Close) => Err(Stop {
@@ -352,6 +382,43 @@ fn handle(record: &str, peer: &Peer) -> Result<(), Stop> {
         }),
         Ok(HubMessage::Invocation { .. } | HubMessage::Ping | HubMessage::Other) => Ok(()),
     }
+}
+
+/// Forwards one invocation as a call; a refusal is returned for the caller to complete with.
+fn call(
+    shared: &Relay,
+    peer: &Arc<Peer>,
+    calls: &mut RateWindow,
+    method: &str,
+    invocation_id: Option<&str>,
+    arguments: &str,
+) -> Result<(), ProtocolError> {
+    let id = match invocation_id {
+        Some(id) if id.len() > MAX_ID_LEN => {
+            return Err(ProtocolError::InvalidField(
+                "invocationId",
+                "a string of at most 128 bytes",
+            ));
+        }
+        Some(id) => {
+            let mut text = String::with_capacity(id.len() + 2);
+            push_json_string(&mut text, id);
+            Some(text.into_boxed_str())
+        }
+        None => None,
+    };
+    check_method(method)?;
+    if !arguments.starts_with('[') {
+        return Err(ProtocolError::InvalidField("arguments", "an array"));
+    }
+    calls.admit()?;
+    let call = Call {
+        id,
+        method,
+        data: &compact(arguments),
+        reply: Reply::SignalR,
+    };
+    shared.invoke(peer, call)
 }
 
 async fn write_loop(
