@@ -79,7 +79,7 @@ async fn several_records_per_frame_and_records_across_frames() {
     assert!(
         completion["error"]
             .as_str()
-            .is_some_and(|e| e.contains("'a'"))
+            .is_some_and(|e| e.contains("no_server"))
     );
     // A ping, then an invocation split over two frames.
     conn.send_text(&format!("{{\"type\":6}}{RS}{{\"type\":1,\"tar"))
