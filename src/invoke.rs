@@ -136,8 +136,8 @@ pub fn result_frame(reply: &Reply, id: &str, outcome: Outcome<'_>) -> Utf8Bytes 
                     Utf8Bytes::from(out)
                 }
                 Outcome::Error(value) => {
-                    let text = serde_json::from_str::<String>(value)
-                        .unwrap_or_else(|_| value.to_string());
+                    let text =
+                        serde_json::from_str::<String>(value).unwrap_or_else(|_| value.to_string());
                     Utf8Bytes::from(crate::signalr::protocol::completion_error(
                         &invocation_id,
                         &text,
@@ -194,8 +194,9 @@ type Key = (Uuid, Box<str>);
 #[derive(Default)]
 struct Table {
     calls: HashMap<Key, Call>,
-    /// Calls in flight per caller, for [`MAX_IN_FLIGHT`]; an entry goes with its last call.
-    per_caller: HashMap<Uuid, usize>,
+    /// The ids of each caller's calls in flight (at most [`MAX_IN_FLIGHT`]), to count them
+    /// and to forget them when the caller closes; an entry goes with its last call.
+    per_caller: HashMap<Uuid, Vec<Box<str>>>,
     /// (deadline, call, ticket), oldest first: deadlines are made in order.
     deadlines: VecDeque<(Instant, Key, u64)>,
     next_ticket: u64,
@@ -211,9 +212,9 @@ struct Call {
 impl Table {
     fn take(&mut self, key: &Key) -> Option<Call> {
         let call = self.calls.remove(key)?;
-        if let Some(n) = self.per_caller.get_mut(&key.0) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(ids) = self.per_caller.get_mut(&key.0) {
+            ids.retain(|id| *id != key.1);
+            if ids.is_empty() {
                 self.per_caller.remove(&key.0);
             }
         }
@@ -252,7 +253,7 @@ impl Invocations {
                 "an id not already in flight on this connection",
             ));
         }
-        if table.per_caller.get(&caller.id).copied().unwrap_or(0) >= MAX_IN_FLIGHT {
+        if table.per_caller.get(&caller.id).map_or(0, Vec::len) >= MAX_IN_FLIGHT {
             return Err(ProtocolError::RateLimited(
                 "invoke: at most 16 calls in flight per connection",
             ));
@@ -264,7 +265,11 @@ impl Invocations {
         }
         let ticket = table.next_ticket;
         table.next_ticket += 1;
-        *table.per_caller.entry(caller.id).or_default() += 1;
+        table
+            .per_caller
+            .entry(caller.id)
+            .or_default()
+            .push(key.1.clone());
         let deadline = Instant::now() + self.timeout;
         table.deadlines.push_back((deadline, key.clone(), ticket));
         table.calls.insert(
@@ -281,7 +286,8 @@ impl Invocations {
             let Table {
                 calls, deadlines, ..
             } = &mut *table;
-            deadlines.retain(|(_, key, ticket)| calls.get(key).is_some_and(|c| c.ticket == *ticket));
+            deadlines
+                .retain(|(_, key, ticket)| calls.get(key).is_some_and(|c| c.ticket == *ticket));
         }
         Ok(())
     }
@@ -291,13 +297,26 @@ impl Invocations {
         self.table().take(&(caller, id.into()));
     }
 
+    /// Forgets the calls of a connection that closed: they no longer count toward
+    /// [`MAX_TOTAL`] (a crowd opening connections, calling and leaving cannot fill the table
+    /// for the others), and their answers are dropped like any unknown one. Their stale
+    /// deadlines are skipped when reached.
+    pub fn forget(&self, caller: Uuid) {
+        let mut table = self.table();
+        let Some(ids) = table.per_caller.remove(&caller) else {
+            return;
+        };
+        for id in ids {
+            table.calls.remove(&(caller, id));
+        }
+    }
+
     /// Completes call `id` of connection `target` with `outcome`, if it is in flight here:
     /// the caller gets its result. False (and counted) otherwise: nobody gets anything.
     pub fn complete(&self, relay: &Relay, target: &str, id: &str, outcome: Outcome<'_>) -> bool {
         let taken = crate::hub::parse_target(target)
             .and_then(|caller| self.table().take(&(caller, id.into())));
-        let Some(caller) = taken.and_then(|call| Some((call.caller.upgrade()?, call.reply)))
-        else {
+        let Some(caller) = taken.and_then(|call| Some((call.caller.upgrade()?, call.reply))) else {
             relay.metrics.invoke_results_dropped.inc();
             return false;
         };
@@ -346,8 +365,8 @@ impl Invocations {
 
 /// The one task that times calls out, for the life of the server.
 pub async fn sweep(relay: Arc<Relay>) {
-    let period =
-        (relay.config.invoke_timeout / 10).clamp(Duration::from_millis(20), Duration::from_millis(250));
+    let period = (relay.config.invoke_timeout / 10)
+        .clamp(Duration::from_millis(20), Duration::from_millis(250));
     let mut tick = tokio::time::interval(period);
     loop {
         tokio::select! {
@@ -378,6 +397,51 @@ mod tests {
         assert!(check_method("").is_err());
         assert!(check_method("a\nb").is_err());
         assert!(check_method(&"m".repeat(MAX_METHOD_LEN + 1)).is_err());
+    }
+
+    fn peer() -> Arc<Peer> {
+        let memory = Arc::new(crate::memory::Memory::new(
+            usize::MAX / 4,
+            &crate::metrics::Metrics::new(),
+        ));
+        Peer::new(7, 1 << 20, &memory)
+    }
+
+    /// Per-connection bound, duplicates, forgetting a closed caller, and stale deadlines
+    /// that never outgrow the live calls by more than the compaction slack.
+    #[test]
+    fn the_table_stays_bounded() {
+        let calls = Invocations::new(Duration::from_secs(60));
+        let (a, b) = (peer(), peer());
+        for i in 0..MAX_IN_FLIGHT {
+            calls.begin(&a, &i.to_string(), Reply::Jssocket).unwrap();
+        }
+        assert!(matches!(
+            calls.begin(&a, "99", Reply::Jssocket),
+            Err(ProtocolError::RateLimited(_))
+        ));
+        assert!(matches!(
+            calls
+                .begin(&b, "0", Reply::Jssocket)
+                .and(calls.begin(&b, "0", Reply::Jssocket)),
+            Err(ProtocolError::InvalidField("id", _))
+        ));
+        calls.forget(a.id);
+        assert_eq!(calls.len(), 1);
+        calls.begin(&a, "0", Reply::Jssocket).unwrap();
+        for i in 0..10_000 {
+            let id = format!("\"x{i}\"");
+            calls.begin(&b, &id, Reply::SignalR).unwrap();
+            calls.abandon(b.id, &id);
+        }
+        let table = calls.table();
+        assert_eq!(table.calls.len(), 2);
+        assert!(
+            table.deadlines.len() <= 2 * 2 + 1024 + 1,
+            "{}",
+            table.deadlines.len()
+        );
+        assert_eq!(table.per_caller[&b.id].len(), 1);
     }
 
     #[test]

@@ -417,7 +417,11 @@ impl Relay {
 fn invoke_frame(caller: &Peer, call: &Call<'_>) -> Utf8Bytes {
     let (user, roles, groups) = {
         let state = caller.state();
-        (state.user.clone(), state.roles.clone(), state.groups.clone())
+        (
+            state.user.clone(),
+            state.roles.clone(),
+            state.groups.clone(),
+        )
     };
     let names = |names: &[String]| serde_json::to_string(names).unwrap_or_else(|_| "[]".into());
     let mut out = String::with_capacity(call.data.len() + call.method.len() + 160);

@@ -28,7 +28,11 @@ async fn invoke(client: &mut Conn, id: Value, method: &str, data: Value) {
 /// The next frame of `backend` is an `invoke`; returns its data.
 async fn expect_invoke(backend: &mut Conn) -> Value {
     let frame = backend.recv().await;
-    assert_eq!(frame["type"], "invoke", "{}: not an invoke: {frame}", backend.name);
+    assert_eq!(
+        frame["type"], "invoke",
+        "{}: not an invoke: {frame}",
+        backend.name
+    );
     frame["data"].clone()
 }
 
@@ -37,7 +41,11 @@ async fn expect_error_result(client: &mut Conn, id: Value, code: &str) -> Value 
     let frame = client.recv().await;
     assert_eq!(frame["type"], "invoke_result", "{}: {frame}", client.name);
     assert_eq!(frame["data"]["id"], id, "{}: {frame}", client.name);
-    assert_eq!(frame["data"]["error"]["code"], code, "{}: {frame}", client.name);
+    assert_eq!(
+        frame["data"]["error"]["code"], code,
+        "{}: {frame}",
+        client.name
+    );
     assert!(frame["data"].get("data").is_none(), "{frame}");
     frame["data"]["error"].clone()
 }
@@ -94,7 +102,9 @@ async fn a_call_goes_to_a_server_and_its_result_comes_back_to_the_caller() {
         )
         .await;
     client
-        .expect_text(r#"{"type":"invoke_result","data":{"id":"call-2","error":{"code":42,"why":"no"}}}"#)
+        .expect_text(
+            r#"{"type":"invoke_result","data":{"id":"call-2","error":{"code":42,"why":"no"}}}"#,
+        )
         .await;
     expect_silence_all(&mut [&mut client, &mut backend]).await;
 }
@@ -113,7 +123,10 @@ async fn calls_go_round_robin_over_the_servers() {
         assert!(text.contains(r#""type":"invoke""#), "{text}");
         got.push(who);
     }
-    assert!(got.windows(2).all(|w| w[0] != w[1]), "not round robin: {got:?}");
+    assert!(
+        got.windows(2).all(|w| w[0] != w[1]),
+        "not round robin: {got:?}"
+    );
 }
 
 /// Before `client_connect`, a connection is nobody: its call is refused.
@@ -161,10 +174,19 @@ async fn an_unanswered_call_times_out_and_a_late_answer_is_dropped() {
     );
     assert!(error["message"].is_string(), "{error}");
     backend
-        .send_event("invoke_result", json!({"target": id, "id": "slow", "data": 1}))
+        .send_event(
+            "invoke_result",
+            json!({"target": id, "id": "slow", "data": 1}),
+        )
         .await;
     client.expect_silence().await;
-    wait_metric(server.addr, "jssocket_invoke_results_dropped_total", &[], 1.0).await;
+    wait_metric(
+        server.addr,
+        "jssocket_invoke_results_dropped_total",
+        &[],
+        1.0,
+    )
+    .await;
     wait_metric(server.addr, "jssocket_invoke_timeouts_total", &[], 1.0).await;
 }
 
@@ -188,14 +210,22 @@ async fn a_result_reaches_only_its_caller() {
     // Alice's target, a wrong id; and "1" is not 1.
     for wrong in [json!(2), json!("1")] {
         backend
-            .send_event("invoke_result", json!({"target": a, "id": wrong, "data": "x"}))
+            .send_event(
+                "invoke_result",
+                json!({"target": a, "id": wrong, "data": "x"}),
+            )
             .await;
     }
     // A client cannot answer, not even itself.
     mallory
-        .send_event("invoke_result", json!({"target": a, "id": 1, "data": "forged"}))
+        .send_event(
+            "invoke_result",
+            json!({"target": a, "id": 1, "data": "forged"}),
+        )
         .await;
-    mallory.expect_error("forbidden", Some("invoke_result")).await;
+    mallory
+        .expect_error("forbidden", Some("invoke_result"))
+        .await;
     expect_silence_all(&mut [&mut alice, &mut mallory]).await;
 
     // The right answer, once; a second one is dropped.
@@ -208,7 +238,13 @@ async fn a_result_reaches_only_its_caller() {
         .expect_text(r#"{"type":"invoke_result","data":{"id":1,"data":"ok"}}"#)
         .await;
     expect_silence_all(&mut [&mut alice, &mut mallory, &mut backend]).await;
-    wait_metric(server.addr, "jssocket_invoke_results_dropped_total", &[], 4.0).await;
+    wait_metric(
+        server.addr,
+        "jssocket_invoke_results_dropped_total",
+        &[],
+        4.0,
+    )
+    .await;
 
     // The same id on two connections are two calls.
     invoke(&mut alice, json!(5), "m", json!({})).await;
@@ -216,7 +252,10 @@ async fn a_result_reaches_only_its_caller() {
     expect_invoke(&mut backend).await;
     expect_invoke(&mut backend).await;
     backend
-        .send_event("invoke_result", json!({"target": m, "id": 5, "data": "for m"}))
+        .send_event(
+            "invoke_result",
+            json!({"target": m, "id": 5, "data": "for m"}),
+        )
         .await;
     mallory
         .expect_text(r#"{"type":"invoke_result","data":{"id":5,"data":"for m"}}"#)
@@ -288,7 +327,12 @@ async fn bad_ids_and_methods_are_refused() {
     let server = Server::start().await;
     let mut backend = server.backend("backend").await;
     let mut client = registered(&server, &mut backend, "client").await;
-    for bad in [json!({"a": 1}), json!(1.5), json!(true), json!("x".repeat(129))] {
+    for bad in [
+        json!({"a": 1}),
+        json!(1.5),
+        json!(true),
+        json!("x".repeat(129)),
+    ] {
         invoke(&mut client, bad, "m", json!({})).await;
         client.expect_error("invalid_field", Some("invoke")).await;
     }
@@ -302,16 +346,16 @@ async fn bad_ids_and_methods_are_refused() {
             .await;
         expect_error_result(&mut client, json!(9), "invalid_field").await;
     }
-    client
-        .send_event("invoke", json!({"id": 9}))
-        .await;
+    client.send_event("invoke", json!({"id": 9})).await;
     expect_error_result(&mut client, json!(9), "invalid_field").await;
     backend.expect_silence().await;
     // The server's side is checked too.
     backend
         .send_event("invoke_result", json!({"id": 9, "data": 1}))
         .await;
-    backend.expect_error("missing_field", Some("invoke_result")).await;
+    backend
+        .expect_error("missing_field", Some("invoke_result"))
+        .await;
 }
 
 /// A SignalR `invoke` is a call with the arguments array as `data` and the invocation id as
@@ -334,20 +378,31 @@ async fn signalr_invocations_are_calls() {
         ))
         .await;
     backend
-        .send_event("invoke_result", json!({"target": target, "id": "1", "data": {"ok": [1]}}))
+        .send_event(
+            "invoke_result",
+            json!({"target": target, "id": "1", "data": {"ok": [1]}}),
+        )
         .await;
-    hub.expect_text(&format!(r#"{{"type":3,"invocationId":"1","result":{{"ok":[1]}}}}{RS}"#))
-        .await;
+    hub.expect_text(&format!(
+        r#"{{"type":3,"invocationId":"1","result":{{"ok":[1]}}}}{RS}"#
+    ))
+    .await;
 
     // An error: a string as it is, anything else as its JSON text.
-    for (i, error, text) in [(2, json!("boom"), "boom"), (3, json!({"c": 1}), r#"{"c":1}"#)] {
+    for (i, error, text) in [
+        (2, json!("boom"), "boom"),
+        (3, json!({"c": 1}), r#"{"c":1}"#),
+    ] {
         hub.send_text(&format!(
             r#"{{"type":1,"invocationId":"{i}","target":"m","arguments":[]}}{RS}"#
         ))
         .await;
         expect_invoke(&mut backend).await;
         backend
-            .send_event("invoke_result", json!({"target": target, "id": i.to_string(), "error": error}))
+            .send_event(
+                "invoke_result",
+                json!({"target": target, "id": i.to_string(), "error": error}),
+            )
             .await;
         let completion = recv_message(&mut hub).await;
         assert_eq!(
@@ -357,12 +412,20 @@ async fn signalr_invocations_are_calls() {
     }
 
     // send: forwarded without an id; an answer to it completes nothing.
-    hub.send_text(&format!(r#"{{"type":1,"target":"log","arguments":[1]}}{RS}"#))
-        .await;
+    hub.send_text(&format!(
+        r#"{{"type":1,"target":"log","arguments":[1]}}{RS}"#
+    ))
+    .await;
     let call = expect_invoke(&mut backend).await;
-    assert_eq!((call["id"].clone(), call["method"].clone()), (Value::Null, json!("log")));
+    assert_eq!(
+        (call["id"].clone(), call["method"].clone()),
+        (Value::Null, json!("log"))
+    );
     backend
-        .send_event("invoke_result", json!({"target": target, "id": "4", "data": 1}))
+        .send_event(
+            "invoke_result",
+            json!({"target": target, "id": "4", "data": 1}),
+        )
         .await;
     hub.expect_silence().await;
 }
@@ -389,7 +452,13 @@ async fn a_call_crosses_nodes_and_comes_back(kind: Kind) {
     let (_backing, nodes) = cluster_on(kind, 2).await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let mut backend = b.backend("backend").await;
-    wait_all(&[a], "jssocket_cluster_remote_servers", 1.0, CLUSTER_TIMEOUT).await;
+    wait_all(
+        &[a],
+        "jssocket_cluster_remote_servers",
+        1.0,
+        CLUSTER_TIMEOUT,
+    )
+    .await;
     let mut client = a.client("client").await;
     let mut bystander = a.client("bystander").await;
     register(&mut client, &mut backend).await;
@@ -401,10 +470,16 @@ async fn a_call_crosses_nodes_and_comes_back(kind: Kind) {
     assert_eq!(call["target"], id);
     assert_eq!(call["data"], json!({"f": 1}));
     backend
-        .send_event("invoke_result", json!({"target": id, "id": 2, "data": "wrong id"}))
+        .send_event(
+            "invoke_result",
+            json!({"target": id, "id": 2, "data": "wrong id"}),
+        )
         .await;
     backend
-        .send_event("invoke_result", json!({"target": id, "id": 1, "data": {"r": 1}}))
+        .send_event(
+            "invoke_result",
+            json!({"target": id, "id": 1, "data": {"r": 1}}),
+        )
         .await;
     client
         .expect_text(r#"{"type":"invoke_result","data":{"id":1,"data":{"r":1}}}"#)
@@ -414,7 +489,10 @@ async fn a_call_crosses_nodes_and_comes_back(kind: Kind) {
     invoke(&mut client, json!(2), "execute", json!(null)).await;
     expect_invoke(&mut backend).await;
     backend
-        .send_event("invoke_result", json!({"target": id, "id": 2, "error": "nope"}))
+        .send_event(
+            "invoke_result",
+            json!({"target": id, "id": 2, "error": "nope"}),
+        )
         .await;
     client
         .expect_text(r#"{"type":"invoke_result","data":{"id":2,"error":"nope"}}"#)
@@ -430,4 +508,52 @@ async fn a_call_crosses_nodes_on_the_loopback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_crosses_nodes_on_redis() {
     a_call_crosses_nodes_and_comes_back(Kind::Redis).await;
+}
+
+/// A caller that closes takes its calls with it: the answer that comes later reaches nobody
+/// and is counted; the table does not keep them until their deadline.
+#[tokio::test]
+async fn a_closed_callers_calls_are_forgotten() {
+    let server = Server::start().await;
+    let mut backend = server.backend("backend").await;
+    let mut client = registered(&server, &mut backend, "client").await;
+    let id = client.id().to_string();
+    invoke(&mut client, json!(1), "m", json!({})).await;
+    expect_invoke(&mut backend).await;
+    client.close().await;
+    backend
+        .send_event("invoke_result", json!({"target": id, "id": 1, "data": 1}))
+        .await;
+    wait_metric(
+        server.addr,
+        "jssocket_invoke_results_dropped_total",
+        &[],
+        1.0,
+    )
+    .await;
+    backend.expect_silence().await;
+}
+
+/// The node of the server that took the call crashes: the caller on the other node still
+/// gets its `timeout` (its deadline lives on its own node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_server_node_dies_times_out() {
+    let backing = nodes::Backing::start(Kind::Loopback);
+    let a = backing.node("a", &["--invoke-timeout", "1"]);
+    let mut b = backing.node("b", &[]);
+    nodes::wait_cluster(&[&a, &b]).await;
+    let mut backend = b.backend("backend").await;
+    wait_all(
+        &[&a],
+        "jssocket_cluster_remote_servers",
+        1.0,
+        CLUSTER_TIMEOUT,
+    )
+    .await;
+    let mut client = a.client("client").await;
+    register(&mut client, &mut backend).await;
+    invoke(&mut client, json!("x"), "m", json!({})).await;
+    expect_invoke(&mut backend).await;
+    b.kill();
+    expect_error_result(&mut client, json!("x"), "timeout").await;
 }

@@ -105,9 +105,7 @@ impl Op {
                 client,
                 id,
                 frame,
-            } => {
-                texts(&[node, server, client, frame.as_str()]) + id.as_deref().map_or(0, str::len)
-            }
+            } => texts(&[node, server, client, frame.as_str()]) + id.as_deref().map_or(0, str::len),
             Op::Servers { servers } => servers.iter().map(|s| s.len()).sum(),
             Op::Leaving => 0,
         }

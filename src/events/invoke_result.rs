@@ -63,9 +63,7 @@ impl<'a> InvokeResult<'a> {
         if !session.admin {
             return Err(ProtocolError::Forbidden("invoke_result needs an admin"));
         }
-        session
-            .shared
-            .deliver(self.delivery(), session.sender())?;
+        session.shared.deliver(self.delivery(), session.sender())?;
         Ok(Flow::Continue)
     }
 }

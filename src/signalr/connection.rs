@@ -153,6 +153,7 @@ async fn run(
         End::Close { close, .. } | End::Reject(close) => close,
     });
     shared.hub.remove(&peer);
+    shared.invocations.forget(peer.id);
     let unsent = peer.outbox.close();
     if let End::Close { flush: true, .. } = stop.end {
         Box::pin(flush(&mut sink, unsent)).await;
