@@ -557,3 +557,33 @@ async fn a_call_whose_server_node_dies_times_out() {
     b.kill();
     expect_error_result(&mut client, json!("x"), "timeout").await;
 }
+
+/// A backend may answer over HTTP: `POST /api/invoke_result` with the admin password; it says
+/// whether a call on this node was completed (`delivered` 1), and a wrong id delivers 0.
+#[tokio::test]
+async fn a_result_may_come_over_http() {
+    let server = Server::start().await;
+    let mut backend = server.backend("backend").await;
+    let mut client = registered(&server, &mut backend, "client").await;
+    let id = client.id().to_string();
+    invoke(&mut client, json!(1), "m", json!({})).await;
+    expect_invoke(&mut backend).await;
+    let wrong = common::api_post(
+        server.addr,
+        "invoke_result",
+        &json!({"target": id, "id": 2, "data": 1}).to_string(),
+    )
+    .await;
+    assert_eq!((wrong.status, wrong.json()), (200, json!({"delivered": 0})));
+    let right = common::api_post(
+        server.addr,
+        "invoke_result",
+        &json!({"target": id, "id": 1, "data": {"ok": 1}}).to_string(),
+    )
+    .await;
+    assert_eq!((right.status, right.json()), (200, json!({"delivered": 1})));
+    client
+        .expect_text(r#"{"type":"invoke_result","data":{"id":1,"data":{"ok":1}}}"#)
+        .await;
+    client.expect_silence().await;
+}
