@@ -214,7 +214,7 @@ impl Session {
     /// answered again.
     pub(crate) fn reject(&mut self, error: &ProtocolError, event: Option<&str>) -> Flow {
         let frame = error.to_frame(event);
-        self.reject_with(error, event, frame)
+        self.reject_with(error, event, frame, Frame::Error)
     }
 
     /// [`Session::reject`] with the reply already made: a refused `invoke` is answered with
@@ -224,6 +224,7 @@ impl Session {
         error: &ProtocolError,
         event: Option<&str>,
         frame: Utf8Bytes,
+        kind: Frame,
     ) -> Flow {
         // `?`: Debug formatting escapes control characters, so nothing a peer sends can
         // forge a log line or a terminal escape.
@@ -232,7 +233,7 @@ impl Session {
         if !self.admin && self.peer.outbox.unread_errors() > UNREAD_REPLIES {
             return Flow::Close(Close::NOT_READING);
         }
-        self.shared.metrics.sent(Frame::Error, 1, frame.len());
+        self.shared.metrics.sent(kind, 1, frame.len());
         self.peer.send_error(frame);
         // Load that others caused (a full cluster lane) is not this peer's bad input.
         if error.is_load() {

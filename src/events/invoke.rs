@@ -11,6 +11,7 @@
 use serde_json::value::RawValue;
 
 use crate::invoke::{Outcome, Reply, canonical_id, check_method, refusal_error, result_frame};
+use crate::kinds::Frame;
 use crate::protocol::{Data, ProtocolError, compact};
 use crate::relay::Call;
 use crate::session::{Flow, Session};
@@ -57,7 +58,7 @@ impl<'a> Invoke<'a> {
                     &self.id,
                     Outcome::Error(&refusal_error(&error)),
                 );
-                Ok(session.reject_with(&error, Some("invoke"), frame))
+                Ok(session.reject_with(&error, Some("invoke"), frame, Frame::InvokeResult))
             }
         }
     }
