@@ -226,6 +226,13 @@ async fn a_result_reaches_only_its_caller() {
     mallory
         .expect_error("forbidden", Some("invoke_result"))
         .await;
+    alice
+        .send_event(
+            "invoke_result",
+            json!({"target": a, "id": 1, "data": "self"}),
+        )
+        .await;
+    alice.expect_error("forbidden", Some("invoke_result")).await;
     expect_silence_all(&mut [&mut alice, &mut mallory]).await;
 
     // The right answer, once; a second one is dropped.
@@ -586,4 +593,28 @@ async fn a_result_may_come_over_http() {
         .expect_text(r#"{"type":"invoke_result","data":{"id":1,"data":{"ok":1}}}"#)
         .await;
     client.expect_silence().await;
+}
+
+/// The per-connection bound holds for SignalR callers too: the 17th invocation in flight
+/// completes at once with `rate_limited`, and is not forwarded.
+#[tokio::test]
+async fn signalr_calls_in_flight_are_bounded() {
+    let server = Server::start().await;
+    let mut backend = server.backend("backend").await;
+    let mut hub = signalr_client(server.addr, None, "signalr").await;
+    for i in 0..17 {
+        hub.send_text(&format!(
+            r#"{{"type":1,"invocationId":"{i}","target":"m","arguments":[]}}{RS}"#
+        ))
+        .await;
+    }
+    for _ in 0..16 {
+        expect_invoke(&mut backend).await;
+    }
+    let completion = recv_message(&mut hub).await;
+    assert_eq!(completion["invocationId"], "16", "{completion}");
+    let error: Value = serde_json::from_str(completion["error"].as_str().expect("error string"))
+        .expect("the relay's error is JSON text");
+    assert_eq!(error["code"], "rate_limited", "{completion}");
+    expect_silence_all(&mut [&mut hub, &mut backend]).await;
 }
