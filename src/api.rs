@@ -1,5 +1,6 @@
 //! The HTTP publish API, for backends that would rather not hold a socket:
-//! `POST /api/notify_client`, `/api/notify_group`, `/api/notify_all`, `/api/publish`, with the
+//! `POST /api/notify_client`, `/api/notify_group`, `/api/notify_all`, `/api/publish` (and
+//! `/api/invoke_result`, a backend answering a client's call), with the
 //! event's `data` as the JSON body. Authorised by the admin password in `Authorization: Bearer`
 //! or `auth:`; answers `{"delivered": N}`. The events' own parse and deliver code does the
 //! work, so a notification sent here is exactly one sent over a WebSocket.
@@ -15,7 +16,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::Verdict;
 use crate::delivery::Sender;
-use crate::events::{NotifyAll, NotifyClient, NotifyGroup, Publish};
+use crate::events::{InvokeResult, NotifyAll, NotifyClient, NotifyGroup, Publish};
 use crate::kinds::Event;
 use crate::protocol::{Data, ProtocolError};
 use crate::relay::Relay;
@@ -29,12 +30,16 @@ pub async fn handle(
 ) -> Response {
     let event = match Event::from_name(&event) {
         Some(
-            event @ (Event::NotifyClient | Event::NotifyGroup | Event::NotifyAll | Event::Publish),
+            event @ (Event::NotifyClient
+            | Event::NotifyGroup
+            | Event::NotifyAll
+            | Event::Publish
+            | Event::InvokeResult),
         ) => event,
         _ => {
             return (
                 StatusCode::NOT_FOUND,
-                "404: the API has notify_client, notify_group, notify_all and publish\n",
+                "404: the API has notify_client, notify_group, notify_all, publish and invoke_result\n",
             )
                 .into_response();
         }
@@ -112,6 +117,8 @@ fn deliver(shared: &Relay, event: Event, body: &[u8]) -> Result<usize, ProtocolE
         }
         Event::NotifyGroup => NotifyGroup::parse(data)?.delivery(),
         Event::NotifyAll => NotifyAll::parse(data)?.delivery(),
+        // A backend that got the call over its socket may answer from anywhere.
+        Event::InvokeResult => InvokeResult::parse(data)?.delivery(),
         _ => Publish::parse(data)?.delivery(),
     };
     shared.deliver(delivery, Sender::Admin)

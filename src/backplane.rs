@@ -78,6 +78,18 @@ pub trait Backplane: Send + Sync {
         false
     }
 
+    /// Offers a client's call (`invoke`, with its canonical `id`) to a server on another
+    /// node, round robin. False: none can take it now (the caller is answered `no_server`).
+    fn forward_invoke(
+        &self,
+        _relay: &Relay,
+        _client: &Arc<Peer>,
+        _id: Option<&str>,
+        _frame: Utf8Bytes,
+    ) -> bool {
+        false
+    }
+
     /// The client's earlier `client_connect` is settled (it asked again, or was
     /// acknowledged): it is not forwarded again.
     fn settled(&self, _client: &Peer) {}

@@ -127,6 +127,11 @@ pub struct Options {
     #[arg(long, env = "SOCKET_PENDING_TIMEOUT", default_value_t = 30)]
     pub pending_timeout: u64,
 
+    /// Seconds a client's `invoke` waits for a server's `invoke_result` before the client
+    /// gets an error result (a late answer is then dropped).
+    #[arg(long, env = "SOCKET_INVOKE_TIMEOUT", default_value_t = 10)]
+    pub invoke_timeout: u64,
+
     /// Bad messages a connection may send per minute before it is closed with 1008.
     #[arg(long, env = "SOCKET_BAD_INPUT_LIMIT", default_value_t = 30)]
     pub bad_input_limit: u32,
@@ -262,6 +267,7 @@ pub struct Config {
     pub max_queue_bytes: usize,
     pub pending_connects: usize,
     pub pending_timeout: Duration,
+    pub invoke_timeout: Duration,
     pub bad_input_limit: u32,
     pub console: bool,
     /// GET /metrics needs the admin password.
@@ -334,6 +340,7 @@ impl Config {
             ("--ping-timeout", o.ping_timeout),
             ("--max-queue-bytes", o.max_queue_bytes as u64),
             ("--pending-timeout", o.pending_timeout),
+            ("--invoke-timeout", o.invoke_timeout),
             ("--bad-input-limit", u64::from(o.bad_input_limit)),
             ("--handshake-timeout", o.handshake_timeout),
             ("--max-memory", o.max_memory.unwrap_or(1) as u64),
@@ -380,6 +387,7 @@ impl Config {
             max_queue_bytes: o.max_queue_bytes,
             pending_connects: o.pending_connects,
             pending_timeout: Duration::from_secs(o.pending_timeout),
+            invoke_timeout: Duration::from_secs(o.invoke_timeout),
             bad_input_limit: o.bad_input_limit,
             console: o.console == Switch::On,
             metrics_auth: o.metrics_auth == Switch::On,
@@ -418,6 +426,7 @@ impl Default for Config {
             max_queue_bytes: 4 * 1024 * 1024,
             pending_connects: 10_000,
             pending_timeout: 30,
+            invoke_timeout: 10,
             bad_input_limit: 30,
             console: Switch::On,
             metrics_auth: Switch::Off,

@@ -169,6 +169,7 @@ async fn run(socket: Socket, shared: Arc<Relay>, info: PeerInfo, peer: Arc<Peer>
     });
     // Out of every table first, so nothing more is queued for it.
     shared.hub.remove(&peer);
+    shared.invocations.forget(peer.id);
     let mut unsent = peer.outbox.close();
     if let End::Close { flush: true, .. } = end {
         unsent = Box::pin(flush(&mut sink, unsent)).await;

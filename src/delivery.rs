@@ -42,6 +42,16 @@ pub enum Delivery {
         groups: Vec<String>,
         frame: Text,
     },
+    /// `invoke_result`: completes call `id` (canonical JSON) of connection `target`, on the
+    /// node that holds it, if that call is in flight there (see [`crate::invoke`]). `frame`
+    /// is the raw JSON of the server's `data`, or of its `error` when `error` is set.
+    InvokeResult {
+        target: Box<str>,
+        id: Box<str>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        error: bool,
+        frame: Text,
+    },
 }
 
 impl Delivery {
@@ -64,7 +74,8 @@ impl Delivery {
             | Delivery::Group { frame, .. }
             | Delivery::GroupOf { frame, .. }
             | Delivery::Channel { frame, .. }
-            | Delivery::Acknowledge { frame, .. } => frame,
+            | Delivery::Acknowledge { frame, .. }
+            | Delivery::InvokeResult { frame, .. } => frame,
         }
     }
 
@@ -107,6 +118,9 @@ impl Delivery {
                     + names(groups)
                     + frame.len()
             }
+            Delivery::InvokeResult {
+                target, id, frame, ..
+            } => target.len() + id.len() + frame.len(),
         }
     }
 }

@@ -58,6 +58,8 @@ named! {
         Subscribe = "subscribe",
         Unsubscribe = "unsubscribe",
         Publish = "publish",
+        Invoke = "invoke",
+        InvokeResult = "invoke_result",
     }
 }
 
@@ -85,6 +87,8 @@ named! {
         Unsubscribed = "unsubscribed",
         Callback = "callback",
         Error = "error",
+        Invoke = "invoke",
+        InvokeResult = "invoke_result",
     }
 }
 
@@ -109,6 +113,8 @@ named! {
         RateLimited = "rate_limited",
         InvalidToken = "invalid_token",
         UnknownMethod = "unknown_method",
+        /// An `invoke` no server answered within `--invoke-timeout` (its `invoke_result`).
+        Timeout = "timeout",
     }
 }
 

@@ -16,6 +16,7 @@
 //! - [`hub`]: who is connected: clients, groups, channels.
 //! - [`peer`]: one connection's shared handle: id, outbound queue, hub state, close reason.
 //! - [`pool`]: the server pool and the client connects waiting for a server.
+//! - [`invoke`]: client → backend calls in flight, their deadlines and results.
 //! - [`outbox`]: a connection's bounded outbound queue.
 //! - [`memory`]: the global memory budget (`--max-memory`) over every queue and partial message.
 //! - [`overload`]: when the runtime lags, clients' messages wait so bystanders are served.
@@ -42,6 +43,7 @@ pub mod console;
 pub mod delivery;
 pub mod events;
 pub mod hub;
+pub mod invoke;
 pub mod jwt;
 pub mod kinds;
 pub mod log_throttle;

@@ -83,6 +83,10 @@ pub struct Metrics {
     /// node's own echoes included: what routing keeps to the nodes concerned.
     pub cluster_deliveries_received: Counter,
     pub cluster_dropped: Counter,
+    /// `invoke_result`s for no call in flight (late, repeated, or for another connection).
+    pub invoke_results_dropped: Counter,
+    /// Calls answered `timeout` because no server answered in time.
+    pub invoke_timeouts: Counter,
     /// The memory budget (`--max-memory`) and what is charged against it: bytes in outbound
     /// queues and in unfinished inbound messages (kept in step by `memory::Memory`, which
     /// uses these gauges as its counters); connections closed or pushes refused for it.
@@ -311,6 +315,18 @@ impl Metrics {
             "Messages for other nodes dropped because the backlog was full during a Redis outage",
             cluster_dropped.clone(),
         );
+        let invoke_results_dropped = Counter::default();
+        registry.register(
+            "invoke_results_dropped",
+            "invoke_result answers for no call in flight (late, repeated, or another connection's)",
+            invoke_results_dropped.clone(),
+        );
+        let invoke_timeouts = Counter::default();
+        registry.register(
+            "invoke_timeouts",
+            "Client calls answered with a timeout error because no server answered in time",
+            invoke_timeouts.clone(),
+        );
         let fanout_seconds = Histogram::new(exponential_buckets(0.000_01, 4.0, 10));
         registry.register(
             "fanout_seconds",
@@ -348,6 +364,8 @@ impl Metrics {
             cluster_received,
             cluster_deliveries_received,
             cluster_dropped,
+            invoke_results_dropped,
+            invoke_timeouts,
             memory_budget_bytes,
             memory_outbound_bytes,
             memory_inbound_bytes,

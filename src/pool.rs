@@ -269,6 +269,20 @@ impl Pool {
             .is_some_and(|server| server.offer(Outgoing::Text(frame)))
     }
 
+    /// Queues a client's call (`invoke`) for one of this node's servers, round robin,
+    /// skipping one whose queue is full. False: no local server can take it. Calls never
+    /// wait here: a caller is answered at once when no server is connected.
+    pub fn offer_invoke(&self, frame: Utf8Bytes) -> bool {
+        let mut pool = self.lock();
+        for _ in 0..pool.servers.len() {
+            let Some(server) = pool.pick() else { break };
+            if server.offer(Outgoing::Text(frame.clone())) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Whether `client` has a request waiting in the queue.
     pub fn is_pending(&self, client: Uuid) -> bool {
         self.lock().pending.slots.contains_key(&client)

@@ -18,13 +18,14 @@ use crate::backplane::{Backplane, Local, Topic, channel_bucket};
 use crate::config::Config;
 use crate::delivery::{Delivery, Route, Sender};
 use crate::hub::{Acknowledgement, Hub, looks_like_id};
+use crate::invoke::{Invocations, Outcome, Reply};
 use crate::kinds::Frame;
 use crate::memory::Memory;
 use crate::metrics::Metrics;
 use crate::overload::Overload;
 use crate::peer::{Peer, Wire};
 use crate::pool::Forwarded;
-use crate::protocol::ProtocolError;
+use crate::protocol::{ProtocolError, event_frame, push_json_string};
 use crate::server::Gate;
 use crate::signalr::Form;
 
@@ -47,6 +48,19 @@ pub struct Relay {
     pub(crate) gate: Gate,
     /// SignalR connections negotiated and not yet connected.
     pub signalr: crate::signalr::Negotiations,
+    /// Client → backend calls of this node's connections waiting for their results.
+    pub invocations: Invocations,
+}
+
+/// A client's call, checked, to forward to a server (see [`Relay::invoke`]).
+pub struct Call<'a> {
+    /// Canonical JSON of the caller's id; `None` for a SignalR `send`, which expects no
+    /// result (the server gets `"id":null`).
+    pub id: Option<Box<str>>,
+    pub method: &'a str,
+    /// Raw JSON of the call's `data`.
+    pub data: &'a str,
+    pub reply: Reply,
 }
 
 /// What became of a delivery here.
@@ -87,6 +101,7 @@ impl Relay {
                 &config.signalr_notify_method,
             ),
             signalr: crate::signalr::Negotiations::new(),
+            invocations: Invocations::new(config.invoke_timeout),
             auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
             memory: Arc::new(Memory::new(config.max_memory, &metrics)),
             overload: Overload::new(config.overload_lag, &metrics),
@@ -243,7 +258,60 @@ impl Relay {
                 );
                 here(1, None)
             }
+            Delivery::InvokeResult {
+                target,
+                id,
+                error,
+                frame,
+            } => {
+                if hub.client(&target).is_none() && self.backplane.elsewhere(&target) {
+                    let route = Route::Owner(target.clone());
+                    let delivery = Delivery::InvokeResult {
+                        target,
+                        id,
+                        error,
+                        frame,
+                    };
+                    return Ok(here(0, Some((route, delivery))));
+                }
+                let outcome = match error {
+                    true => Outcome::Error(frame.as_str()),
+                    false => Outcome::Data(frame.as_str()),
+                };
+                let n = self.invocations.complete(self, &target, &id, outcome);
+                here(usize::from(n), None)
+            }
         })
+    }
+
+    /// Forwards a client's call to one server: this node's, round robin, else one on
+    /// another node. It is in flight (with its deadline) before it goes out, so a fast
+    /// answer finds it. No server: the caller gets a `no_server` result now. A refusal
+    /// (limits, a duplicate id) is returned for the caller's event path to answer.
+    pub fn invoke(&self, caller: &Arc<Peer>, call: Call<'_>) -> Result<(), ProtocolError> {
+        if let Some(id) = &call.id {
+            self.invocations.begin(caller, id, call.reply.clone())?;
+        }
+        let frame = invoke_frame(caller, &call);
+        let len = frame.len();
+        let id = call.id.as_deref();
+        let sent = self.hub.pool.offer_invoke(frame.clone())
+            || self.backplane.forward_invoke(self, caller, id, frame);
+        if sent {
+            self.metrics.sent(Frame::Invoke, 1, len);
+            return Ok(());
+        }
+        if let Some(id) = id {
+            self.invocations.abandon(caller.id, id);
+            let error = crate::invoke::relay_error(
+                crate::kinds::Code::NoServer,
+                "no server is connected to take this call",
+            );
+            let frame = crate::invoke::result_frame(&call.reply, id, Outcome::Error(&error));
+            self.metrics.sent(Frame::InvokeResult, 1, frame.len());
+            caller.send(frame);
+        }
+        Ok(())
     }
 
     /// Delivers to a group's members here. While some of them still wait for their
@@ -341,4 +409,39 @@ impl Relay {
             }
         }
     }
+}
+
+/// `{"type":"invoke","data":{"id","method","data","target","user","roles","groups"}}`: the
+/// caller's identity is what its acknowledgement gave (none before it), snapshotted so no lock
+/// is held while the frame is written.
+fn invoke_frame(caller: &Peer, call: &Call<'_>) -> Utf8Bytes {
+    let (user, roles, groups) = {
+        let state = caller.state();
+        (
+            state.user.clone(),
+            state.roles.clone(),
+            state.groups.clone(),
+        )
+    };
+    let names = |names: &[String]| serde_json::to_string(names).unwrap_or_else(|_| "[]".into());
+    let mut out = String::with_capacity(call.data.len() + call.method.len() + 160);
+    out.push_str("{\"id\":");
+    out.push_str(call.id.as_deref().unwrap_or("null"));
+    out.push_str(",\"method\":");
+    push_json_string(&mut out, call.method);
+    out.push_str(",\"data\":");
+    out.push_str(call.data);
+    out.push_str(",\"target\":");
+    push_json_string(&mut out, &caller.target);
+    out.push_str(",\"user\":");
+    match &user {
+        Some(user) => push_json_string(&mut out, user),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"roles\":");
+    out.push_str(&names(&roles));
+    out.push_str(",\"groups\":");
+    out.push_str(&names(&groups));
+    out.push('}');
+    event_frame("invoke", &out)
 }

@@ -145,6 +145,7 @@ pub async fn serve(
     let shared = Arc::new(relay);
     info!(addr = %listener.local_addr()?, "listening");
     tokio::spawn(expire_pending(Arc::clone(&shared)));
+    tokio::spawn(crate::invoke::sweep(Arc::clone(&shared)));
     tokio::spawn(memory::sweep(Arc::clone(&shared)));
     tokio::spawn(overload::monitor(Arc::clone(&shared)));
     Arc::clone(&shared.backplane).start(&shared);

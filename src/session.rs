@@ -60,6 +60,8 @@ pub struct Session {
     /// `client_connect`s in the current window: each is copied to a server, so one client
     /// must not be able to flood the backends with them.
     connects: Window,
+    /// Calls (`invoke`) started in the current minute.
+    pub(crate) invokes: crate::invoke::RateWindow,
     /// Who the connection's token says it is (SPEC §11): the upgrade's, replaced by each
     /// valid JWT in `client_connect`. `None` without one, or without a JWT key configured.
     pub(crate) identity: Option<Identity>,
@@ -80,6 +82,7 @@ impl Session {
             in_pool: false,
             bad_input: Window::new(),
             connects: Window::new(),
+            invokes: crate::invoke::RateWindow::default(),
             identity: None,
             token_deadline: None,
         }
@@ -210,25 +213,29 @@ impl Session {
     /// [`UNREAD_REPLIES`] of error replies is not reading them: it is closed instead of being
     /// answered again.
     pub(crate) fn reject(&mut self, error: &ProtocolError, event: Option<&str>) -> Flow {
-        // `?`: Debug formatting escapes control characters, so nothing a peer sends can
-        // forge a log line or a terminal escape.
-        debug!(code = %error.code(), event = ?event, reason = ?error.to_string(), "rejected");
-        self.reject_with(error, || error.to_frame(event))
+        self.reject_with(error, event, || error.to_frame(event), Frame::Error)
     }
 
-    /// [`Session::reject`] with the reply `frame` makes (a SignalR connection answers with a
-    /// completion error, not an error event): the same counting, limits and closes.
+    /// [`Session::reject`] with the reply `frame` makes, sent as `kind`: a refused `invoke` is
+    /// answered with an `invoke_result` carrying the error, so its caller can match it to the
+    /// call, and a SignalR connection with a completion error. The same counting, limits and
+    /// closes.
     pub(crate) fn reject_with(
         &mut self,
         error: &ProtocolError,
+        event: Option<&str>,
         frame: impl FnOnce() -> Utf8Bytes,
+        kind: Frame,
     ) -> Flow {
+        // `?`: Debug formatting escapes control characters, so nothing a peer sends can
+        // forge a log line or a terminal escape.
+        debug!(code = %error.code(), event = ?event, reason = ?error.to_string(), "rejected");
         self.shared.metrics.error(error.code());
         if !self.admin && self.peer.outbox.unread_errors() > UNREAD_REPLIES {
             return Flow::Close(Close::NOT_READING);
         }
         let frame = frame();
-        self.shared.metrics.sent(Frame::Error, 1, frame.len());
+        self.shared.metrics.sent(kind, 1, frame.len());
         self.peer.send_error(frame);
         // Load that others caused (a full cluster lane) is not this peer's bad input.
         if error.is_load() {

@@ -73,7 +73,7 @@ async fn several_records_per_frame_and_records_across_frames() {
     assert!(
         completion["error"]
             .as_str()
-            .is_some_and(|e| e.contains("'a'"))
+            .is_some_and(|e| e.contains("no_server"))
     );
     // A ping, then an invocation split over two frames.
     conn.send_text(&format!("{{\"type\":6}}{RS}{{\"type\":1,\"tar"))
@@ -215,7 +215,12 @@ async fn signalr_traffic_shows_in_metrics() {
             (received, &[("type", "close")], 0.0),
             (sent, &[("type", "completion")], 1.0),
             (sent, &[("type", "invocation")], 1.0),
-            ("jssocket_errors_total", &[("code", "unknown_method")], 1.0),
+            // No backend: the call is answered `no_server` at once (SPEC §12).
+            (
+                "jssocket_messages_sent_total",
+                &[("type", "invoke_result")],
+                1.0,
+            ),
             // The existing series count the SignalR recipient under the jssocket kind.
             (
                 "jssocket_messages_sent_total",
@@ -439,8 +444,9 @@ async fn a_flood_of_unknown_invocations_is_cut_off_and_others_are_served() {
         started.elapsed()
     );
 
-    // The attacker: at most --bad-input-limit (30) completions, then the close message and
-    // 1008 "too much bad input".
+    // The attacker: its calls (SPEC §12) are answered `no_server` up to the per-minute limit
+    // (600), then refused `rate_limited` as bad input: at most --bad-input-limit (30) more
+    // completions, then the close message and 1008 "too much bad input".
     let mut completions = 0;
     let close = loop {
         match attacker.next_event(common::RECV_TIMEOUT).await {
@@ -449,6 +455,8 @@ async fn a_flood_of_unknown_invocations_is_cut_off_and_others_are_served() {
                     .unwrap_or_else(|e| panic!("attacker: {text:?}: {e}"));
                 match message["type"].as_u64() {
                     Some(3) => completions += 1,
+                    // It is a SignalR connection too: the bystanders' publish reaches it.
+                    Some(1) => assert_eq!(message["target"], "flood.watch", "{message}"),
                     Some(7) => assert_eq!(message["error"], "too much bad input", "{message}"),
                     _ => panic!("attacker: unexpected {message}"),
                 }
@@ -462,7 +470,7 @@ async fn a_flood_of_unknown_invocations_is_cut_off_and_others_are_served() {
     assert_eq!(close.0, 1008, "{close:?}");
     assert_eq!(close.1, "too much bad input");
     assert!(
-        (1..=31).contains(&completions),
+        (1..=631).contains(&completions),
         "{completions} error completions before the close"
     );
     // Nothing of it stays queued.
@@ -476,10 +484,10 @@ async fn a_flood_of_unknown_invocations_is_cut_off_and_others_are_served() {
     .await;
     let errors = scrape(addr)
         .await
-        .value("jssocket_errors_total", &[("code", "unknown_method")]);
+        .value("jssocket_errors_total", &[("code", "rate_limited")]);
     assert!(
         (31.0..=32.0).contains(&errors),
-        "{errors} unknown_method errors counted"
+        "{errors} rate_limited errors counted"
     );
 }
 

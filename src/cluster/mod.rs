@@ -406,6 +406,37 @@ impl Cluster {
                     self.settle(shared, &client, id, false);
                 }
             }
+            Op::Invoke {
+                node,
+                server,
+                client,
+                id,
+                frame,
+            } => {
+                if node != self.node {
+                    return;
+                }
+                let len = frame.0.len();
+                if shared.hub.pool.offer_to_server(&server, frame.0) {
+                    shared.metrics.sent(Frame::Invoke, 1, len);
+                    return;
+                }
+                // The server left (or is full) since the caller's node chose it: the caller
+                // is told now rather than at its deadline.
+                if let Some(id) = id {
+                    let error = crate::invoke::relay_error(
+                        crate::kinds::Code::NoServer,
+                        "the server chosen for this call has left or is full",
+                    );
+                    let delivery = Delivery::InvokeResult {
+                        target: client.into(),
+                        id: id.into(),
+                        error: true,
+                        frame: Utf8Bytes::from(error).into(),
+                    };
+                    let _ = shared.deliver(delivery, Sender::Admin);
+                }
+            }
             Op::Servers { mut servers } => {
                 let has_servers = !servers.is_empty();
                 servers.sort();
@@ -558,6 +589,31 @@ impl Backplane for Cluster {
 
     fn settled(&self, client: &Peer) {
         self.in_flight().remove(client.id);
+    }
+
+    fn forward_invoke(
+        &self,
+        relay: &Relay,
+        client: &Arc<Peer>,
+        id: Option<&str>,
+        frame: Utf8Bytes,
+    ) -> bool {
+        let Some((node, server)) = self.pick_server() else {
+            return false;
+        };
+        let Some(topic) = topic_of_node(&node) else {
+            return false;
+        };
+        let op = Op::Invoke {
+            node,
+            server,
+            client: client.target.to_string(),
+            id: id.map(str::to_string),
+            frame: frame.into(),
+        };
+        // The client lane: a flood of calls is refused to its callers, never costs an admin.
+        self.enqueue(relay, Lane::Clients, topic, op, Some(client), None)
+            .is_ok()
     }
 
     fn interest(&self) -> Option<Arc<Interest>> {

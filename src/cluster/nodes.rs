@@ -106,7 +106,7 @@ impl Cluster {
     /// The next server on another node that may be chosen (alive, not suspect), round
     /// robin in a stable order, as (node, server id).
     /// O(nodes), nothing sorted or copied but the pick: it runs under the hub's pool lock.
-    fn pick_server(&self) -> Option<(String, String)> {
+    pub(super) fn pick_server(&self) -> Option<(String, String)> {
         let nodes = self.nodes();
         let usable = || {
             nodes

@@ -59,6 +59,18 @@ pub enum Op {
         client: String,
         id: u64,
     },
+    /// A client's call (`invoke`) for server `server` on node `node`. `client` and `id` (the
+    /// call's canonical id; none for a SignalR `send`) let the receiver answer the caller
+    /// `no_server` when that server has left or is full. Never retried: the caller's
+    /// deadline answers a call lost with its node.
+    Invoke {
+        node: String,
+        server: String,
+        client: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        frame: SharedFrame,
+    },
     /// Heartbeat: the sender is alive and has these servers.
     Servers { servers: Vec<String> },
     /// The sender is shutting down.
@@ -87,6 +99,13 @@ impl Op {
             Op::Forwarded { node, client, .. } | Op::ForwardFailed { node, client, .. } => {
                 texts(&[node, client])
             }
+            Op::Invoke {
+                node,
+                server,
+                client,
+                id,
+                frame,
+            } => texts(&[node, server, client, frame.as_str()]) + id.as_deref().map_or(0, str::len),
             Op::Servers { servers } => servers.iter().map(|s| s.len()).sum(),
             Op::Leaving => 0,
         }
@@ -98,7 +117,7 @@ impl Op {
     fn frame_mut(&mut self) -> Option<&mut Text> {
         match self {
             Op::Deliver { delivery, .. } => Some(delivery.frame_mut()),
-            Op::Forward { frame, .. } => Some(frame),
+            Op::Forward { frame, .. } | Op::Invoke { frame, .. } => Some(frame),
             _ => None,
         }
     }

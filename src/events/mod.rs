@@ -8,6 +8,8 @@
 mod client_connect;
 mod client_connected;
 mod client_disconnect;
+mod invoke;
+mod invoke_result;
 mod notify_all;
 mod notify_client;
 mod notify_group;
@@ -25,6 +27,8 @@ use crate::session::{Flow, Session};
 
 pub use client_connect::ClientConnect;
 pub use client_connected::ClientConnected;
+pub use invoke::Invoke;
+pub use invoke_result::InvokeResult;
 pub use notify_all::NotifyAll;
 pub use notify_client::NotifyClient;
 pub use notify_group::NotifyGroup;
@@ -91,6 +95,8 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         Event::Subscribe => Subscribe::parse(data, false).and_then(|e| e.apply(session)),
         Event::Unsubscribe => Subscribe::parse(data, true).and_then(|e| e.apply(session)),
         Event::Publish => Publish::parse(data).and_then(|e| e.apply(session)),
+        Event::Invoke => Invoke::parse(data).and_then(|e| e.apply(session)),
+        Event::InvokeResult => InvokeResult::parse(data).and_then(|e| e.apply(session)),
     };
     if event.fans_out() {
         let metrics = &session.shared.metrics;

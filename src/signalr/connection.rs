@@ -22,10 +22,12 @@ use crate::backplane::Topic;
 use crate::connection::{
     End, Sink, Socket, Stream, finish, flush, held_back, read_error, wait_for_permit, write_batch,
 };
+use crate::invoke::{MAX_ID_LEN, Reply, check_method, refusal_error};
+use crate::kinds::Frame;
 use crate::kinds::HubKind;
 use crate::peer::{Close, Peer};
-use crate::protocol::ProtocolError;
-use crate::relay::Relay;
+use crate::protocol::{ProtocolError, compact, push_json_string};
+use crate::relay::{Call, Relay};
 use crate::session::{Flow, Session};
 
 /// The handshake was refused (its reason went in the handshake response).
@@ -379,6 +381,16 @@ async fn read_loop(
 }
 
 /// Applies one hub message from the client.
+///
+/// An invocation is a call to the backend (SPEC §12, [`crate::invoke`]): `invoke(M, ...args)`
+/// becomes an `invoke` with `method` M, `data` the arguments array and `id` the invocation id,
+/// and its result the completion; `send(M, ...args)` (no invocation id) is forwarded the same
+/// with `"id":null` and gets no completion. Streaming invocations are not offered.
+///
+/// A refused call (limits, a bad method, no server) is answered with a completion error when
+/// the caller waits for one, and counts as bad input under `--bad-input-limit`; a client that
+/// does not read those answers is closed (`Session::reject_with`): a flood of invocations
+/// costs what a jssocket client's flood of bad events costs, no more.
 fn handle(record: &str, session: &mut Session) -> Result<(), Stop> {
     let message = HubMessage::parse(record);
     let metrics = &session.shared.metrics;
@@ -391,28 +403,26 @@ fn handle(record: &str, session: &mut Session) -> Result<(), Stop> {
     metrics.signalr_received(kind, record.len());
     match message {
         Err(error) => Err(Stop::bad(&error)),
-        // The relay offers no hub methods: a caller waiting for a result is told so, as an
-        // ASP.NET hub answers an unknown method. Each such answer is bad input under
-        // `--bad-input-limit`, and a client that does not read them is closed
-        // (`Session::reject_with`): a flood of invocations costs what a jssocket client's
-        // flood of bad events costs, no more.
         Ok(HubMessage::Invocation {
             target,
             invocation_id: Some(id),
+            stream: true,
+            ..
         }) => {
             let error = ProtocolError::UnknownMethod(target.chars().take(128).collect());
-            let reply = || Utf8Bytes::from(protocol::completion_error(&id, &error.to_string()));
-            match session.reject_with(&error, reply) {
-                Flow::Continue => Ok(()),
-                Flow::Close(close) => Err(Stop {
-                    // One closed for not reading its replies would not read these either.
-                    end: End::Close {
-                        close,
-                        flush: close != Close::NOT_READING,
-                    },
-                    farewell: (close != Close::NOT_READING)
-                        .then(|| protocol::close_message(Some(close.reason), false)),
-                }),
+            let text = format!("Streaming hub method '{target}': this relay offers no streams");
+            refuse(session, &error, &id, &text)
+        }
+        Ok(HubMessage::Invocation {
+            target,
+            invocation_id,
+            arguments,
+            stream: false,
+        }) => {
+            let id = invocation_id.as_deref();
+            match (call(session, &target, id, arguments), id) {
+                (Err(error), Some(id)) => refuse(session, &error, id, &refusal_error(&error)),
+                _ => Ok(()),
             }
         }
         Ok(HubMessage::Close) => Err(Stop {
@@ -424,6 +434,58 @@ fn handle(record: &str, session: &mut Session) -> Result<(), Stop> {
         }),
         Ok(HubMessage::Invocation { .. } | HubMessage::Ping | HubMessage::Other) => Ok(()),
     }
+}
+
+/// Answers invocation `id` with a completion carrying `text`, as bad input (see [`handle`]).
+fn refuse(session: &mut Session, error: &ProtocolError, id: &str, text: &str) -> Result<(), Stop> {
+    let reply = || Utf8Bytes::from(protocol::completion_error(id, text));
+    match session.reject_with(error, None, reply, Frame::Error) {
+        Flow::Continue => Ok(()),
+        Flow::Close(close) => Err(Stop {
+            // One closed for not reading its replies would not read these either.
+            end: End::Close {
+                close,
+                flush: close != Close::NOT_READING,
+            },
+            farewell: (close != Close::NOT_READING)
+                .then(|| protocol::close_message(Some(close.reason), false)),
+        }),
+    }
+}
+
+/// Forwards one invocation as a call; a refusal is returned for the caller to complete with.
+fn call(
+    session: &mut Session,
+    method: &str,
+    invocation_id: Option<&str>,
+    arguments: &str,
+) -> Result<(), ProtocolError> {
+    let id = match invocation_id {
+        Some(id) if id.len() > MAX_ID_LEN => {
+            return Err(ProtocolError::InvalidField(
+                "invocationId",
+                "a string of at most 128 bytes",
+            ));
+        }
+        Some(id) => {
+            let mut text = String::with_capacity(id.len() + 2);
+            push_json_string(&mut text, id);
+            Some(text.into_boxed_str())
+        }
+        None => None,
+    };
+    check_method(method)?;
+    if !arguments.starts_with('[') {
+        return Err(ProtocolError::InvalidField("arguments", "an array"));
+    }
+    session.invokes.admit()?;
+    let call = Call {
+        id,
+        method,
+        data: &compact(arguments),
+        reply: Reply::SignalR,
+    };
+    session.shared.invoke(&session.peer, call)
 }
 
 async fn write_loop(

@@ -89,11 +89,14 @@ pub fn completion_error(invocation_id: &str, error: &str) -> String {
 /// One hub message from the client, as far as the relay cares.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message<'a> {
-    /// An invocation (type 1) or stream invocation (type 4) of `target`; one with an
-    /// `invocation_id` waits for a completion.
+    /// An invocation (type 1) or stream invocation (type 4, `stream`) of `target`; one
+    /// with an `invocation_id` waits for a completion. `arguments`: the raw JSON of its
+    /// arguments array (`[]` when missing).
     Invocation {
         target: Cow<'a, str>,
         invocation_id: Option<Cow<'a, str>>,
+        arguments: &'a str,
+        stream: bool,
     },
     /// Type 6: the client is alive (any message says so too).
     Ping,
@@ -114,12 +117,16 @@ impl<'a> Message<'a> {
             target: Option<Cow<'a, str>>,
             #[serde(borrow, default, rename = "invocationId")]
             invocation_id: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            arguments: Option<&'a serde_json::value::RawValue>,
         }
         let fields: Fields<'a> = serde_json::from_str(record).map_err(|_| Error::Message)?;
         Ok(match fields.kind {
-            1 | 4 => Message::Invocation {
+            kind @ (1 | 4) => Message::Invocation {
                 target: fields.target.unwrap_or_default(),
                 invocation_id: fields.invocation_id,
+                arguments: fields.arguments.map_or("[]", |raw| raw.get()),
+                stream: kind == 4,
             },
             6 => Message::Ping,
             7 => Message::Close,
@@ -229,7 +236,9 @@ mod tests {
             Message::parse(r#"{"type":1,"target":"x","invocationId":"1","arguments":[]}"#),
             Ok(Message::Invocation {
                 target: "x".into(),
-                invocation_id: Some("1".into())
+                invocation_id: Some("1".into()),
+                arguments: "[]",
+                stream: false,
             })
         );
         assert_eq!(Message::parse(r#"{"type":99}"#), Ok(Message::Other));

@@ -165,15 +165,84 @@ test('notify_client to the connectionId arrives as the notify method', async () 
   }
 });
 
-test('invoking an unknown method rejects with the server error', async () => {
+test('invoke with no backend server connected rejects with no_server', async () => {
   const conn = connection(server);
   await conn.start();
   try {
-    await assert.rejects(conn.invoke('doesNotExist', 1), /doesNotExist/);
+    await assert.rejects(conn.invoke('doesNotExist', 1), /no_server/);
     // The connection stays usable.
     assert.equal(conn.state, signalR.HubConnectionState.Connected);
   } finally {
     await conn.stop();
+  }
+});
+
+/**
+ * A backend on its own server: joins the pool and answers every `invoke` with `answer(call)`
+ * (`{data}` or `{error}`); the calls it got are in `calls`.
+ */
+async function backendServer(answer) {
+  const own = await startServer();
+  const socket = new WebSocket(`${own.ws}/ws`, { headers: { auth: PASSWORD } });
+  const calls = [];
+  let joined;
+  const ready = new Promise((resolve) => { joined = resolve; });
+  socket.on('message', (text) => {
+    const message = JSON.parse(text.toString());
+    if (message.type === 'server_connect') joined(message.data);
+    if (message.type !== 'invoke') return;
+    calls.push(message.data);
+    const { target, id } = message.data;
+    socket.send(JSON.stringify({ type: 'invoke_result', data: { target, id, ...answer(message.data) } }));
+  });
+  await new Promise((resolve, reject) => {
+    socket.on('open', resolve);
+    socket.on('error', reject);
+  });
+  socket.send(JSON.stringify({ type: 'server_connect', data: {} }));
+  assert.equal(await ready, true);
+  return {
+    own,
+    calls,
+    async stop() {
+      socket.close();
+      await own.stop();
+    },
+  };
+}
+
+test('invoke resolves with the backend server\'s data and rejects with its error', async () => {
+  const backend = await backendServer(({ method, data }) => {
+    switch (method) {
+      case 'add': return { data: data[0] + data[1] };
+      case 'echo': return { data };
+      case 'fail': return { error: 'no such file' };
+      default: return { error: { code: 'unknown', method } };
+    }
+  });
+  const conn = connection(backend.own);
+  await conn.start();
+  try {
+    assert.equal(await conn.invoke('add', 2, 3), 5);
+    assert.deepEqual(await conn.invoke('echo', 'f.hl', { n: [1, null] }), ['f.hl', { n: [1, null] }]);
+    await assert.rejects(conn.invoke('fail'), /no such file/);
+    await assert.rejects(conn.invoke('other', 1), /"method":"other"/);
+    // What the backend got: the method, the arguments array, the caller's connection id.
+    assert.equal(backend.calls.length, 4);
+    for (const call of backend.calls) {
+      assert.equal(call.target, conn.connectionId);
+      assert.equal(typeof call.id, 'string');
+      assert.equal(call.user, null);
+    }
+    assert.deepEqual(backend.calls[0].data, [2, 3]);
+    // send: forwarded, no completion awaited.
+    await conn.send('echo', 'fire');
+    await until(() => backend.calls.length === 5, 'the send to reach the backend');
+    assert.equal(backend.calls[4].id, null);
+    assert.equal(conn.state, signalR.HubConnectionState.Connected);
+  } finally {
+    await conn.stop();
+    await backend.stop();
   }
 });
 
