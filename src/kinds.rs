@@ -58,10 +58,23 @@ named! {
         Subscribe = "subscribe",
         Unsubscribe = "unsubscribe",
         Publish = "publish",
+        Info = "info",
+        Users = "users",
+        Connections = "connections",
+        Channels = "channels",
     }
 }
 
 impl Event {
+    /// Admin events answered to their sender as `{"type":<same>,"data":<result>}` (SPEC §12),
+    /// over a WebSocket or the HTTP API (`GET`/`POST /api/<name>`).
+    pub fn is_answered(self) -> bool {
+        matches!(
+            self,
+            Event::Info | Event::Users | Event::Connections | Event::Channels
+        )
+    }
+
     /// Events that deliver to others (their time to fan out is measured).
     pub fn fans_out(self) -> bool {
         matches!(
@@ -85,6 +98,10 @@ named! {
         Unsubscribed = "unsubscribed",
         Callback = "callback",
         Error = "error",
+        Info = "info",
+        Users = "users",
+        Connections = "connections",
+        Channels = "channels",
     }
 }
 

@@ -47,6 +47,8 @@ pub struct Relay {
     pub(crate) gate: Gate,
     /// SignalR connections negotiated and not yet connected.
     pub signalr: crate::signalr::Negotiations,
+    /// Presence queries asked and answered here, bounded (see [`crate::presence`]).
+    pub presence: crate::presence::Presence,
 }
 
 /// What became of a delivery here.
@@ -87,6 +89,7 @@ impl Relay {
                 &config.signalr_notify_method,
             ),
             signalr: crate::signalr::Negotiations::new(),
+            presence: crate::presence::Presence::default(),
             auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
             memory: Arc::new(Memory::new(config.max_memory, &metrics)),
             overload: Overload::new(config.overload_lag, &metrics),

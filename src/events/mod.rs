@@ -5,26 +5,33 @@
 //! knows whether there is a cluster. Adding an event is adding a file, a name in [`Event`]
 //! and a match arm in [`handle`].
 
+mod channels;
 mod client_connect;
 mod client_connected;
 mod client_disconnect;
+mod connections;
+mod info;
 mod notify_all;
 mod notify_client;
 mod notify_group;
 mod publish;
 mod server_connect;
 mod subscribe;
+mod users;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::debug;
 
-use crate::kinds::Event;
-use crate::protocol::{Envelope, ProtocolError};
+use crate::kinds::{Event, Frame};
+use crate::protocol::{Data, Envelope, ProtocolError};
+use crate::relay::Relay;
 use crate::session::{Flow, Session};
 
 pub use client_connect::ClientConnect;
 pub use client_connected::ClientConnected;
+pub use client_connected::PUBLIC_GROUP;
 pub use notify_all::NotifyAll;
 pub use notify_client::NotifyClient;
 pub use notify_group::NotifyGroup;
@@ -91,6 +98,9 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         Event::Subscribe => Subscribe::parse(data, false).and_then(|e| e.apply(session)),
         Event::Unsubscribe => Subscribe::parse(data, true).and_then(|e| e.apply(session)),
         Event::Publish => Publish::parse(data).and_then(|e| e.apply(session)),
+        Event::Info | Event::Users | Event::Connections | Event::Channels => {
+            answered(session, event, data).await
+        }
     };
     if event.fans_out() {
         let metrics = &session.shared.metrics;
@@ -102,4 +112,43 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         Ok(flow) => flow,
         Err(error) => session.reject(&error, Some(event.name())),
     }
+}
+
+/// The result of an answered admin event (SPEC §12, [`Event::is_answered`]) as JSON text;
+/// the caller has checked that an admin asks. `None` for an event that is not answered.
+pub async fn answer(
+    relay: &Arc<Relay>,
+    event: Event,
+    data: Data<'_>,
+) -> Option<Result<String, ProtocolError>> {
+    Some(match event {
+        Event::Info => info::answer(relay, data).await,
+        Event::Users => users::answer(relay, data).await,
+        Event::Connections => connections::answer(relay, data).await,
+        Event::Channels => channels::answer(relay, data).await,
+        _ => return None,
+    })
+}
+
+/// An answered event over a WebSocket: admins only; the result goes back to the sender as
+/// `{"type":<name>,"data":<result>}`. The session waits for it, so one admin connection asks
+/// one such question at a time.
+async fn answered(
+    session: &mut Session,
+    event: Event,
+    data: Data<'_>,
+) -> Result<Flow, ProtocolError> {
+    if !session.admin {
+        return Err(ProtocolError::Forbidden(
+            "this event needs an admin connection",
+        ));
+    }
+    let relay = Arc::clone(&session.shared);
+    let result = answer(&relay, event, data)
+        .await
+        .unwrap_or(Err(ProtocolError::InvalidType))?;
+    let frame = format!("{{\"type\":\"{}\",\"data\":{result}}}", event.name());
+    let kind = Frame::from_name(event.name()).unwrap_or(Frame::Error);
+    session.send_counted(kind, frame.into());
+    Ok(Flow::Continue)
 }
