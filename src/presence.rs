@@ -203,7 +203,7 @@ pub struct Presence {
     answering: AtomicUsize,
 }
 
-/// A slot counted in an [`AtomicUsize`], given back on drop.
+/// One of `max` slots counted in an [`AtomicUsize`], given back on drop.
 pub struct Slot<'a>(&'a AtomicUsize);
 
 impl Drop for Slot<'_> {
@@ -212,13 +212,17 @@ impl Drop for Slot<'_> {
     }
 }
 
-fn take_slot(counter: &AtomicUsize, max: usize) -> Option<Slot<'_>> {
+/// Counts one more in `counter` unless it is at `max`.
+fn acquire(counter: &AtomicUsize, max: usize) -> bool {
     counter
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
             (n < max).then_some(n + 1)
         })
-        .ok()
-        .map(|_| Slot(counter))
+        .is_ok()
+}
+
+fn take_slot(counter: &AtomicUsize, max: usize) -> Option<Slot<'_>> {
+    acquire(counter, max).then_some(Slot(counter))
 }
 
 /// One of the [`MAX_ANSWERING`] slots to answer another node's query, held by the task that
@@ -227,9 +231,7 @@ pub struct Answering(Arc<Relay>);
 
 impl Answering {
     pub fn take(relay: Arc<Relay>) -> Option<Answering> {
-        let slot = take_slot(&relay.presence.answering, MAX_ANSWERING)?;
-        std::mem::forget(slot);
-        Some(Answering(relay))
+        acquire(&relay.presence.answering, MAX_ANSWERING).then_some(Answering(relay))
     }
 
     pub fn relay(&self) -> &Arc<Relay> {
@@ -390,6 +392,8 @@ fn smallest<K: Ord + Clone>(
 
 /// This node's answer to `query`.
 pub fn local(relay: &Relay, query: &Query) -> Answer {
+    // Another node's query is read as it came: its limit is held to the bound here too.
+    let query = &clamped(query);
     let hub = &relay.hub;
     let tables = hub.tables();
     match query {
@@ -452,6 +456,17 @@ pub fn local(relay: &Relay, query: &Query) -> Answer {
     }
 }
 
+fn clamped(query: &Query) -> Query {
+    let mut query = query.clone();
+    if let Query::Users { limit, .. }
+    | Query::Connections { limit, .. }
+    | Query::Channels { limit, .. } = &mut query
+    {
+        *limit = (*limit).clamp(1, MAX_LIMIT);
+    }
+    query
+}
+
 /// Distinct publish-filter groups of this node's connections (bounded count).
 fn filter_groups(clients: &dashmap::DashMap<Uuid, Arc<Peer>>) -> usize {
     // Snapshot the peers, then read each one's state outside the table's locks.
@@ -494,9 +509,21 @@ fn users(
         let (keys, left_out) = smallest(keys, after.as_ref(), want);
         for key in &keys {
             after = Some(Arc::clone(key));
+            // A user's group is named by the user, and holds only its connections: counted
+            // without reading them. `public` holds the connections without a user (and a
+            // user named `public`, counted by its `user`), and filters read each one.
+            if group.is_none() && role.is_none() && &**key != PUBLIC_GROUP {
+                if let Some(members) = tables.groups.get(&**key) {
+                    bytes += key.len() + 24;
+                    entries.push((key.to_string(), members.len()));
+                }
+                if bytes > ANSWER_BYTES {
+                    let more = entries.last().map(|e| e.0.clone());
+                    return Answer::Counts { entries, more };
+                }
+                continue;
+            }
             let members = relay.hub.group_members(key);
-            // A user's group is named by the user; `public` holds the connections without
-            // one (and a user named `public`, counted by its `user`).
             let count = members
                 .iter()
                 .filter(|peer| {
