@@ -38,10 +38,8 @@ macro_rules! on_each {
     };
 }
 
-on!([Loopback, Redis]
-    three_nodes_answer_as_one,
-    a_stopped_node_is_reported_as_timed_out,
-);
+on!([Loopback, Redis, RedisCluster] three_nodes_answer_as_one);
+on!([Loopback, Redis] a_stopped_node_is_reported_as_timed_out);
 
 /// Sends `event` with `data` and returns the answer's `data` (the reply must be of the same
 /// type).
@@ -548,4 +546,71 @@ async fn a_stopped_node_is_reported_as_timed_out(kind: Kind) {
     );
     assert!(statuses.contains(&429), "never bounded: {statuses:?}");
     assert!(statuses.contains(&200), "{statuses:?}");
+}
+
+/// What a peer controls cannot make an answer big: 22 clients with 256 subscriptions of
+/// 200-byte names each (5 632 channels, ~50 KiB of names per connection) get pages of at most
+/// `limit` channels, and `connections` pages cut at about 1 MiB (fewer than `limit`), with
+/// `next` to go on; walking the pages lists everything exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_are_bounded_in_entries_and_bytes() {
+    let server = Server::start().await;
+    let mut admin = server.admin("admin").await;
+    let mut backend = server.backend("backend").await;
+    let clients = 22;
+    let mut conns = Vec::new();
+    for c in 0..clients {
+        let mut conn = acked(
+            &server.url(),
+            &format!("c{c}"),
+            &mut backend,
+            Some("same"),
+            &[],
+            &[],
+        )
+        .await;
+        for s in 0..256 {
+            let name = format!("{c:03}.{s:03}.{}", "x".repeat(192));
+            conn.send_event("subscribe", json!({ "name": name })).await;
+        }
+        for _ in 0..256 {
+            let got = conn.recv().await;
+            assert_eq!(got["type"], "subscribed", "{got}");
+        }
+        conns.push(conn);
+    }
+    let first = ask(&mut admin, "channels", json!({})).await;
+    assert_eq!(
+        first["channels"].as_array().unwrap().len(),
+        100,
+        "the default limit"
+    );
+    let big = ask(&mut admin, "channels", json!({"limit": 1000})).await;
+    assert_eq!(big["channels"].as_array().unwrap().len(), 1000);
+    assert!(big["next"].is_string());
+    let all = all_pages(&mut admin, "channels", json!({"limit": 1000}), "channels").await;
+    assert_eq!(all.len(), clients * 256);
+
+    let page = ask(&mut admin, "connections", json!({"limit": 1000})).await;
+    let n = page["connections"].as_array().unwrap().len();
+    assert!(n >= 1 && n < clients, "{n} connections in one page");
+    assert!(
+        page.to_string().len() < 2 * 1024 * 1024,
+        "{} bytes",
+        page.to_string().len()
+    );
+    assert!(page["next"].is_string());
+    let all = all_pages(
+        &mut admin,
+        "connections",
+        json!({"limit": 1000}),
+        "connections",
+    )
+    .await;
+    assert_eq!(all.len(), clients);
+    let users = ask(&mut admin, "users", json!({})).await;
+    assert_eq!(
+        users["users"],
+        json!([{"user": "same", "connections": clients}])
+    );
 }
