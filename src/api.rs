@@ -4,13 +4,17 @@
 //! event's `data` as the JSON body. Authorised by the admin password in `Authorization: Bearer`
 //! or `auth:`; answers `{"delivered": N}`. The events' own parse and deliver code does the
 //! work, so a notification sent here is exactly one sent over a WebSocket.
+//!
+//! The answered admin events of SPEC §12 ([`Event::is_answered`]: `info`, `users`, …) are
+//! here too: `GET /api/<name>` (no data) or `POST /api/<name>` with the event's `data` as the
+//! body; the answer's body is the result itself, by the same code as over a WebSocket.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::{Body, to_bytes};
 use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::value::RawValue;
 
@@ -36,14 +40,25 @@ pub async fn handle(
             | Event::Publish
             | Event::InvokeResult),
         ) => event,
+        Some(event) if event.is_answered() => event,
         _ => {
             return (
                 StatusCode::NOT_FOUND,
-                "404: the API has notify_client, notify_group, notify_all, publish and invoke_result\n",
+                "404: the API has notify_client, notify_group, notify_all, publish, \
+                 invoke_result, info, users, connections and channels\n",
             )
                 .into_response();
         }
     };
+    let get = request.method() == Method::GET;
+    if get && !event.is_answered() {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "POST")],
+            format!("405: {} is sent with POST\n", event.name()),
+        )
+            .into_response();
+    }
     if let Err(refusal) = authorize(&shared, request.headers(), addr, event.name()).await {
         return refusal;
     }
@@ -75,6 +90,9 @@ pub async fn handle(
             }
         };
     shared.metrics.received(Some(event), body.len());
+    if event.is_answered() {
+        return answered(&shared, event, &body).await;
+    }
     let started = std::time::Instant::now();
     let delivered = deliver(&shared, event, &body);
     shared
@@ -99,6 +117,48 @@ pub async fn handle(
             error(StatusCode::BAD_REQUEST, &e, event.name())
         }
     }
+}
+
+/// An answered event (SPEC §12): the result is the body. An empty body (and a `GET`) is no
+/// data.
+async fn answered(shared: &Arc<Relay>, event: Event, body: &[u8]) -> Response {
+    let result = match json_body(body) {
+        Ok(raw) => crate::events::answer(shared, event, Data(raw))
+            .await
+            .unwrap_or(Err(ProtocolError::InvalidType)),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(text) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            shared.metrics.error(e.code());
+            if matches!(e, ProtocolError::RateLimited(_)) {
+                let mut response = error(StatusCode::TOO_MANY_REQUESTS, &e, event.name());
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
+            }
+            error(StatusCode::BAD_REQUEST, &e, event.name())
+        }
+    }
+}
+
+/// The body as one JSON value; `None` when empty.
+fn json_body(body: &[u8]) -> Result<Option<&RawValue>, ProtocolError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ProtocolError::InvalidJson("body is not UTF-8".into()))?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(text)
+        .map(Some)
+        .map_err(|e| ProtocolError::InvalidJson(e.to_string()))
 }
 
 fn deliver(shared: &Relay, event: Event, body: &[u8]) -> Result<usize, ProtocolError> {

@@ -103,6 +103,21 @@ pub trait Backplane: Send + Sync {
     fn node_tag(&self) -> u32 {
         0
     }
+
+    /// Asks every other node a presence query (SPEC §12); `None` on a single node. Their
+    /// answers arrive on [`crate::presence::Asked::answers`] (see [`crate::presence`]).
+    fn ask(
+        &self,
+        _relay: &Relay,
+        _query: &crate::presence::Query,
+    ) -> Option<crate::presence::Asked> {
+        None
+    }
+
+    /// The cluster, when this is one (to publish an answer from a task of its own).
+    fn as_cluster(&self) -> Option<&crate::cluster::Cluster> {
+        None
+    }
 }
 
 /// A single node: nothing to tell anyone.

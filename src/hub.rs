@@ -481,6 +481,16 @@ impl Hub {
             .collect()
     }
 
+    /// Read access to the tables for presence queries (`crate::presence`), which select
+    /// bounded pages from them.
+    pub(crate) fn tables(&self) -> Tables<'_> {
+        Tables {
+            clients: &self.clients,
+            groups: &self.groups,
+            channels: &self.channels,
+        }
+    }
+
     /// Counts for logs, metrics and tests.
     pub fn stats(&self) -> HubStats {
         let (servers, pending, pending_bytes) = self.pool.counts();
@@ -496,6 +506,13 @@ impl Hub {
     }
 }
 
+/// The hub's tables, read by presence queries.
+pub(crate) struct Tables<'a> {
+    pub clients: &'a DashMap<Uuid, Arc<Peer>>,
+    pub groups: &'a Members,
+    pub channels: &'a Members,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HubStats {
     pub clients: usize,
@@ -509,7 +526,7 @@ pub struct HubStats {
 }
 
 /// A group or a channel: a name and its members.
-type Members = DashMap<Arc<str>, HashMap<Uuid, Arc<Peer>>>;
+pub(crate) type Members = DashMap<Arc<str>, HashMap<Uuid, Arc<Peer>>>;
 
 /// Adds a member; true when it is the name's first.
 fn join(map: &Members, name: &Arc<str>, peer: &Arc<Peer>) -> bool {

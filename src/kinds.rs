@@ -60,10 +60,23 @@ named! {
         Publish = "publish",
         Invoke = "invoke",
         InvokeResult = "invoke_result",
+        Info = "info",
+        Users = "users",
+        Connections = "connections",
+        Channels = "channels",
     }
 }
 
 impl Event {
+    /// Admin events answered to their sender as `{"type":<same>,"data":<result>}` (SPEC §12),
+    /// over a WebSocket or the HTTP API (`GET`/`POST /api/<name>`).
+    pub fn is_answered(self) -> bool {
+        matches!(
+            self,
+            Event::Info | Event::Users | Event::Connections | Event::Channels
+        )
+    }
+
     /// Events that deliver to others (their time to fan out is measured).
     pub fn fans_out(self) -> bool {
         matches!(
@@ -89,6 +102,10 @@ named! {
         Error = "error",
         Invoke = "invoke",
         InvokeResult = "invoke_result",
+        Info = "info",
+        Users = "users",
+        Connections = "connections",
+        Channels = "channels",
     }
 }
 

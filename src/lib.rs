@@ -53,6 +53,7 @@ pub mod outbox;
 pub mod overload;
 pub mod peer;
 pub mod pool;
+pub mod presence;
 pub mod protocol;
 pub mod relay;
 pub mod server;

@@ -50,6 +50,8 @@ pub struct Relay {
     pub signalr: crate::signalr::Negotiations,
     /// Client → backend calls of this node's connections waiting for their results.
     pub invocations: Invocations,
+    /// Presence queries asked and answered here, bounded (see [`crate::presence`]).
+    pub presence: crate::presence::Presence,
 }
 
 /// A client's call, checked, to forward to a server (see [`Relay::invoke`]).
@@ -102,6 +104,7 @@ impl Relay {
             ),
             signalr: crate::signalr::Negotiations::new(),
             invocations: Invocations::new(config.invoke_timeout),
+            presence: crate::presence::Presence::default(),
             auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
             memory: Arc::new(Memory::new(config.max_memory, &metrics)),
             overload: Overload::new(config.overload_lag, &metrics),

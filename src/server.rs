@@ -217,7 +217,7 @@ fn router(shared: Arc<Relay>) -> Routers {
     let mut http = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .route("/api/{event}", post(api::handle))
+        .route("/api/{event}", post(api::handle).get(api::handle))
         .merge(console::router());
     if let Some(path) = &shared.config.signalr_path {
         http = http.route(

@@ -14,6 +14,7 @@ mod common;
 mod connect;
 mod fanout;
 mod p2p;
+mod presence;
 mod stats;
 
 use std::process::ExitCode;
@@ -240,6 +241,22 @@ enum Cmd {
         #[arg(long, default_value_t = 60.0, value_parser = secs_range)]
         drain: f64,
     },
+    /// Presence queries (SPEC §12: info, users and connections pages) with no client, then
+    /// with N acknowledged clients held: p50/p99 of each, and the ratio.
+    Presence {
+        /// Clients to connect, acknowledge and hold.
+        #[arg(long, default_value_t = 19_000, value_parser = clients_range())]
+        clients: u64,
+        /// Users the clients are spread over (the admin's groups g0, g1, …).
+        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        users: u32,
+        /// Queries of each kind, with no client and then with the clients.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        queries: u64,
+        /// The pages' `limit`.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+        limit: u64,
+    },
     /// A child process of cluster-hold (clients over the nodes; JSON lines on stdout).
     #[command(hide = true)]
     HoldWorker {
@@ -424,6 +441,7 @@ impl Cmd {
             Cmd::ClusterP2p { .. } => "cluster-p2p",
             Cmd::ClusterHold { .. } => "cluster-hold",
             Cmd::HoldWorker { .. } => "hold-worker",
+            Cmd::Presence { .. } => "presence",
         }
     }
 }
@@ -509,7 +527,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
             ..
         } => nodes * clients_per_node,
         Cmd::ClusterP2p { pairs, .. } => 2 * pairs,
-        Cmd::HoldWorker { clients, .. } => *clients,
+        Cmd::HoldWorker { clients, .. } | Cmd::Presence { clients, .. } => *clients,
         Cmd::BaselineServer { .. } | Cmd::Attack(_) | Cmd::ClusterHold { .. } => 0,
     };
     if wanted + 64 > nofile {
@@ -675,6 +693,20 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
                 cluster::hold::run(&ctx, &setup, &p).await
             }
             Cmd::HoldWorker { clients, .. } => cluster::hold::worker(&ctx, *clients as usize).await,
+            Cmd::Presence {
+                clients,
+                users,
+                queries,
+                limit,
+            } => {
+                let p = presence::Params {
+                    clients: *clients as usize,
+                    users: *users,
+                    queries: *queries,
+                    limit: *limit,
+                };
+                presence::run(&ctx, &p).await
+            }
             Cmd::BaselineServer { .. } => bail!("baseline-server is not a scenario"),
         }
     };

@@ -130,6 +130,12 @@ pub struct Cluster {
     /// [`NODE_EXPIRY`] makes this node forget them; after it, the backlog must still wait for
     /// them to subscribe again.
     known_before_outage: AtomicUsize,
+    /// Presence queries this node asked and still waits on, by id: where their answers go.
+    queries: Mutex<HashMap<u64, tokio::sync::mpsc::Sender<(String, crate::presence::Answer)>>>,
+    /// Number of the next query this node asks.
+    next_query: AtomicU64,
+    /// The relay, to answer other nodes' queries off the subscriber's task.
+    relay: std::sync::OnceLock<std::sync::Weak<Relay>>,
 }
 
 /// Group → the nodes joining it, and since when (see [`Cluster::recent_joins`]).
@@ -172,6 +178,9 @@ impl Cluster {
             recent_joins: Mutex::new(HashMap::new()),
             next_twin: AtomicU64::new(0),
             twins_seen: Mutex::new((HashSet::new(), VecDeque::new())),
+            queries: Mutex::new(HashMap::new()),
+            next_query: AtomicU64::new(1),
+            relay: std::sync::OnceLock::new(),
         }
     }
 
@@ -457,7 +466,39 @@ impl Cluster {
                 self.nodes().remove(&wire.from);
                 self.count_nodes(shared);
             }
+            Op::Query { id, query } => self.answer_query(wire.from, id, query),
+            Op::Answer { id, answer } => {
+                let mut queries = self.queries.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(waiting) = queries.get(&id)
+                    && waiting.try_send((wire.from, answer)).is_err()
+                    && waiting.is_closed()
+                {
+                    queries.remove(&id);
+                }
+            }
         }
+    }
+
+    /// Answers another node's presence query, off the subscriber's task (a page over a big
+    /// table is milliseconds of CPU), at most [`crate::presence::MAX_ANSWERING`] at once:
+    /// beyond, the asker sees this node time out.
+    fn answer_query(self: &Cluster, from: String, id: u64, query: crate::presence::Query) {
+        let Some(relay) = self.relay.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let Some(topic) = topic_of_node(&from) else {
+            return;
+        };
+        let Some(slot) = crate::presence::Answering::take(relay) else {
+            return warn_throttled!("cluster: too many presence queries to answer; one ignored");
+        };
+        tokio::task::spawn_blocking(move || {
+            let relay = slot.relay();
+            let answer = crate::presence::local(relay, &query);
+            if let Some(cluster) = relay.backplane.as_cluster() {
+                cluster.publish_control(relay, topic, Op::Answer { id, answer });
+            }
+        });
     }
 
     /// A server appeared elsewhere: hand it the client connects that were waiting here.
@@ -504,6 +545,7 @@ fn refusal(relay: &Relay, refused: Refused) -> ProtocolError {
 
 impl Backplane for Cluster {
     fn start(self: Arc<Self>, relay: &Arc<Relay>) {
+        let _ = self.relay.set(Arc::downgrade(relay));
         // Tracked, so shutdown waits for its farewell to the other nodes.
         let task = publisher(Arc::clone(relay), Arc::clone(&self));
         relay.tracker.spawn(task);
@@ -622,6 +664,37 @@ impl Backplane for Cluster {
 
     fn node_tag(&self) -> u32 {
         self.tag
+    }
+
+    fn ask(&self, relay: &Relay, query: &crate::presence::Query) -> Option<crate::presence::Asked> {
+        let nodes: Vec<String> = {
+            let nodes = self.nodes();
+            nodes
+                .iter()
+                .filter(|(_, n)| n.seen.elapsed() < NODE_EXPIRY)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        // Room for every node's answer, and a few that joined since.
+        let (tx, rx) = tokio::sync::mpsc::channel(nodes.len() + 4);
+        let id = self.next_query.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut queries = self.queries.lock().unwrap_or_else(|e| e.into_inner());
+            // Queries whose asker stopped waiting: forgotten (bounded by the queries in
+            // flight, see `crate::presence::MAX_IN_FLIGHT`).
+            queries.retain(|_, waiting| !waiting.is_closed());
+            queries.insert(id, tx);
+        }
+        let op = Op::Query {
+            id,
+            query: query.clone(),
+        };
+        self.publish_control(relay, ALL_TOPIC.to_string(), op);
+        Some(crate::presence::Asked { nodes, answers: rx })
+    }
+
+    fn as_cluster(&self) -> Option<&Cluster> {
+        Some(self)
     }
 }
 

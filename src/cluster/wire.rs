@@ -75,6 +75,17 @@ pub enum Op {
     Servers { servers: Vec<String> },
     /// The sender is shutting down.
     Leaving,
+    /// A presence query (SPEC §12) to every node; each answers `Answer` with the same `id` on
+    /// the asker's own topic.
+    Query {
+        id: u64,
+        query: crate::presence::Query,
+    },
+    /// A node's answer to the sender's query `id`.
+    Answer {
+        id: u64,
+        answer: crate::presence::Answer,
+    },
 }
 
 /// A frame carried to another node, shared with the local queues that hold it too (the
@@ -108,6 +119,8 @@ impl Op {
             } => texts(&[node, server, client, frame.as_str()]) + id.as_deref().map_or(0, str::len),
             Op::Servers { servers } => servers.iter().map(|s| s.len()).sum(),
             Op::Leaving => 0,
+            Op::Query { query, .. } => query.size(),
+            Op::Answer { answer, .. } => answer.size(),
         }
     }
 }

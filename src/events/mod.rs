@@ -5,9 +5,12 @@
 //! knows whether there is a cluster. Adding an event is adding a file, a name in [`Event`]
 //! and a match arm in [`handle`].
 
+mod channels;
 mod client_connect;
 mod client_connected;
 mod client_disconnect;
+mod connections;
+mod info;
 mod invoke;
 mod invoke_result;
 mod notify_all;
@@ -16,17 +19,21 @@ mod notify_group;
 mod publish;
 mod server_connect;
 mod subscribe;
+mod users;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::debug;
 
-use crate::kinds::Event;
-use crate::protocol::{Envelope, ProtocolError};
+use crate::kinds::{Event, Frame};
+use crate::protocol::{Data, Envelope, ProtocolError};
+use crate::relay::Relay;
 use crate::session::{Flow, Session};
 
 pub use client_connect::ClientConnect;
 pub use client_connected::ClientConnected;
+pub use client_connected::PUBLIC_GROUP;
 pub use invoke::Invoke;
 pub use invoke_result::InvokeResult;
 pub use notify_all::NotifyAll;
@@ -97,6 +104,9 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         Event::Publish => Publish::parse(data).and_then(|e| e.apply(session)),
         Event::Invoke => Invoke::parse(data).and_then(|e| e.apply(session)),
         Event::InvokeResult => InvokeResult::parse(data).and_then(|e| e.apply(session)),
+        Event::Info | Event::Users | Event::Connections | Event::Channels => {
+            answered(session, event, data).await
+        }
     };
     if event.fans_out() {
         let metrics = &session.shared.metrics;
@@ -108,4 +118,43 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         Ok(flow) => flow,
         Err(error) => session.reject(&error, Some(event.name())),
     }
+}
+
+/// The result of an answered admin event (SPEC §12, [`Event::is_answered`]) as JSON text;
+/// the caller has checked that an admin asks. `None` for an event that is not answered.
+pub async fn answer(
+    relay: &Arc<Relay>,
+    event: Event,
+    data: Data<'_>,
+) -> Option<Result<String, ProtocolError>> {
+    Some(match event {
+        Event::Info => info::answer(relay, data).await,
+        Event::Users => users::answer(relay, data).await,
+        Event::Connections => connections::answer(relay, data).await,
+        Event::Channels => channels::answer(relay, data).await,
+        _ => return None,
+    })
+}
+
+/// An answered event over a WebSocket: admins only; the result goes back to the sender as
+/// `{"type":<name>,"data":<result>}`. The session waits for it, so one admin connection asks
+/// one such question at a time.
+async fn answered(
+    session: &mut Session,
+    event: Event,
+    data: Data<'_>,
+) -> Result<Flow, ProtocolError> {
+    if !session.admin {
+        return Err(ProtocolError::Forbidden(
+            "this event needs an admin connection",
+        ));
+    }
+    let relay = Arc::clone(&session.shared);
+    let result = answer(&relay, event, data)
+        .await
+        .unwrap_or(Err(ProtocolError::InvalidType))?;
+    let frame = format!("{{\"type\":\"{}\",\"data\":{result}}}", event.name());
+    let kind = Frame::from_name(event.name()).unwrap_or(Frame::Error);
+    session.send_counted(kind, frame.into());
+    Ok(Flow::Continue)
 }
