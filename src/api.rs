@@ -29,12 +29,17 @@ pub async fn handle(
 ) -> Response {
     let event = match Event::from_name(&event) {
         Some(
-            event @ (Event::NotifyClient | Event::NotifyGroup | Event::NotifyAll | Event::Publish),
+            event @ (Event::NotifyClient
+            | Event::NotifyGroup
+            | Event::NotifyAll
+            | Event::Publish
+            | Event::Membership
+            | Event::Disconnect),
         ) => event,
         _ => {
             return (
                 StatusCode::NOT_FOUND,
-                "404: the API has notify_client, notify_group, notify_all and publish\n",
+                "404: the API has notify_client, notify_group, notify_all, publish, membership and disconnect\n",
             )
                 .into_response();
         }
@@ -70,6 +75,9 @@ pub async fn handle(
             }
         };
     shared.metrics.received(Some(event), body.len());
+    if matches!(event, Event::Membership | Event::Disconnect) {
+        return answered(&shared, event, &body).await;
+    }
     let started = std::time::Instant::now();
     let delivered = deliver(&shared, event, &body);
     shared
@@ -94,6 +102,37 @@ pub async fn handle(
             error(StatusCode::BAD_REQUEST, &e, event.name())
         }
     }
+}
+
+/// An admin event of SPEC §12: the body is its result.
+async fn answered(shared: &Arc<Relay>, event: Event, body: &[u8]) -> Response {
+    let result = match parse_body(body) {
+        Ok(data) => match event {
+            Event::Disconnect => crate::events::disconnect::answer(shared, data).await,
+            _ => crate::events::membership::answer(shared, data).await,
+        },
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(result) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            result,
+        )
+            .into_response(),
+        Err(e) => {
+            shared.metrics.error(e.code());
+            error(StatusCode::BAD_REQUEST, &e, event.name())
+        }
+    }
+}
+
+fn parse_body(body: &[u8]) -> Result<Data<'_>, ProtocolError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ProtocolError::InvalidJson("body is not UTF-8".into()))?;
+    let raw: &RawValue =
+        serde_json::from_str(text).map_err(|e| ProtocolError::InvalidJson(e.to_string()))?;
+    Ok(Data(Some(raw)))
 }
 
 fn deliver(shared: &Relay, event: Event, body: &[u8]) -> Result<usize, ProtocolError> {

@@ -88,6 +88,27 @@ pub trait Backplane: Send + Sync {
     }
 
     /// This node's id as it is written in connection ids (see [`node_of`]).
+    /// Numbers a change (`membership`, `disconnect`) whose confirmations this node will wait
+    /// for; `None` on a single node, which has nobody to wait for.
+    fn change_id(&self) -> Option<crate::membership::Ack> {
+        None
+    }
+
+    /// Confirms to the origin of change `ack` that this node applied it, matching `count`
+    /// connections.
+    fn applied(&self, _relay: &Relay, _ack: crate::membership::Ack, _count: usize) {}
+
+    /// Waits until the live nodes (or only node `only`) confirmed change `ack`, for at most
+    /// `limit`; says who confirmed, and who did not in time.
+    fn wait_applied(
+        &self,
+        _ack: crate::membership::Ack,
+        _only: Option<u32>,
+        _limit: std::time::Duration,
+    ) -> BoxFuture<'_, crate::membership::Confirmed> {
+        Box::pin(std::future::ready(crate::membership::Confirmed::default()))
+    }
+
     fn node_tag(&self) -> u32 {
         0
     }

@@ -42,6 +42,17 @@ pub enum Delivery {
         groups: Vec<String>,
         frame: Text,
     },
+    /// `membership` (SPEC §12): a change of runtime roles or groups, applied by every node
+    /// (a user's) or by the connection's node (a target's), each confirming to `ack`.
+    Membership {
+        change: crate::membership::Change,
+        ack: Option<crate::membership::Ack>,
+    },
+    /// `disconnect` (SPEC §12): closes connections, each node confirming to `ack`.
+    Disconnect {
+        order: crate::membership::Disconnect,
+        ack: Option<crate::membership::Ack>,
+    },
 }
 
 impl Delivery {
@@ -56,15 +67,17 @@ impl Delivery {
         }
     }
 
-    /// The frame its recipients get.
-    pub fn frame_mut(&mut self) -> &mut Text {
+    /// The frame its recipients get; none for a change of state (`membership`,
+    /// `disconnect`).
+    pub fn frame_mut(&mut self) -> Option<&mut Text> {
         match self {
             Delivery::All { frame }
             | Delivery::Client { frame, .. }
             | Delivery::Group { frame, .. }
             | Delivery::GroupOf { frame, .. }
             | Delivery::Channel { frame, .. }
-            | Delivery::Acknowledge { frame, .. } => frame,
+            | Delivery::Acknowledge { frame, .. } => Some(frame),
+            Delivery::Membership { .. } | Delivery::Disconnect { .. } => None,
         }
     }
 
@@ -107,6 +120,8 @@ impl Delivery {
                     + names(groups)
                     + frame.len()
             }
+            Delivery::Membership { change, .. } => change.size(),
+            Delivery::Disconnect { order, .. } => order.size(),
         }
     }
 }

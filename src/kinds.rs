@@ -58,6 +58,8 @@ named! {
         Subscribe = "subscribe",
         Unsubscribe = "unsubscribe",
         Publish = "publish",
+        Membership = "membership",
+        Disconnect = "disconnect",
     }
 }
 
@@ -85,6 +87,8 @@ named! {
         Unsubscribed = "unsubscribed",
         Callback = "callback",
         Error = "error",
+        Membership = "membership",
+        Disconnect = "disconnect",
     }
 }
 
@@ -108,6 +112,8 @@ named! {
         Unauthorized = "unauthorized",
         RateLimited = "rate_limited",
         InvalidToken = "invalid_token",
+        MembershipFull = "membership_full",
+        TooManyReasons = "too_many_reasons",
     }
 }
 

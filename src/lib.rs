@@ -45,6 +45,7 @@ pub mod hub;
 pub mod jwt;
 pub mod kinds;
 pub mod log_throttle;
+pub mod membership;
 pub mod memory;
 pub mod metrics;
 pub mod outbox;

@@ -59,6 +59,9 @@ pub enum Op {
         client: String,
         id: u64,
     },
+    /// To node `node`: the sender applied its change `id` (a `membership` or a
+    /// `disconnect`), which matched `count` connections there.
+    Applied { node: String, id: u64, count: usize },
     /// Heartbeat: the sender is alive and has these servers.
     Servers { servers: Vec<String> },
     /// The sender is shutting down.
@@ -87,6 +90,7 @@ impl Op {
             Op::Forwarded { node, client, .. } | Op::ForwardFailed { node, client, .. } => {
                 texts(&[node, client])
             }
+            Op::Applied { node, .. } => node.len(),
             Op::Servers { servers } => servers.iter().map(|s| s.len()).sum(),
             Op::Leaving => 0,
         }
@@ -97,7 +101,7 @@ impl Op {
     /// The frame this message carries, if any.
     fn frame_mut(&mut self) -> Option<&mut Text> {
         match self {
-            Op::Deliver { delivery, .. } => Some(delivery.frame_mut()),
+            Op::Deliver { delivery, .. } => delivery.frame_mut(),
             Op::Forward { frame, .. } => Some(frame),
             _ => None,
         }

@@ -8,6 +8,8 @@
 mod client_connect;
 mod client_connected;
 mod client_disconnect;
+pub mod disconnect;
+pub mod membership;
 mod notify_all;
 mod notify_client;
 mod notify_group;
@@ -59,6 +61,33 @@ impl<'a> Targeted<'a> {
     }
 }
 
+/// An admin event of SPEC §12, answered to the sender as `{"type":<event>,"data":<result>}`.
+async fn admin_answer(
+    session: &mut Session,
+    event: Event,
+    data: crate::protocol::Data<'_>,
+) -> Result<Flow, ProtocolError> {
+    if !session.admin {
+        return Err(ProtocolError::Forbidden(match event {
+            Event::Disconnect => "disconnect needs an admin connection",
+            _ => "membership needs an admin connection",
+        }));
+    }
+    let relay = std::sync::Arc::clone(&session.shared);
+    let (result, kind) = match event {
+        Event::Disconnect => (
+            disconnect::answer(&relay, data).await?,
+            crate::kinds::Frame::Disconnect,
+        ),
+        _ => (
+            membership::answer(&relay, data).await?,
+            crate::kinds::Frame::Membership,
+        ),
+    };
+    session.send_counted(kind, crate::protocol::event_frame(event.name(), &result));
+    Ok(Flow::Continue)
+}
+
 /// Parses and applies one inbound message.
 pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
     let started = Instant::now();
@@ -91,6 +120,7 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         Event::Subscribe => Subscribe::parse(data, false).and_then(|e| e.apply(session)),
         Event::Unsubscribe => Subscribe::parse(data, true).and_then(|e| e.apply(session)),
         Event::Publish => Publish::parse(data).and_then(|e| e.apply(session)),
+        Event::Membership | Event::Disconnect => admin_answer(session, event, data).await,
     };
     if event.fans_out() {
         let metrics = &session.shared.metrics;
