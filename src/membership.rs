@@ -331,49 +331,6 @@ pub fn intern(reason: &str) -> Option<&'static str> {
     Some(kept)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reasons_are_kept_once_and_bounded() {
-        let a = intern("maintenance").expect("room");
-        let b = intern("maintenance").expect("room");
-        assert!(std::ptr::eq(a, b));
-        assert_eq!(intern(&"x".repeat(MAX_REASON_LEN + 1)), None);
-        for i in 0..MAX_REASONS {
-            let _ = intern(&format!("reason {i}"));
-        }
-        assert_eq!(intern("one too many"), None);
-        assert!(
-            intern("maintenance").is_some(),
-            "a known reason still works"
-        );
-    }
-
-    #[test]
-    fn the_table_is_bounded_per_user() {
-        let table = Table::default();
-        let user: Arc<str> = Arc::from("ann");
-        for i in 0..MAX_NAMES_PER_USER {
-            table
-                .add(&user, Kind::Role, &format!("r{i}"))
-                .expect("room");
-        }
-        table.add(&user, Kind::Role, "r0").expect("already there");
-        assert!(matches!(
-            table.add(&user, Kind::Group, "one more"),
-            Err(ProtocolError::MembershipFull(_))
-        ));
-        assert_eq!(table.total(), MAX_NAMES_PER_USER);
-        for i in 0..MAX_NAMES_PER_USER {
-            table.remove("ann", Kind::Role, &format!("r{i}"));
-        }
-        assert_eq!(table.total(), 0);
-        assert!(table.users.is_empty(), "an empty user is forgotten");
-    }
-}
-
 /// Reads `user` or `target` (exactly one of them).
 pub(crate) fn parse_who(
     user: Option<&serde_json::value::RawValue>,
@@ -468,4 +425,47 @@ pub(crate) fn answer_text(counted: &str, here: Option<usize>, confirmed: &Confir
     }
     out.push('}');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_kept_once_and_bounded() {
+        let a = intern("maintenance").expect("room");
+        let b = intern("maintenance").expect("room");
+        assert!(std::ptr::eq(a, b));
+        assert_eq!(intern(&"x".repeat(MAX_REASON_LEN + 1)), None);
+        for i in 0..MAX_REASONS {
+            let _ = intern(&format!("reason {i}"));
+        }
+        assert_eq!(intern("one too many"), None);
+        assert!(
+            intern("maintenance").is_some(),
+            "a known reason still works"
+        );
+    }
+
+    #[test]
+    fn the_table_is_bounded_per_user() {
+        let table = Table::default();
+        let user: Arc<str> = Arc::from("ann");
+        for i in 0..MAX_NAMES_PER_USER {
+            table
+                .add(&user, Kind::Role, &format!("r{i}"))
+                .expect("room");
+        }
+        table.add(&user, Kind::Role, "r0").expect("already there");
+        assert!(matches!(
+            table.add(&user, Kind::Group, "one more"),
+            Err(ProtocolError::MembershipFull(_))
+        ));
+        assert_eq!(table.total(), MAX_NAMES_PER_USER);
+        for i in 0..MAX_NAMES_PER_USER {
+            table.remove("ann", Kind::Role, &format!("r{i}"));
+        }
+        assert_eq!(table.total(), 0);
+        assert!(table.users.is_empty(), "an empty user is forgotten");
+    }
 }

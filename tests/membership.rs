@@ -386,11 +386,11 @@ async fn bad_fields_get_specific_errors() {
 #[tokio::test]
 async fn the_user_table_is_bounded() {
     let (_server, _backend, mut admin, mut client) = one_node().await;
-    for i in 0..64 {
+    for i in 0..64u32 {
         let answer = ask(
             &mut admin,
             "membership",
-            json!({"action": "add", "kind": if i % 2 == 0 { "role" } else { "group" }, "name": format!("n{i}"), "user": "ann"}),
+            json!({"action": "add", "kind": if i.is_multiple_of(2) { "role" } else { "group" }, "name": format!("n{i}"), "user": "ann"}),
         )
         .await;
         assert_eq!(answer, json!({"connections": 1, "nodes": 1}));

@@ -13,6 +13,7 @@ mod cluster;
 mod common;
 mod connect;
 mod fanout;
+mod membership;
 mod p2p;
 mod stats;
 
@@ -140,6 +141,18 @@ enum Cmd {
         /// A client owes a broadcast only if it stayed connected this long after it was sent.
         #[arg(long, default_value_t = 1.0, value_parser = secs_range)]
         grace: f64,
+    },
+    /// A paced notify_all fan-out without, then with, admin `membership` changes at
+    /// --churn-rate per second: the fan-out's p99 side by side (issue 13).
+    MembershipChurn {
+        #[command(flatten)]
+        f: FanoutArgs,
+        /// Membership adds/removes per second during the second run.
+        #[arg(long, default_value_t = 10_000.0, value_parser = rate_range)]
+        churn_rate: f64,
+        /// Admin connections sharing --churn-rate.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        churn_admins: u64,
     },
     /// Run the minimal reference relay (tokio + tokio-tungstenite) until killed.
     BaselineServer {
@@ -392,6 +405,7 @@ impl Cmd {
             Cmd::Group { .. } => "group",
             Cmd::P2p { .. } => "p2p",
             Cmd::Churn { .. } => "churn",
+            Cmd::MembershipChurn { .. } => "membership-churn",
             Cmd::BaselineServer { .. } => "baseline-server",
             Cmd::Baseline(_) => "baseline",
             Cmd::Attack(_) => "attack",
@@ -476,6 +490,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
             *clients
         }
         Cmd::Fanout(f) | Cmd::Group { f, .. } | Cmd::Baseline(f) => f.clients + f.slow_clients,
+        Cmd::MembershipChurn { f, .. } => 2 * (f.clients + f.slow_clients),
         Cmd::ClusterRoute {
             nodes,
             clients_per_node,
@@ -535,6 +550,18 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
                 connect::run(&ctx, &p).await
             }
             Cmd::Fanout(f) => fanout_json(fanout::run(&ctx, &f.params(None), "fanout").await),
+            Cmd::MembershipChurn {
+                f,
+                churn_rate,
+                churn_admins,
+            } => {
+                let p = membership::Params {
+                    fanout: f.params(None),
+                    rate: *churn_rate,
+                    admins: *churn_admins as usize,
+                };
+                membership::run(&ctx, &p).await
+            }
             Cmd::Group { f, groups } => {
                 fanout_json(fanout::run(&ctx, &f.params(Some(*groups)), "group").await)
             }
