@@ -38,6 +38,7 @@ on!([Loopback, Redis]
     membership_by_user_is_seen_by_the_next_publish_on_every_node,
     membership_by_target_changes_one_connection_on_its_node,
     disconnect_closes_by_user_and_by_target_across_nodes,
+    a_crashed_node_is_named_in_the_answer_after_the_timeout,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -237,6 +238,46 @@ async fn disconnect_closes_by_user_and_by_target_across_nodes(kind: Kind) {
     let answer = ask(&mut admin, "disconnect", json!({"target": target})).await;
     assert_eq!(answer, json!({"closed": 1, "nodes": 1}));
     assert_eq!(d.expect_close_code(4000).await, "");
+}
+
+/// A node that crashed (no farewell: the others still count it as live for 3.5 s) cannot
+/// confirm: the answer comes after the 1 s bound and names it; the live nodes applied it.
+async fn a_crashed_node_is_named_in_the_answer_after_the_timeout(kind: Kind) {
+    let (_backing, mut nodes) = cluster_on(kind, 3).await;
+    let mut backend = nodes[0].backend("backend").await;
+    let mut a = subscriber(&nodes[0], "a", &mut backend, "ann").await;
+    let mut b = subscriber(&nodes[1], "b", &mut backend, "ann").await;
+    let mut admin = nodes[0].admin("admin").await;
+    let mut publisher = nodes[1].admin("publisher").await;
+    nodes[2].kill();
+    let started = std::time::Instant::now();
+    let answer = ask(
+        &mut admin,
+        "membership",
+        json!({"action": "add", "kind": "role", "name": "vip", "user": "ann"}),
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(answer["connections"], 2, "{answer}");
+    assert_eq!(answer["nodes"], 2, "{answer}");
+    assert_eq!(
+        answer["timeout"].as_array().map(Vec::len),
+        Some(1),
+        "{answer}"
+    );
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < std::time::Duration::from_secs(3),
+        "answered after {took:?}, not after the 1 s bound"
+    );
+    let mut conns = [&mut a, &mut b];
+    publish_reaches(
+        &mut publisher,
+        json!({"roles": ["vip"]}),
+        "k",
+        &mut conns,
+        &[0, 1],
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------- one node
