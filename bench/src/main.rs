@@ -153,6 +153,10 @@ enum Cmd {
         /// Admin connections sharing --churn-rate.
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
         churn_admins: u64,
+        /// The user every change concerns (`g0`: the fan-out's receivers, the worst case);
+        /// default: users with no connection.
+        #[arg(long)]
+        churn_user: Option<String>,
     },
     /// Run the minimal reference relay (tokio + tokio-tungstenite) until killed.
     BaselineServer {
@@ -554,11 +558,13 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
                 f,
                 churn_rate,
                 churn_admins,
+                churn_user,
             } => {
                 let p = membership::Params {
                     fanout: f.params(None),
                     rate: *churn_rate,
                     admins: *churn_admins as usize,
+                    user: churn_user.clone(),
                 };
                 membership::run(&ctx, &p).await
             }
