@@ -1,7 +1,8 @@
 //! `membership` and `disconnect` (SPEC §12): runtime roles and groups seen by the next
 //! `publish` on every node, future connections of a user, admin disconnects with the given
 //! code and reason across nodes, refusals and bounds. Cluster scenarios run on the in-process
-//! loopback and on a real `redis-server` (the `on!` pattern of tests/cluster.rs); the
+//! loopback, on a real `redis-server` and on a 3-master Redis Cluster (sharded Pub/Sub: no
+//! order across topics) with the `on!` pattern of tests/cluster.rs; the
 //! admin who changes membership and the admin who publishes next are on different nodes, so
 //! the answer's promise (every node applied it) is what is tested.
 
@@ -34,7 +35,7 @@ macro_rules! on_each {
     };
 }
 
-on!([Loopback, Redis]
+on!([Loopback, Redis, RedisCluster]
     membership_by_user_is_seen_by_the_next_publish_on_every_node,
     membership_by_target_changes_one_connection_on_its_node,
     disconnect_closes_by_user_and_by_target_across_nodes,
