@@ -35,7 +35,9 @@ use crate::protocol::ProtocolError;
 use crate::relay::Relay;
 
 /// What the relay asks of the cluster. Every method is cheap and never waits: what must go
-/// out is queued for the backplane's own tasks.
+/// out is queued for the backplane's own tasks. The one exception is the future of
+/// [`Backplane::wait_applied`], which an admin's `membership` or `disconnect` awaits (bounded)
+/// so its answer means every node applied the change.
 pub trait Backplane: Send + Sync {
     /// Starts the backplane's tasks for a running relay.
     fn start(self: Arc<Self>, _relay: &Arc<Relay>) {}
