@@ -142,7 +142,6 @@ named! {
         /// An `invoke` no server answered within `--invoke-timeout` (its `invoke_result`).
         Timeout = "timeout",
         MembershipFull = "membership_full",
-        TooManyReasons = "too_many_reasons",
     }
 }
 

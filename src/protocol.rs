@@ -73,10 +73,6 @@ pub enum ProtocolError {
     /// A `membership` change over a bound (per user, per connection, per node).
     #[error("{0}")]
     MembershipFull(&'static str),
-    /// A `disconnect` reason new to a node that keeps as many distinct reasons as it may
-    /// (`membership::MAX_REASONS`).
-    #[error("this node keeps at most 256 distinct close reasons: use one already used")]
-    TooManyReasons,
 }
 
 /// Longest channel name.
@@ -119,7 +115,6 @@ impl ProtocolError {
             ProtocolError::InvalidToken(_) => Code::InvalidToken,
             ProtocolError::UnknownMethod(_) => Code::UnknownMethod,
             ProtocolError::MembershipFull(_) => Code::MembershipFull,
-            ProtocolError::TooManyReasons => Code::TooManyReasons,
         }
     }
 
@@ -138,7 +133,6 @@ impl ProtocolError {
                 | ProtocolError::ClusterBusy(_)
                 | ProtocolError::QueueFull(_)
                 | ProtocolError::MembershipFull(_)
-                | ProtocolError::TooManyReasons
         )
     }
 

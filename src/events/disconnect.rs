@@ -55,10 +55,6 @@ pub fn parse(data: Data<'_>) -> Result<Disconnect, ProtocolError> {
 /// Closes the connections here, then on the nodes concerned; answers once they confirmed.
 pub async fn answer(relay: &Arc<Relay>, data: Data<'_>) -> Result<String, ProtocolError> {
     let order = parse(data)?;
-    // Refused here rather than closing with another reason than the one asked for.
-    if membership::intern(&order.reason).is_none() {
-        return Err(ProtocolError::TooManyReasons);
-    }
     let (local, route) = membership::route(relay, &order.who)?;
     let here = local.then(|| membership::disconnect(&relay.hub, &order));
     let confirmed =
