@@ -188,8 +188,18 @@ impl Hub {
         }
     }
 
-    /// A new connection's handle speaking `wire`, its id naming this node.
-    pub fn new_peer(&self, wire: Wire, max_queue: usize, memory: &Arc<Memory>) -> Arc<Peer> {
+    /// A new connection's handle, its id naming this node.
+    pub fn new_peer(&self, max_queue: usize, memory: &Arc<Memory>) -> Arc<Peer> {
+        self.new_peer_speaking(Wire::Jssocket, max_queue, memory)
+    }
+
+    /// A new connection's handle speaking `wire` (a jssocket client may ask for labels).
+    pub fn new_peer_speaking(
+        &self,
+        wire: Wire,
+        max_queue: usize,
+        memory: &Arc<Memory>,
+    ) -> Arc<Peer> {
         Peer::with_id(Peer::new_id(self.node), wire, max_queue, memory)
     }
 

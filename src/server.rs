@@ -520,9 +520,11 @@ async fn upgrade(
         };
         // Counted: what it reads toward an unfinished message is charged to the budget.
         let peer = match signalr {
-            None => shared
-                .hub
-                .new_peer(wire, shared.config.max_queue_bytes, &shared.memory),
+            None => {
+                shared
+                    .hub
+                    .new_peer_speaking(wire, shared.config.max_queue_bytes, &shared.memory)
+            }
             Some(id) => Peer::with_id(
                 id,
                 Wire::SignalR,

@@ -370,6 +370,23 @@ mod tests {
     }
 
     #[test]
+    fn a_labelled_notify_names_its_event_and_a_publish_is_unchanged() {
+        for (notice, name) in [
+            (Notice::Client, "notify_client"),
+            (Notice::Group, "notify_group"),
+            (Notice::All, "notify_all"),
+        ] {
+            let frame = Utf8Bytes::from_static(r#"{"type":"error","data":1}"#);
+            assert_eq!(
+                labelled(Form::Notify(notice), &frame).as_str(),
+                format!(r#"{{"type":"{name}","data":{{"type":"error","data":1}}}}"#)
+            );
+        }
+        let publish = Utf8Bytes::from_static(r#"{"type":"publish","data":{"name":"a","data":2}}"#);
+        assert_eq!(labelled(Form::Publish, &publish), publish);
+    }
+
+    #[test]
     fn notify_reads_as_an_invocation_of_the_notify_method() {
         let encoded =
             encode(Form::Notify(Notice::Client), "\"hi\"", "notify").map(|f| f.to_string());
