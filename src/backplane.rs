@@ -35,7 +35,9 @@ use crate::protocol::ProtocolError;
 use crate::relay::Relay;
 
 /// What the relay asks of the cluster. Every method is cheap and never waits: what must go
-/// out is queued for the backplane's own tasks.
+/// out is queued for the backplane's own tasks. The one exception is the future of
+/// [`Backplane::wait_applied`], which an admin's `membership` or `disconnect` awaits (bounded)
+/// so its answer means every node applied the change.
 pub trait Backplane: Send + Sync {
     /// Starts the backplane's tasks for a running relay.
     fn start(self: Arc<Self>, _relay: &Arc<Relay>) {}
@@ -100,6 +102,27 @@ pub trait Backplane: Send + Sync {
     }
 
     /// This node's id as it is written in connection ids (see [`node_of`]).
+    /// Numbers a change (`membership`, `disconnect`) whose confirmations this node will wait
+    /// for; `None` on a single node, which has nobody to wait for.
+    fn change_id(&self) -> Option<crate::membership::Ack> {
+        None
+    }
+
+    /// Confirms to the origin of change `ack` that this node applied it, matching `count`
+    /// connections.
+    fn applied(&self, _relay: &Relay, _ack: crate::membership::Ack, _count: usize) {}
+
+    /// Waits until the live nodes (or only node `only`) confirmed change `ack`, for at most
+    /// `limit`; says who confirmed, and who did not in time.
+    fn wait_applied(
+        &self,
+        _ack: crate::membership::Ack,
+        _only: Option<u32>,
+        _limit: std::time::Duration,
+    ) -> BoxFuture<'_, crate::membership::Confirmed> {
+        Box::pin(std::future::ready(crate::membership::Confirmed::default()))
+    }
+
     fn node_tag(&self) -> u32 {
         0
     }

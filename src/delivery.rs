@@ -52,6 +52,17 @@ pub enum Delivery {
         error: bool,
         frame: Text,
     },
+    /// `membership` (SPEC §12): a change of runtime roles or groups, applied by every node
+    /// (a user's) or by the connection's node (a target's), each confirming to `ack`.
+    Membership {
+        change: crate::membership::Change,
+        ack: Option<crate::membership::Ack>,
+    },
+    /// `disconnect` (SPEC §12): closes connections, each node confirming to `ack`.
+    Disconnect {
+        order: crate::membership::Disconnect,
+        ack: Option<crate::membership::Ack>,
+    },
 }
 
 impl Delivery {
@@ -66,8 +77,9 @@ impl Delivery {
         }
     }
 
-    /// The frame its recipients get.
-    pub fn frame_mut(&mut self) -> &mut Text {
+    /// The frame its recipients get; none for a change of state (`membership`,
+    /// `disconnect`).
+    pub fn frame_mut(&mut self) -> Option<&mut Text> {
         match self {
             Delivery::All { frame }
             | Delivery::Client { frame, .. }
@@ -75,7 +87,8 @@ impl Delivery {
             | Delivery::GroupOf { frame, .. }
             | Delivery::Channel { frame, .. }
             | Delivery::Acknowledge { frame, .. }
-            | Delivery::InvokeResult { frame, .. } => frame,
+            | Delivery::InvokeResult { frame, .. } => Some(frame),
+            Delivery::Membership { .. } | Delivery::Disconnect { .. } => None,
         }
     }
 
@@ -121,6 +134,8 @@ impl Delivery {
             Delivery::InvokeResult {
                 target, id, frame, ..
             } => target.len() + id.len() + frame.len(),
+            Delivery::Membership { change, .. } => change.size(),
+            Delivery::Disconnect { order, .. } => order.size(),
         }
     }
 }

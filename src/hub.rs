@@ -159,6 +159,9 @@ pub struct Hub {
     interest: Option<Arc<Interest>>,
     /// Channels with local members, per bucket (see [`Topic`]); cluster only.
     channel_buckets: Box<[AtomicU32]>,
+    /// Runtime roles and groups of users (SPEC §12 `membership`), given to their connections
+    /// at acknowledgement on top of what it gives.
+    pub membership: crate::membership::Table,
 }
 
 impl Hub {
@@ -185,6 +188,7 @@ impl Hub {
             channels: DashMap::new(),
             acknowledged: AtomicUsize::new(0),
             pool: Pool::new(pending_limit, pending_timeout),
+            membership: crate::membership::Table::default(),
         }
     }
 
@@ -336,6 +340,10 @@ impl Hub {
         state.user = ack.user;
         state.roles = ack.roles;
         state.groups = ack.groups;
+        // After joining the group named after the user: a `membership` change for the user
+        // either is in the table read here or finds this connection among the group's
+        // members (see `membership::apply_change`).
+        self.membership.extend(&mut state);
         if !state.acknowledged {
             state.acknowledged = true;
             self.acknowledged.fetch_add(1, Ordering::Relaxed);

@@ -64,6 +64,8 @@ named! {
         Users = "users",
         Connections = "connections",
         Channels = "channels",
+        Membership = "membership",
+        Disconnect = "disconnect",
     }
 }
 
@@ -73,7 +75,12 @@ impl Event {
     pub fn is_answered(self) -> bool {
         matches!(
             self,
-            Event::Info | Event::Users | Event::Connections | Event::Channels
+            Event::Info
+                | Event::Users
+                | Event::Connections
+                | Event::Channels
+                | Event::Membership
+                | Event::Disconnect
         )
     }
 
@@ -106,6 +113,8 @@ named! {
         Users = "users",
         Connections = "connections",
         Channels = "channels",
+        Membership = "membership",
+        Disconnect = "disconnect",
     }
 }
 
@@ -132,6 +141,8 @@ named! {
         UnknownMethod = "unknown_method",
         /// An `invoke` no server answered within `--invoke-timeout` (its `invoke_result`).
         Timeout = "timeout",
+        MembershipFull = "membership_full",
+        TooManyReasons = "too_many_reasons",
     }
 }
 

@@ -47,6 +47,7 @@ pub mod invoke;
 pub mod jwt;
 pub mod kinds;
 pub mod log_throttle;
+pub mod membership;
 pub mod memory;
 pub mod metrics;
 pub mod outbox;

@@ -70,6 +70,13 @@ pub enum ProtocolError {
     /// closed like one sending garbage.
     #[error("invalid token: {0}")]
     InvalidToken(crate::jwt::TokenError),
+    /// A `membership` change over a bound (per user, per connection, per node).
+    #[error("{0}")]
+    MembershipFull(&'static str),
+    /// A `disconnect` reason new to a node that keeps as many distinct reasons as it may
+    /// (`membership::MAX_REASONS`).
+    #[error("this node keeps at most 256 distinct close reasons: use one already used")]
+    TooManyReasons,
 }
 
 /// Longest channel name.
@@ -111,6 +118,8 @@ impl ProtocolError {
             ProtocolError::RateLimited(_) | ProtocolError::ClusterBusy(_) => Code::RateLimited,
             ProtocolError::InvalidToken(_) => Code::InvalidToken,
             ProtocolError::UnknownMethod(_) => Code::UnknownMethod,
+            ProtocolError::MembershipFull(_) => Code::MembershipFull,
+            ProtocolError::TooManyReasons => Code::TooManyReasons,
         }
     }
 
@@ -128,6 +137,8 @@ impl ProtocolError {
                 | ProtocolError::RateLimited(_)
                 | ProtocolError::ClusterBusy(_)
                 | ProtocolError::QueueFull(_)
+                | ProtocolError::MembershipFull(_)
+                | ProtocolError::TooManyReasons
         )
     }
 

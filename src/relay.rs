@@ -284,6 +284,21 @@ impl Relay {
                 let n = self.invocations.complete(self, &target, &id, outcome);
                 here(usize::from(n), None)
             }
+            // Only from other nodes: the origin applies its own (`events::membership`).
+            Delivery::Membership { change, ack } => {
+                let n = crate::membership::apply_change(hub, &change, false).unwrap_or(0);
+                if let Some(ack) = ack {
+                    self.backplane.applied(self, ack, n);
+                }
+                here(n, None)
+            }
+            Delivery::Disconnect { order, ack } => {
+                let n = crate::membership::disconnect(hub, &order);
+                if let Some(ack) = ack {
+                    self.backplane.applied(self, ack, n);
+                }
+                here(n, None)
+            }
         })
     }
 

@@ -13,6 +13,7 @@ mod cluster;
 mod common;
 mod connect;
 mod fanout;
+mod membership;
 mod p2p;
 mod presence;
 mod stats;
@@ -156,6 +157,22 @@ enum Cmd {
         /// A client owes a broadcast only if it stayed connected this long after it was sent.
         #[arg(long, default_value_t = 1.0, value_parser = secs_range)]
         grace: f64,
+    },
+    /// A paced notify_all fan-out without, then with, admin `membership` changes at
+    /// --churn-rate per second: the fan-out's p99 side by side (issue 13).
+    MembershipChurn {
+        #[command(flatten)]
+        f: FanoutArgs,
+        /// Membership adds/removes per second during the second run.
+        #[arg(long, default_value_t = 10_000.0, value_parser = rate_range)]
+        churn_rate: f64,
+        /// Admin connections sharing --churn-rate.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        churn_admins: u64,
+        /// The user every change concerns (`g0`: the fan-out's receivers, the worst case);
+        /// default: users with no connection.
+        #[arg(long)]
+        churn_user: Option<String>,
     },
     /// Run the minimal reference relay (tokio + tokio-tungstenite) until killed.
     BaselineServer {
@@ -434,6 +451,7 @@ impl Cmd {
             Cmd::PublishFanout { .. } => "publish-fanout",
             Cmd::P2p { .. } => "p2p",
             Cmd::Churn { .. } => "churn",
+            Cmd::MembershipChurn { .. } => "membership-churn",
             Cmd::BaselineServer { .. } => "baseline-server",
             Cmd::Baseline(_) => "baseline",
             Cmd::Attack(_) => "attack",
@@ -521,6 +539,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         Cmd::Fanout(f) | Cmd::Group { f, .. } | Cmd::PublishFanout { f, .. } | Cmd::Baseline(f) => {
             f.clients + f.slow_clients
         }
+        Cmd::MembershipChurn { f, .. } => 2 * (f.clients + f.slow_clients),
         Cmd::ClusterRoute {
             nodes,
             clients_per_node,
@@ -580,6 +599,20 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
                 connect::run(&ctx, &p).await
             }
             Cmd::Fanout(f) => fanout_json(fanout::run(&ctx, &f.params(None), "fanout").await),
+            Cmd::MembershipChurn {
+                f,
+                churn_rate,
+                churn_admins,
+                churn_user,
+            } => {
+                let p = membership::Params {
+                    fanout: f.params(None),
+                    rate: *churn_rate,
+                    admins: *churn_admins as usize,
+                    user: churn_user.clone(),
+                };
+                membership::run(&ctx, &p).await
+            }
             Cmd::Group { f, groups } => {
                 fanout_json(fanout::run(&ctx, &f.params(Some(*groups)), "group").await)
             }

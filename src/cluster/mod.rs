@@ -58,6 +58,7 @@ use crate::backplane::{
 };
 use crate::delivery::{Delivery, Route, Sender};
 use crate::kinds::Frame;
+use crate::membership::{Ack, Confirmed};
 use crate::peer::Peer;
 use crate::protocol::ProtocolError;
 use crate::relay::Relay;
@@ -136,6 +137,14 @@ pub struct Cluster {
     next_query: AtomicU64,
     /// The relay, to answer other nodes' queries off the subscriber's task.
     relay: std::sync::OnceLock<std::sync::Weak<Relay>>,
+    /// Changes (`membership`, `disconnect`) this node waits to hear confirmed: by number,
+    /// the nodes that confirmed and the connections each matched. An entry lives while its
+    /// admin request waits (one per admin request in progress).
+    changes: Mutex<HashMap<u64, HashMap<String, usize>>>,
+    /// Number of the next change.
+    next_change: AtomicU64,
+    /// Woken by every confirmation.
+    confirmed: tokio::sync::Notify,
 }
 
 /// Group → the nodes joining it, and since when (see [`Cluster::recent_joins`]).
@@ -181,6 +190,9 @@ impl Cluster {
             queries: Mutex::new(HashMap::new()),
             next_query: AtomicU64::new(1),
             relay: std::sync::OnceLock::new(),
+            changes: Mutex::new(HashMap::new()),
+            next_change: AtomicU64::new(0),
+            confirmed: tokio::sync::Notify::new(),
         }
     }
 
@@ -446,6 +458,18 @@ impl Cluster {
                     let _ = shared.deliver(delivery, Sender::Admin);
                 }
             }
+            Op::Applied { node, id, count } => {
+                if node != self.node {
+                    return;
+                }
+                let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+                // A confirmation after its request stopped waiting is dropped.
+                if let Some(confirmed) = changes.get_mut(&id) {
+                    confirmed.insert(wire.from, count);
+                    drop(changes);
+                    self.confirmed.notify_waiters();
+                }
+            }
             Op::Servers { mut servers } => {
                 let has_servers = !servers.is_empty();
                 servers.sort();
@@ -519,6 +543,32 @@ impl Cluster {
         };
         shared.metrics.cluster_nodes.set(nodes as i64 + 1);
         shared.metrics.cluster_remote_servers.set(servers as i64);
+    }
+
+    /// What the live nodes (or node `only`) confirmed of change `id` so far: the
+    /// confirmations, and the nodes still to confirm.
+    fn confirmations(&self, id: u64, only: Option<u32>) -> Confirmed {
+        let live: Vec<String> = {
+            let nodes = self.nodes();
+            nodes
+                .iter()
+                .filter(|(_, n)| n.seen.elapsed() < NODE_EXPIRY)
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        let only = only.map(|tag| format!("{tag:08x}"));
+        let changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        let confirmed = changes.get(&id);
+        let count = |name: &String| confirmed.and_then(|c| c.get(name)).copied();
+        Confirmed {
+            connections: confirmed.map_or(0, |c| c.values().sum()),
+            nodes: confirmed.map_or(0, HashMap::len),
+            missing: live
+                .into_iter()
+                .filter(|name| only.as_ref().is_none_or(|only| only == name))
+                .filter(|name| count(name).is_none())
+                .collect(),
+        }
     }
 
     /// Other nodes currently alive.
@@ -660,6 +710,55 @@ impl Backplane for Cluster {
 
     fn interest(&self) -> Option<Arc<Interest>> {
         Some(Arc::clone(&self.interest))
+    }
+
+    fn change_id(&self) -> Option<Ack> {
+        let id = self.next_change.fetch_add(1, Ordering::Relaxed);
+        let mut changes = self.changes.lock().unwrap_or_else(|e| e.into_inner());
+        changes.insert(id, HashMap::new());
+        Some(Ack { node: self.tag, id })
+    }
+
+    fn applied(&self, relay: &Relay, ack: Ack, count: usize) {
+        let op = Op::Applied {
+            node: format!("{:08x}", ack.node),
+            id: ack.id,
+            count,
+        };
+        self.publish_control(relay, node_topic(ack.node), op);
+    }
+
+    fn wait_applied(
+        &self,
+        ack: Ack,
+        only: Option<u32>,
+        limit: Duration,
+    ) -> crate::backplane::BoxFuture<'_, Confirmed> {
+        /// Forgets the change however the wait ends (an admin gone mid-wait included).
+        struct Forget<'a>(&'a Cluster, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                let mut changes = self.0.changes.lock().unwrap_or_else(|e| e.into_inner());
+                changes.remove(&self.1);
+            }
+        }
+        Box::pin(async move {
+            let _forget = Forget(self, ack.id);
+            let deadline = tokio::time::Instant::now() + limit;
+            loop {
+                // Registered before looking, so a confirmation in between is not missed.
+                let notified = self.confirmed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let now = self.confirmations(ack.id, only);
+                if now.missing.is_empty() {
+                    return now;
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    return self.confirmations(ack.id, only);
+                }
+            }
+        })
     }
 
     fn node_tag(&self) -> u32 {

@@ -71,6 +71,9 @@ pub enum Op {
         id: Option<String>,
         frame: SharedFrame,
     },
+    /// To node `node`: the sender applied its change `id` (a `membership` or a
+    /// `disconnect`), which matched `count` connections there.
+    Applied { node: String, id: u64, count: usize },
     /// Heartbeat: the sender is alive and has these servers.
     Servers { servers: Vec<String> },
     /// The sender is shutting down.
@@ -117,6 +120,7 @@ impl Op {
                 id,
                 frame,
             } => texts(&[node, server, client, frame.as_str()]) + id.as_deref().map_or(0, str::len),
+            Op::Applied { node, .. } => node.len(),
             Op::Servers { servers } => servers.iter().map(|s| s.len()).sum(),
             Op::Leaving => 0,
             Op::Query { query, .. } => query.size(),
@@ -129,7 +133,7 @@ impl Op {
     /// The frame this message carries, if any.
     fn frame_mut(&mut self) -> Option<&mut Text> {
         match self {
-            Op::Deliver { delivery, .. } => Some(delivery.frame_mut()),
+            Op::Deliver { delivery, .. } => delivery.frame_mut(),
             Op::Forward { frame, .. } | Op::Invoke { frame, .. } => Some(frame),
             _ => None,
         }

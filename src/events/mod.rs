@@ -10,9 +10,11 @@ mod client_connect;
 mod client_connected;
 mod client_disconnect;
 mod connections;
+pub mod disconnect;
 mod info;
 mod invoke;
 mod invoke_result;
+pub mod membership;
 mod notify_all;
 mod notify_client;
 mod notify_group;
@@ -104,9 +106,12 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         Event::Publish => Publish::parse(data).and_then(|e| e.apply(session)),
         Event::Invoke => Invoke::parse(data).and_then(|e| e.apply(session)),
         Event::InvokeResult => InvokeResult::parse(data).and_then(|e| e.apply(session)),
-        Event::Info | Event::Users | Event::Connections | Event::Channels => {
-            answered(session, event, data).await
-        }
+        Event::Info
+        | Event::Users
+        | Event::Connections
+        | Event::Channels
+        | Event::Membership
+        | Event::Disconnect => answered(session, event, data).await,
     };
     if event.fans_out() {
         let metrics = &session.shared.metrics;
@@ -132,6 +137,8 @@ pub async fn answer(
         Event::Users => users::answer(relay, data).await,
         Event::Connections => connections::answer(relay, data).await,
         Event::Channels => channels::answer(relay, data).await,
+        Event::Membership => membership::answer(relay, data).await,
+        Event::Disconnect => disconnect::answer(relay, data).await,
         _ => return None,
     })
 }
