@@ -713,10 +713,14 @@
         const n = answer.delivered;
         showResult(form, 'Delivered to ' + n + (n === 1 ? ' connection' : ' connections') +
           ' (HTTP ' + response.status + ')', 'ok');
-      } else if (response.ok && answer && typeof answer.disconnected === 'number') {
-        const n = answer.disconnected;
+      } else if (response.ok && answer && typeof answer.closed === 'number') {
+        // disconnect: {"closed":C,"nodes":K,"timeout"?:[node ids that did not confirm]}
+        const n = answer.closed;
+        const late = Array.isArray(answer.timeout) && answer.timeout.length ?
+          '; no answer in time from ' + answer.timeout.join(', ') : '';
         showResult(form, 'Closed ' + n + (n === 1 ? ' connection' : ' connections') +
-          ' (HTTP ' + response.status + ')', 'ok');
+          ' on ' + answer.nodes + (answer.nodes === 1 ? ' node' : ' nodes') + late +
+          ' (HTTP ' + response.status + ')', late ? 'error' : 'ok');
       } else if (answer && answer.error) {
         showResult(form, 'HTTP ' + response.status + ' ' + answer.error.code + ': ' + answer.error.message, 'error');
       } else {
