@@ -203,12 +203,21 @@ pub struct Presence {
     answering: AtomicUsize,
 }
 
-/// One of `max` slots counted in an [`AtomicUsize`], given back on drop.
-pub struct Slot<'a>(&'a AtomicUsize);
+/// One of the [`MAX_IN_FLIGHT`] slots to ask a query, given back on drop. Owned, so the
+/// page this node builds for the query holds it on the blocking thread: an asker that goes
+/// away mid-query (an HTTP client that hangs up, an admin that closes) drops its wait, not
+/// that work, and must not free the slot while the work still runs.
+pub struct Asking(Arc<Relay>);
 
-impl Drop for Slot<'_> {
+impl Asking {
+    fn take(relay: &Arc<Relay>) -> Option<Asking> {
+        acquire(&relay.presence.in_flight, MAX_IN_FLIGHT).then(|| Asking(Arc::clone(relay)))
+    }
+}
+
+impl Drop for Asking {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.presence.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -219,10 +228,6 @@ fn acquire(counter: &AtomicUsize, max: usize) -> bool {
             (n < max).then_some(n + 1)
         })
         .is_ok()
-}
-
-fn take_slot(counter: &AtomicUsize, max: usize) -> Option<Slot<'_>> {
-    acquire(counter, max).then_some(Slot(counter))
 }
 
 /// One of the [`MAX_ANSWERING`] slots to answer another node's query, held by the task that
@@ -628,17 +633,18 @@ pub async fn answer(
     kind: Option<Kind>,
     query: Query,
 ) -> Result<String, ProtocolError> {
-    let Some(_slot) = take_slot(&relay.presence.in_flight, MAX_IN_FLIGHT) else {
+    let Some(slot) = Asking::take(relay) else {
         return Err(ProtocolError::RateLimited(
             "too many presence queries in flight on this node; retry",
         ));
     };
     let asked = relay.backplane.ask(relay, &query);
-    let own = {
+    let (own, _slot) = {
         let relay = Arc::clone(relay);
         let query = query.clone();
-        // Off the async workers: a page over a big table is milliseconds of CPU.
-        tokio::task::spawn_blocking(move || local(&relay, &query))
+        // Off the async workers: a page over a big table is milliseconds of CPU. The slot
+        // goes with the work and comes back with its result (see [`Asking`]).
+        tokio::task::spawn_blocking(move || (local(&relay, &query), slot))
             .await
             .map_err(|_| ProtocolError::RateLimited("presence query failed; retry"))?
     };

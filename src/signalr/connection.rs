@@ -171,6 +171,9 @@ async fn run(
         End::Close { close, .. } | End::Reject(close) => close,
     });
     shared.hub.remove(&peer);
+    // Its calls go with it, as a jssocket caller's do: they must not wait for their
+    // deadline, counting toward the node's bound on calls in flight.
+    shared.invocations.forget(peer.id);
     let unsent = peer.outbox.close();
     if let End::Close { flush: true, .. } = stop.end {
         Box::pin(flush(&mut sink, unsent)).await;
