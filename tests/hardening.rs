@@ -487,7 +487,17 @@ async fn one_address_cannot_hold_every_admin_place() {
     for i in 0..6 {
         let name = format!("worker {i}");
         let mut worker = Conn::connect_from(server.addr, backend, Some(PASSWORD), &name).await;
-        worker.server_connect().await;
+        // The first waits behind the attacker's four queued bcrypt runs (cost 12, one at a
+        // time): on a loaded machine that is more than the usual wait for a frame.
+        worker
+            .send_text(r#"{"type":"server_connect","data":{}}"#)
+            .await;
+        match worker.next_event(Duration::from_secs(30)).await {
+            Some(common::Event::Text(text)) => {
+                assert_eq!(text, r#"{"type":"server_connect","data":true}"#, "{name}")
+            }
+            other => panic!("{name}: expected the server_connect answer, got {other:?}"),
+        }
         workers.push(worker);
     }
     for worker in &mut workers {
