@@ -116,6 +116,15 @@ impl Filter {
             Filter::Clients(_) => false,
         }
     }
+
+    /// Whether a publication with this filter reaches `peer`, a subscriber of its channel:
+    /// what [`Hub::publish`] decides, for one peer (a replay of channel history).
+    pub fn admits_peer(&self, peer: &Peer) -> bool {
+        match self {
+            Filter::Clients(targets) => targets.iter().any(|t| parse_target(t) == Some(peer.id)),
+            _ => self.admits(&peer.state()),
+        }
+    }
 }
 
 /// Most channels one connection may subscribe to.

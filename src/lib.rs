@@ -13,6 +13,7 @@
 //! - [`kinds`]: every event name, frame kind and error code, listed once.
 //! - [`events`]: one file per event type.
 //! - [`delivery`]: what an event asks to be delivered, as one value, local or remote.
+//! - [`history`]: channel history (`--history`): offsets, epochs, recovery (SPEC §13).
 //! - [`hub`]: who is connected: clients, groups, channels.
 //! - [`peer`]: one connection's shared handle: id, outbound queue, hub state, close reason.
 //! - [`pool`]: the server pool and the client connects waiting for a server.
@@ -42,6 +43,7 @@ pub mod connection;
 pub mod console;
 pub mod delivery;
 pub mod events;
+pub mod history;
 pub mod hub;
 pub mod invoke;
 pub mod jwt;

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::backplane::{Backplane, Local, Topic, channel_bucket};
 use crate::config::Config;
-use crate::delivery::{Delivery, Route, Sender};
+use crate::delivery::{Delivery, Route, Sender, Text};
 use crate::hub::{Acknowledgement, Hub, looks_like_id};
 use crate::invoke::{Invocations, Outcome, Reply};
 use crate::kinds::Frame;
@@ -52,6 +52,9 @@ pub struct Relay {
     pub invocations: Invocations,
     /// Presence queries asked and answered here, bounded (see [`crate::presence`]).
     pub presence: crate::presence::Presence,
+    /// Channel history (`--history`); `None` when no rule is given, and then nothing about
+    /// channels changes.
+    pub history: Option<crate::history::History>,
 }
 
 /// A client's call, checked, to forward to a server (see [`Relay::invoke`]).
@@ -105,6 +108,13 @@ impl Relay {
             signalr: crate::signalr::Negotiations::new(),
             invocations: Invocations::new(config.invoke_timeout),
             presence: crate::presence::Presence::default(),
+            history: (!config.history.is_empty()).then(|| {
+                crate::history::History::new(
+                    config.history.clone(),
+                    config.history_memory,
+                    metrics.history.clone(),
+                )
+            }),
             auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
             memory: Arc::new(Memory::new(config.max_memory, &metrics)),
             overload: Overload::new(config.overload_lag, &metrics),
@@ -134,7 +144,7 @@ impl Relay {
                 self.backplane.room_for(self, client, delivery.size())?;
             }
         }
-        let here = self.deliver_here(delivery)?;
+        let here = self.deliver_here(delivery, true)?;
         if let Some((route, delivery)) = here.onward {
             self.backplane.publish(self, route, delivery, sender)?;
         }
@@ -144,7 +154,7 @@ impl Relay {
     /// A delivery from another node: delivered here only, except a group named through a
     /// connection id of this node, which now goes to that group's other members.
     pub fn receive(&self, delivery: Delivery, sender: Sender<'_>) {
-        let Ok(here) = self.deliver_here(delivery) else {
+        let Ok(here) = self.deliver_here(delivery, false) else {
             return;
         };
         if here.resolved
@@ -155,8 +165,9 @@ impl Relay {
         }
     }
 
-    /// The local part of every delivery.
-    fn deliver_here(&self, delivery: Delivery) -> Result<Here, ProtocolError> {
+    /// The local part of every delivery. `origin`: it starts here (a publication to a
+    /// channel with history is stamped here, once, before anyone gets it).
+    fn deliver_here(&self, delivery: Delivery, origin: bool) -> Result<Here, ProtocolError> {
         let hub = &self.hub;
         let here = |delivered, onward| Here {
             delivered,
@@ -216,7 +227,19 @@ impl Relay {
                 filter,
                 frame,
             } => {
-                let n = hub.publish(&channel, &filter, &frame);
+                let history = self.history.as_ref().filter(|_| origin);
+                let (frame, n) = match history.and_then(|h| Some((h, h.stream(&channel)?))) {
+                    Some((history, stream)) => {
+                        let (frame, n) = history.publish(&stream, &frame, &filter, |frame| {
+                            hub.publish(&channel, &filter, frame)
+                        });
+                        (Text(frame), n)
+                    }
+                    None => {
+                        let n = hub.publish(&channel, &filter, &frame);
+                        (frame, n)
+                    }
+                };
                 self.metrics.sent(Frame::Publish, n, frame.len());
                 let route = Route::Channel(channel.clone());
                 let delivery = Delivery::Channel {

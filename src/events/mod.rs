@@ -11,6 +11,7 @@ mod client_connected;
 mod client_disconnect;
 mod connections;
 pub mod disconnect;
+mod history;
 mod info;
 mod invoke;
 mod invoke_result;
@@ -111,7 +112,8 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         | Event::Connections
         | Event::Channels
         | Event::Membership
-        | Event::Disconnect => answered(session, event, data).await,
+        | Event::Disconnect
+        | Event::History => answered(session, event, data).await,
     };
     if event.fans_out() {
         let metrics = &session.shared.metrics;
@@ -139,6 +141,7 @@ pub async fn answer(
         Event::Channels => channels::answer(relay, data).await,
         Event::Membership => membership::answer(relay, data).await,
         Event::Disconnect => disconnect::answer(relay, data).await,
+        Event::History => history::answer(relay, data).await,
         _ => return None,
     })
 }

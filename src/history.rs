@@ -1,0 +1,614 @@
+//! Channel history and recovery (SPEC §13), on one node: the last publications of the
+//! channels `--history` names, each stamped with an `offset` (per channel, from 1) and the
+//! channel's `epoch`, so a subscriber that comes back with `since:{offset,epoch}` gets what it
+//! missed, in order, then the live ones.
+//!
+//! Costs: a channel no rule names is looked up against the rules (a few prefix compares, no
+//! allocation) and is otherwise untouched; its frames stay byte for byte what they were.
+//!
+//! Bounds, whoever publishes or subscribes:
+//! - per channel: at most its rule's count (≤ [`MAX_COUNT`]) and age (≤ [`MAX_AGE`]);
+//! - per node: at most `--history-memory` bytes of kept frames in all ([`History::budget`]): a
+//!   publication that does not fit pushes out its own channel's oldest ones (and, alone too
+//!   big, is not kept), so the bound is strict; ages free idle channels' memory lazily (each
+//!   publication also expires one other channel, round robin);
+//! - at most [`MAX_CHANNELS`] channels with history: the one after evicts another (an empty
+//!   one when it finds one nearby), whose subscribers then learn `recovered:false` (a channel
+//!   recreated gets a new epoch).
+//!
+//! Ordering: a channel's lock ([`Stream`]) is held while a publication is stamped, kept and
+//! queued to this node's subscribers, and while a subscriber joins, reads what it missed and
+//! has it queued. So a publication is either in what a recovering subscriber reads or among
+//! its live frames, never both nor neither, and every subscriber sees offsets in order. The
+//! work under it is one publication's fan-out (queueing, never awaiting) or one replay, bounded
+//! by the rule's count and the subscriber's queue.
+//!
+//! Lock order: the channel table ([`History`]'s map) is never held while a stream's lock is
+//! taken or waited for; a stream's lock before any peer's `state` and any hub shard (see
+//! [`crate::hub`]).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use indexmap::IndexMap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::hub::Filter;
+use crate::peer::Peer;
+
+/// Most publications one channel keeps.
+pub const MAX_COUNT: usize = 10_000;
+/// Longest a publication is kept.
+pub const MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Most channels with history on one node.
+pub const MAX_CHANNELS: usize = 10_000;
+/// Most rules in `--history`.
+pub const MAX_RULES: usize = 64;
+/// Default `--history-memory`.
+pub const DEFAULT_BUDGET: usize = 64 * 1024 * 1024;
+/// Longest `since.epoch` a client may send (ours are 8 + up to 16 hex digits).
+pub const MAX_EPOCH_LEN: usize = 64;
+/// How many channels, from the round-robin cursor, an eviction looks at for an empty one.
+const EVICTION_LOOKAHEAD: usize = 16;
+
+/// How long and how many publications a channel keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub count: usize,
+    pub age: Duration,
+}
+
+/// One `<pattern>=<count>/<age>` of `--history`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// The name, or its prefix when the pattern ends with `*` (`*` alone: every channel).
+    pattern: Box<str>,
+    prefix: bool,
+    pub keep: Retention,
+}
+
+impl Rule {
+    fn matches(&self, channel: &str) -> bool {
+        if self.prefix {
+            channel.starts_with(&*self.pattern)
+        } else {
+            channel == &*self.pattern
+        }
+    }
+}
+
+/// Parses `--history`: `"orders.*=100/10m,chat:lobby=50/1h"`; ages in `s`, `m` or `h`. The
+/// first rule that matches a channel applies.
+pub fn parse_rules(text: &str) -> Result<Vec<Rule>, String> {
+    let mut rules = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if rules.len() == MAX_RULES {
+            return Err(format!("at most {MAX_RULES} rules"));
+        }
+        let (pattern, keep) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?}: expected <channel or prefix*>=<count>/<age>"))?;
+        let (count, age) = keep
+            .split_once('/')
+            .ok_or_else(|| format!("{item:?}: expected <count>/<age>, e.g. 100/10m"))?;
+        let (pattern, prefix) = match pattern.trim().strip_suffix('*') {
+            Some(stem) => (stem, true),
+            None => (pattern.trim(), false),
+        };
+        if (!prefix || !pattern.is_empty()) && crate::protocol::validate_channel(pattern).is_err() {
+            return Err(format!(
+                "{item:?}: the channel or prefix must be characters of A-Z a-z 0-9 . _ - : /"
+            ));
+        }
+        let count: usize = count
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_COUNT).contains(n))
+            .ok_or_else(|| format!("{item:?}: the count must be 1 to {MAX_COUNT}"))?;
+        let age = parse_age(age.trim())
+            .filter(|a| !a.is_zero() && *a <= MAX_AGE)
+            .ok_or_else(|| format!("{item:?}: the age must be 1s to 24h, e.g. 90s, 10m, 2h"))?;
+        rules.push(Rule {
+            pattern: pattern.into(),
+            prefix,
+            keep: Retention { count, age },
+        });
+    }
+    if rules.is_empty() {
+        return Err("no rule: expected e.g. \"orders.*=100/10m\"".into());
+    }
+    Ok(rules)
+}
+
+fn parse_age(text: &str) -> Option<Duration> {
+    let unit = match text.as_bytes().last()? {
+        b's' => 1,
+        b'm' => 60,
+        b'h' => 3600,
+        _ => return None,
+    };
+    let n: u64 = text[..text.len() - 1].parse().ok()?;
+    n.checked_mul(unit).map(Duration::from_secs)
+}
+
+/// Where a subscriber says it stopped: the last offset it got, in which epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    pub offset: u64,
+    pub epoch: String,
+}
+
+/// The history of this node's channels.
+pub struct History {
+    rules: Vec<Rule>,
+    /// Random per start: part of every epoch, so history lost with a restart shows.
+    node_epoch: String,
+    table: Mutex<Table>,
+    /// Bytes of frames kept, over every channel.
+    bytes: AtomicUsize,
+    /// `--history-memory`.
+    budget: usize,
+    metrics: HistoryMetrics,
+}
+
+/// The gauges and counters `crate::metrics` exposes for history.
+#[derive(Clone, Default)]
+pub struct HistoryMetrics {
+    pub bytes: Gauge,
+    pub channels: Gauge,
+    pub publications: Counter,
+    pub evicted_channels: Counter,
+}
+
+struct Table {
+    streams: IndexMap<Arc<str>, Arc<Stream>>,
+    /// Channels created on this node since it started: with the node's epoch, the epoch of
+    /// the next one (a channel evicted and created again has a new one).
+    created: u64,
+    /// Round robin over `streams` for lazy expiry and eviction.
+    cursor: usize,
+}
+
+/// One channel's history; its lock orders the channel's publications and recoveries.
+pub struct Stream {
+    epoch: Arc<str>,
+    keep: Retention,
+    kept: Mutex<Kept>,
+}
+
+pub struct Kept {
+    /// The latest offset given (0: none yet).
+    last: u64,
+    entries: VecDeque<Entry>,
+    /// Bytes of `entries`' frames.
+    bytes: usize,
+    /// Nothing before this offset can be recovered (entries dropped for room).
+    floor: u64,
+}
+
+struct Entry {
+    offset: u64,
+    at: Instant,
+    frame: Utf8Bytes,
+    filter: Filter,
+}
+
+/// What a `subscribe` on a history channel answers.
+pub struct Joined {
+    pub epoch: Arc<str>,
+    /// The channel's latest offset.
+    pub offset: u64,
+    /// `None` without `since`.
+    pub recovered: Option<bool>,
+    /// What the subscriber missed, in order (only with `recovered: Some(true)`).
+    pub missed: Vec<Utf8Bytes>,
+}
+
+impl History {
+    pub fn new(rules: Vec<Rule>, budget: usize, metrics: HistoryMetrics) -> History {
+        let mut seed = [0u8; 4];
+        // A clock-derived epoch if the OS has no randomness for us: it still changes
+        // between starts.
+        let node_epoch = match getrandom::fill(&mut seed) {
+            Ok(()) => hex::encode(seed),
+            Err(_) => format!(
+                "{:08x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32)
+            ),
+        };
+        History {
+            rules,
+            node_epoch,
+            table: Mutex::new(Table {
+                streams: IndexMap::new(),
+                created: 0,
+                cursor: 0,
+            }),
+            bytes: AtomicUsize::new(0),
+            budget,
+            metrics,
+        }
+    }
+
+    /// The retention for `channel`, if a rule names it (no allocation).
+    pub fn retention(&self, channel: &str) -> Option<Retention> {
+        self.rules
+            .iter()
+            .find(|r| r.matches(channel))
+            .map(|r| r.keep)
+    }
+
+    /// The channel's history, created on first use; `None` when no rule names it.
+    pub fn stream(&self, channel: &str) -> Option<Arc<Stream>> {
+        let keep = self.retention(channel)?;
+        let (stream, evicted) = {
+            let mut table = lock(&self.table);
+            if let Some(stream) = table.streams.get(channel) {
+                return Some(Arc::clone(stream));
+            }
+            let evicted = (table.streams.len() >= MAX_CHANNELS)
+                .then(|| self.evict_one(&mut table))
+                .flatten();
+            table.created += 1;
+            let stream = Arc::new(Stream {
+                epoch: format!("{}{:x}", self.node_epoch, table.created).into(),
+                keep,
+                kept: Mutex::new(Kept {
+                    last: 0,
+                    entries: VecDeque::new(),
+                    bytes: 0,
+                    floor: 1,
+                }),
+            });
+            table
+                .streams
+                .insert(Arc::from(channel), Arc::clone(&stream));
+            self.metrics.channels.set(table.streams.len() as i64);
+            (stream, evicted)
+        };
+        if let Some(evicted) = evicted {
+            // Its bytes leave the budget now (with the table's lock released: lock order);
+            // a publication still racing on it is not kept.
+            let mut kept = evicted.lock();
+            let freed = kept.clear(u64::MAX);
+            self.release(freed);
+        }
+        Some(stream)
+    }
+
+    /// Makes room for one more channel: an empty one among the next few from the cursor,
+    /// else the one at the cursor. Its frames are freed when its last user lets go of it.
+    fn evict_one(&self, table: &mut Table) -> Option<Arc<Stream>> {
+        let len = table.streams.len();
+        if len == 0 {
+            return None;
+        }
+        let start = table.cursor % len;
+        let victim = (0..EVICTION_LOOKAHEAD.min(len))
+            .map(|i| (start + i) % len)
+            .find(|&i| {
+                table
+                    .streams
+                    .get_index(i)
+                    .and_then(|(_, s)| s.kept.try_lock().ok().map(|k| k.entries.is_empty()))
+                    .unwrap_or(false)
+            })
+            .unwrap_or(start);
+        self.metrics.evicted_channels.inc();
+        table.streams.swap_remove_index(victim).map(|(_, s)| s)
+    }
+
+    /// Expires the aged publications of one channel other than the one being published to,
+    /// the next in round robin: idle channels give back their memory as publications go on.
+    fn expire_next(&self, now: Instant) {
+        let stream = {
+            let mut table = lock(&self.table);
+            let len = table.streams.len();
+            if len == 0 {
+                return;
+            }
+            table.cursor = (table.cursor + 1) % len;
+            table
+                .streams
+                .get_index(table.cursor)
+                .map(|(_, s)| Arc::clone(s))
+        };
+        if let Some(stream) = stream
+            && let Ok(mut kept) = stream.kept.try_lock()
+        {
+            let freed = kept.expire(stream.keep, now);
+            self.release(freed);
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        if bytes > 0 {
+            self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.metrics.bytes.dec_by(bytes as i64);
+        }
+    }
+
+    fn charge(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics.bytes.inc_by(bytes as i64);
+    }
+
+    /// Bytes kept over every channel.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// `--history-memory`.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Stamps a publication of `stream` (a `publish` frame made by `events::publish`), keeps
+    /// it, and hands it to `deliver` (this node's subscribers), all under the channel's lock.
+    /// Returns the stamped frame (for the other nodes) and what `deliver` returned.
+    pub fn publish(
+        &self,
+        stream: &Stream,
+        frame: &Utf8Bytes,
+        filter: &Filter,
+        deliver: impl FnOnce(&Utf8Bytes) -> usize,
+    ) -> (Utf8Bytes, usize) {
+        let now = Instant::now();
+        let delivered;
+        let stamped;
+        {
+            let mut kept = stream.lock();
+            let offset = kept.last + 1;
+            stamped = stamp(frame, offset, &stream.epoch);
+            kept.last = offset;
+            let size = stamped.len() + filter_size(filter);
+            if kept.floor == u64::MAX {
+                // Evicted while we waited for it: nothing more is kept on it.
+            } else if size > self.budget {
+                let freed = kept.clear(offset + 1);
+                self.release(freed);
+            } else {
+                kept.entries.push_back(Entry {
+                    offset,
+                    at: now,
+                    frame: stamped.clone(),
+                    filter: filter.clone(),
+                });
+                kept.bytes += size;
+                self.charge(size);
+                let freed = kept.expire(stream.keep, now);
+                self.release(freed);
+                // Over the budget: this channel's oldest go first (the new one too, when
+                // the others hold it all), so the bound holds.
+                while self.bytes() > self.budget && !kept.entries.is_empty() {
+                    let freed = kept.pop();
+                    self.release(freed);
+                }
+            }
+            delivered = deliver(&stamped);
+        }
+        self.metrics.publications.inc();
+        self.expire_next(now);
+        (stamped, delivered)
+    }
+
+    /// Subscribes `peer` (`join`, the hub's subscribe) and reads what it missed since
+    /// `since`, under the channel's lock; `queue_room` bounds the replay's bytes (a replay
+    /// that would not fit the subscriber's queue is `recovered:false`, not a closed
+    /// connection). The caller queues the reply and `missed` before anything else can reach
+    /// the subscriber: it does so through [`Stream::lock`]'s guard, returned here.
+    pub fn join<'s>(
+        &self,
+        stream: &'s Stream,
+        peer: &Peer,
+        since: Option<&Since>,
+        queue_room: usize,
+        join: impl FnOnce() -> Result<(), crate::protocol::ProtocolError>,
+    ) -> Result<(MutexGuard<'s, Kept>, Joined), crate::protocol::ProtocolError> {
+        let mut kept = stream.lock();
+        join()?;
+        let freed = kept.expire(stream.keep, Instant::now());
+        self.release(freed);
+        let latest = kept.last;
+        let mut missed = Vec::new();
+        let recovered = since.map(|since| {
+            let recoverable = *since.epoch == *stream.epoch
+                && since.offset <= latest
+                && since.offset.saturating_add(1) >= kept.floor();
+            if !recoverable {
+                return false;
+            }
+            let start = kept
+                .entries
+                .partition_point(|entry| entry.offset <= since.offset);
+            let mut bytes = 0usize;
+            for entry in kept.entries.range(start..) {
+                if !entry.filter.admits_peer(peer) {
+                    continue;
+                }
+                bytes += entry.frame.len();
+                if bytes > queue_room {
+                    missed.clear();
+                    return false;
+                }
+                missed.push(entry.frame.clone());
+            }
+            true
+        });
+        let joined = Joined {
+            epoch: Arc::clone(&stream.epoch),
+            offset: latest,
+            recovered,
+            missed,
+        };
+        Ok((kept, joined))
+    }
+
+    /// The last `limit` publications of `channel` (admin read) whose frames fit in `room`
+    /// bytes together: `(offset, frame)` pairs in order, the epoch and the latest offset.
+    /// `None` when no rule names the channel.
+    pub fn read(&self, channel: &str, limit: usize, room: usize) -> Option<Read> {
+        let stream = self.stream(channel)?;
+        let mut kept = stream.lock();
+        let freed = kept.expire(stream.keep, Instant::now());
+        self.release(freed);
+        let mut bytes = 0usize;
+        let mut entries: Vec<(u64, Utf8Bytes)> = kept
+            .entries
+            .iter()
+            .rev()
+            .take(limit)
+            .take_while(|e| {
+                bytes += e.frame.len();
+                bytes <= room
+            })
+            .map(|e| (e.offset, e.frame.clone()))
+            .collect();
+        entries.reverse();
+        Some(Read {
+            publications: entries,
+            epoch: Arc::clone(&stream.epoch),
+            offset: kept.last,
+        })
+    }
+}
+
+/// An admin's read of a channel's history.
+pub struct Read {
+    pub publications: Vec<(u64, Utf8Bytes)>,
+    pub epoch: Arc<str>,
+    pub offset: u64,
+}
+
+impl Stream {
+    fn lock(&self) -> MutexGuard<'_, Kept> {
+        lock(&self.kept)
+    }
+}
+
+impl Kept {
+    /// The first offset still recoverable.
+    fn floor(&self) -> u64 {
+        self.entries
+            .front()
+            .map_or(self.last + 1, |e| e.offset)
+            .max(self.floor)
+    }
+
+    /// Drops what is over the channel's count or age; returns the bytes freed.
+    fn expire(&mut self, keep: Retention, now: Instant) -> usize {
+        let mut freed = 0;
+        while let Some(entry) = self.entries.front() {
+            let old = now.saturating_duration_since(entry.at) > keep.age;
+            if !old && self.entries.len() <= keep.count {
+                break;
+            }
+            freed += self.pop();
+        }
+        freed
+    }
+
+    /// Drops the oldest publication kept; returns its bytes.
+    fn pop(&mut self) -> usize {
+        let Some(entry) = self.entries.pop_front() else {
+            return 0;
+        };
+        let size = entry.frame.len() + filter_size(&entry.filter);
+        self.floor = entry.offset + 1;
+        self.bytes -= size;
+        size
+    }
+
+    /// Drops everything; nothing before `floor` can be recovered any more.
+    fn clear(&mut self, floor: u64) -> usize {
+        let freed = self.bytes;
+        self.entries.clear();
+        self.bytes = 0;
+        self.floor = floor;
+        freed
+    }
+}
+
+/// `{"type":"publish","data":{…}}` with `"offset":N,"epoch":"E"` added at the end of `data`.
+fn stamp(frame: &str, offset: u64, epoch: &str) -> Utf8Bytes {
+    let Some(body) = frame.strip_suffix("}}") else {
+        // Not a frame `events::publish` made; unreachable, and sent as it is.
+        return Utf8Bytes::from(frame.to_string());
+    };
+    let mut out = String::with_capacity(frame.len() + epoch.len() + 40);
+    out.push_str(body);
+    out.push_str(",\"offset\":");
+    out.push_str(&offset.to_string());
+    out.push_str(",\"epoch\":\"");
+    // Our epochs are hex digits: nothing to escape.
+    out.push_str(epoch);
+    out.push_str("\"}}");
+    Utf8Bytes::from(out)
+}
+
+fn filter_size(filter: &Filter) -> usize {
+    match filter {
+        Filter::All => 0,
+        Filter::Roles(n) | Filter::Groups(n) | Filter::Users(n) | Filter::Clients(n) => {
+            n.iter().map(|s| s.len() + 24).sum()
+        }
+    }
+}
+
+/// A poisoned lock means a panic elsewhere mid-update; the data is still consistent enough
+/// for history (counts and bytes), and the relay keeps going.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_parse_and_reject() {
+        let rules = parse_rules("orders.*=100/10m, chat:lobby=5/30s,*=1/1h").unwrap();
+        assert_eq!(rules.len(), 3);
+        assert!(rules[0].matches("orders.7"));
+        assert!(!rules[0].matches("order"));
+        assert!(rules[1].matches("chat:lobby") && !rules[1].matches("chat:lobby2"));
+        assert!(rules[2].matches("anything"));
+        assert_eq!(
+            rules[0].keep,
+            Retention {
+                count: 100,
+                age: Duration::from_secs(600)
+            }
+        );
+        for bad in [
+            "",
+            "orders.*",
+            "orders.*=100",
+            "orders.*=0/10m",
+            "orders.*=10001/10m",
+            "orders.*=10/0s",
+            "orders.*=10/25h",
+            "orders.*=10/10d",
+            "or ders*=10/10m",
+            "orders.*=x/10m",
+        ] {
+            assert!(parse_rules(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn stamp_adds_offset_and_epoch() {
+        let frame = r#"{"type":"publish","data":{"name":"a","data":{"x":1}}}"#;
+        assert_eq!(
+            stamp(frame, 7, "ab1"),
+            r#"{"type":"publish","data":{"name":"a","data":{"x":1},"offset":7,"epoch":"ab1"}}"#
+        );
+    }
+}
