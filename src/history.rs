@@ -27,7 +27,7 @@
 //! taken or waited for; a stream's lock before any peer's `state` and any hub shard (see
 //! [`crate::hub`]).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -52,6 +52,8 @@ pub const MAX_RULES: usize = 64;
 pub const DEFAULT_BUDGET: usize = 64 * 1024 * 1024;
 /// Longest `since.epoch` a client may send (ours are 8 + up to 16 hex digits).
 pub const MAX_EPOCH_LEN: usize = 64;
+/// Cluster: most publications of one channel held while an earlier one is missing.
+pub const MAX_PENDING: usize = 1024;
 /// How many channels, from the round-robin cursor, an eviction looks at for an empty one.
 const EVICTION_LOOKAHEAD: usize = 16;
 
@@ -154,6 +156,8 @@ pub struct History {
     /// `--history-memory`.
     budget: usize,
     metrics: HistoryMetrics,
+    /// With `--redis-url`: Redis gives offsets and epochs (see [`Clustered`]).
+    clustered: Option<Clustered>,
 }
 
 /// The gauges and counters `crate::metrics` exposes for history.
@@ -163,6 +167,8 @@ pub struct HistoryMetrics {
     pub channels: Gauge,
     pub publications: Counter,
     pub evicted_channels: Counter,
+    /// Cluster: publications Redis could not stamp (not delivered).
+    pub lost: Counter,
 }
 
 struct Table {
@@ -176,14 +182,23 @@ struct Table {
 
 /// One channel's history; its lock orders the channel's publications and recoveries.
 pub struct Stream {
-    epoch: Arc<str>,
+    channel: Arc<str>,
     keep: Retention,
     kept: Mutex<Kept>,
 }
 
 pub struct Kept {
+    /// The channel's epoch; in a cluster, Redis's (it changes when Redis lost the history).
+    epoch: Arc<str>,
     /// The latest offset given (0: none yet).
     last: u64,
+    /// Cluster: `last` is known (the first publication seen, or a read of Redis, set it).
+    known: bool,
+    /// Cluster: publications that arrived ahead of `last + 1` (from another node, before an
+    /// earlier one), applied once the gap is filled; at most [`MAX_PENDING`].
+    pending: BTreeMap<u64, Entry>,
+    /// Cluster: a read of Redis to fill a gap is under way.
+    filling: bool,
     entries: VecDeque<Entry>,
     /// Bytes of `entries`' frames.
     bytes: usize,
@@ -191,11 +206,12 @@ pub struct Kept {
     floor: u64,
 }
 
-struct Entry {
-    offset: u64,
-    at: Instant,
-    frame: Utf8Bytes,
-    filter: Filter,
+pub struct Entry {
+    pub offset: u64,
+    pub at: Instant,
+    /// The stamped `publish` frame.
+    pub frame: Utf8Bytes,
+    pub filter: Filter,
 }
 
 /// What a `subscribe` on a history channel answers.
@@ -234,6 +250,7 @@ impl History {
             bytes: AtomicUsize::new(0),
             budget,
             metrics,
+            clustered: None,
         }
     }
 
@@ -258,9 +275,13 @@ impl History {
                 .flatten();
             table.created += 1;
             let stream = Arc::new(Stream {
-                epoch: format!("{}{:x}", self.node_epoch, table.created).into(),
+                channel: Arc::from(channel),
                 keep,
                 kept: Mutex::new(Kept {
+                    epoch: format!("{}{:x}", self.node_epoch, table.created).into(),
+                    known: false,
+                    pending: BTreeMap::new(),
+                    filling: false,
                     last: 0,
                     entries: VecDeque::new(),
                     bytes: 0,
@@ -366,7 +387,7 @@ impl History {
         {
             let mut kept = stream.lock();
             let offset = kept.last + 1;
-            stamped = stamp(frame, offset, &stream.epoch);
+            stamped = stamp(frame, offset, &kept.epoch);
             kept.last = offset;
             let size = stamped.len() + filter_size(filter);
             if kept.floor == u64::MAX {
@@ -419,7 +440,10 @@ impl History {
         let latest = kept.last;
         let mut missed = Vec::new();
         let recovered = since.map(|since| {
-            let recoverable = *since.epoch == *stream.epoch
+            // A subscriber at offset 0 has received nothing: whatever its epoch, it misses
+            // nothing if everything from offset 1 is kept (this covers a cluster channel's
+            // epoch `""`, before its first publication, and a restart before any).
+            let recoverable = (*since.epoch == *kept.epoch || since.offset == 0)
                 && since.offset <= latest
                 && since.offset.saturating_add(1) >= kept.floor();
             if !recoverable {
@@ -443,12 +467,124 @@ impl History {
             true
         });
         let joined = Joined {
-            epoch: Arc::clone(&stream.epoch),
+            epoch: Arc::clone(&kept.epoch),
             offset: latest,
             recovered,
             missed,
         };
         Ok((kept, joined))
+    }
+
+    /// Cluster: applies publications Redis stamped (this node's own, other nodes' as they
+    /// arrive, or a read of Redis) in offset order: each is delivered once to this node's
+    /// subscribers (`deliver`, under the channel's lock as [`History::publish`] does) and
+    /// kept. A duplicate is dropped; one ahead of a missing offset waits in
+    /// [`Kept::pending`]. Another `epoch` than the channel's: Redis lost the history, what is
+    /// kept here goes. `read`: these come from a read of Redis, with its latest offset
+    /// (authoritative: an offset missing from it is gone, and a channel first seen here takes
+    /// its position from it without delivering the past). Returns whether a gap remains
+    /// (the caller reads Redis to fill it).
+    pub fn advance(
+        &self,
+        stream: &Stream,
+        epoch: &str,
+        read: Option<u64>,
+        mut entries: Vec<Entry>,
+        deliver: impl Fn(&Utf8Bytes, &Filter) -> usize,
+    ) -> bool {
+        entries.sort_by_key(|e| e.offset);
+        let now = Instant::now();
+        let mut guard = stream.lock();
+        // One borrow of the guarded value, so its fields borrow apart.
+        let kept = &mut *guard;
+        if *kept.epoch != *epoch {
+            let freed = kept.clear(1);
+            self.release(freed);
+            kept.epoch = Arc::from(epoch);
+            kept.pending.clear();
+            kept.known = false;
+            kept.last = 0;
+        }
+        if !kept.known {
+            let baseline = match read {
+                Some(latest) => latest,
+                None => entries.first().map_or(0, |e| e.offset.saturating_sub(1)),
+            };
+            kept.last = baseline;
+            kept.floor = baseline + 1;
+            kept.known = true;
+        }
+        // The past (a read of Redis for a subscriber further behind than what is kept
+        // here): in front of what is kept, if it joins up with it.
+        let mut start = kept.entries.front().map_or(kept.last + 1, |e| e.offset);
+        let split = entries.partition_point(|e| e.offset <= kept.last);
+        let newer = entries.split_off(split);
+        for entry in entries.into_iter().rev() {
+            if entry.offset + 1 != start || kept.floor == u64::MAX {
+                continue;
+            }
+            start = entry.offset;
+            let size = entry.frame.len() + filter_size(&entry.filter);
+            kept.entries.push_front(entry);
+            kept.bytes += size;
+            self.charge(size);
+        }
+        if kept.floor != u64::MAX {
+            kept.floor = kept.floor.min(start);
+        }
+        for entry in newer {
+            if kept.pending.len() < MAX_PENDING {
+                kept.pending.insert(entry.offset, entry);
+            }
+        }
+        if let Some(latest) = read {
+            // What Redis no longer has is lost: go on from what it has.
+            let first = kept.pending.keys().next().copied().unwrap_or(latest + 1);
+            if first > kept.last + 1 {
+                let freed = kept.clear(first);
+                self.release(freed);
+                kept.last = first - 1;
+            }
+        }
+        loop {
+            let next = kept.last + 1;
+            let Some(entry) = kept.pending.remove(&next) else {
+                break;
+            };
+            kept.last = entry.offset;
+            deliver(&entry.frame, &entry.filter);
+            let size = entry.frame.len() + filter_size(&entry.filter);
+            if kept.floor == u64::MAX || size > self.budget {
+                continue;
+            }
+            kept.entries.push_back(entry);
+            kept.bytes += size;
+            self.charge(size);
+        }
+        let last = kept.last;
+        kept.pending.retain(|&offset, _| offset > last);
+        let freed = kept.expire(stream.keep, now);
+        self.release(freed);
+        while self.bytes() > self.budget && !kept.entries.is_empty() {
+            let freed = kept.pop();
+            self.release(freed);
+        }
+        !kept.pending.is_empty()
+    }
+
+    /// Cluster: whether a read of Redis to fill `stream`'s gap may start now (one at a time
+    /// per channel), and the offset to read after.
+    pub fn begin_fill(&self, stream: &Stream) -> Option<u64> {
+        let mut kept = stream.lock();
+        if kept.filling || kept.pending.is_empty() {
+            return None;
+        }
+        kept.filling = true;
+        Some(kept.last)
+    }
+
+    pub fn end_fill(&self, stream: &Stream) {
+        stream.lock().filling = false;
     }
 
     /// The last `limit` publications of `channel` (admin read) whose frames fit in `room`
@@ -474,7 +610,7 @@ impl History {
         entries.reverse();
         Some(Read {
             publications: entries,
-            epoch: Arc::clone(&stream.epoch),
+            epoch: Arc::clone(&kept.epoch),
             offset: kept.last,
         })
     }
@@ -488,6 +624,18 @@ pub struct Read {
 }
 
 impl Stream {
+    /// The channel's name.
+    pub fn channel(&self) -> &Arc<str> {
+        &self.channel
+    }
+
+    /// What is kept here reaches back to `offset + 1` (a subscriber recovering from
+    /// `offset` needs no read of Redis), in this epoch.
+    pub fn covers(&self, epoch: &str, offset: u64) -> bool {
+        let kept = self.lock();
+        kept.known && *kept.epoch == *epoch && offset.saturating_add(1) >= kept.floor()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Kept> {
         lock(&self.kept)
     }
@@ -537,7 +685,7 @@ impl Kept {
 }
 
 /// `{"type":"publish","data":{…}}` with `"offset":N,"epoch":"E"` added at the end of `data`.
-fn stamp(frame: &str, offset: u64, epoch: &str) -> Utf8Bytes {
+pub fn stamp(frame: &str, offset: u64, epoch: &str) -> Utf8Bytes {
     let Some(body) = frame.strip_suffix("}}") else {
         // Not a frame `events::publish` made; unreachable, and sent as it is.
         return Utf8Bytes::from(frame.to_string());
@@ -604,6 +752,20 @@ mod tests {
     }
 
     #[test]
+    fn a_stamp_reads_back() {
+        let frame = stamp(
+            r#"{"type":"publish","data":{"name":"a","data":"x"}}"#,
+            12,
+            "e9",
+        );
+        assert_eq!(parse_stamp(&frame), Some((12, "e9")));
+        assert_eq!(
+            parse_stamp(r#"{"type":"publish","data":{"name":"a","data":1}}"#),
+            None
+        );
+    }
+
+    #[test]
     fn stamp_adds_offset_and_epoch() {
         let frame = r#"{"type":"publish","data":{"name":"a","data":{"x":1}}}"#;
         assert_eq!(
@@ -611,4 +773,306 @@ mod tests {
             r#"{"type":"publish","data":{"name":"a","data":{"x":1},"offset":7,"epoch":"ab1"}}"#
         );
     }
+}
+
+// ------------------------------------------------------------------- in a cluster (Redis)
+
+/// A publication waiting for Redis to stamp it: channel, retention, unstamped frame, filter.
+type Job = (Arc<str>, Retention, Utf8Bytes, Filter);
+
+/// Most publications waiting for Redis on one node; beyond, `publish` is refused
+/// (`rate_limited`) until Redis catches up.
+pub const MAX_WAITING: usize = 4096;
+/// Most publications stamped in one round trip.
+const BATCH: usize = 256;
+/// How long a gap waits for the publication that fills it before Redis is read.
+const GAP_WAIT: Duration = Duration::from_millis(50);
+/// How long a subscriber waits for this node to receive its channel before the catch-up
+/// read (see [`join_cluster`]).
+const SUBSCRIBED_WAIT: Duration = Duration::from_secs(2);
+
+/// With `--redis-url`: offsets and epochs come from Redis, once, cluster-wide; what each node
+/// keeps is a cache of Redis that also puts publications in offset order.
+pub struct Clustered {
+    store: crate::cluster::history::Store,
+    jobs: tokio::sync::mpsc::Sender<Job>,
+    fills: tokio::sync::mpsc::UnboundedSender<Arc<Stream>>,
+    /// Taken by the worker when the relay starts.
+    receivers: Mutex<Option<Receivers>>,
+}
+
+type Receivers = (
+    tokio::sync::mpsc::Receiver<Job>,
+    tokio::sync::mpsc::UnboundedReceiver<Arc<Stream>>,
+);
+
+impl Clustered {
+    pub fn new(url: &str) -> redis::RedisResult<Clustered> {
+        let (jobs, job_rx) = tokio::sync::mpsc::channel(MAX_WAITING);
+        let (fills, fill_rx) = tokio::sync::mpsc::unbounded_channel();
+        Ok(Clustered {
+            store: crate::cluster::history::Store::new(url)?,
+            jobs,
+            fills,
+            receivers: Mutex::new(Some((job_rx, fill_rx))),
+        })
+    }
+}
+
+impl History {
+    /// History in Redis (`--redis-url`).
+    pub fn with_redis(mut self, clustered: Clustered) -> History {
+        self.clustered = Some(clustered);
+        self
+    }
+
+    /// Whether offsets come from Redis.
+    pub fn clustered(&self) -> Option<&Clustered> {
+        self.clustered.as_ref()
+    }
+
+    /// Queues a publication for Redis to stamp (see [`start`]). Refused when too many wait.
+    pub fn submit(
+        &self,
+        channel: Arc<str>,
+        keep: Retention,
+        frame: Utf8Bytes,
+        filter: Filter,
+    ) -> Result<(), crate::protocol::ProtocolError> {
+        let Some(clustered) = &self.clustered else {
+            return Ok(());
+        };
+        clustered
+            .jobs
+            .try_send((channel, keep, frame, filter))
+            .map_err(|_| {
+                crate::protocol::ProtocolError::ClusterBusy(
+                    "too many publications wait for Redis to stamp them; retry",
+                )
+            })
+    }
+
+    /// Asks for a read of Redis to fill `stream`'s gap.
+    fn request_fill(&self, stream: Arc<Stream>) {
+        if let Some(clustered) = &self.clustered {
+            let _ = clustered.fills.send(stream);
+        }
+    }
+}
+
+/// Starts the worker that has Redis stamp this node's publications (a batch per round trip,
+/// in the order they were published) and delivers them, and that fills gaps. Nothing on a
+/// single node.
+pub fn start(relay: &Arc<crate::relay::Relay>) {
+    let Some(clustered) = relay.history.as_ref().and_then(History::clustered) else {
+        return;
+    };
+    let Some((mut jobs, mut fills)) = lock(&clustered.receivers).take() else {
+        return;
+    };
+    let relay = Arc::clone(relay);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                job = jobs.recv() => {
+                    let Some(job) = job else { break };
+                    let mut batch = vec![job];
+                    while batch.len() < BATCH {
+                        match jobs.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    stamp_batch(&relay, batch).await;
+                }
+                Some(stream) = fills.recv() => {
+                    let relay = Arc::clone(&relay);
+                    tokio::spawn(async move { fill(&relay, stream).await });
+                }
+            }
+        }
+    });
+}
+
+async fn stamp_batch(relay: &Arc<crate::relay::Relay>, batch: Vec<Job>) {
+    let Some(history) = relay.history.as_ref() else {
+        return;
+    };
+    let Some(clustered) = history.clustered() else {
+        return;
+    };
+    let proposed = format!("{}{:x}", history.node_epoch, rand_u32());
+    let stamped = match clustered.store.publish(&batch, &proposed).await {
+        Ok(stamped) => stamped,
+        Err(error) => {
+            crate::warn_throttled!(
+                %error,
+                lost = batch.len(),
+                "history: Redis did not stamp publications; they are not delivered"
+            );
+            history.metrics.lost.inc_by(batch.len() as u64);
+            return;
+        }
+    };
+    for ((channel, _, frame, filter), (offset, epoch)) in batch.into_iter().zip(stamped) {
+        let frame = stamp(&frame, offset, &epoch);
+        history.metrics.publications.inc();
+        arrived_stamped(relay, &channel, &filter, &frame, offset, &epoch);
+        let delivery = crate::delivery::Delivery::Channel {
+            channel: Arc::clone(&channel),
+            filter,
+            frame: crate::delivery::Text(frame),
+        };
+        let route = crate::delivery::Route::Channel(channel);
+        let _ = relay
+            .backplane
+            .publish(relay, route, delivery, crate::delivery::Sender::Admin);
+    }
+}
+
+/// A publication Redis stamped reached this node (from this node's worker or another node):
+/// delivered here in offset order. Returns how many connections got something now.
+pub fn arrived(
+    relay: &crate::relay::Relay,
+    channel: &Arc<str>,
+    filter: &Filter,
+    frame: &Utf8Bytes,
+) -> usize {
+    match parse_stamp(frame) {
+        Some((offset, epoch)) => arrived_stamped(relay, channel, filter, frame, offset, epoch),
+        // Not stamped: published before the node that sent it had history.
+        None => relay.publish_here(channel, filter, frame),
+    }
+}
+
+fn arrived_stamped(
+    relay: &crate::relay::Relay,
+    channel: &Arc<str>,
+    filter: &Filter,
+    frame: &Utf8Bytes,
+    offset: u64,
+    epoch: &str,
+) -> usize {
+    let Some(history) = relay.history.as_ref() else {
+        return 0;
+    };
+    let Some(stream) = history.stream(channel) else {
+        return relay.publish_here(channel, filter, frame);
+    };
+    let entry = Entry {
+        offset,
+        at: Instant::now(),
+        frame: frame.clone(),
+        filter: filter.clone(),
+    };
+    let delivered = AtomicUsize::new(0);
+    let gap = history.advance(&stream, epoch, None, vec![entry], |frame, filter| {
+        let n = relay.publish_here(channel, filter, frame);
+        delivered.fetch_add(n, Ordering::Relaxed);
+        n
+    });
+    if gap {
+        history.request_fill(stream);
+    }
+    delivered.into_inner()
+}
+
+/// Fills a gap: waits a little for the missing publication to arrive on its own, then
+/// reads what Redis has after the last one delivered here.
+async fn fill(relay: &Arc<crate::relay::Relay>, stream: Arc<Stream>) {
+    let Some(history) = relay.history.as_ref() else {
+        return;
+    };
+    tokio::time::sleep(GAP_WAIT).await;
+    let Some(after) = history.begin_fill(&stream) else {
+        return;
+    };
+    let gap = sync(relay, &stream, after).await.unwrap_or(true);
+    history.end_fill(&stream);
+    if gap {
+        history.request_fill(stream);
+    }
+}
+
+/// Reads Redis after `after` and applies it here (see [`History::advance`]). Returns whether
+/// a gap remains.
+pub async fn sync(
+    relay: &crate::relay::Relay,
+    stream: &Stream,
+    after: u64,
+) -> Result<bool, crate::protocol::ProtocolError> {
+    let Some(history) = relay.history.as_ref() else {
+        return Ok(false);
+    };
+    let Some(clustered) = history.clustered() else {
+        return Ok(false);
+    };
+    let read = clustered
+        .store
+        .read(stream.channel(), after, stream.keep.count, stream.keep)
+        .await
+        .map_err(|error| {
+            crate::warn_throttled!(%error, "history: cannot read Redis");
+            crate::protocol::ProtocolError::ClusterBusy("channel history is unavailable; retry")
+        })?;
+    let channel = stream.channel();
+    Ok(history.advance(
+        stream,
+        &read.epoch,
+        Some(read.latest),
+        read.entries,
+        |frame, filter| relay.publish_here(channel, filter, frame),
+    ))
+}
+
+/// Before a subscriber joins a channel with history in a cluster: brings what this node
+/// keeps up to Redis (this node may not have been receiving the channel) and back to `since`
+/// if it does not reach that far.
+pub async fn prepare_join(
+    relay: &crate::relay::Relay,
+    stream: &Stream,
+    since: Option<&Since>,
+) -> Result<(), crate::protocol::ProtocolError> {
+    let last = {
+        let kept = stream.lock();
+        kept.known.then_some(kept.last)
+    };
+    let read_after = match (since, last) {
+        // Kept here from `since`: only what came after the last one delivered here.
+        (Some(since), Some(last)) if stream.covers(&since.epoch, since.offset) => last,
+        // Never read past what was delivered here: what Redis returns after it is what
+        // this node's subscribers get next, in order.
+        (Some(since), Some(last)) => since.offset.min(last),
+        (Some(since), None) => since.offset,
+        (None, Some(last)) => last,
+        // Only the position.
+        (None, None) => u64::MAX,
+    };
+    sync(relay, stream, read_after).await.map(|_| ())
+}
+
+/// After a subscriber joined a channel with history in a cluster: once this node receives
+/// the channel's publications, reads what Redis has beyond what was delivered here, so a
+/// publication made while this node was not yet listening is not missed.
+pub async fn join_cluster(relay: &crate::relay::Relay, stream: &Stream) {
+    let topic =
+        crate::backplane::Topic::Channels(crate::backplane::channel_bucket(stream.channel()));
+    relay.subscribed(&[topic], SUBSCRIBED_WAIT).await;
+    let last = stream.lock().last;
+    let _ = sync(relay, stream, last).await;
+}
+
+/// The offset and epoch [`stamp`] added to a frame.
+fn parse_stamp(frame: &str) -> Option<(u64, &str)> {
+    let at = frame.rfind(",\"offset\":")?;
+    let rest = &frame[at + ",\"offset\":".len()..];
+    let (offset, rest) = rest.split_once(",\"epoch\":\"")?;
+    let epoch = rest.strip_suffix("\"}}")?;
+    Some((offset.parse().ok()?, epoch))
+}
+
+fn rand_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    let _ = getrandom::fill(&mut bytes);
+    u32::from_ne_bytes(bytes)
 }

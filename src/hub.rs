@@ -450,9 +450,19 @@ impl Hub {
     /// Delivers `frame` to the subscribers of `channel` that `filter` admits, and to every
     /// SignalR connection it admits (as an invocation of `channel`).
     pub fn publish(&self, channel: &str, filter: &Filter, frame: &Utf8Bytes) -> usize {
+        let recipients = self.recipients(channel, filter);
+        let mut broadcast = Broadcast::new(frame, Form::Publish, &self.notify_method);
+        recipients
+            .iter()
+            .filter(|peer| broadcast.send(peer))
+            .count()
+    }
+
+    /// Who a publish to `channel` with `filter` reaches here (see [`Hub::publish`]).
+    pub fn recipients(&self, channel: &str, filter: &Filter) -> Vec<Arc<Peer>> {
         // Snapshot the recipients first: a filter reads each one's state, and a peer's state
         // lock must never be taken while a channel shard is held (see the lock order above).
-        let recipients: Vec<Arc<Peer>> = match filter {
+        match filter {
             Filter::Clients(targets) => self.listed(channel, targets),
             _ => {
                 let signalr = self.signalr_count.load(Ordering::Relaxed);
@@ -470,12 +480,7 @@ impl Hub {
                 subscribers.retain(|peer| filter.admits(&peer.state()));
                 subscribers
             }
-        };
-        let mut broadcast = Broadcast::new(frame, Form::Publish, &self.notify_method);
-        recipients
-            .iter()
-            .filter(|peer| broadcast.send(peer))
-            .count()
+        }
     }
 
     /// The connections named in a `clients` filter that a publish to `channel` reaches: its

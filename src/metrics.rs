@@ -302,6 +302,11 @@ impl Metrics {
             history.publications.clone(),
         );
         registry.register(
+            "history_lost",
+            "Publications to channels with history that Redis could not stamp, so not delivered (cluster)",
+            history.lost.clone(),
+        );
+        registry.register(
             "history_evicted_channels",
             "Channels whose history was dropped to make room for another (over the channel bound)",
             history.evicted_channels.clone(),

@@ -17,7 +17,7 @@ use crate::auth::Authenticator;
 use crate::backplane::{Backplane, Local, Topic, channel_bucket};
 use crate::config::Config;
 use crate::delivery::{Delivery, Route, Sender, Text};
-use crate::hub::{Acknowledgement, Hub, looks_like_id};
+use crate::hub::{Acknowledgement, Filter, Hub, looks_like_id};
 use crate::invoke::{Invocations, Outcome, Reply};
 use crate::kinds::Frame;
 use crate::memory::Memory;
@@ -109,11 +109,20 @@ impl Relay {
             invocations: Invocations::new(config.invoke_timeout),
             presence: crate::presence::Presence::default(),
             history: (!config.history.is_empty()).then(|| {
-                crate::history::History::new(
+                let history = crate::history::History::new(
                     config.history.clone(),
                     config.history_memory,
                     metrics.history.clone(),
-                )
+                );
+                // Checked when the configuration was read.
+                match config
+                    .redis_url
+                    .as_deref()
+                    .map(crate::history::Clustered::new)
+                {
+                    Some(Ok(clustered)) => history.with_redis(clustered),
+                    _ => history,
+                }
             }),
             auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
             memory: Arc::new(Memory::new(config.max_memory, &metrics)),
@@ -227,20 +236,36 @@ impl Relay {
                 filter,
                 frame,
             } => {
-                let history = self.history.as_ref().filter(|_| origin);
-                let (frame, n) = match history.and_then(|h| Some((h, h.stream(&channel)?))) {
+                let history = self.history.as_ref();
+                let keep = history.and_then(|h| h.retention(&channel));
+                match (history, keep) {
+                    // In a cluster, Redis stamps it first; the worker then delivers it here
+                    // and passes it on (`history::start`).
+                    (Some(history), Some(keep)) if history.clustered().is_some() => {
+                        if origin {
+                            history.submit(channel, keep, frame.0, filter)?;
+                            return Ok(here(0, None));
+                        }
+                        let n = crate::history::arrived(self, &channel, &filter, &frame);
+                        return Ok(here(n, None));
+                    }
+                    _ => {}
+                }
+                let stream = history
+                    .filter(|_| origin)
+                    .and_then(|h| Some((h, h.stream(&channel)?)));
+                let (frame, n) = match stream {
                     Some((history, stream)) => {
                         let (frame, n) = history.publish(&stream, &frame, &filter, |frame| {
-                            hub.publish(&channel, &filter, frame)
+                            self.publish_here(&channel, &filter, frame)
                         });
                         (Text(frame), n)
                     }
                     None => {
-                        let n = hub.publish(&channel, &filter, &frame);
+                        let n = self.publish_here(&channel, &filter, &frame);
                         (frame, n)
                     }
                 };
-                self.metrics.sent(Frame::Publish, n, frame.len());
                 let route = Route::Channel(channel.clone());
                 let delivery = Delivery::Channel {
                     channel,
@@ -384,6 +409,34 @@ impl Relay {
             interest.reply(self, topic.clone(), member, frame, Frame::NotifyGroup);
         }
         members.len()
+    }
+
+    /// Delivers a publish frame to this node's subscribers of `channel` (and SignalR
+    /// connections) that `filter` admits, counted.
+    /// While some subscriber's `subscribed` waits for this node to receive the channel (in
+    /// a cluster), the frame waits behind it, as [`Relay::notify_group`] does for groups:
+    /// nobody gets a publication before being told it subscribed.
+    pub fn publish_here(&self, channel: &str, filter: &Filter, frame: &Utf8Bytes) -> usize {
+        let topic = Topic::Channels(channel_bucket(channel));
+        let Some(interest) = self.hub.interest().filter(|i| i.has_held(&topic)) else {
+            let n = self.hub.publish(channel, filter, frame);
+            self.metrics.sent(Frame::Publish, n, frame.len());
+            return n;
+        };
+        let recipients = self.hub.recipients(channel, filter);
+        for peer in &recipients {
+            match peer.wire {
+                Wire::Jssocket => {
+                    interest.reply(self, topic.clone(), peer, frame.clone(), Frame::Publish);
+                }
+                Wire::SignalR => {
+                    if self.hub.send_to(peer, frame, Form::Publish) {
+                        self.metrics.sent(Frame::Publish, 1, frame.len());
+                    }
+                }
+            }
+        }
+        recipients.len()
     }
 
     /// This node's server pool changed (a server joined or left): the other nodes learn it

@@ -2,14 +2,20 @@
 //! `subscribe` with `since` (no gap, no duplicate while publications go on), `recovered:false`
 //! (a restart, too far behind, a replay too big for the subscriber's queue), retention by
 //! count, age and memory, the admin `history` read, and channels no rule names: exactly the
-//! old frames, and nothing kept for them.
+//! old frames, and nothing kept for them. In a cluster (a real `redis-server`, and a real
+//! Redis Cluster): offsets given once across nodes, and recovery on another node than the
+//! one the subscriber left, while two nodes publish.
 
 mod common;
 
+#[path = "common/cluster.rs"]
+mod nodes;
+
 use std::time::Duration;
 
-use common::{Conn, Server, api_post, scrape};
+use common::{Conn, Server, acknowledge, api_post, register, scrape};
 use jssocket::config::Config;
+use nodes::{Backing, Kind, Node, wait_cluster};
 use serde_json::{Value, json};
 use tokio::time::timeout;
 
@@ -466,5 +472,131 @@ async fn bad_since_and_bad_rules_are_refused() {
             error.starts_with("--history: ") && error.contains(says),
             "{rules:?}: {error}"
         );
+    }
+}
+
+// ---------------------------------------------------------------- cluster (Redis)
+
+/// A registered, acknowledged client of `node`, served by `backend` (on any node).
+async fn node_client(node: &Node, backend: &mut Conn, name: &str) -> Conn {
+    let mut client = node.client(name).await;
+    let id = register(&mut client, backend).await;
+    acknowledge(backend, &mut client, &id, None).await;
+    client
+}
+
+/// Two nodes publish to one channel at once (offsets come from Redis: one sequence); a
+/// subscriber drops and comes back on the other node four times; across its sessions it
+/// gets every publication once, in offset order, with no gap. Then Redis loses everything
+/// (`FLUSHALL`): the epoch changes and a subscriber from before is told `recovered:false`.
+async fn recovery_across_nodes(kind: Kind) {
+    const EACH: u64 = 150;
+    let backing = Backing::start(kind);
+    let args = ["--history", "feed.*=1000/10m"];
+    let nodes = [backing.node("n0", &args), backing.node("n1", &args)];
+    wait_cluster(&nodes.iter().collect::<Vec<_>>()).await;
+    let mut backend = nodes[0].backend("backend").await;
+    let mut publishers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let mut admin = node.admin(&format!("publisher{i}")).await;
+        publishers.push(tokio::spawn(async move {
+            for n in 1..=EACH {
+                publish(&mut admin, "feed.c", &format!(r#"{{"p":{i},"n":{n}}}"#), "").await;
+                if n % 4 == 0 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            admin
+        }));
+    }
+    let total = 2 * EACH;
+    let mut got: Vec<u64> = Vec::new();
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    // Offset 0 recovers whatever the epoch: the first session reads from the first
+    // publication.
+    let mut epoch = String::from("none yet");
+    for session in 0..5 {
+        let node = &nodes[session % 2];
+        let mut client = node_client(node, &mut backend, &format!("client{session}")).await;
+        let last = got.last().copied().unwrap_or(0);
+        let reply = subscribe(&mut client, "feed.c", Some((last, &epoch))).await;
+        assert_eq!(
+            reply["recovered"], true,
+            "session {session} on {}: {reply}",
+            node.name
+        );
+        let take = if session == 4 { u64::MAX } else { 40 };
+        let mut taken = 0;
+        while taken < take && got.len() < total as usize {
+            let (offset, data, e) = next_publication(&mut client, "feed.c").await;
+            if session > 0 || taken > 0 {
+                assert_eq!(e, epoch, "one epoch");
+            }
+            epoch = e;
+            got.push(offset);
+            seen.push((
+                data["p"].as_u64().unwrap_or(9),
+                data["n"].as_u64().unwrap_or(0),
+            ));
+            taken += 1;
+        }
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for publisher in publishers {
+        timeout(Duration::from_secs(20), publisher)
+            .await
+            .expect("the publishers finished")
+            .expect("publisher task");
+    }
+    let expected: Vec<u64> = (1..=total).collect();
+    assert_eq!(got, expected, "every offset once, in order, across nodes");
+    // And each publisher's publications in the order it sent them.
+    for p in 0..2 {
+        let mine: Vec<u64> = seen
+            .iter()
+            .filter(|(q, _)| *q == p)
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(
+            mine,
+            (1..=EACH).collect::<Vec<_>>(),
+            "publisher {p}'s order"
+        );
+    }
+
+    // Redis loses the history: the next publication starts a new epoch.
+    flush(&backing);
+    let mut admin = nodes[1].admin("after").await;
+    publish(&mut admin, "feed.c", "1", "").await;
+    let mut client = node_client(&nodes[0], &mut backend, "late").await;
+    let reply = subscribe(&mut client, "feed.c", Some((total, &epoch))).await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    assert_ne!(reply["epoch"], epoch.as_str(), "{reply}");
+}
+
+/// `FLUSHALL` on every Redis of the backing.
+fn flush(backing: &Backing) {
+    let urls: Vec<String> = match backing {
+        Backing::Redis(redis) => vec![redis.url()],
+        Backing::RedisCluster(cluster) => cluster.members.iter().map(|m| m.url()).collect(),
+        Backing::Loopback(_) => Vec::new(),
+    };
+    for url in urls {
+        let client = redis::Client::open(url.as_str()).expect("a Redis URL");
+        let mut conn = client.get_connection().expect("a connection to Redis");
+        let _: () = redis::cmd("FLUSHALL").query(&mut conn).expect("FLUSHALL");
+    }
+}
+
+mod recovery_across_nodes {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis() {
+        super::recovery_across_nodes(super::Kind::Redis).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis_cluster() {
+        super::recovery_across_nodes(super::Kind::RedisCluster).await;
     }
 }

@@ -38,6 +38,12 @@ pub async fn answer(relay: &Arc<Relay>, data: Data<'_>) -> Result<String, Protoc
                 "an integer from 1 to 10000",
             ))?,
     };
+    // In a cluster what this node keeps is a cache: Redis has it all.
+    if let Some(history) = relay.history.as_ref().filter(|h| h.clustered().is_some())
+        && let Some(stream) = history.stream(&name)
+    {
+        crate::history::sync(relay, &stream, 0).await?;
+    }
     let room = relay.config.max_queue_bytes / 2;
     let read = relay
         .history

@@ -102,8 +102,14 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         Event::NotifyClient => NotifyClient::parse(data).and_then(|e| e.apply(session)),
         Event::NotifyGroup => NotifyGroup::parse(data).and_then(|e| e.apply(session)),
         Event::NotifyAll => NotifyAll::parse(data).and_then(|e| e.apply(session)),
-        Event::Subscribe => Subscribe::parse(data, false).and_then(|e| e.apply(session)),
-        Event::Unsubscribe => Subscribe::parse(data, true).and_then(|e| e.apply(session)),
+        Event::Subscribe => match Subscribe::parse(data, false) {
+            Ok(event) => event.apply(session).await,
+            Err(e) => Err(e),
+        },
+        Event::Unsubscribe => match Subscribe::parse(data, true) {
+            Ok(event) => event.apply(session).await,
+            Err(e) => Err(e),
+        },
         Event::Publish => Publish::parse(data).and_then(|e| e.apply(session)),
         Event::Invoke => Invoke::parse(data).and_then(|e| e.apply(session)),
         Event::InvokeResult => InvokeResult::parse(data).and_then(|e| e.apply(session)),

@@ -8,6 +8,8 @@
 //! publications missed since then (see [`crate::history`] for why none is lost or repeated
 //! across the switch to live ones).
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -76,9 +78,9 @@ impl Subscribe {
         Ok(Subscribe { name, leave, since })
     }
 
-    pub fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
+    pub async fn apply(self, session: &mut Session) -> Result<Flow, ProtocolError> {
         if !self.leave && session.shared.history.is_some() {
-            return self.join_history(session);
+            return self.join_history(session).await;
         }
         self.apply_plain(session)
     }
@@ -108,8 +110,8 @@ impl Subscribe {
 impl Subscribe {
     /// A `subscribe` on a node with history: a channel with none is answered as ever; one
     /// with history is joined, answered and replayed under its lock (see [`crate::history`]).
-    fn join_history(self, session: &mut Session) -> Result<Flow, ProtocolError> {
-        let relay = &session.shared;
+    async fn join_history(self, session: &mut Session) -> Result<Flow, ProtocolError> {
+        let relay = Arc::clone(&session.shared);
         let peer = &session.peer;
         let history = relay.history.as_ref();
         // A peer that may not subscribe creates no history on the way to being refused.
@@ -120,6 +122,10 @@ impl Subscribe {
         else {
             return self.apply_plain(session);
         };
+        let clustered = history.clustered().is_some();
+        if clustered {
+            crate::history::prepare_join(&relay, &stream, self.since.as_ref()).await?;
+        }
         // Half the subscriber's queue: a replay that would fill it is refused
         // (`recovered:false`) rather than closing the connection as a slow consumer.
         let room = relay.config.max_queue_bytes / 2;
@@ -140,10 +146,19 @@ impl Subscribe {
         let reply = event_frame(Frame::Subscribed.name(), &data);
         relay.channel_reply(peer, &self.name, reply, Frame::Subscribed);
         for frame in joined.missed {
-            relay.metrics.sent(Frame::Publish, 1, frame.len());
-            peer.send(frame);
+            if clustered {
+                // Behind the `subscribed` reply, which may wait for this node to receive
+                // the channel.
+                relay.channel_reply(peer, &self.name, frame, Frame::Publish);
+            } else {
+                relay.metrics.sent(Frame::Publish, 1, frame.len());
+                peer.send(frame);
+            }
         }
         drop(guard);
+        if clustered {
+            crate::history::join_cluster(&relay, &stream).await;
+        }
         Ok(Flow::Continue)
     }
 }
