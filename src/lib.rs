@@ -29,7 +29,8 @@
 //! - [`backplane`]: what a node tells the others: its traits, the single-node and loopback ones.
 //! - [`cluster`]: the node logic that makes several nodes one relay, over any transport
 //!   (`nodes.rs`: forwards in flight; `backlog.rs`: what waits to be published; `wire.rs`:
-//!   what nodes say), and the Redis and Redis Cluster transports (`redis.rs`).
+//!   what nodes say), the Redis and Redis Cluster transports (`redis.rs`), and channel
+//!   history's Redis I/O (`history.rs`).
 //! - [`signalr`]: SignalR clients (the JSON hub protocol over WebSockets), beside jssocket's
 //!   own protocol on the same hub.
 //! - [`log_throttle`]: `warn_throttled!`, for log lines a peer can trigger at will.
