@@ -716,65 +716,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rules_parse_and_reject() {
-        let rules = parse_rules("orders.*=100/10m, chat:lobby=5/30s,*=1/1h").unwrap();
-        assert_eq!(rules.len(), 3);
-        assert!(rules[0].matches("orders.7"));
-        assert!(!rules[0].matches("order"));
-        assert!(rules[1].matches("chat:lobby") && !rules[1].matches("chat:lobby2"));
-        assert!(rules[2].matches("anything"));
-        assert_eq!(
-            rules[0].keep,
-            Retention {
-                count: 100,
-                age: Duration::from_secs(600)
-            }
-        );
-        for bad in [
-            "",
-            "orders.*",
-            "orders.*=100",
-            "orders.*=0/10m",
-            "orders.*=10001/10m",
-            "orders.*=10/0s",
-            "orders.*=10/25h",
-            "orders.*=10/10d",
-            "or ders*=10/10m",
-            "orders.*=x/10m",
-        ] {
-            assert!(parse_rules(bad).is_err(), "{bad:?} should be refused");
-        }
-    }
-
-    #[test]
-    fn a_stamp_reads_back() {
-        let frame = stamp(
-            r#"{"type":"publish","data":{"name":"a","data":"x"}}"#,
-            12,
-            "e9",
-        );
-        assert_eq!(parse_stamp(&frame), Some((12, "e9")));
-        assert_eq!(
-            parse_stamp(r#"{"type":"publish","data":{"name":"a","data":1}}"#),
-            None
-        );
-    }
-
-    #[test]
-    fn stamp_adds_offset_and_epoch() {
-        let frame = r#"{"type":"publish","data":{"name":"a","data":{"x":1}}}"#;
-        assert_eq!(
-            stamp(frame, 7, "ab1"),
-            r#"{"type":"publish","data":{"name":"a","data":{"x":1},"offset":7,"epoch":"ab1"}}"#
-        );
-    }
-}
-
 // ------------------------------------------------------------------- in a cluster (Redis)
 
 /// A publication waiting for Redis to stamp it: channel, retention, unstamped frame, filter.
@@ -1075,4 +1016,63 @@ fn rand_u32() -> u32 {
     let mut bytes = [0u8; 4];
     let _ = getrandom::fill(&mut bytes);
     u32::from_ne_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_parse_and_reject() {
+        let rules = parse_rules("orders.*=100/10m, chat:lobby=5/30s,*=1/1h").unwrap();
+        assert_eq!(rules.len(), 3);
+        assert!(rules[0].matches("orders.7"));
+        assert!(!rules[0].matches("order"));
+        assert!(rules[1].matches("chat:lobby") && !rules[1].matches("chat:lobby2"));
+        assert!(rules[2].matches("anything"));
+        assert_eq!(
+            rules[0].keep,
+            Retention {
+                count: 100,
+                age: Duration::from_secs(600)
+            }
+        );
+        for bad in [
+            "",
+            "orders.*",
+            "orders.*=100",
+            "orders.*=0/10m",
+            "orders.*=10001/10m",
+            "orders.*=10/0s",
+            "orders.*=10/25h",
+            "orders.*=10/10d",
+            "or ders*=10/10m",
+            "orders.*=x/10m",
+        ] {
+            assert!(parse_rules(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn a_stamp_reads_back() {
+        let frame = stamp(
+            r#"{"type":"publish","data":{"name":"a","data":"x"}}"#,
+            12,
+            "e9",
+        );
+        assert_eq!(parse_stamp(&frame), Some((12, "e9")));
+        assert_eq!(
+            parse_stamp(r#"{"type":"publish","data":{"name":"a","data":1}}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn stamp_adds_offset_and_epoch() {
+        let frame = r#"{"type":"publish","data":{"name":"a","data":{"x":1}}}"#;
+        assert_eq!(
+            stamp(frame, 7, "ab1"),
+            r#"{"type":"publish","data":{"name":"a","data":{"x":1},"offset":7,"epoch":"ab1"}}"#
+        );
+    }
 }

@@ -74,6 +74,8 @@ pub struct Store {
     connection: Mutex<Option<Connection>>,
 }
 
+/// One of each per node: the size of the bigger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Client {
     One(redis::Client),
     Cluster(ClusterClient),
