@@ -440,6 +440,56 @@ async fn channels_without_history_are_unchanged_and_cost_nothing() {
     assert_eq!(scraped.value("jssocket_history_channels", &[]), 1.0);
 }
 
+/// The attack: clients subscribe to more matching names than a node keeps histories for
+/// (10,000), to push real channels' history out. The bound holds, and what goes first are the
+/// empty histories the flood made, not a channel with publications.
+#[tokio::test]
+async fn a_subscribe_flood_over_the_channel_bound_evicts_empty_histories_first() {
+    let server = history_server("feed.*=100/10m", &[]).await;
+    let mut backend = server.backend("backend").await;
+    let mut admin = server.admin("admin").await;
+    for i in 1..=3 {
+        publish(&mut admin, "feed.real", &i.to_string(), "").await;
+    }
+    admin
+        .send_event("history", json!({"name": "feed.real"}))
+        .await;
+    let real = admin.recv().await["data"].clone();
+    assert_eq!(real["offset"], 3, "{real}");
+    let epoch = real["epoch"].as_str().expect("epoch").to_string();
+    // 41 clients × 256 subscriptions (the per-connection bound) = 10,496 names.
+    let mut flood = Vec::new();
+    for c in 0..41 {
+        let mut client = server
+            .acked_client(&format!("flood{c}"), &mut backend, None)
+            .await;
+        for j in 0..256 {
+            client
+                .send_text(&format!(
+                    r#"{{"type":"subscribe","data":{{"name":"feed.x{c}_{j}"}}}}"#
+                ))
+                .await;
+        }
+        for _ in 0..256 {
+            let reply = client.recv().await;
+            assert_eq!(reply["type"], "subscribed", "{reply}");
+        }
+        flood.push(client);
+    }
+    let scraped = scrape(server.addr).await;
+    assert_eq!(scraped.value("jssocket_history_channels", &[]), 10_000.0);
+    assert!(scraped.value("jssocket_history_evicted_channels_total", &[]) >= 496.0);
+    let mut client = server.acked_client("reader", &mut backend, None).await;
+    let reply = subscribe(&mut client, "feed.real", Some((0, &epoch))).await;
+    assert_eq!(
+        reply["recovered"], true,
+        "the real history survived: {reply}"
+    );
+    for i in 1..=3 {
+        assert_eq!(next_publication(&mut client, "feed.real").await.0, i);
+    }
+}
+
 #[tokio::test]
 async fn bad_since_and_bad_rules_are_refused() {
     let server = history_server("feed.*=10/1m", &[]).await;
