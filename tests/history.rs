@@ -538,7 +538,8 @@ async fn node_client(node: &Node, backend: &mut Conn, name: &str) -> Conn {
 /// Two nodes publish to one channel at once (offsets come from Redis: one sequence); a
 /// subscriber drops and comes back on the other node four times; across its sessions it
 /// gets every publication once, in offset order, with no gap. Then Redis loses everything
-/// (`FLUSHALL`): the epoch changes and a subscriber from before is told `recovered:false`.
+/// (`FLUSHALL`, scripts too): the epoch changes and a subscriber from before is told
+/// `recovered:false`.
 async fn recovery_across_nodes(kind: Kind) {
     const EACH: u64 = 150;
     let backing = Backing::start(kind);
@@ -619,13 +620,26 @@ async fn recovery_across_nodes(kind: Kind) {
     flush(&backing);
     let mut admin = nodes[1].admin("after").await;
     publish(&mut admin, "feed.c", "1", "").await;
+    // Stamped (the script loaded again after NOSCRIPT): offset 1 of a new epoch.
+    timeout(Duration::from_secs(5), async {
+        loop {
+            admin.send_event("history", json!({"name": "feed.c"})).await;
+            if admin.recv().await["data"]["offset"] == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the publication after the flush is stamped");
     let mut client = node_client(&nodes[0], &mut backend, "late").await;
     let reply = subscribe(&mut client, "feed.c", Some((total, &epoch))).await;
     assert_eq!(reply["recovered"], false, "{reply}");
     assert_ne!(reply["epoch"], epoch.as_str(), "{reply}");
+    assert_eq!(reply["offset"], 1, "{reply}");
 }
 
-/// `FLUSHALL` on every Redis of the backing.
+/// `FLUSHALL` and `SCRIPT FLUSH` on every Redis of the backing.
 fn flush(backing: &Backing) {
     let urls: Vec<String> = match backing {
         Backing::Redis(redis) => vec![redis.url()],
@@ -636,6 +650,11 @@ fn flush(backing: &Backing) {
         let client = redis::Client::open(url.as_str()).expect("a Redis URL");
         let mut conn = client.get_connection().expect("a connection to Redis");
         let _: () = redis::cmd("FLUSHALL").query(&mut conn).expect("FLUSHALL");
+        // As a restarted Redis: the nodes' loaded script is gone too.
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query(&mut conn)
+            .expect("SCRIPT FLUSH");
     }
 }
 

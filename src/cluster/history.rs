@@ -83,7 +83,10 @@ enum Client {
 
 #[derive(Clone)]
 enum Connection {
-    One(MultiplexedConnection),
+    /// With the SHA of [`PUBLISH`], loaded when it connected: a publication then sends the
+    /// SHA, not the script (a Redis that restarted without it fails the batch, and the
+    /// connection is made and the script loaded again).
+    One(MultiplexedConnection, Arc<str>),
     Cluster(ClusterConnection),
 }
 
@@ -121,7 +124,13 @@ impl Store {
         }
         let connection = match &self.client {
             Client::One(client) => {
-                Connection::One(client.get_multiplexed_async_connection().await?)
+                let mut connection = client.get_multiplexed_async_connection().await?;
+                let sha: String = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(PUBLISH)
+                    .query_async(&mut connection)
+                    .await?;
+                Connection::One(connection, Arc::from(sha))
             }
             Client::Cluster(client) => Connection::Cluster(client.get_async_connection().await?),
         };
@@ -142,13 +151,32 @@ impl Store {
         batch: &[(Arc<str>, Retention, Utf8Bytes, Filter)],
         proposed_epoch: &str,
     ) -> RedisResult<Vec<(u64, String)>> {
+        match self.publish_once(batch, proposed_epoch).await {
+            // A Redis restarted since the script was loaded: load it again, once.
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                self.publish_once(batch, proposed_epoch).await
+            }
+            result => result,
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        batch: &[(Arc<str>, Retention, Utf8Bytes, Filter)],
+        proposed_epoch: &str,
+    ) -> RedisResult<Vec<(u64, String)>> {
+        let connection = self.connection().await?;
+        let (command, script) = match &connection {
+            Connection::One(_, sha) => ("EVALSHA", Arc::clone(sha)),
+            Connection::Cluster(_) => ("EVAL", Arc::from(PUBLISH)),
+        };
         let commands: Vec<Cmd> = batch
             .iter()
             .map(|(channel, keep, frame, filter)| {
                 let [stream, offset, epoch] = keys(channel);
                 let filter = serde_json::to_string(filter).unwrap_or_else(|_| "null".into());
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(PUBLISH)
+                let mut cmd = redis::cmd(command);
+                cmd.arg(&*script)
                     .arg(3)
                     .arg(stream)
                     .arg(offset)
@@ -161,8 +189,8 @@ impl Store {
                 cmd
             })
             .collect();
-        let result = match self.connection().await? {
-            Connection::One(mut connection) => {
+        let result = match connection {
+            Connection::One(mut connection, _) => {
                 let mut pipe = redis::pipe();
                 for cmd in &commands {
                     pipe.add_command(cmd.clone());
@@ -214,7 +242,7 @@ impl Store {
             .arg(count.max(1));
         type Raw = (String, u64, Vec<(String, Vec<String>)>);
         let raw: RedisResult<Raw> = match self.connection().await? {
-            Connection::One(mut connection) => cmd.query_async(&mut connection).await,
+            Connection::One(mut connection, _) => cmd.query_async(&mut connection).await,
             Connection::Cluster(mut connection) => cmd.query_async(&mut connection).await,
         };
         let (epoch, latest, raw) = match raw {
