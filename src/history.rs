@@ -197,7 +197,7 @@ pub struct Kept {
     /// Cluster: publications that arrived ahead of `last + 1` (from another node, before an
     /// earlier one), applied once the gap is filled; at most [`MAX_PENDING`].
     pending: BTreeMap<u64, Entry>,
-    /// Cluster: a read of Redis to fill a gap is under way.
+    /// Cluster: a read of Redis to fill a gap is asked for or under way.
     filling: bool,
     entries: VecDeque<Entry>,
     /// Bytes of `entries`' frames.
@@ -572,14 +572,14 @@ impl History {
         !kept.pending.is_empty()
     }
 
-    /// Cluster: whether a read of Redis to fill `stream`'s gap may start now (one at a time
-    /// per channel), and the offset to read after.
+    /// Cluster: the offset to read Redis after to fill `stream`'s gap, or `None` when the
+    /// gap closed meanwhile (and the fill is over).
     pub fn begin_fill(&self, stream: &Stream) -> Option<u64> {
         let mut kept = stream.lock();
-        if kept.filling || kept.pending.is_empty() {
+        if kept.pending.is_empty() {
+            kept.filling = false;
             return None;
         }
-        kept.filling = true;
         Some(kept.last)
     }
 
@@ -793,11 +793,20 @@ impl History {
             })
     }
 
-    /// Asks for a read of Redis to fill `stream`'s gap.
+    /// Asks for a read of Redis to fill `stream`'s gap: one at a time per channel, however
+    /// many publications arrive behind the gap.
     fn request_fill(&self, stream: Arc<Stream>) {
-        if let Some(clustered) = &self.clustered {
-            let _ = clustered.fills.send(stream);
+        let Some(clustered) = &self.clustered else {
+            return;
+        };
+        {
+            let mut kept = stream.lock();
+            if kept.filling {
+                return;
+            }
+            kept.filling = true;
         }
+        let _ = clustered.fills.send(stream);
     }
 }
 
@@ -931,6 +940,7 @@ async fn fill(relay: &Arc<crate::relay::Relay>, stream: Arc<Stream>) {
     let gap = sync(relay, &stream, after).await.unwrap_or(true);
     history.end_fill(&stream);
     if gap {
+        // Still missing (or Redis unreachable): again, after another wait.
         history.request_fill(stream);
     }
 }
