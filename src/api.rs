@@ -45,7 +45,7 @@ pub async fn handle(
             return (
                 StatusCode::NOT_FOUND,
                 "404: the API has notify_client, notify_group, notify_all, publish, \
-                 invoke_result, info, users, connections, channels, membership and disconnect\n",
+                 invoke_result, info, users, connections, channels, membership, disconnect and history\n",
             )
                 .into_response();
         }

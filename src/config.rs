@@ -243,6 +243,17 @@ pub struct Options {
         hide = true
     )]
     pub signalr_handshake_timeout: u64,
+
+    /// Channel history (SPEC §13): `<channel or prefix*>=<count>/<age>,…`, e.g.
+    /// `orders.*=100/10m`; ages in s, m or h (at most 24h), counts at most 10000. The first
+    /// rule that matches a channel applies. Off by default.
+    #[arg(long, env = "SOCKET_HISTORY")]
+    pub history: Option<String>,
+
+    /// Bytes all channels' history may hold on this node (K/M/G suffixes). Over it a
+    /// channel's oldest publications are dropped first.
+    #[arg(long, env = "SOCKET_HISTORY_MEMORY", value_parser = crate::memory::parse_bytes, default_value = "64M")]
+    pub history_memory: usize,
 }
 
 /// Validated configuration, shared read-only by every task.
@@ -291,6 +302,9 @@ pub struct Config {
     pub signalr_keepalive: Duration,
     pub signalr_client_timeout: Duration,
     pub signalr_handshake_timeout: Duration,
+    /// `--history`'s rules; empty: no channel has history.
+    pub history: Vec<crate::history::Rule>,
+    pub history_memory: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -315,6 +329,8 @@ pub enum ConfigError {
     SignalrPath(&'static str),
     #[error("--signalr-notify-method must be 1 to 128 characters")]
     NotifyMethod,
+    #[error("--history: {0}")]
+    History(String),
 }
 
 impl Config {
@@ -348,6 +364,7 @@ impl Config {
             ("--signalr-keepalive", o.signalr_keepalive),
             ("--signalr-client-timeout", o.signalr_client_timeout),
             ("--signalr-handshake-timeout", o.signalr_handshake_timeout),
+            ("--history-memory", o.history_memory as u64),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
@@ -365,6 +382,10 @@ impl Config {
         if o.signalr_notify_method.is_empty() || o.signalr_notify_method.chars().count() > 128 {
             return Err(ConfigError::NotifyMethod);
         }
+        let history = match o.history.as_deref().map(str::trim) {
+            None | Some("") => Vec::new(),
+            Some(text) => crate::history::parse_rules(text).map_err(ConfigError::History)?,
+        };
         let allowed_origins = o
             .allowed_origins
             .iter()
@@ -404,6 +425,8 @@ impl Config {
             signalr_keepalive: Duration::from_secs(o.signalr_keepalive),
             signalr_client_timeout: Duration::from_secs(o.signalr_client_timeout),
             signalr_handshake_timeout: Duration::from_secs(o.signalr_handshake_timeout),
+            history,
+            history_memory: o.history_memory,
         })
     }
 }
@@ -447,6 +470,8 @@ impl Default for Config {
             signalr_keepalive: 15,
             signalr_client_timeout: 30,
             signalr_handshake_timeout: 15,
+            history: None,
+            history_memory: crate::history::DEFAULT_BUDGET,
         };
         match Config::from_options(options) {
             Ok(config) => config,

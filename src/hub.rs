@@ -129,6 +129,15 @@ impl Filter {
             Filter::Clients(_) => false,
         }
     }
+
+    /// Whether a publication with this filter reaches `peer`, a subscriber of its channel:
+    /// what [`Hub::publish`] decides, for one peer (a replay of channel history).
+    pub fn admits_peer(&self, peer: &Peer) -> bool {
+        match self {
+            Filter::Clients(targets) => targets.iter().any(|t| parse_target(t) == Some(peer.id)),
+            _ => self.admits(&peer.state()),
+        }
+    }
 }
 
 /// Most channels one connection may subscribe to.
@@ -467,9 +476,19 @@ impl Hub {
     /// Delivers `frame` to the subscribers of `channel` that `filter` admits, and to every
     /// SignalR connection it admits (as an invocation of `channel`).
     pub fn publish(&self, channel: &str, filter: &Filter, frame: &Utf8Bytes) -> usize {
+        let recipients = self.recipients(channel, filter);
+        let mut broadcast = Broadcast::new(frame, Form::Publish, &self.notify_method);
+        recipients
+            .iter()
+            .filter(|peer| broadcast.send(peer))
+            .count()
+    }
+
+    /// Who a publish to `channel` with `filter` reaches here (see [`Hub::publish`]).
+    pub fn recipients(&self, channel: &str, filter: &Filter) -> Vec<Arc<Peer>> {
         // Snapshot the recipients first: a filter reads each one's state, and a peer's state
         // lock must never be taken while a channel shard is held (see the lock order above).
-        let recipients: Vec<Arc<Peer>> = match filter {
+        match filter {
             Filter::Clients(targets) => self.listed(channel, targets),
             _ => {
                 let signalr = self.signalr_count.load(Ordering::Relaxed);
@@ -487,12 +506,7 @@ impl Hub {
                 subscribers.retain(|peer| filter.admits(&peer.state()));
                 subscribers
             }
-        };
-        let mut broadcast = Broadcast::new(frame, Form::Publish, &self.notify_method);
-        recipients
-            .iter()
-            .filter(|peer| broadcast.send(peer))
-            .count()
+        }
     }
 
     /// The connections named in a `clients` filter that a publish to `channel` reaches: its

@@ -66,6 +66,7 @@ named! {
         Channels = "channels",
         Membership = "membership",
         Disconnect = "disconnect",
+        History = "history",
     }
 }
 
@@ -81,6 +82,7 @@ impl Event {
                 | Event::Channels
                 | Event::Membership
                 | Event::Disconnect
+                | Event::History
         )
     }
 
@@ -115,6 +117,7 @@ named! {
         Channels = "channels",
         Membership = "membership",
         Disconnect = "disconnect",
+        History = "history",
     }
 }
 

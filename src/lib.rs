@@ -13,6 +13,7 @@
 //! - [`kinds`]: every event name, frame kind and error code, listed once.
 //! - [`events`]: one file per event type.
 //! - [`delivery`]: what an event asks to be delivered, as one value, local or remote.
+//! - [`history`]: channel history (`--history`): offsets, epochs, recovery (SPEC §13).
 //! - [`hub`]: who is connected: clients, groups, channels.
 //! - [`peer`]: one connection's shared handle: id, outbound queue, hub state, close reason.
 //! - [`pool`]: the server pool and the client connects waiting for a server.
@@ -28,7 +29,8 @@
 //! - [`backplane`]: what a node tells the others: its traits, the single-node and loopback ones.
 //! - [`cluster`]: the node logic that makes several nodes one relay, over any transport
 //!   (`nodes.rs`: forwards in flight; `backlog.rs`: what waits to be published; `wire.rs`:
-//!   what nodes say), and the Redis and Redis Cluster transports (`redis.rs`).
+//!   what nodes say), the Redis and Redis Cluster transports (`redis.rs`), and channel
+//!   history's Redis I/O (`history.rs`).
 //! - [`signalr`]: SignalR clients (the JSON hub protocol over WebSockets), beside jssocket's
 //!   own protocol on the same hub.
 //! - [`log_throttle`]: `warn_throttled!`, for log lines a peer can trigger at will.
@@ -42,6 +44,7 @@ pub mod connection;
 pub mod console;
 pub mod delivery;
 pub mod events;
+pub mod history;
 pub mod hub;
 pub mod invoke;
 pub mod jwt;

@@ -103,6 +103,9 @@ pub struct Metrics {
     /// other nodes and not yet settled (see `cluster` on forwards in flight).
     pub cluster_backlog_bytes: Gauge,
     pub cluster_forwards_in_flight: Gauge,
+    /// Channel history (see `history`): bytes and channels kept, publications stamped,
+    /// channels evicted for room.
+    pub history: crate::history::HistoryMetrics,
     /// Mirrors of the hub's tables, set when scraped.
     clients: Gauge,
     acknowledged: Gauge,
@@ -290,6 +293,29 @@ impl Metrics {
             "cluster_forwards_in_flight",
             "client_connect messages forwarded to other nodes and not yet settled",
         );
+        let history = crate::history::HistoryMetrics {
+            bytes: gauge(
+                "history_bytes",
+                "Bytes of publications kept as channel history (--history-memory bounds it)",
+            ),
+            channels: gauge("history_channels", "Channels with history on this node"),
+            ..Default::default()
+        };
+        registry.register(
+            "history_publications",
+            "Publications stamped with an offset and kept as channel history",
+            history.publications.clone(),
+        );
+        registry.register(
+            "history_lost",
+            "Publications to channels with history that Redis could not stamp, so not delivered (cluster)",
+            history.lost.clone(),
+        );
+        registry.register(
+            "history_evicted_channels",
+            "Channels whose history was dropped to make room for another (over the channel bound)",
+            history.evicted_channels.clone(),
+        );
         let memory_pressure_closes = Counter::default();
         registry.register(
             "memory_pressure_closes",
@@ -382,6 +408,7 @@ impl Metrics {
             cluster_forwards_in_flight,
             uptime_seconds,
             started: std::time::Instant::now(),
+            history,
             clients,
             acknowledged,
             servers,

@@ -16,8 +16,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::backplane::{Backplane, Local, Topic, channel_bucket};
 use crate::config::Config;
-use crate::delivery::{Delivery, Route, Sender};
-use crate::hub::{Acknowledgement, Hub, looks_like_id};
+use crate::delivery::{Delivery, Route, Sender, Text};
+use crate::hub::{Acknowledgement, Filter, Hub, looks_like_id};
 use crate::invoke::{Invocations, Outcome, Reply};
 use crate::kinds::Frame;
 use crate::memory::Memory;
@@ -52,6 +52,9 @@ pub struct Relay {
     pub invocations: Invocations,
     /// Presence queries asked and answered here, bounded (see [`crate::presence`]).
     pub presence: crate::presence::Presence,
+    /// Channel history (`--history`); `None` when no rule is given, and then nothing about
+    /// channels changes.
+    pub history: Option<crate::history::History>,
 }
 
 /// A client's call, checked, to forward to a server (see [`Relay::invoke`]).
@@ -105,6 +108,22 @@ impl Relay {
             signalr: crate::signalr::Negotiations::new(),
             invocations: Invocations::new(config.invoke_timeout),
             presence: crate::presence::Presence::default(),
+            history: (!config.history.is_empty()).then(|| {
+                let history = crate::history::History::new(
+                    config.history.clone(),
+                    config.history_memory,
+                    metrics.history.clone(),
+                );
+                // Checked when the configuration was read.
+                match config
+                    .redis_url
+                    .as_deref()
+                    .map(crate::history::Clustered::new)
+                {
+                    Some(Ok(clustered)) => history.with_redis(clustered),
+                    _ => history,
+                }
+            }),
             auth: Authenticator::new(config.auth.clone(), metrics.auth.clone()),
             memory: Arc::new(Memory::new(config.max_memory, &metrics)),
             overload: Overload::new(config.overload_lag, &metrics),
@@ -134,7 +153,7 @@ impl Relay {
                 self.backplane.room_for(self, client, delivery.size())?;
             }
         }
-        let here = self.deliver_here(delivery)?;
+        let here = self.deliver_here(delivery, true)?;
         if let Some((route, delivery)) = here.onward {
             self.backplane.publish(self, route, delivery, sender)?;
         }
@@ -144,7 +163,7 @@ impl Relay {
     /// A delivery from another node: delivered here only, except a group named through a
     /// connection id of this node, which now goes to that group's other members.
     pub fn receive(&self, delivery: Delivery, sender: Sender<'_>) {
-        let Ok(here) = self.deliver_here(delivery) else {
+        let Ok(here) = self.deliver_here(delivery, false) else {
             return;
         };
         if here.resolved
@@ -155,8 +174,9 @@ impl Relay {
         }
     }
 
-    /// The local part of every delivery.
-    fn deliver_here(&self, delivery: Delivery) -> Result<Here, ProtocolError> {
+    /// The local part of every delivery. `origin`: it starts here (a publication to a
+    /// channel with history is stamped here, once, before anyone gets it).
+    fn deliver_here(&self, delivery: Delivery, origin: bool) -> Result<Here, ProtocolError> {
         let hub = &self.hub;
         let here = |delivered, onward| Here {
             delivered,
@@ -216,8 +236,36 @@ impl Relay {
                 filter,
                 frame,
             } => {
-                let n = hub.publish(&channel, &filter, &frame);
-                self.metrics.sent(Frame::Publish, n, frame.len());
+                let history = self.history.as_ref();
+                let keep = history.and_then(|h| h.retention(&channel));
+                match (history, keep) {
+                    // In a cluster, Redis stamps it first; the worker then delivers it here
+                    // and passes it on (`history::start`).
+                    (Some(history), Some(keep)) if history.clustered().is_some() => {
+                        if origin {
+                            history.submit(channel, keep, frame.0, filter)?;
+                            return Ok(here(0, None));
+                        }
+                        let n = crate::history::arrived(self, &channel, &filter, &frame);
+                        return Ok(here(n, None));
+                    }
+                    _ => {}
+                }
+                let stream = history
+                    .filter(|_| origin)
+                    .and_then(|h| Some((h, h.stream(&channel)?)));
+                let (frame, n) = match stream {
+                    Some((history, stream)) => {
+                        let (frame, n) = history.publish(&stream, &frame, &filter, |frame| {
+                            self.publish_here(&channel, &filter, frame)
+                        });
+                        (Text(frame), n)
+                    }
+                    None => {
+                        let n = self.publish_here(&channel, &filter, &frame);
+                        (frame, n)
+                    }
+                };
                 let route = Route::Channel(channel.clone());
                 let delivery = Delivery::Channel {
                     channel,
@@ -369,6 +417,35 @@ impl Relay {
             interest.reply(self, topic.clone(), member, frame, Frame::NotifyGroup);
         }
         members.len()
+    }
+
+    /// Delivers a publish frame to this node's subscribers of `channel` (and SignalR
+    /// connections) that `filter` admits, counted.
+    /// While some subscriber's `subscribed` waits for this node to receive the channel (in
+    /// a cluster), the frame waits behind it, as [`Relay::notify_group`] does for groups:
+    /// nobody gets a publication before being told it subscribed.
+    pub fn publish_here(&self, channel: &str, filter: &Filter, frame: &Utf8Bytes) -> usize {
+        let topic = Topic::Channels(channel_bucket(channel));
+        let Some(interest) = self.hub.interest().filter(|i| i.has_held(&topic)) else {
+            let n = self.hub.publish(channel, filter, frame);
+            self.metrics.sent(Frame::Publish, n, frame.len());
+            return n;
+        };
+        let recipients = self.hub.recipients(channel, filter);
+        for peer in &recipients {
+            match peer.wire {
+                // A labelled connection reads a publish as it is.
+                Wire::Jssocket | Wire::Labelled => {
+                    interest.reply(self, topic.clone(), peer, frame.clone(), Frame::Publish);
+                }
+                Wire::SignalR => {
+                    if self.hub.send_to(peer, frame, Form::Publish) {
+                        self.metrics.sent(Frame::Publish, 1, frame.len());
+                    }
+                }
+            }
+        }
+        recipients.len()
     }
 
     /// This node's server pool changed (a server joined or left): the other nodes learn it

@@ -149,6 +149,7 @@ pub async fn serve(
     tokio::spawn(memory::sweep(Arc::clone(&shared)));
     tokio::spawn(overload::monitor(Arc::clone(&shared)));
     Arc::clone(&shared.backplane).start(&shared);
+    crate::history::start(&shared);
     let router = router(Arc::clone(&shared));
     let limits = shared.gate.tcp_limits;
     if let Some(configured) = limits.clamped_from {

@@ -38,6 +38,7 @@
 //! [`nodes::MAX_ATTEMPTS`] the client gets `no_server`.
 
 mod backlog;
+pub mod history;
 mod nodes;
 pub mod redis;
 mod wire;

@@ -11,6 +11,7 @@ mod client_connected;
 mod client_disconnect;
 mod connections;
 pub mod disconnect;
+mod history;
 mod info;
 mod invoke;
 mod invoke_result;
@@ -101,8 +102,14 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         Event::NotifyClient => NotifyClient::parse(data).and_then(|e| e.apply(session)),
         Event::NotifyGroup => NotifyGroup::parse(data).and_then(|e| e.apply(session)),
         Event::NotifyAll => NotifyAll::parse(data).and_then(|e| e.apply(session)),
-        Event::Subscribe => Subscribe::parse(data, false).and_then(|e| e.apply(session)),
-        Event::Unsubscribe => Subscribe::parse(data, true).and_then(|e| e.apply(session)),
+        Event::Subscribe => match Subscribe::parse(data, false) {
+            Ok(event) => event.apply(session).await,
+            Err(e) => Err(e),
+        },
+        Event::Unsubscribe => match Subscribe::parse(data, true) {
+            Ok(event) => event.apply(session).await,
+            Err(e) => Err(e),
+        },
         Event::Publish => Publish::parse(data).and_then(|e| e.apply(session)),
         Event::Invoke => Invoke::parse(data).and_then(|e| e.apply(session)),
         Event::InvokeResult => InvokeResult::parse(data).and_then(|e| e.apply(session)),
@@ -111,7 +118,8 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         | Event::Connections
         | Event::Channels
         | Event::Membership
-        | Event::Disconnect => answered(session, event, data).await,
+        | Event::Disconnect
+        | Event::History => answered(session, event, data).await,
     };
     if event.fans_out() {
         let metrics = &session.shared.metrics;
@@ -139,6 +147,7 @@ pub async fn answer(
         Event::Channels => channels::answer(relay, data).await,
         Event::Membership => membership::answer(relay, data).await,
         Event::Disconnect => disconnect::answer(relay, data).await,
+        Event::History => history::answer(relay, data).await,
         _ => return None,
     })
 }
