@@ -1,6 +1,9 @@
 //! The built-in web console at `GET /console` (`--console on`, the default): a page that joins
-//! this server's own WebSocket as a client (register, subscribe, watch what arrives) and sends
-//! `publish` / `notify_*` through the HTTP API with the admin password.
+//! this server's own WebSocket as a client (register, subscribe, watch what arrives, notifies
+//! labelled by their event: `?labels=1`, see [`crate::peer::Wire::Labelled`]), sends
+//! `publish` / `notify_*` / `disconnect` through the HTTP API with the admin password, and
+//! shows the server's state and its users and connections (`/api/info`, `/api/users`,
+//! `/api/connections`, `/metrics`), from which a target is picked for those forms.
 //!
 //! The page is three static files under `src/console/`, embedded in the binary: no build step,
 //! nothing fetched from elsewhere. Every answer carries a `Content-Security-Policy` that only

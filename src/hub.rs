@@ -22,7 +22,7 @@ use crate::outbox::SharedFrame;
 use crate::peer::{Outgoing, Peer, PeerState, Wire};
 use crate::pool::Pool;
 use crate::protocol::ProtocolError;
-use crate::signalr::{self, Form};
+use crate::signalr::{self, Form, Notice};
 
 /// One frame delivered to many connections: every queue holds the same [`SharedFrame`], so
 /// its bytes are charged to the memory budget once, not once per recipient (a 20 KiB
@@ -39,6 +39,8 @@ struct Broadcast<'a> {
     /// The SignalR form, made for the first SignalR recipient (`Some(None)`: it has none,
     /// e.g. a frame that is not a publish).
     signalr: Option<Option<Arc<SharedFrame>>>,
+    /// The labelled form ([`Wire::Labelled`]), made for the first connection that asked for it.
+    labelled: Option<Arc<SharedFrame>>,
 }
 
 impl<'a> Broadcast<'a> {
@@ -49,6 +51,7 @@ impl<'a> Broadcast<'a> {
             notify_method,
             shared: None,
             signalr: None,
+            labelled: None,
         }
     }
 
@@ -69,6 +72,16 @@ impl<'a> Broadcast<'a> {
                     Some(shared) => shared,
                     None => return false,
                 }
+            }
+            // A publish frame reads the same labelled or not: one shared copy for both.
+            Wire::Labelled if self.form == Form::Publish => self
+                .shared
+                .get_or_insert_with(|| SharedFrame::new(frame.clone(), peer.outbox.memory())),
+            Wire::Labelled => {
+                let form = self.form;
+                self.labelled.get_or_insert_with(|| {
+                    SharedFrame::new(signalr::labelled(form, frame), peer.outbox.memory())
+                })
             }
         };
         peer.enqueue(Outgoing::Relay(Arc::clone(shared)))
@@ -181,7 +194,17 @@ impl Hub {
 
     /// A new connection's handle, its id naming this node.
     pub fn new_peer(&self, max_queue: usize, memory: &Arc<Memory>) -> Arc<Peer> {
-        Peer::new(self.node, max_queue, memory)
+        self.new_peer_speaking(Wire::Jssocket, max_queue, memory)
+    }
+
+    /// A new connection's handle speaking `wire` (a jssocket client may ask for labels).
+    pub fn new_peer_speaking(
+        &self,
+        wire: Wire,
+        max_queue: usize,
+        memory: &Arc<Memory>,
+    ) -> Arc<Peer> {
+        Peer::with_id(Peer::new_id(self.node), wire, max_queue, memory)
     }
 
     /// A fresh connection id naming this node, for a SignalR negotiation.
@@ -203,6 +226,7 @@ impl Hub {
                 Some(frame) => peer.send(frame),
                 None => false,
             },
+            Wire::Labelled => peer.send(signalr::labelled(form, frame)),
         }
     }
 
@@ -344,14 +368,16 @@ impl Hub {
     /// Delivers `frame` to the client `target`; returns how many got it (0 or 1).
     pub fn notify_client(&self, target: &str, frame: Utf8Bytes) -> usize {
         match self.client(target) {
-            Some(client) => usize::from(self.send_to(&client, &frame, Form::Notify)),
+            Some(client) => {
+                usize::from(self.send_to(&client, &frame, Form::Notify(Notice::Client)))
+            }
             None => 0,
         }
     }
 
     /// Delivers `frame` to every member of `group`.
     pub fn notify_group(&self, group: &str, frame: &Utf8Bytes) -> usize {
-        let mut broadcast = Broadcast::new(frame, Form::Notify, &self.notify_method);
+        let mut broadcast = Broadcast::new(frame, Form::Notify(Notice::Group), &self.notify_method);
         match self.groups.get(group) {
             Some(members) => members.values().filter(|peer| broadcast.send(peer)).count(),
             None => 0,
@@ -368,7 +394,7 @@ impl Hub {
 
     /// Delivers `frame` to every registered client.
     pub fn notify_all(&self, frame: &Utf8Bytes) -> usize {
-        let mut broadcast = Broadcast::new(frame, Form::Notify, &self.notify_method);
+        let mut broadcast = Broadcast::new(frame, Form::Notify(Notice::All), &self.notify_method);
         self.clients
             .iter()
             .filter(|entry| broadcast.send(entry.value()))

@@ -111,6 +111,10 @@ pub struct Metrics {
     channels: Gauge,
     pending_connects: Gauge,
     pending_connect_bytes: Gauge,
+    /// Seconds since this process started, set when scraped (the web console's overview
+    /// shows it; a clock on the server, so a browser's wrong clock does not matter).
+    uptime_seconds: Gauge,
+    started: std::time::Instant,
 }
 
 impl Default for Metrics {
@@ -236,6 +240,7 @@ impl Metrics {
         let servers = gauge("servers", "Admin connections in the server pool");
         let groups = gauge("groups", "Groups with at least one member");
         let channels = gauge("channels", "Channels with at least one subscriber");
+        let uptime_seconds = gauge("uptime_seconds", "Seconds since this process started");
         let cluster_connected = gauge(
             "cluster_connected",
             "1 when subscribed to Redis (cluster mode)",
@@ -375,6 +380,8 @@ impl Metrics {
             overload_throttled,
             cluster_backlog_bytes,
             cluster_forwards_in_flight,
+            uptime_seconds,
+            started: std::time::Instant::now(),
             clients,
             acknowledged,
             servers,
@@ -439,6 +446,9 @@ impl Metrics {
         ] {
             gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         }
+        let uptime = self.started.elapsed().as_secs();
+        self.uptime_seconds
+            .set(i64::try_from(uptime).unwrap_or(i64::MAX));
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -96,6 +96,11 @@ pub enum Wire {
     Jssocket,
     /// SignalR's JSON hub protocol (SPEC §10): deliveries arrive as invocations.
     SignalR,
+    /// jssocket's envelope, with `notify_*` payloads labelled by the event that sent them
+    /// (`{"type":"notify_client","data":<payload>}`): asked for with `?labels=1` at the
+    /// upgrade, for the web console, which cannot tell a bare payload's sender otherwise.
+    /// Everything else reads as for [`Wire::Jssocket`].
+    Labelled,
 }
 
 /// One entry of a connection's outbound queue.

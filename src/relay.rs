@@ -27,7 +27,7 @@ use crate::peer::{Peer, Wire};
 use crate::pool::Forwarded;
 use crate::protocol::{ProtocolError, event_frame, push_json_string};
 use crate::server::Gate;
-use crate::signalr::Form;
+use crate::signalr::{Form, Notice};
 
 pub struct Relay {
     pub config: Config,
@@ -171,7 +171,7 @@ impl Relay {
             }
             Delivery::Client { target, frame } => match hub.client(&target) {
                 Some(client) => {
-                    let n = usize::from(hub.send_to(&client, &frame, Form::Notify));
+                    let n = usize::from(hub.send_to(&client, &frame, Form::Notify(Notice::Client)));
                     self.metrics.sent(Frame::NotifyClient, n, frame.len());
                     here(n, None)
                 }
@@ -348,12 +348,20 @@ impl Relay {
         let signalr = members
             .iter()
             .any(|m| m.wire == Wire::SignalR)
-            .then(|| crate::signalr::encode(Form::Notify, frame, method))
+            .then(|| crate::signalr::encode(Form::Notify(Notice::Group), frame, method))
             .flatten();
+        let labelled = members
+            .iter()
+            .any(|m| m.wire == Wire::Labelled)
+            .then(|| crate::signalr::labelled(Form::Notify(Notice::Group), frame));
         for member in &members {
             let frame = match member.wire {
                 Wire::Jssocket => frame.clone(),
                 Wire::SignalR => match &signalr {
+                    Some(frame) => frame.clone(),
+                    None => continue,
+                },
+                Wire::Labelled => match &labelled {
                     Some(frame) => frame.clone(),
                     None => continue,
                 },

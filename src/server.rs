@@ -493,6 +493,10 @@ async fn upgrade(
             }) as Box<dyn FnOnce() + Send>
         }),
     };
+    let wire = match wants_labels(request.uri()) {
+        true => Wire::Labelled,
+        false => Wire::Jssocket,
+    };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let token = shared.tracker.token();
     let ws_config = WebSocketConfig::default()
@@ -516,9 +520,11 @@ async fn upgrade(
         };
         // Counted: what it reads toward an unfinished message is charged to the budget.
         let peer = match signalr {
-            None => shared
-                .hub
-                .new_peer(shared.config.max_queue_bytes, &shared.memory),
+            None => {
+                shared
+                    .hub
+                    .new_peer_speaking(wire, shared.config.max_queue_bytes, &shared.memory)
+            }
             Some(id) => Peer::with_id(
                 id,
                 Wire::SignalR,
@@ -563,6 +569,19 @@ async fn upgrade(
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Whether a jssocket upgrade asks for labelled `notify_*` frames: the query parameter
+/// `labels=1` ([`Wire::Labelled`]). Any other value, or none, keeps the bare payloads every
+/// other client (Jaseci among them) reads; a malformed query asks for nothing.
+pub(crate) fn wants_labels(uri: &Uri) -> bool {
+    let query = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri);
+    query.ok().is_some_and(|query| {
+        query
+            .0
+            .iter()
+            .any(|(name, value)| name == "labels" && value == "1")
+    })
 }
 
 /// The client token an upgrade carries (SPEC §11): the `access_token` query parameter (a

@@ -1,9 +1,12 @@
 // jssocket web console. Plain script, no framework, nothing loaded from elsewhere.
 //
-// The page is a client of this server's own WebSocket (/ws): it sends client_connect, can
-// subscribe to channels, and lists every frame that arrives. The admin panel sends publish and
-// notify_* through the HTTP API with the admin password, which lives only in the password
-// field (never stored, never put in a URL).
+// The page is a client of this server's own WebSocket (/ws?labels=1): it sends client_connect,
+// can subscribe to channels, and lists every frame that arrives, each notify labelled by the
+// event that sent it (labels=1 asks the server to wrap notify_* payloads in an envelope naming
+// it). The admin panel sends publish, notify_* and disconnect through the HTTP API with the
+// admin password, which lives only in the password field (never stored, never put in a URL),
+// and shows the server's state (GET /api/info, /metrics) and its users and connections
+// (POST /api/users, /api/connections, paged), from which a target is picked for the forms.
 //
 // Payloads are shown and sent as their raw JSON text (checked with JSON.parse, never
 // re-serialized), so key order and big numbers are exactly what the server relays.
@@ -20,7 +23,11 @@
   // Envelopes the server itself sends to a client; anything else is a bare notify payload.
   const SERVER_EVENTS = new Set([
     'publish', 'subscribed', 'unsubscribed', 'client_connected', 'error', 'callback',
+    'notify_client', 'notify_group', 'notify_all',
   ]);
+  // What a labelled connection is told a notify payload came from.
+  const NOTIFY_KINDS = new Set(['notify_client', 'notify_group', 'notify_all']);
+  const OVERVIEW_EVERY_MS = 5000;
 
   const $ = (id) => document.getElementById(id);
 
@@ -43,6 +50,15 @@
     connectSentAt: null,
     messages: [], // { element, search }
     seq: 0,
+    // The admin views: the next page's cursor of each list (null: no more), what the
+    // connections list is filtered by, the last /metrics sample (for messages/s).
+    usersNext: null,
+    usersPrefix: '',
+    connectionsNext: null,
+    connectionsUser: '',
+    sample: null,
+    overviewTimer: null,
+    picked: null, // { kind: 'user' | 'target', value }
   };
 
   // ---------- raw JSON helpers ----------
@@ -147,7 +163,7 @@
 
   function socketUrl() {
     const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    return scheme + '//' + location.host + '/ws';
+    return scheme + '//' + location.host + '/ws?labels=1';
   }
 
   function setText(id, text, dataState) {
@@ -363,12 +379,17 @@
       typeof value.type === 'string' && SERVER_EVENTS.has(value.type) &&
       answersOwnRequest(value.type, value.data);
     if (!isEvent) {
-      // notify_client / notify_group / notify_all deliver the bare payload.
+      // A bare payload: only from a server that does not label (an older one).
       addMessage('notify', null, text, true);
       return;
     }
     const data = value.data;
     const rawData = member(text, 'data');
+    if (NOTIFY_KINDS.has(value.type)) {
+      // The envelope is the server's (labels=1): whatever the payload looks like, it is one.
+      addMessage(value.type, null, rawData === undefined ? 'null' : rawData, true);
+      return;
+    }
     switch (value.type) {
       case 'publish': {
         const name = data && typeof data.name === 'string' ? data.name : '?';
@@ -609,6 +630,28 @@
         const targetPart = target ? '"target":' + JSON.stringify(target) + ',' : '';
         return { body: '{' + targetPart + '"data":' + payload + '}' };
       }
+      case 'disconnect': {
+        const whoField = $('disconnect-who');
+        const who = whoField.value.trim();
+        const kind = $('disconnect-kind-user').checked ? 'user' : 'target';
+        if (!who) {
+          showError(whoField, kind === 'user' ? 'Enter the user to disconnect.' : 'Enter the connection id to close.');
+          invalid.push(whoField);
+        }
+        const codeField = $('disconnect-code');
+        const codeText = codeField.value.trim();
+        const code = Number(codeText);
+        if (codeText && !(Number.isInteger(code) && code >= 4000 && code <= 4999)) {
+          showError(codeField, 'A close code is a whole number from 4000 to 4999 (empty: 4000).');
+          invalid.push(codeField);
+        }
+        if (invalid.length) return { invalid: invalid };
+        let body = '{' + JSON.stringify(kind) + ':' + JSON.stringify(who);
+        if (codeText) body += ',"code":' + code;
+        const reason = $('disconnect-reason').value;
+        if (reason) body += ',"reason":' + JSON.stringify(reason);
+        return { body: body + '}' };
+      }
       default: {
         const payloadField = $('notify-all-payload');
         const payload = payloadOf(payloadField);
@@ -670,6 +713,14 @@
         const n = answer.delivered;
         showResult(form, 'Delivered to ' + n + (n === 1 ? ' connection' : ' connections') +
           ' (HTTP ' + response.status + ')', 'ok');
+      } else if (response.ok && answer && typeof answer.closed === 'number') {
+        // disconnect: {"closed":C,"nodes":K,"timeout"?:[node ids that did not confirm]}
+        const n = answer.closed;
+        const late = Array.isArray(answer.timeout) && answer.timeout.length ?
+          '; no answer in time from ' + answer.timeout.join(', ') : '';
+        showResult(form, 'Closed ' + n + (n === 1 ? ' connection' : ' connections') +
+          ' on ' + answer.nodes + (answer.nodes === 1 ? ' node' : ' nodes') + late +
+          ' (HTTP ' + response.status + ')', late ? 'error' : 'ok');
       } else if (answer && answer.error) {
         showResult(form, 'HTTP ' + response.status + ' ' + answer.error.code + ': ' + answer.error.message, 'error');
       } else {
@@ -679,6 +730,294 @@
       showResult(form, 'Not sent: ' + e.message, 'error');
     } finally {
       button.disabled = false;
+    }
+  }
+
+  // ---------- admin views: overview, users, connections, picking a target ----------
+
+  // An admin request to the HTTP API: GET without a body, else POST. Returns
+  // { ok, status, answer (parsed JSON or null), text }; throws on a network failure.
+  async function adminRequest(path, body) {
+    const password = $('password').value;
+    const init = {
+      method: body === undefined ? 'GET' : 'POST',
+      headers: { 'Authorization': 'Bearer ' + password },
+      cache: 'no-store',
+      credentials: 'omit',
+      redirect: 'error',
+    };
+    if (body !== undefined) {
+      init.headers['Content-Type'] = 'application/json';
+      init.body = JSON.stringify(body);
+    }
+    const response = await fetch(path, init);
+    const text = await response.text();
+    let answer = null;
+    try { answer = JSON.parse(text); } catch (e) { /* plain text (metrics, an error) */ }
+    return { ok: response.ok, status: response.status, answer: answer, text: text };
+  }
+
+  function failureText(reply) {
+    const error = reply.answer && reply.answer.error;
+    return 'HTTP ' + reply.status + (error ? ' ' + error.code + ': ' + error.message : ': ' + reply.text.trim());
+  }
+
+  function needPassword(output) {
+    if ($('password').value) return false;
+    output.textContent = 'Enter the admin password first (Admin panel).';
+    output.dataset.state = 'error';
+    return true;
+  }
+
+  // Sums the samples of a metric in Prometheus text (every label set).
+  function metricSum(text, name) {
+    let sum = 0;
+    let found = false;
+    for (const line of text.split('\n')) {
+      if (!line.startsWith(name)) continue;
+      const rest = line.slice(name.length);
+      if (rest[0] !== ' ' && rest[0] !== '{') continue;
+      const value = Number(line.slice(line.lastIndexOf(' ') + 1));
+      if (Number.isFinite(value)) { sum += value; found = true; }
+    }
+    return found ? sum : null;
+  }
+
+  function duration(seconds) {
+    const d = Math.floor(seconds / 86400);
+    const h = Math.floor(seconds / 3600) % 24;
+    const m = Math.floor(seconds / 60) % 60;
+    const s = Math.floor(seconds) % 60;
+    if (d > 0) return d + ' d ' + h + ' h';
+    if (h > 0) return h + ' h ' + m + ' min';
+    if (m > 0) return m + ' min ' + s + ' s';
+    return s + ' s';
+  }
+
+  function rate(n) {
+    return n < 10 ? n.toFixed(1) : String(Math.round(n));
+  }
+
+  async function refreshOverview() {
+    clearTimeout(state.overviewTimer);
+    state.overviewTimer = null;
+    const note = $('overview-note');
+    if (needPassword(note)) return;
+    let ok = false;
+    try {
+      const [info, metrics] = await Promise.all([adminRequest('/api/info'), adminRequest('/metrics')]);
+      if (!info.ok || !info.answer) {
+        note.textContent = 'GET /api/info: ' + failureText(info);
+        note.dataset.state = 'error';
+      } else {
+        renderInfo(info.answer);
+        if (metrics.ok) renderMetrics(metrics.text);
+        note.textContent = 'Updated ' + clock(new Date()) + '. Counts: the whole cluster (GET /api/info); ' +
+          'uptime and messages/s: this node (/metrics).';
+        note.dataset.state = 'ok';
+        ok = true;
+      }
+    } catch (e) {
+      note.textContent = 'Could not ask the server: ' + e.message;
+      note.dataset.state = 'error';
+    }
+    if (ok && $('overview-auto').checked) {
+      state.overviewTimer = setTimeout(refreshOverview, OVERVIEW_EVERY_MS);
+    }
+  }
+
+  function renderInfo(info) {
+    const nodes = Array.isArray(info.nodes) ? info.nodes : [];
+    const late = nodes.filter((n) => n.timeout).length;
+    setText('stat-connections', String(info.connections));
+    setText('stat-users', String(info.users));
+    setText('stat-channels', String(info.channels));
+    setText('stat-groups', String(info.groups));
+    setText('stat-nodes', nodes.length + (late ? ' (' + late + ' not answering)' : ''));
+    const versions = [...new Set(nodes.filter((n) => n.version).map((n) => n.version))];
+    setText('stat-version', versions.join(', ') || '–');
+    const list = $('node-list');
+    list.replaceChildren();
+    if (nodes.length < 2 && !late) return;
+    for (const node of nodes) {
+      const item = document.createElement('li');
+      item.className = 'mono';
+      item.dataset.state = node.timeout ? 'timeout' : 'ok';
+      item.textContent = node.id + ': ' + (node.timeout ? 'did not answer in time' :
+        node.connections + ' connections, ' + node.version);
+      list.append(item);
+    }
+  }
+
+  function renderMetrics(text) {
+    const uptime = metricSum(text, 'jssocket_uptime_seconds');
+    if (uptime !== null) setText('stat-uptime', duration(uptime));
+    const received = metricSum(text, 'jssocket_messages_received_total');
+    const sent = metricSum(text, 'jssocket_messages_sent_total');
+    if (received === null || sent === null) return;
+    const now = performance.now();
+    const last = state.sample;
+    state.sample = { at: now, received: received, sent: sent };
+    if (!last || now - last.at < 500) {
+      setText('stat-rate', '…'); // a rate needs a second sample (the next refresh)
+      return;
+    }
+    const seconds = (now - last.at) / 1000;
+    setText('stat-rate', 'in ' + rate(Math.max(0, received - last.received) / seconds) +
+      ' · out ' + rate(Math.max(0, sent - last.sent) / seconds));
+  }
+
+  function listButton(text, label, onClick) {
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.className = 'secondary small';
+    button.textContent = text;
+    button.setAttribute('aria-label', label);
+    button.addEventListener('click', onClick);
+    return button;
+  }
+
+  // Entries asked for per page of users or connections (the server allows 1 to 1000).
+  function pageSize() {
+    const n = Number($('page-size').value);
+    return Number.isInteger(n) && n >= 1 && n <= 1000 ? n : 50;
+  }
+
+  // One page of users (the first when `reset`), appended to the list.
+  async function loadUsers(reset) {
+    const output = $('users-result');
+    if (needPassword(output)) return;
+    if (reset) {
+      state.usersPrefix = $('users-prefix').value.trim();
+      state.usersNext = null;
+    }
+    const body = { limit: pageSize() };
+    if (state.usersPrefix) body.prefix = state.usersPrefix;
+    if (!reset && state.usersNext) body.cursor = state.usersNext;
+    output.textContent = 'Asking…';
+    output.dataset.state = 'pending';
+    let reply;
+    try {
+      reply = await adminRequest('/api/users', body);
+    } catch (e) {
+      output.textContent = 'Not sent: ' + e.message;
+      output.dataset.state = 'error';
+      return;
+    }
+    if (!reply.ok || !reply.answer || !Array.isArray(reply.answer.users)) {
+      output.textContent = failureText(reply);
+      output.dataset.state = 'error';
+      return;
+    }
+    const list = $('user-list');
+    if (reset) list.replaceChildren();
+    for (const entry of reply.answer.users) {
+      const item = document.createElement('li');
+      item.dataset.user = entry.user;
+      const name = document.createElement('span');
+      name.className = 'name mono';
+      name.textContent = entry.user;
+      const count = document.createElement('span');
+      count.className = 'count';
+      count.textContent = entry.connections + (entry.connections === 1 ? ' connection' : ' connections');
+      item.append(name, count,
+        listButton('Connections', 'List the connections of ' + entry.user, () => {
+          $('connections-user').value = entry.user;
+          loadConnections(true);
+        }),
+        listButton('Pick', 'Pick user ' + entry.user + ' as the target', () => pick('user', entry.user)));
+      list.append(item);
+    }
+    state.usersNext = typeof reply.answer.next === 'string' ? reply.answer.next : null;
+    $('users-more').hidden = state.usersNext === null;
+    const shown = list.children.length;
+    output.textContent = shown === 0 ? 'No user is connected' + (state.usersPrefix ? ' with that prefix.' : '.') :
+      shown + (shown === 1 ? ' user' : ' users') + (state.usersNext ? ' so far' : '');
+    output.dataset.state = 'ok';
+  }
+
+  async function loadConnections(reset) {
+    const output = $('connections-result');
+    if (needPassword(output)) return;
+    if (reset) {
+      state.connectionsUser = $('connections-user').value.trim();
+      state.connectionsNext = null;
+    }
+    const body = { limit: pageSize() };
+    if (state.connectionsUser) body.user = state.connectionsUser;
+    if (!reset && state.connectionsNext) body.cursor = state.connectionsNext;
+    output.textContent = 'Asking…';
+    output.dataset.state = 'pending';
+    let reply;
+    try {
+      reply = await adminRequest('/api/connections', body);
+    } catch (e) {
+      output.textContent = 'Not sent: ' + e.message;
+      output.dataset.state = 'error';
+      return;
+    }
+    if (!reply.ok || !reply.answer || !Array.isArray(reply.answer.connections)) {
+      output.textContent = failureText(reply);
+      output.dataset.state = 'error';
+      return;
+    }
+    const list = $('connection-list');
+    if (reset) list.replaceChildren();
+    for (const c of reply.answer.connections) {
+      const item = document.createElement('li');
+      item.dataset.target = c.target;
+      const id = document.createElement('span');
+      id.className = 'name mono';
+      id.textContent = c.target;
+      id.title = c.target;
+      const about = document.createElement('span');
+      about.className = 'count';
+      const parts = [c.user ? 'user ' + c.user : 'no user'];
+      if (Array.isArray(c.roles) && c.roles.length) parts.push('roles ' + c.roles.join(', '));
+      if (Array.isArray(c.groups) && c.groups.length) parts.push('groups ' + c.groups.join(', '));
+      if (Array.isArray(c.subscriptions) && c.subscriptions.length) parts.push(c.subscriptions.length + ' subscriptions');
+      if (c.target === state.id) parts.push('this page');
+      about.textContent = parts.join(' · ');
+      item.append(id, about,
+        listButton('Pick', 'Pick connection ' + c.target + ' as the target', () => pick('target', c.target)));
+      list.append(item);
+    }
+    state.connectionsNext = typeof reply.answer.next === 'string' ? reply.answer.next : null;
+    $('connections-more').hidden = state.connectionsNext === null;
+    const shown = list.children.length;
+    output.textContent = shown === 0 ? 'No connection.' :
+      shown + (shown === 1 ? ' connection' : ' connections') + (state.connectionsNext ? ' so far' : '');
+    output.dataset.state = 'ok';
+  }
+
+  // Fills the forms' targets with a picked user (its group is named after it: notify_group;
+  // the publish users filter; disconnect every connection of it) or connection (notify_client,
+  // notify_group of its group, disconnect that connection).
+  function pick(kind, value) {
+    state.picked = { kind: kind, value: value };
+    const filled = [];
+    if (kind === 'user') {
+      for (const key of ['roles', 'groups']) $('publish-' + key).value = '';
+      $('publish-users').value = value;
+      filled.push('publish (users filter)');
+    } else {
+      $('notify-client-target').value = value;
+      clearError($('notify-client-target'));
+      filled.push('notify_client');
+    }
+    $('notify-group-target').value = value;
+    filled.push('notify_group');
+    $('disconnect-kind-' + kind).checked = true;
+    $('disconnect-who').value = value;
+    clearError($('disconnect-who'));
+    filled.push('disconnect');
+    const picked = $('picked');
+    picked.textContent = 'Picked ' + (kind === 'user' ? 'user ' : 'connection ') + value +
+      ': filled into ' + filled.join(', ') + '.';
+    picked.hidden = false;
+    for (const item of document.querySelectorAll('.directory li')) {
+      const mine = kind === 'user' ? item.dataset.user === value : item.dataset.target === value;
+      if (mine) item.dataset.picked = 'true'; else delete item.dataset.picked;
     }
   }
 
@@ -715,6 +1054,17 @@
         });
       }
     }
+    $('overview-refresh').addEventListener('click', refreshOverview);
+    $('overview-auto').addEventListener('change', () => {
+      if ($('overview-auto').checked) refreshOverview();
+      else { clearTimeout(state.overviewTimer); state.overviewTimer = null; }
+    });
+    // (no automatic refresh on typing the password: a half-typed or wrong one would cost
+    // bcrypt runs and auth failures; Refresh asks)
+    $('users-form').addEventListener('submit', (event) => { event.preventDefault(); loadUsers(true); });
+    $('users-more').addEventListener('click', () => loadUsers(false));
+    $('connections-form').addEventListener('submit', (event) => { event.preventDefault(); loadConnections(true); });
+    $('connections-more').addEventListener('click', () => loadConnections(false));
     $('message-filter').addEventListener('input', applyFilter);
     $('clear-messages').addEventListener('click', clearMessages);
     renderSubscriptions();

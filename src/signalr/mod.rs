@@ -45,10 +45,41 @@ pub const NEGOTIATION_TTL: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Form {
     /// A `notify_*` frame (the bare payload): an invocation of `--signalr-notify-method`.
-    Notify,
+    /// Which notify it is matters only to connections that asked for labels
+    /// ([`crate::peer::Wire::Labelled`]).
+    Notify(Notice),
     /// A `publish` frame (`{"type":"publish","data":{"name":N,"data":P}}`): an invocation
     /// of `N`.
     Publish,
+}
+
+/// Which event delivered a bare payload: what a labelled connection is told
+/// (`{"type":"notify_client"|"notify_group"|"notify_all","data":<payload>}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    Client,
+    Group,
+    All,
+}
+
+impl Notice {
+    pub fn name(self) -> &'static str {
+        match self {
+            Notice::Client => "notify_client",
+            Notice::Group => "notify_group",
+            Notice::All => "notify_all",
+        }
+    }
+}
+
+/// A delivery's frame as a connection that asked for labels reads it (`?labels=1` at the
+/// upgrade, see [`crate::peer::Wire::Labelled`]): a bare `notify_*` payload wrapped in an
+/// envelope naming the event; a publish frame is already one, and is shared unchanged.
+pub fn labelled(form: Form, frame: &Utf8Bytes) -> Utf8Bytes {
+    match form {
+        Form::Notify(notice) => crate::protocol::event_frame(notice.name(), frame),
+        Form::Publish => frame.clone(),
+    }
 }
 
 /// A delivery's frame as a SignalR invocation `{"type":1,"target":T,"arguments":[S]}` + RS,
@@ -56,7 +87,7 @@ pub enum Form {
 /// the frame is not of the form it claims (a publish frame always is: the relay made it).
 pub fn encode(form: Form, frame: &str, notify_method: &str) -> Option<Utf8Bytes> {
     match form {
-        Form::Notify => Some(invocation(notify_method, frame)),
+        Form::Notify(_) => Some(invocation(notify_method, frame)),
         Form::Publish => {
             #[derive(Deserialize)]
             struct Frame<'a> {
@@ -339,8 +370,26 @@ mod tests {
     }
 
     #[test]
+    fn a_labelled_notify_names_its_event_and_a_publish_is_unchanged() {
+        for (notice, name) in [
+            (Notice::Client, "notify_client"),
+            (Notice::Group, "notify_group"),
+            (Notice::All, "notify_all"),
+        ] {
+            let frame = Utf8Bytes::from_static(r#"{"type":"error","data":1}"#);
+            assert_eq!(
+                labelled(Form::Notify(notice), &frame).as_str(),
+                format!(r#"{{"type":"{name}","data":{{"type":"error","data":1}}}}"#)
+            );
+        }
+        let publish = Utf8Bytes::from_static(r#"{"type":"publish","data":{"name":"a","data":2}}"#);
+        assert_eq!(labelled(Form::Publish, &publish), publish);
+    }
+
+    #[test]
     fn notify_reads_as_an_invocation_of_the_notify_method() {
-        let encoded = encode(Form::Notify, "\"hi\"", "notify").map(|f| f.to_string());
+        let encoded =
+            encode(Form::Notify(Notice::Client), "\"hi\"", "notify").map(|f| f.to_string());
         assert_eq!(
             encoded.as_deref(),
             Some("{\"type\":1,\"target\":\"notify\",\"arguments\":[\"\\\"hi\\\"\"]}\u{1e}")
