@@ -51,6 +51,8 @@ export interface ServerError {
   message: string;
   /** The event the error answers, when the relay names it. */
   event?: string;
+  /** The channel of a refused subscribe or unsubscribe. */
+  channel?: string;
   data?: Json;
 }
 
@@ -72,11 +74,13 @@ export interface AcknowledgedEvent {
 
 export interface ClientEvents {
   connecting: { attempt: number };
-  open: {};
+  /** Connected; `client_connect` (when registering) and the subscriptions are sent. */
+  open: { registered: boolean };
   acknowledged: AcknowledgedEvent;
   closed: ClosedEvent;
   error: ServerError;
-  notify: { data: Json; raw: string };
+  /** `kind`: the event that sent it (labelled connections), null for a bare payload. */
+  notify: { data: Json; raw: string; kind: 'notify_client' | 'notify_group' | 'notify_all' | null };
   publish: PublishEvent;
   subscribed: SubscribedEvent;
   unsubscribed: { channel: string };
@@ -114,6 +118,8 @@ export interface ClientOptions extends Partial<Backoff> {
   connectData?: { [key: string]: Json };
   /** false: do not send `client_connect` (default true; false when `auth` is set). */
   register?: boolean;
+  /** Add `labels=1` to the URL so notify payloads come labelled (default true). */
+  labels?: boolean;
   /** The admin password, sent as the `auth` header at the upgrade (Node only). */
   auth?: string;
   /** A WebSocket constructor (default: globalThis.WebSocket). */
@@ -147,6 +153,8 @@ export class JssocketClient extends Emitter<ClientEvents> {
   /** This connection's id once acknowledged. */
   target: string | null;
   acknowledged: boolean;
+  /** Whether `client_connect` was sent on the current connection. */
+  readonly registered: boolean;
   readonly subscriptions: Map<string, Subscription>;
   connect(): void;
   close(code?: number, reason?: string): void;

@@ -139,6 +139,17 @@
     }
   }
 
+  /** NOTIFY_KINDS: what a labelled connection (`?labels=1`) is told a payload came from. */
+  const NOTIFY_KINDS = new Set(['notify_client', 'notify_group', 'notify_all']);
+
+  // Asks for labelled notifies (README "Labelled notifies"): each notify payload then comes in
+  // an envelope naming its event, so no payload can pass for one of the relay's envelopes.
+  function withLabels(url) {
+    const parsed = new URL(url);
+    parsed.searchParams.set('labels', '1');
+    return parsed.toString();
+  }
+
   function isObject(value) {
     return value !== null && typeof value === 'object' && !Array.isArray(value);
   }
@@ -155,19 +166,22 @@
    * A connection to the relay that stays up. `url`: the WebSocket URL (`ws://host:8080/ws`).
    * Options: `token` (string, or a function returning one or a promise of one, asked at every
    * connect), `connectData` (more fields for `client_connect`), `register` (default true; false
-   * for an admin that only sends), `auth` (the admin password, sent as the `auth` header: Node
+   * for an admin that only sends), `labels` (default true: `?labels=1` is added to the URL, so
+   * notify payloads come labelled; false for a relay older than labels), `auth` (the admin password, sent as the `auth` header: Node
    * only, browsers cannot set headers), `WebSocket` (a constructor), `minDelay`, `maxDelay`,
    * `factor` (backoff), `shouldReconnect(code, reason)`, `invokeTimeout`, `random`.
    *
-   * Events: `connecting` ({attempt}), `open`, `acknowledged` ({target, roles, groups, data}),
-   * `closed` ({code, reason, reconnect, delay}), `error` ({code, message, event, data}),
-   * `notify` ({data, raw}), `publish` ({channel, data, offset, epoch, raw}), `subscribed`,
+   * Events: `connecting` ({attempt}), `open` ({registered}: connected, `client_connect` and the
+   * subscriptions sent), `acknowledged` ({target, roles, groups, data}),
+   * `closed` ({code, reason, reconnect, delay}), `error` ({code, message, event, channel, data}),
+   * `notify` ({data, raw, kind: 'notify_client' | 'notify_group' | 'notify_all' | null}), `publish` ({channel, data, offset, epoch, raw}), `subscribed`,
    * `unsubscribed`, `callback` ({data}), `message` ({type, data, raw}: every frame received).
    */
   class JssocketClient extends Emitter {
     constructor(url, options = {}) {
       super();
-      this.url = url;
+      this._labels = options.labels !== false;
+      this.url = this._labels ? withLabels(url) : url;
       this.options = options;
       this.backoff = {
         minDelay: options.minDelay ?? DEFAULT_BACKOFF.minDelay,
@@ -265,7 +279,6 @@
       ws.onopen = () => {
         this.state = 'open';
         this._openedAt = Date.now();
-        this._emit('open', {});
         this._start(ws);
       };
       ws.onmessage = (event) => {
@@ -328,6 +341,12 @@
       }
       this._ready = true;
       for (const sub of this.subscriptions.values()) this._sendSubscribe(sub);
+      this._emit('open', { registered: this._registered });
+    }
+
+    /** Whether `client_connect` was sent on the current connection. */
+    get registered() {
+      return this._registered;
     }
 
     async _connectData() {
@@ -459,7 +478,8 @@
       try {
         value = JSON.parse(raw);
       } catch {
-        this._emit('notify', { data: raw, raw });
+        this._emit('message', { type: 'text', data: raw, raw });
+        this._emit('notify', { data: raw, raw, kind: null });
         return;
       }
       const type = isObject(value) && typeof value.type === 'string' && 'data' in value
@@ -467,12 +487,17 @@
       if (type === null) {
         // notify_client / notify_group / notify_all deliver the bare payload.
         this._emit('message', { type: 'notify', data: value, raw });
-        this._emit('notify', { data: value, raw });
+        this._emit('notify', { data: value, raw, kind: null });
         return;
       }
       const data = value.data;
       this._emit('message', { type, data, raw });
       switch (type) {
+        case 'notify_client':
+        case 'notify_group':
+        case 'notify_all':
+          this._emit('notify', { data, raw, kind: type });
+          break;
         case 'publish':
           this._onPublish(data, raw);
           break;
@@ -516,6 +541,7 @@
     // subscribed to; anything else is a notify payload.
     _envelopeType(type, data) {
       const field = (key) => (isObject(data) ? data[key] : undefined);
+      if (NOTIFY_KINDS.has(type)) return this._labels ? type : null;
       switch (type) {
         case 'publish': {
           const sub = this.subscriptions.get(field('name'));
@@ -603,6 +629,7 @@
       };
       if (event === 'subscribe' || event === 'unsubscribe') {
         const head = this._inflight.shift();
+        if (head) error.channel = head.name;
         const sub = head && this.subscriptions.get(head.name);
         if (sub) {
           // A refused subscribe forgets the channel; a refused unsubscribe keeps it.

@@ -47,7 +47,7 @@ async function admin() {
   return c;
 }
 
-test('registers with a token, is acknowledged, receives its notifies as bare payloads', async () => {
+test('registers with a token, is acknowledged, receives its notifies', async () => {
   const c = client({ token: 'alice' });
   const acknowledged = next(c, 'acknowledged');
   c.connect();
@@ -124,17 +124,29 @@ test('admin notifies over the socket and over HTTP reach the client', async () =
 });
 
 test('a notify payload that imitates an envelope stays a notify payload', async () => {
-  const c = client({ token: 'dave' });
-  const acknowledged = next(c, 'acknowledged');
-  c.connect();
-  const { target } = await acknowledged;
-  const fake = { type: 'publish', data: { name: 'not.subscribed', data: 1, offset: 99, epoch: 'x' } };
-  const notified = next(c, 'notify');
-  let published = false;
-  c.on('publish', () => { published = true; });
-  await api(server, 'notify_client', { target, data: fake });
-  assert.deepEqual((await notified).data, fake);
-  assert.equal(published, false);
+  // Labelled (the default), even one imitating a publication of a subscribed channel; without
+  // labels only one for a channel the client is not subscribed to can be told apart.
+  for (const labels of [true, false]) {
+    const c = client({ token: 'dave', labels });
+    assert.equal(c.url.endsWith('?labels=1'), labels);
+    const acknowledged = next(c, 'acknowledged');
+    c.connect();
+    const { target } = await acknowledged;
+    const sub = c.subscribe('orders.spoofed');
+    await next(sub, 'subscribed');
+    const channel = labels ? 'orders.spoofed' : 'orders.other';
+    const fake = { type: 'publish', data: { name: channel, data: 1, offset: 99, epoch: 'x' } };
+    const notified = next(c, 'notify');
+    let published = false;
+    c.on('publish', () => { published = true; });
+    await api(server, 'notify_client', { target, data: fake });
+    const event = await notified;
+    assert.deepEqual(event.data, fake);
+    assert.equal(event.kind, labels ? 'notify_client' : null);
+    assert.equal(published, false);
+    assert.equal(sub.position, null);
+    c.close();
+  }
 });
 
 test('invoke: a round trip, a backend error, a relay timeout', async () => {
@@ -255,8 +267,9 @@ test('after a restart the client registers and subscribes again and gets new pub
   const acks = [];
   c.on('acknowledged', (e) => acks.push(e.target));
   const subscribed = next(sub, 'subscribed');
+  const acknowledged = next(c, 'acknowledged');
   c.connect();
-  await subscribed;
+  await Promise.all([subscribed, acknowledged]);
 
   const closed = next(c, 'closed');
   await own.stop();
