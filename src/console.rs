@@ -116,7 +116,10 @@ mod tests {
             ("/console/", "text/html; charset=utf-8"),
             ("/console/console.js", "text/javascript; charset=utf-8"),
             ("/console/console.css", "text/css; charset=utf-8"),
-            ("/console/jssocket-client.js", "text/javascript; charset=utf-8"),
+            (
+                "/console/jssocket-client.js",
+                "text/javascript; charset=utf-8",
+            ),
         ] {
             let response = get(true, path).await;
             assert_eq!(response.status(), StatusCode::OK, "{path}");
