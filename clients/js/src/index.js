@@ -607,11 +607,32 @@ export class JssocketClient extends Emitter {
       // Already delivered (a replay overlapping what arrived live): dropped, so each
       // publication reaches the application once.
       if (position && position.epoch === epoch && offset <= position.offset) return;
+      // A gap: a publication was lost on its way (in a cluster the relay's backplane may drop
+      // one). Delivering this one would break the order, so the client reconnects at once and
+      // recovers from the last delivered position, as after a network drop.
+      if (position && position.epoch === epoch && offset > position.offset + 1) {
+        this._resync(`publication ${position.offset + 1} of ${data.name} missing`);
+        return;
+      }
       sub.position = { offset, epoch };
     }
     const event = { channel: data.name, data: data.data, offset, epoch, raw };
     sub._emit('publish', event);
     this._emit('publish', event);
+  }
+
+  // Drops the connection and opens a new one after the backoff delay (not reset: a relay
+  // that keeps skipping cannot make the client reconnect in a loop), whatever the policy.
+  _resync(reason) {
+    this._drop();
+    const delay = backoffDelay(this._attempt, this.backoff, this.options.random || Math.random);
+    this._attempt++;
+    this.state = 'waiting';
+    this._emit('closed', { code: 1000, reason, reconnect: true, delay });
+    this._timer = setTimeout(() => {
+      this._timer = null;
+      this._open();
+    }, delay);
   }
 
   _onError(data) {

@@ -53,10 +53,11 @@ function scriptedRelay() {
   });
   relay.ready = new Promise((resolve) => server.on('listening', resolve));
   relay.url = () => `ws://127.0.0.1:${server.address().port}/ws`;
-  relay.publish = (data) => {
+  // `lost`: kept in the history but not delivered live (a publication lost on the way).
+  relay.publish = (data, lost = false) => {
     const entry = { offset: latest() + 1, data };
     relay.log.push(entry);
-    for (const ws of relay.sockets) ws.send(frame(entry));
+    if (!lost) for (const ws of relay.sockets) ws.send(frame(entry));
   };
   // Drops every connection without a close frame (1006: the network went away).
   relay.drop = () => {
@@ -122,5 +123,33 @@ test('an epoch change is surfaced as recovered:false and the position restarts',
   relay.publish('fresh');
   const p = await published;
   assert.deepEqual([p.offset, p.epoch, p.data], [1, 'e2', 'fresh']);
+  c.close();
+});
+
+test('a gap in live publications reconnects and recovers the missing one, in order', async () => {
+  relay.overlap = 0;
+  relay.epoch = 'e3';
+  relay.log = [];
+  const c = new JssocketClient(relay.url(), { WebSocket, minDelay: 50, maxDelay: 100 });
+  const sub = c.subscribe('h.orders');
+  const got = [];
+  sub.on('publish', (e) => got.push(e.offset));
+  const closes = [];
+  c.on('closed', (e) => closes.push(e));
+  const first = next(sub, 'subscribed');
+  c.connect();
+  await first;
+  relay.publish('a');
+  relay.publish('b', true); // lost on the way
+  const recovered = next(sub, 'subscribed');
+  relay.publish('c'); // the gap shows here
+  const event = await recovered;
+  assert.equal(event.recovered, true);
+  assert.deepEqual(relay.subscribes.at(-1).since, { offset: 1, epoch: 'e3' });
+  assert.match(closes[0].reason, /publication 2 of h.orders missing/);
+  assert.equal(closes[0].reconnect, true);
+  relay.publish('d');
+  await until(() => got.length === 4, 'four publications');
+  assert.deepEqual(got, [1, 2, 3, 4]);
   c.close();
 });
