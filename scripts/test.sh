@@ -118,6 +118,19 @@ signalr_test() {
     bounded node --test tests/signalr/signalr.test.mjs
 }
 
+# client_js_test: jssocket-client (clients/js) against the built binary, with `ws` as the
+# WebSocket of Node 20 (pinned in clients/js/package-lock.json); also fails when the committed
+# browser bundle (dist/, embedded by the server) is not what src/index.js gives.
+client_js_test() {
+    ensure_node "the JavaScript client test" || return 1
+    if [ ! -d clients/js/node_modules/ws ]; then
+        npm ci --prefix clients/js --no-audit --no-fund </dev/null || return 1
+    fi
+    node clients/js/build.mjs --check || return 1
+    cargo build --locked --bin jssocket || return 1
+    bounded node --test clients/js/test/*.test.mjs
+}
+
 FAILED=()
 # step NAME COMMAND...: runs one check and records a failure, so one run reports every broken
 # check (callers go on with `|| true`); the script still exits non-zero at the end.
@@ -174,6 +187,7 @@ main() {
         step "cargo test --doc" bounded cargo test --doc --locked || true
         step "console browser test (node --test tests/console)" console_test || true
         step "SignalR client test (node --test tests/signalr)" signalr_test || true
+        step "JavaScript client test (node --test clients/js/test)" client_js_test || true
     fi
 
     if [ "${#FAILED[@]}" -gt 0 ]; then

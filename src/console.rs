@@ -5,7 +5,8 @@
 //! shows the server's state and its users and connections (`/api/info`, `/api/users`,
 //! `/api/connections`, `/metrics`), from which a target is picked for those forms.
 //!
-//! The page is three static files under `src/console/`, embedded in the binary: no build step,
+//! The page is three static files under `src/console/` and jssocket-client's browser bundle
+//! (`clients/js/dist/`, committed built), embedded in the binary: no build step,
 //! nothing fetched from elsewhere. Every answer carries a `Content-Security-Policy` that only
 //! allows this origin (and its WebSocket), so a payload shown on the page can never run as
 //! code or load anything. With `--console off` the paths answer 404.
@@ -23,6 +24,9 @@ use crate::relay::Relay;
 const INDEX_HTML: &str = include_str!("console/index.html");
 const CONSOLE_JS: &str = include_str!("console/console.js");
 const CONSOLE_CSS: &str = include_str!("console/console.css");
+/// jssocket-client's browser bundle (clients/js, committed built), which the page connects
+/// with: served from this origin like the rest, so the policy needs no other source.
+const CLIENT_JS: &str = include_str!("../clients/js/dist/jssocket-client.js");
 
 /// Only this origin: scripts, styles and the WebSocket (`ws:`/`wss:` spelled out for browsers
 /// whose `'self'` does not cover WebSocket schemes). `data:` images for the empty favicon.
@@ -55,6 +59,7 @@ fn serve(shared: &Relay, file: &str) -> Response {
         "index.html" => ("text/html; charset=utf-8", INDEX_HTML),
         "console.js" => ("text/javascript; charset=utf-8", CONSOLE_JS),
         "console.css" => ("text/css; charset=utf-8", CONSOLE_CSS),
+        "jssocket-client.js" => ("text/javascript; charset=utf-8", CLIENT_JS),
         _ => return not_found("404 Not Found: the console has no such file\n"),
     };
     (
@@ -111,6 +116,10 @@ mod tests {
             ("/console/", "text/html; charset=utf-8"),
             ("/console/console.js", "text/javascript; charset=utf-8"),
             ("/console/console.css", "text/css; charset=utf-8"),
+            (
+                "/console/jssocket-client.js",
+                "text/javascript; charset=utf-8",
+            ),
         ] {
             let response = get(true, path).await;
             assert_eq!(response.status(), StatusCode::OK, "{path}");

@@ -1,4 +1,5 @@
-// jssocket web console. Plain script, no framework, nothing loaded from elsewhere.
+// jssocket web console. Plain script, no framework, nothing loaded from elsewhere: its
+// connection is jssocket-client's browser bundle (/console/jssocket-client.js, loaded first).
 //
 // The page is a client of this server's own WebSocket (/ws?labels=1): it sends client_connect,
 // can subscribe to channels, and lists every frame that arrives, each notify labelled by the
@@ -17,37 +18,16 @@
   const CHANNEL_RULE = 'A channel name is 1 to 200 characters of A-Z a-z 0-9 . _ - : /';
   const MAX_MESSAGES = 1000;
   const MAX_BACKOFF_MS = 15000;
-  // How long an answer to client_connect may take: the server may queue it until a backend
-  // connects (--pending-timeout, 30 s by default) before answering with an error.
-  const CONNECT_ANSWER_MS = 120000;
-  // Envelopes the server itself sends to a client; anything else is a bare notify payload.
-  const SERVER_EVENTS = new Set([
-    'publish', 'subscribed', 'unsubscribed', 'client_connected', 'error', 'callback',
-    'notify_client', 'notify_group', 'notify_all',
-  ]);
-  // What a labelled connection is told a notify payload came from.
-  const NOTIFY_KINDS = new Set(['notify_client', 'notify_group', 'notify_all']);
   const OVERVIEW_EVERY_MS = 5000;
 
   const $ = (id) => document.getElementById(id);
 
   const state = {
-    ws: null,
-    backoff: 1000,
-    retryTimer: null,
-    registered: false,
-    acknowledged: false,
+    // The acknowledgement of the current connection (the client keeps the connection itself).
     id: null,
     roles: null,
     groups: null,
     ackNote: null,
-    // channel name -> 'pending' (sent, or waiting for the socket) | 'active' | 'leaving'
-    subscriptions: new Map(),
-    // names of subscribe/unsubscribe requests awaiting their answer, in order: the server
-    // answers one connection's requests in order, so an error matches the oldest one.
-    inflight: [],
-    // When the last client_connect was sent, until it is answered; null: none outstanding.
-    connectSentAt: null,
     messages: [], // { element, search }
     seq: 0,
     // The admin views: the next page's cursor of each list (null: no more), what the
@@ -160,11 +140,23 @@
   }
 
   // ---------- connection panel ----------
+  //
+  // The connection is jssocket-client's (clients/js, served beside this file as
+  // /console/jssocket-client.js): it registers, reconnects with backoff, subscribes again after
+  // a reconnect, and tells the relay's answers from notify payloads. This page shows what it
+  // reports.
 
   function socketUrl() {
     const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    return scheme + '//' + location.host + '/ws?labels=1';
+    return scheme + '//' + location.host + '/ws';
   }
+
+  // Asked at every connect: the token field as it is then.
+  const client = new jssocket.JssocketClient(socketUrl(), {
+    token: () => $('token').value,
+    minDelay: 1000,
+    maxDelay: MAX_BACKOFF_MS,
+  });
 
   function setText(id, text, dataState) {
     const el = $(id);
@@ -173,19 +165,18 @@
   }
 
   function renderConnection() {
-    const ws = state.ws;
-    const open = ws && ws.readyState === WebSocket.OPEN;
+    const open = client.state === 'open';
     if (!open) {
       setText('registered', 'no: not connected', 'no');
-    } else if (state.registered) {
+    } else if (client.registered) {
       setText('registered', 'yes: client_connect sent', 'yes');
     } else {
       setText('registered', 'no: client_connect not sent yet', 'no');
     }
-    if (state.acknowledged) {
+    if (client.acknowledged) {
       setText('acknowledged', 'yes: client_connected received', 'yes');
       setText('connection-id', state.id || '(the answer named no target)');
-    } else if (open && state.registered) {
+    } else if (open && client.registered) {
       setText('acknowledged', 'not yet: no backend has answered', 'waiting');
       setText('connection-id', 'not acknowledged yet');
     } else {
@@ -213,97 +204,68 @@
     setText('socket-status', text, stateName);
   }
 
-  function connect() {
-    clearTimeout(state.retryTimer);
-    state.retryTimer = null;
-    if (state.ws) {
-      state.ws.onclose = null;
-      state.ws.onmessage = null;
-      state.ws.close(1000);
-    }
-    resetSession();
-    const url = socketUrl();
-    $('ws-url').textContent = url;
-    setStatus('Connecting…', 'connecting');
-    let ws;
-    try {
-      ws = new WebSocket(url);
-    } catch (e) {
-      setStatus('Cannot open the WebSocket: ' + e.message, 'closed');
-      scheduleReconnect();
-      return;
-    }
-    state.ws = ws;
-    ws.onopen = () => {
-      state.backoff = 1000;
-      setStatus('Connected', 'open');
-      sendClientConnect();
-      for (const name of state.subscriptions.keys()) sendSubscribe(name, false);
-      renderSubscriptions();
-    };
-    ws.onmessage = (event) => {
-      if (typeof event.data === 'string') receive(event.data);
-      else event.data.text().then(receive);
-    };
-    ws.onclose = (event) => {
-      if (state.ws !== ws) return;
-      const reason = event.reason ? ' ' + event.reason : '';
-      resetSession();
-      scheduleReconnect('Disconnected (' + event.code + reason + ')');
-    };
-    renderConnection();
-  }
-
-  // Forgets what belonged to the old connection (its id, its acknowledgement). Subscriptions
-  // are kept and sent again when the next connection opens.
+  // Forgets what belonged to the old connection (its id, its acknowledgement); the client
+  // keeps the subscriptions and sends them again when the next connection opens.
   function resetSession() {
-    state.registered = false;
-    state.acknowledged = false;
     state.id = null;
     state.roles = null;
     state.groups = null;
     state.ackNote = null;
-    state.inflight = [];
-    state.connectSentAt = null;
-    for (const [name, s] of state.subscriptions) {
-      if (s === 'leaving') state.subscriptions.delete(name);
-      else state.subscriptions.set(name, 'pending');
-    }
     renderConnection();
     renderSubscriptions();
   }
 
-  function scheduleReconnect(why) {
-    const delay = state.backoff;
-    state.backoff = Math.min(state.backoff * 2, MAX_BACKOFF_MS);
-    setStatus((why || 'Disconnected') + ': reconnecting in ' + Math.round(delay / 1000) + ' s', 'closed');
-    state.retryTimer = setTimeout(connect, delay);
-  }
-
-  function send(type, data) {
-    const ws = state.ws;
-    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
-    ws.send(JSON.stringify({ type: type, data: data }));
-    return true;
+  function watchClient() {
+    client.on('connecting', () => {
+      $('ws-url').textContent = client.url;
+      setStatus('Connecting…', 'connecting');
+      resetSession();
+    });
+    client.on('open', () => {
+      setStatus('Connected', 'open');
+      renderConnection();
+      renderSubscriptions();
+    });
+    client.on('closed', (event) => {
+      const why = 'Disconnected (' + event.code + (event.reason ? ' ' + event.reason : '') + ')';
+      setStatus(why + (event.reconnect ?
+        ': reconnecting in ' + (event.delay / 1000).toFixed(1) + ' s' :
+        ': not reconnecting (press Reconnect)'), 'closed');
+      resetSession();
+    });
+    client.on('acknowledged', (event) => {
+      state.id = event.target;
+      state.roles = event.roles;
+      state.groups = event.groups;
+      state.ackNote = null;
+      renderConnection();
+    });
+    client.on('subscribed', renderSubscriptions);
+    client.on('unsubscribed', renderSubscriptions);
+    client.on('error', (error) => {
+      if (error.event === 'subscribe' || error.event === 'unsubscribe') {
+        renderSubscriptions();
+        if (error.channel !== undefined) {
+          showError($('channel'), (error.event === 'subscribe' ? 'Could not subscribe to ' :
+            'Could not unsubscribe from ') + error.channel + ': ' + error.message);
+        }
+      } else if (error.event === 'client_connect') {
+        state.ackNote = 'The server answered client_connect with ' + error.code + ': ' + error.message;
+        renderConnection();
+      }
+    });
+    client.on('message', receive);
   }
 
   function sendClientConnect() {
-    const token = $('token').value;
-    if (send('client_connect', token ? { token: token } : {})) {
-      state.registered = true;
-      state.ackNote = null;
-      state.connectSentAt = Date.now();
-    }
-    renderConnection();
+    state.ackNote = null;
+    client.register().then(renderConnection);
   }
 
   // ---------- subscriptions ----------
 
-  function sendSubscribe(name, leave) {
-    if (send(leave ? 'unsubscribe' : 'subscribe', { name: name })) {
-      state.inflight.push(name);
-    }
-  }
+  // The client's subscription states, as this page names them.
+  const SUBSCRIPTION_STATES = { pending: 'pending', subscribed: 'active', unsubscribed: 'leaving' };
 
   function renderSubscriptions() {
     const list = $('subscriptions');
@@ -311,7 +273,8 @@
     const focused = list.contains(document.activeElement) ?
       document.activeElement.closest('li').dataset.channel : null;
     list.replaceChildren();
-    for (const [name, s] of state.subscriptions) {
+    for (const [name, sub] of client.subscriptions) {
+      const s = SUBSCRIPTION_STATES[sub.state];
       const item = document.createElement('li');
       item.dataset.channel = name;
       item.dataset.state = s;
@@ -331,7 +294,7 @@
       list.append(item);
       if (name === focused) button.focus();
     }
-    $('no-subscriptions').hidden = state.subscriptions.size > 0;
+    $('no-subscriptions').hidden = client.subscriptions.size > 0;
   }
 
   function subscribe(event) {
@@ -343,123 +306,45 @@
       showError(input, name ? CHANNEL_RULE + '.' : 'Enter a channel name, e.g. foo.bar.');
       return;
     }
-    if (state.subscriptions.has(name) && state.subscriptions.get(name) !== 'leaving') {
+    const existing = client.subscriptions.get(name);
+    if (existing && existing.state !== 'unsubscribed') {
       showError(input, 'Already subscribed to ' + name + '.');
       return;
     }
-    state.subscriptions.set(name, 'pending');
-    sendSubscribe(name, false);
+    client.subscribe(name);
     input.value = '';
     renderSubscriptions();
   }
 
   function unsubscribe(name) {
-    const ws = state.ws;
-    if (ws && ws.readyState === WebSocket.OPEN) {
-      state.subscriptions.set(name, 'leaving');
-      sendSubscribe(name, true);
-    } else {
-      state.subscriptions.delete(name);
-    }
+    client.unsubscribe(name);
     renderSubscriptions();
     $('channel').focus();
   }
 
   // ---------- messages ----------
 
-  function receive(text) {
-    let value;
-    try {
-      value = JSON.parse(text);
-    } catch (e) {
+  // Every frame the client received, with the kind it took it for: the relay's envelopes
+  // (labelled notifies included: the client asks for labels=1), a bare payload from a relay
+  // that does not label ('notify'), or text that is not JSON.
+  function receive(message) {
+    const text = message.raw;
+    if (message.type === 'text') {
       addMessage('text', null, text, false);
       return;
     }
-    const isEvent = value !== null && typeof value === 'object' && !Array.isArray(value) &&
-      typeof value.type === 'string' && SERVER_EVENTS.has(value.type) &&
-      answersOwnRequest(value.type, value.data);
-    if (!isEvent) {
-      // A bare payload: only from a server that does not label (an older one).
+    if (message.type === 'notify') {
       addMessage('notify', null, text, true);
       return;
     }
-    const data = value.data;
     const rawData = member(text, 'data');
-    if (NOTIFY_KINDS.has(value.type)) {
-      // The envelope is the server's (labels=1): whatever the payload looks like, it is one.
-      addMessage(value.type, null, rawData === undefined ? 'null' : rawData, true);
+    if (message.type === 'publish') {
+      const data = message.data;
+      const name = data && typeof data.name === 'string' ? data.name : '?';
+      addMessage('publish', name, member(rawData, 'data') || 'null', true);
       return;
     }
-    switch (value.type) {
-      case 'publish': {
-        const name = data && typeof data.name === 'string' ? data.name : '?';
-        addMessage('publish', name, member(rawData, 'data') || 'null', true);
-        return;
-      }
-      case 'subscribed':
-      case 'unsubscribed': {
-        state.inflight.shift();
-        const name = data && data.name;
-        if (value.type === 'subscribed' && state.subscriptions.has(name)) {
-          state.subscriptions.set(name, 'active');
-        } else if (value.type === 'unsubscribed' && state.subscriptions.get(name) === 'leaving') {
-          state.subscriptions.delete(name);
-        }
-        renderSubscriptions();
-        break;
-      }
-      case 'client_connected':
-        state.connectSentAt = null;
-        state.acknowledged = true;
-        state.ackNote = null;
-        if (data && typeof data.target === 'string') state.id = data.target;
-        state.roles = data && Array.isArray(data.roles) ? data.roles : [];
-        state.groups = data && Array.isArray(data.groups) ? data.groups : [];
-        renderConnection();
-        break;
-      case 'error':
-        onError(data || {});
-        break;
-      default:
-        break;
-    }
-    addMessage(value.type, null, rawData === undefined ? 'null' : rawData, true);
-  }
-
-  // Payloads are bare JSON, so a notify payload can look exactly like the server's error
-  // event. An error is taken as the server's only when it answers a request this page sent
-  // and has not had answered yet; anything else is shown as a received payload.
-  // The same holds for the answers to subscribe and unsubscribe, which come in order.
-  function answersOwnRequest(type, data) {
-    const field = (key) => (data !== null && typeof data === 'object' ? data[key] : undefined);
-    if (type === 'subscribed' || type === 'unsubscribed') {
-      return state.inflight.length > 0 && field('name') === state.inflight[0];
-    }
-    if (type !== 'error') return true;
-    const event = field('event');
-    if (event === 'subscribe' || event === 'unsubscribe') return state.inflight.length > 0;
-    if (event === 'client_connect') {
-      return state.connectSentAt !== null && Date.now() - state.connectSentAt < CONNECT_ANSWER_MS;
-    }
-    return false;
-  }
-
-  function onError(error) {
-    const event = error.event;
-    if (event === 'subscribe' || event === 'unsubscribe') {
-      const name = state.inflight.shift();
-      if (name !== undefined) {
-        if (event === 'subscribe') state.subscriptions.delete(name);
-        else state.subscriptions.set(name, 'active');
-        renderSubscriptions();
-        showError($('channel'), (event === 'subscribe' ? 'Could not subscribe to ' : 'Could not unsubscribe from ') +
-          name + ': ' + error.message);
-      }
-    } else if (event === 'client_connect') {
-      state.connectSentAt = null;
-      state.ackNote = 'The server answered client_connect with ' + error.code + ': ' + error.message;
-      renderConnection();
-    }
+    addMessage(message.type, null, rawData === undefined ? 'null' : rawData, true);
   }
 
   function two(n) { return String(n).padStart(2, '0'); }
@@ -1029,10 +914,10 @@
 
     $('connect-form').addEventListener('submit', (event) => {
       event.preventDefault();
-      if (state.ws && state.ws.readyState === WebSocket.OPEN) sendClientConnect();
-      else connect();
+      if (client.state === 'open') sendClientConnect();
+      else client.connect();
     });
-    $('reconnect').addEventListener('click', () => { state.backoff = 1000; connect(); });
+    $('reconnect').addEventListener('click', () => client.connect());
     $('subscribe-form').addEventListener('submit', subscribe);
     $('channel').addEventListener('input', () => clearError($('channel')));
     $('forget-password').addEventListener('click', () => {
@@ -1067,9 +952,10 @@
     $('connections-more').addEventListener('click', () => loadConnections(false));
     $('message-filter').addEventListener('input', applyFilter);
     $('clear-messages').addEventListener('click', clearMessages);
+    watchClient();
     renderSubscriptions();
     renderCount();
-    connect();
+    client.connect();
   }
 
   init();

@@ -7,7 +7,7 @@
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { access, copyFile, mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { access, copyFile, mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { constants } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -108,6 +108,7 @@ test('serves the page and its assets with the right types and a same-origin poli
     ['/console', 'text/html'],
     ['/console/console.js', 'text/javascript'],
     ['/console/console.css', 'text/css'],
+    ['/console/jssocket-client.js', 'text/javascript'],
   ]) {
     const response = await fetch(server.base + file);
     assert.equal(response.status, 200, file);
@@ -117,6 +118,9 @@ test('serves the page and its assets with the right types and a same-origin poli
     assert.match(csp, /connect-src 'self' ws: wss:/, file);
   }
   assert.equal((await fetch(`${server.base}/console/nope.js`)).status, 404);
+  // The page connects with jssocket-client's committed browser bundle, served as it is.
+  const bundle = await readFile(path.join(ROOT, 'clients', 'js', 'dist', 'jssocket-client.js'), 'utf8');
+  assert.equal(await (await fetch(`${server.base}/console/jssocket-client.js`)).text(), bundle);
 });
 
 test('connects as a client: registered, not acknowledged without a backend', async () => {
