@@ -66,7 +66,8 @@ ensure_tools() {
     # A C compiler and linker, for crates with build scripts.
     ensure_pkg cc build-essential
     ensure_pkg timeout coreutils
-    # The cluster tests (tests/cluster.rs) start their own redis-server.
+    # The cluster tests (tests/cluster.rs) and the JavaScript client's storm test
+    # (clients/js/test/storm.test.mjs) start their own redis-server.
     ensure_pkg redis-server
     # The Redis Cluster tests make their cluster with redis-cli.
     ensure_pkg redis-cli redis-tools
