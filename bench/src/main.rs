@@ -16,6 +16,7 @@ mod fanout;
 mod membership;
 mod p2p;
 mod presence;
+mod recovery;
 mod stats;
 
 use std::process::ExitCode;
@@ -274,6 +275,23 @@ enum Cmd {
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000))]
         limit: u64,
     },
+    /// History recovery (issue 14, SPEC §13): N subscribers of a history channel drop their
+    /// connections at once, the admin publishes --missed more, all reconnect at once with
+    /// `since`: recovered:true count, exact in-order recovery, time to the last recovery.
+    Recovery {
+        /// Subscribers (the server needs `--history` covering --channel).
+        #[arg(long, default_value_t = 10_000, value_parser = clients_range())]
+        clients: u64,
+        /// Publications each client misses while disconnected.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        missed: u64,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 128, value_parser = size_range())]
+        size: u64,
+        /// The history channel.
+        #[arg(long, default_value = "bench.recovery")]
+        channel: String,
+    },
     /// A child process of cluster-hold (clients over the nodes; JSON lines on stdout).
     #[command(hide = true)]
     HoldWorker {
@@ -460,6 +478,7 @@ impl Cmd {
             Cmd::ClusterHold { .. } => "cluster-hold",
             Cmd::HoldWorker { .. } => "hold-worker",
             Cmd::Presence { .. } => "presence",
+            Cmd::Recovery { .. } => "recovery",
         }
     }
 }
@@ -547,6 +566,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         } => nodes * clients_per_node,
         Cmd::ClusterP2p { pairs, .. } => 2 * pairs,
         Cmd::HoldWorker { clients, .. } | Cmd::Presence { clients, .. } => *clients,
+        Cmd::Recovery { clients, .. } => clients + 1,
         Cmd::BaselineServer { .. } | Cmd::Attack(_) | Cmd::ClusterHold { .. } => 0,
     };
     if wanted + 64 > nofile {
@@ -739,6 +759,20 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
                     limit: *limit,
                 };
                 presence::run(&ctx, &p).await
+            }
+            Cmd::Recovery {
+                clients,
+                missed,
+                size,
+                channel,
+            } => {
+                let p = recovery::Params {
+                    clients: *clients as usize,
+                    missed: *missed,
+                    size: *size as usize,
+                    channel: channel.clone(),
+                };
+                recovery::run(&ctx, &p, "recovery").await
             }
             Cmd::BaselineServer { .. } => bail!("baseline-server is not a scenario"),
         }
