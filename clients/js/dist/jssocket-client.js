@@ -70,6 +70,11 @@
     return Math.floor(random() * cap);
   }
 
+  /** Refusals of a `subscribe` that say "later", not "no": retried with backoff. */
+  const RETRYABLE = new Set(['rate_limited', 'cluster_busy']);
+  /** Most retries of one `subscribe` refused as busy before it is given up (an `error`). */
+  const MAX_SUBSCRIBE_RETRIES = 8;
+
   /** WebSocket.OPEN (not read from the constructor: a custom one may lack the constants). */
   const OPEN = 1;
 
@@ -582,6 +587,7 @@
       }
       if (!sub || sub.state === 'unsubscribed') return;
       sub.state = 'subscribed';
+      sub._retries = 0;
       const epoch = typeof data.epoch === 'string' ? data.epoch : null;
       const offset = Number.isSafeInteger(data.offset) ? data.offset : null;
       // `recovered`: true when the relay will replay what was missed (SPEC §13); false when it
@@ -653,9 +659,22 @@
         if (head) error.channel = head.name;
         const sub = head && this.subscriptions.get(head.name);
         if (sub) {
-          // A refused subscribe forgets the channel; a refused unsubscribe keeps it.
-          if (event === 'subscribe' && sub.state !== 'unsubscribed') this.subscriptions.delete(head.name);
-          else if (event === 'unsubscribe') sub.state = 'subscribed';
+          if (event === 'subscribe' && sub.state !== 'unsubscribed' && RETRYABLE.has(error.code)
+              && (sub._retries || 0) < MAX_SUBSCRIBE_RETRIES) {
+            // The relay was busy (e.g. its history store slow under a reconnect burst): the
+            // channel is kept and asked for again after a backoff, with the same `since`.
+            sub._retries = (sub._retries || 0) + 1;
+            error.retrying = true;
+            const delay = backoffDelay(sub._retries, this.backoff, this.options.random || Math.random);
+            setTimeout(() => {
+              if (this._ready && this.subscriptions.get(sub.name) === sub && sub.state === 'pending') {
+                this._sendSubscribe(sub);
+              }
+            }, delay);
+          } else if (event === 'subscribe' && sub.state !== 'unsubscribed') {
+            // A refused subscribe forgets the channel; a refused unsubscribe keeps it.
+            this.subscriptions.delete(head.name);
+          } else if (event === 'unsubscribe') sub.state = 'subscribed';
           sub._emit('error', error);
         }
       }

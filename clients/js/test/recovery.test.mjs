@@ -22,6 +22,7 @@ function scriptedRelay() {
     sockets: new Set(),
     subscribes: [], // every subscribe's data, as received
     overlap: 0, // replay this many already-delivered publications before the missed ones
+    busy: 0, // answer this many subscribes `rate_limited` (a relay whose store is slow)
   };
   const server = new Server({ port: 0, host: '127.0.0.1' });
   const latest = () => (relay.log.length ? relay.log[relay.log.length - 1].offset : 0);
@@ -36,6 +37,12 @@ function scriptedRelay() {
         ws.send(JSON.stringify({ type: 'client_connected', data: { target: 't', authenticated: true } }));
       } else if (type === 'subscribe') {
         relay.subscribes.push(data);
+        if (relay.busy > 0) {
+          relay.busy -= 1;
+          const error = { code: 'rate_limited', message: 'busy; retry', event: 'subscribe' };
+          ws.send(JSON.stringify({ type: 'error', data: error }));
+          return;
+        }
         const reply = { name: data.name, epoch: relay.epoch, offset: latest() };
         let replay = [];
         if (data.since) {
@@ -152,4 +159,34 @@ test('a gap in live publications reconnects and recovers the missing one, in ord
   await until(() => got.length === 4, 'four publications');
   assert.deepEqual(got, [1, 2, 3, 4]);
   c.close();
+});
+
+test('a subscribe refused as busy is asked again with the same since, then recovers', async () => {
+  const c = new JssocketClient(relay.url(), { WebSocket, token: 'x', minDelay: 20, maxDelay: 60 });
+  try {
+    const sub = c.subscribe('h.orders');
+    const first = next(sub, 'subscribed');
+    c.connect();
+    await first;
+    const start = relay.log.length ? relay.log[relay.log.length - 1].offset : 0;
+    relay.publish('seen');
+    await until(() => sub.position && sub.position.offset === start + 1, 'the live publication');
+    relay.drop();
+    relay.publish('missed');
+    relay.busy = 2;
+    const before = relay.subscribes.length;
+    const errors = [];
+    sub.on('error', (e) => errors.push(e));
+    const got = next(sub, 'publish');
+    const again = await next(sub, 'subscribed');
+    assert.equal(again.recovered, true);
+    assert.equal((await got).data, 'missed');
+    // Two refusals, each retried with the position it had: three subscribes with since.
+    const asked = relay.subscribes.slice(before);
+    assert.equal(asked.length, 3, JSON.stringify(asked));
+    for (const data of asked) assert.deepEqual(data.since, { offset: start + 1, epoch: relay.epoch });
+    assert.deepEqual(errors.map((e) => [e.code, e.retrying]), [['rate_limited', true], ['rate_limited', true]]);
+  } finally {
+    c.close();
+  }
 });
