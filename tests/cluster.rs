@@ -12,6 +12,7 @@
 
 mod common;
 
+#[macro_use]
 #[path = "common/cluster.rs"]
 mod nodes;
 
@@ -25,27 +26,6 @@ use nodes::{
     CLUSTER_TIMEOUT, Kind, Node, POLL, Proxy, Redis, cluster_on, metric, wait_all, wait_cluster,
 };
 use serde_json::{Value, json};
-
-/// Runs each scenario on every backing named: `mod <scenario> { loopback, redis, … }`.
-macro_rules! on {
-    ($kinds:tt $($scenario:ident),+ $(,)?) => {
-        $(on_each!($kinds $scenario);)+
-    };
-}
-
-macro_rules! on_each {
-    ([$($kind:ident),+] $scenario:ident) => {
-        mod $scenario {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                #[allow(non_snake_case)]
-                async fn $kind() {
-                    super::$scenario(super::Kind::$kind).await;
-                }
-            )+
-        }
-    };
-}
 
 on!([Loopback, Redis, RedisCluster]
     jaseci_flow_across_nodes,

@@ -8,32 +8,13 @@
 
 mod common;
 
+#[macro_use]
 #[path = "common/cluster.rs"]
 mod nodes;
 
 use common::{Conn, Server, acknowledge, api_post, expect_silence_all, register};
 use nodes::{Kind, Node, cluster_on};
 use serde_json::{Value, json};
-
-macro_rules! on {
-    ($kinds:tt $($scenario:ident),+ $(,)?) => {
-        $(on_each!($kinds $scenario);)+
-    };
-}
-
-macro_rules! on_each {
-    ([$($kind:ident),+] $scenario:ident) => {
-        mod $scenario {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                #[allow(non_snake_case)]
-                async fn $kind() {
-                    super::$scenario(super::Kind::$kind).await;
-                }
-            )+
-        }
-    };
-}
 
 on!([Loopback, Redis, RedisCluster]
     membership_by_user_is_seen_by_the_next_publish_on_every_node,

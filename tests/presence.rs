@@ -6,6 +6,7 @@
 
 mod common;
 
+#[macro_use]
 #[path = "common/cluster.rs"]
 mod nodes;
 
@@ -16,27 +17,6 @@ use std::time::{Duration, Instant};
 use common::{Conn, PASSWORD, Server, http, register};
 use nodes::{Kind, cluster_on};
 use serde_json::{Value, json};
-
-/// Runs each scenario on every backing named (as in tests/cluster.rs).
-macro_rules! on {
-    ($kinds:tt $($scenario:ident),+ $(,)?) => {
-        $(on_each!($kinds $scenario);)+
-    };
-}
-
-macro_rules! on_each {
-    ([$($kind:ident),+] $scenario:ident) => {
-        mod $scenario {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                #[allow(non_snake_case)]
-                async fn $kind() {
-                    super::$scenario(super::Kind::$kind).await;
-                }
-            )+
-        }
-    };
-}
 
 on!([Loopback, Redis, RedisCluster] three_nodes_answer_as_one);
 on!([Loopback, Redis] a_stopped_node_is_reported_as_timed_out);

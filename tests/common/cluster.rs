@@ -1,8 +1,34 @@
 //! Cluster test support: what joins the nodes ([`Backing`]: the in-process loopback, a real
 //! `redis-server`, or a real 3-master Redis Cluster, started per test), TCP proxies that cut
 //! one node off, and in-process jssocket nodes that can be stopped or crashed. Shared by
-//! `tests/cluster.rs` and `tests/cluster_floods.rs` (included with `#[path]`).
+//! the cluster tests (included with `#[path]`), with the `on!` macro that runs a scenario
+//! on every backing.
 #![allow(dead_code)]
+
+/// Runs each scenario on every backing named: `on!([Loopback, Redis] scenario, …)` makes
+/// `mod scenario { Loopback, Redis }`, each test calling `scenario(Kind::…)` (a test file
+/// includes this module with `#[macro_use]` and imports `Kind`).
+#[allow(unused_macros)]
+macro_rules! on {
+    ($kinds:tt $($scenario:ident),+ $(,)?) => {
+        $(on_each!($kinds $scenario);)+
+    };
+}
+
+#[allow(unused_macros)]
+macro_rules! on_each {
+    ([$($kind:ident),+] $scenario:ident) => {
+        mod $scenario {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[allow(non_snake_case)]
+                async fn $kind() {
+                    super::$scenario(super::Kind::$kind).await;
+                }
+            )+
+        }
+    };
+}
 
 use std::hash::BuildHasher;
 use std::io::{Read, Write};
