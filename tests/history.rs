@@ -34,10 +34,20 @@ async fn subscribe(client: &mut Conn, name: &str, since: Option<(u64, &str)>) ->
         Some((offset, epoch)) => json!({"name": name, "since": {"offset": offset, "epoch": epoch}}),
         None => json!({"name": name}),
     };
-    client.send_event("subscribe", data).await;
-    let reply = client.recv().await;
-    assert_eq!(reply["type"], "subscribed", "{}: {reply}", client.name);
-    reply["data"].clone()
+    // A busy history store is answered `cluster_busy` ("retry"), and a client retries, as
+    // the README says and jssocket-client does: a few times here, each logged.
+    for attempt in 0..3 {
+        client.send_event("subscribe", data.clone()).await;
+        let reply = client.recv().await;
+        if reply["type"] == "error" && reply["data"]["code"] == "cluster_busy" && attempt < 2 {
+            eprintln!("{}: subscribe answered {reply}; retrying", client.name);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        assert_eq!(reply["type"], "subscribed", "{}: {reply}", client.name);
+        return reply["data"].clone();
+    }
+    unreachable!("the last attempt returns or fails")
 }
 
 /// The next frame, which must be a publication of `name`: its offset and data.

@@ -98,6 +98,9 @@ pub struct Read {
     pub entries: Vec<Entry>,
 }
 
+/// Longest wait for Redis to answer one history command (see [`Store::connection`]).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Store {
     /// The Redis (or Redis Cluster: a comma-separated list of seeds) at `url`, as
     /// `--redis-url` names it.
@@ -109,7 +112,11 @@ impl Store {
             .collect();
         let client = match urls.as_slice() {
             [one] => Client::One(redis::Client::open(*one)?),
-            seeds => Client::Cluster(ClusterClient::new(seeds.to_vec())?),
+            seeds => Client::Cluster(
+                ClusterClient::builder(seeds.to_vec())
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .build()?,
+            ),
         };
         Ok(Store {
             client,
@@ -125,6 +132,10 @@ impl Store {
         let connection = match &self.client {
             Client::One(client) => {
                 let mut connection = client.get_multiplexed_async_connection().await?;
+                // Reads share this connection with publication batches (up to 256 scripts
+                // each): on a busy Redis or machine a read may wait longer than the client's
+                // default 500 ms, and a subscriber would be told to retry for nothing.
+                connection.set_response_timeout(RESPONSE_TIMEOUT);
                 let sha: String = redis::cmd("SCRIPT")
                     .arg("LOAD")
                     .arg(PUBLISH)
