@@ -6,19 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Conn, RS, Server, register, scrape, signalr_client};
-use serde_json::{Value, json};
-
-/// The next frame of `backend` is an `invoke`; returns its data.
-async fn expect_invoke(backend: &mut Conn) -> Value {
-    let frame = backend.recv().await;
-    assert_eq!(
-        frame["type"], "invoke",
-        "{}: not an invoke: {frame}",
-        backend.name
-    );
-    frame["data"].clone()
-}
+use common::{RS, Server, expect_invoke, register, scrape, signalr_client};
+use serde_json::json;
 
 /// A crowd of SignalR callers that each open a connection, start their 16 calls and leave
 /// must not keep those calls in the node's table until their deadline: they would count

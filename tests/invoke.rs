@@ -12,8 +12,8 @@ mod nodes;
 use std::time::{Duration, Instant};
 
 use common::{
-    Conn, RS, SILENCE, Server, expect_silence_all, recv_message, register, signalr_client,
-    wait_metric,
+    Conn, RS, SILENCE, Server, expect_invoke, expect_silence_all, recv_message, register,
+    signalr_client, wait_metric,
 };
 use nodes::{CLUSTER_TIMEOUT, Kind, cluster_on, wait_all};
 use serde_json::{Value, json};
@@ -23,17 +23,6 @@ async fn invoke(client: &mut Conn, id: Value, method: &str, data: Value) {
     client
         .send_event("invoke", json!({"id": id, "method": method, "data": data}))
         .await;
-}
-
-/// The next frame of `backend` is an `invoke`; returns its data.
-async fn expect_invoke(backend: &mut Conn) -> Value {
-    let frame = backend.recv().await;
-    assert_eq!(
-        frame["type"], "invoke",
-        "{}: not an invoke: {frame}",
-        backend.name
-    );
-    frame["data"].clone()
 }
 
 /// The next frame of `client` is an `invoke_result` for `id` carrying an error with `code`.

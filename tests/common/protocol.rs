@@ -95,3 +95,15 @@ pub fn is_uuid_v4(id: &str) -> bool {
         && b[14] == b'4'
         && matches!(b[19], b'8' | b'9' | b'a' | b'b')
 }
+
+/// The next frame of `backend` is an `invoke` (SPEC §12, a client's call forwarded to it);
+/// returns its data.
+pub async fn expect_invoke(backend: &mut Conn) -> Value {
+    let frame = backend.recv().await;
+    assert_eq!(
+        frame["type"], "invoke",
+        "{}: not an invoke: {frame}",
+        backend.name
+    );
+    frame["data"].clone()
+}
