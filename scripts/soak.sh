@@ -26,6 +26,7 @@ SOAK_BAD_CONNS="${SOAK_BAD_CONNS:-4}"           # bad-input connections
 SOAK_BAD_RATE="${SOAK_BAD_RATE:-20}"            # bad messages per second, all of them
 SOAK_PORT="${SOAK_PORT:-18390}"
 SOAK_SAMPLE="${SOAK_SAMPLE:-30}"                # seconds between RSS samples
+SOAK_PROGRESS="${SOAK_PROGRESS:-5}"             # seconds between progress lines (0: none)
 SOAK_MAX_MESSAGE_SIZE="${SOAK_MAX_MESSAGE_SIZE:-65536}"
 SOAK_DIR="${SOAK_DIR:-$(mktemp -d /tmp/jssocket-soak.XXXXXX)}"
 mkdir -p "$SOAK_DIR"
@@ -59,8 +60,9 @@ env -u SOCKET_AUTH RUST_LOG="${RUST_LOG:-info}" "$SERVER" -h 127.0.0.1 -p "$SOAK
 SERVER_PID=$!
 BAD_PID=""
 SAMPLER_PID=""
+PROGRESS_PID=""
 cleanup() {
-    for pid in $BAD_PID $SAMPLER_PID $SERVER_PID; do
+    for pid in $BAD_PID $SAMPLER_PID $PROGRESS_PID $SERVER_PID; do
         kill "$pid" 2>/dev/null || true
     done
 }
@@ -85,13 +87,36 @@ log "server pid $SERVER_PID, RSS at start ${RSS_START} KiB"
 ) >"$SOAK_DIR/rss.txt" &
 SAMPLER_PID=$!
 
+# A progress line every SOAK_PROGRESS seconds, from the server's own /metrics: connections
+# open now, messages received and sent, errors answered, RSS.
+metric_sum() { awk -v name="$1" '$1 == name || index($1, name "{") == 1 {s += $2} END {printf "%d", s}'; }
+progress() {
+    local t0 m
+    t0=$(date +%s)
+    while kill -0 "$SERVER_PID" 2>/dev/null; do
+        sleep "$SOAK_PROGRESS"
+        m=$(curl -fsS --max-time 2 "http://127.0.0.1:$SOAK_PORT/metrics" 2>/dev/null) || m=""
+        log "$(printf '[%4d s / %d s] connections %s, messages in %s, out %s, errors %s, RSS %s KiB' \
+            "$(( $(date +%s) - t0 ))" "$SOAK_SECONDS" \
+            "$(metric_sum jssocket_connections <<<"$m")" \
+            "$(metric_sum jssocket_messages_received_total <<<"$m")" \
+            "$(metric_sum jssocket_messages_sent_total <<<"$m")" \
+            "$(metric_sum jssocket_errors_total <<<"$m")" \
+            "$(rss_kib "$SERVER_PID")")"
+    done
+}
+if [ "$SOAK_PROGRESS" != 0 ]; then
+    progress &
+    PROGRESS_PID=$!
+fi
+
 log "bad-input sender: $SOAK_BAD_CONNS connections, $SOAK_BAD_RATE msgs/s"
 python3 scripts/soak_bad_input.py "$URL" "$SOAK_SECONDS" --conns "$SOAK_BAD_CONNS" \
     --rate "$SOAK_BAD_RATE" --max-size "$SOAK_MAX_MESSAGE_SIZE" >"$SOAK_DIR/bad_input.txt" 2>&1 &
 BAD_PID=$!
 
 CHURN_CMD=("$BENCH" --url "$URL" --server-pid "$SERVER_PID" --timeout "$((SOAK_SECONDS + 180))"
-    churn --clients "$SOAK_CLIENTS" --duration "$SOAK_SECONDS" --rate "$SOAK_RATE"
+    --progress 0 churn --clients "$SOAK_CLIENTS" --duration "$SOAK_SECONDS" --rate "$SOAK_RATE"
     --broadcast-rate "$SOAK_BROADCAST_RATE" --size "$SOAK_SIZE")
 log "churn: ${CHURN_CMD[*]}"
 churn_status=0
@@ -111,8 +136,9 @@ FDS_IDLE=$(fds "$SERVER_PID")
 GAUGES=$(curl -fsS "http://127.0.0.1:$SOAK_PORT/metrics" 2>/dev/null |
     grep -E '^jssocket_(connections|admins|clients|acknowledged_clients|servers|groups|channels|pending_connects) ' |
     tr '\n' ' ' || true)
-kill "$SAMPLER_PID" 2>/dev/null || true
+kill "$SAMPLER_PID" $PROGRESS_PID 2>/dev/null || true
 SAMPLER_PID=""
+PROGRESS_PID=""
 
 t_term=$(date +%s.%N)
 kill -TERM "$SERVER_PID"

@@ -121,6 +121,7 @@ async fn client(
         if let Ok(p) = serde_json::from_slice::<Payload>(bytes) {
             rec.record_ns(now_ns().saturating_sub(p.ts));
             life.received.insert(p.seq);
+            crate::progress::message();
         }
     };
     for t in &pre_ack {

@@ -233,6 +233,7 @@ pub struct Failures {
 
 impl Failures {
     pub fn add(&mut self, e: &ConnErr) {
+        crate::progress::error();
         *self.by_kind.entry(e.kind()).or_default() += 1;
         if self.examples.len() < 5 {
             self.examples.push(e.to_string());

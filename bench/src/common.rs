@@ -313,6 +313,7 @@ pub async fn open_ws_at(ctx: &Ctx, auth: Option<&str>, path: Option<&str>) -> Re
     let (ws, _response) = client_async_with_config(request, stream, Some(client_ws_config()))
         .await
         .map_err(|e| ConnErr::Handshake(e.to_string()))?;
+    crate::progress::connection();
     Ok(ws)
 }
 

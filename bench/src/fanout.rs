@@ -264,6 +264,7 @@ async fn reader(
                 highest = Some(highest.map_or(local, |h| h.max(local)));
             }
             sh.delivered.fetch_add(1, Ordering::Relaxed);
+            crate::progress::message();
             sh.last_ns.fetch_max(now, Ordering::Relaxed);
             if sh.sender_waiting.load(Ordering::Relaxed) {
                 sh.progress.notify_one();

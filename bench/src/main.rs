@@ -16,6 +16,7 @@ mod fanout;
 mod membership;
 mod p2p;
 mod presence;
+mod progress;
 mod recovery;
 mod stats;
 
@@ -26,6 +27,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::common::{Ctx, Target};
 
@@ -80,6 +82,10 @@ struct Global {
     /// Seconds a client waits for its client_connected acknowledgement.
     #[arg(long, global = true, default_value_t = 10.0, value_parser = positive_secs)]
     ack_timeout: f64,
+    /// Seconds between progress lines on stderr (elapsed, connections, messages, errors);
+    /// 0 turns them off.
+    #[arg(long, global = true, default_value_t = 5.0, value_parser = secs_range)]
+    progress: f64,
 }
 
 #[derive(Subcommand)]
@@ -604,6 +610,12 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         ctx.target.url,
         timeout.as_secs_f64()
     );
+    let progress_done = CancellationToken::new();
+    tokio::spawn(progress::report(
+        Duration::from_secs_f64(g.progress),
+        progress_done.clone(),
+    ));
+    let _stop_progress = progress_done.drop_guard();
     let scenario = async {
         match &cli.cmd {
             Cmd::Connect {

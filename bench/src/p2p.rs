@@ -103,24 +103,29 @@ async fn client(
                 };
                 let Ok(p) = serde_json::from_slice::<Payload>(bytes) else {
                     sh.unparsable.fetch_add(1, Ordering::Relaxed);
+                    crate::progress::error();
                     continue;
                 };
                 let now = now_ns();
                 if p.to != idx as u64 {
                     sh.misrouted.fetch_add(1, Ordering::Relaxed);
+                    crate::progress::error();
                     continue;
                 }
                 let Some(word) = sh.seen.get((p.seq / 64) as usize) else {
                     sh.unparsable.fetch_add(1, Ordering::Relaxed);
+                    crate::progress::error();
                     continue;
                 };
                 let bit = 1u64 << (p.seq % 64);
                 if word.fetch_or(bit, Ordering::Relaxed) & bit != 0 {
                     sh.dup.fetch_add(1, Ordering::Relaxed);
+                    crate::progress::error();
                     continue;
                 }
                 rec.record_ns(now.saturating_sub(p.ts));
                 sh.delivered.fetch_add(1, Ordering::Relaxed);
+                crate::progress::message();
                 sh.last_ns.fetch_max(now, Ordering::Relaxed);
             }
         }
