@@ -215,6 +215,9 @@ fn error_block(e: &clap::Error, args: &[OsString]) -> String {
     if first.contains("a value is required for '--host") && args.iter().any(|a| a == "-h") {
         block.push("  tip: `-h` is the host; help is `--help`".to_string());
     }
+    if first.starts_with("error: the subcommand 'check' cannot be used with") {
+        block.push("  tip: options go after `check`: `jssocket check -p 8080`".to_string());
+    }
     block.join("\n")
 }
 
