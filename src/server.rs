@@ -698,7 +698,7 @@ pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     let shown: String = origin.chars().take(200).collect();
     crate::warn_throttled!(
         origin = ?shown,
-        "WebSocket upgrade refused (403): Origin is not in --allowed-origins"
+        "refused (403): Origin is not in --allowed-origins"
     );
     false
 }

@@ -17,8 +17,8 @@ use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 const DEADLINE: Duration = Duration::from_secs(10);
-/// What the refusal's log line says (server.rs `origin_allowed`).
-const REFUSED: &str = "WebSocket upgrade refused (403): Origin is not in --allowed-origins";
+/// What the refusal's log line says (server.rs `origin_allowed`; upgrades and SignalR negotiate).
+const REFUSED: &str = "refused (403): Origin is not in --allowed-origins";
 
 /// An upgrade of `/ws` on `server` with `Origin: origin` and, when given, this `Host`
 /// (else the URL's, as a browser sends it).
