@@ -21,7 +21,9 @@ use crate::jwt::{KeyError, Verifier};
     name = "jssocket",
     version,
     about = "WebSocket relay server for Jaseci: backends push notifications to browser connections",
-    disable_help_flag = true
+    disable_help_flag = true,
+    // `jssocket -p 80 check` would check the defaults, not `-p 80`: options go after it.
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     /// Print help.
@@ -40,6 +42,13 @@ pub enum Command {
     /// Read a password (stdin, or a prompt on a terminal) and print the hex bcrypt hash to put
     /// in SOCKET_AUTH.
     Hash,
+    /// Validate the configuration and exit, without binding the port or connecting to Redis.
+    ///
+    /// Every option and SOCKET_* variable is parsed and validated as a start would (key files
+    /// read); prints `configuration ok` and a summary line, or the reason and exits 2.
+    /// Options go after `check`: `jssocket check -p 8080`.
+    #[command(disable_help_flag = true)]
+    Check(Box<Options>),
 }
 
 /// Who a client (a non-admin connection) may notify; see SPEC §7.
@@ -541,6 +550,116 @@ fn signalr_path(path: &str) -> Result<Option<String>, ConfigError> {
     Ok(Some(path.to_string()))
 }
 
+/// What a start says about itself in its first log line, and `jssocket check` prints: the
+/// facts an operator checks first when something is off (which build, where, who may act as
+/// a backend, which cluster, where the console is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub version: &'static str,
+    /// The listen address: the bound one at start, the configured one in `check`.
+    pub addr: String,
+    /// `password`, `default password`, with `+jwt` when client tokens are verified.
+    pub auth: String,
+    /// `standalone`, `redis` or `redis-cluster`.
+    pub cluster: &'static str,
+    /// `--redis-url` with its password redacted; `None` standalone.
+    pub redis_url: Option<String>,
+    /// `http://<addr>/console`, or `off`.
+    pub console: String,
+}
+
+impl Summary {
+    pub fn new(config: &Config, addr: &str) -> Summary {
+        let mut auth = if config.auth_is_default {
+            "default password".to_string()
+        } else {
+            "password".to_string()
+        };
+        if config.jwt.is_some() {
+            auth.push_str("+jwt");
+        }
+        let seeds = config.redis_url.as_deref().map_or(0, |url| {
+            url.split(',').filter(|u| !u.trim().is_empty()).count()
+        });
+        let cluster = match seeds {
+            0 => "standalone",
+            1 => "redis",
+            _ => "redis-cluster",
+        };
+        Summary {
+            version: env!("CARGO_PKG_VERSION"),
+            addr: addr.to_string(),
+            auth,
+            cluster,
+            redis_url: config.redis_url.as_deref().map(redact_url),
+            // The TLS options, when they exist, make this https.
+            console: if config.console {
+                format!("http://{addr}/console")
+            } else {
+                "off".to_string()
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Summary {
+    /// `version=… addr=… auth=… cluster=… [redis_url=…] console=…`, as the log line's fields.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "version={} addr={} auth={:?} cluster={}",
+            self.version, self.addr, self.auth, self.cluster
+        )?;
+        if let Some(url) = &self.redis_url {
+            write!(f, " redis_url={url}")?;
+        }
+        write!(f, " console={}", self.console)
+    }
+}
+
+/// A Redis URL (or a comma-separated list of them) fit for a log line: the password in the
+/// user-info (`redis://user:secret@host` → `redis://user:***@host`) and in a `password=` or
+/// `pass=` query parameter (unix sockets) is replaced by `***`. A user-info without `:` is
+/// redacted whole, since some clients read `redis://secret@host` as a password.
+pub fn redact_url(url: &str) -> String {
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = authority.split_at(at);
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***{host}"),
+                None => format!("***{host}"),
+            }
+        }
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if name == "password" || name == "pass" => {
+                        format!("{name}=***")
+                    }
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}{authority}{tail}")
+}
+
 /// clap renders an error over several lines (usage, a hint); users get the reason alone.
 pub fn first_line(e: &clap::Error) -> String {
     let text = e.to_string();
@@ -549,4 +668,65 @@ pub fn first_line(e: &clap::Error) -> String {
         .unwrap_or("invalid arguments")
         .trim()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_url_hides_passwords_only() {
+        for (url, redacted) in [
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+            ("redis://:secret@h:6379/0", "redis://:***@h:6379/0"),
+            ("redis://user:secret@h", "redis://user:***@h"),
+            ("rediss://user:p%40ss@h:6380", "rediss://user:***@h:6380"),
+            ("redis://secret@h/1", "redis://***@h/1"),
+            ("redis://u:a@b@h/1", "redis://u:***@h/1"),
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=secret",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+            ("unix:///s?password=x", "unix:///s?password=***"),
+            (
+                "redis://:a@n1:7000,redis://:b@n2:7001",
+                "redis://:***@n1:7000,redis://:***@n2:7001",
+            ),
+            ("", ""),
+        ] {
+            assert_eq!(redact_url(url), redacted, "{url}");
+        }
+    }
+
+    #[test]
+    fn summary_names_auth_cluster_and_console() {
+        let config = Config::default();
+        let summary = Summary::new(&config, "127.0.0.1:8080");
+        assert_eq!(
+            summary.to_string(),
+            format!(
+                "version={} addr=127.0.0.1:8080 auth=\"default password\" cluster=standalone \
+                 console=http://127.0.0.1:8080/console",
+                env!("CARGO_PKG_VERSION")
+            )
+        );
+        let config = Config::from_args([
+            "jssocket",
+            "--redis-url",
+            "redis://:pw@a:1,redis://:pw@b:2",
+            "--console",
+            "off",
+            "--jwt-secret",
+            "k",
+        ])
+        .unwrap();
+        let summary = Summary::new(&config, "x:1");
+        assert_eq!(summary.cluster, "redis-cluster");
+        assert_eq!(
+            summary.redis_url.as_deref(),
+            Some("redis://:***@a:1,redis://:***@b:2")
+        );
+        assert_eq!(summary.auth, "default password+jwt");
+        assert_eq!(summary.console, "off");
+    }
 }

@@ -1,34 +1,51 @@
 //! The `jssocket` binary: parses the command line and runs the server (or `jssocket hash`).
 
+use std::ffi::OsString;
 use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
 
-use clap::Parser;
 use clap::error::ErrorKind;
-use jssocket::config::{Cli, Command, Config, LogFormat, first_line};
+use clap::{CommandFactory, Parser};
+use jssocket::config::{Cli, Command, Config, LogFormat, Summary};
 use tokio::net::{TcpListener, TcpSocket};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    // `hash` needs none of the server's options; don't let a bad SOCKET_* stop it.
-    if std::env::args().nth(1).as_deref() == Some("hash") {
-        return hash();
-    }
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // `hash` needs none of the server's options: its own definition is parsed alone, so a bad
+    // SOCKET_* (clap reads every option's variable when the whole command line is parsed)
+    // cannot stop it, while `hash --help` and `hash extra` get clap's usual answers.
+    if args.get(1).is_some_and(|a| a == "hash") {
+        let command = Cli::command()
+            .find_subcommand("hash")
+            .cloned()
+            .map(|c| c.bin_name("jssocket hash"));
+        if let Some(command) = command {
+            return match command.try_get_matches_from(&args[1..]) {
+                Ok(_) => hash(),
+                Err(e) => clap_error(&e, &args),
+            };
         }
-        Err(e) => return fail(&with_env_source(first_line(&e))),
+    }
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(&e, &args),
     };
     if let Some(Command::Hash) = cli.command {
         return hash();
     }
-    let config = match Config::from_options(cli.options) {
+    let check = matches!(cli.command, Some(Command::Check(_)));
+    let options = match cli.command {
+        Some(Command::Check(options)) => *options,
+        _ => cli.options,
+    };
+    let config = match Config::from_options(options) {
         Ok(config) => config,
         Err(e) => return fail(&format!("error: {e}")),
     };
+    if check {
+        return show_check(&config);
+    }
     init_logging(config.log_format);
     raise_open_file_limit();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -42,7 +59,7 @@ async fn serve(config: Config) -> ExitCode {
     let addr = format!("{}:{}", config.host, config.port);
     let listener = match listen(&addr).await {
         Ok(listener) => listener,
-        Err(e) => return fail(&format!("error: cannot listen on {addr}: {e}")),
+        Err(e) => return fail(&listen_error(&addr, config.port, &e)),
     };
     match jssocket::server::run(listener, config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,11 +86,42 @@ async fn listen(addr: &str) -> std::io::Result<TcpListener> {
     Err(last)
 }
 
+/// The one line a failed bind prints: the two usual causes say what to do about them.
+fn listen_error(addr: &str, port: u16, e: &std::io::Error) -> String {
+    use std::io::ErrorKind::{AddrInUse, AddrNotAvailable, PermissionDenied};
+    let advice = match e.kind() {
+        PermissionDenied if port < 1024 => {
+            "permission denied: use `-p 8080` or run with CAP_NET_BIND_SERVICE".to_string()
+        }
+        AddrInUse => {
+            "address in use: another process listens there; stop it or choose another port \
+             with `-p`"
+                .to_string()
+        }
+        AddrNotAvailable => {
+            "address not available: `-h` must be an address of this machine (0.0.0.0: all)"
+                .to_string()
+        }
+        _ => e.to_string(),
+    };
+    format!("error: cannot listen on {addr}: {advice}")
+}
+
+/// `jssocket check`: the configuration has been parsed and validated exactly as a start does
+/// (key files read); say so and what a start would run as.
+fn show_check(config: &Config) -> ExitCode {
+    let addr = format!("{}:{}", config.host, config.port);
+    println!("configuration ok");
+    println!("{}", Summary::new(config, &addr));
+    ExitCode::SUCCESS
+}
+
 /// Every connection is a file descriptor; the usual soft limit (1024) would cap the server far
 /// below what the OS allows, so raise it to the hard limit.
 fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::info!(limit, "open file limit"),
+        // Debug: the first line of a start is the server's summary (see `server::serve`).
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
     }
 }
@@ -135,6 +183,42 @@ fn hash() -> ExitCode {
         }
         Err(e) => fail(&format!("error: cannot hash the password: {e}")),
     }
+}
+
+/// `--help` and `--version` print and succeed; a refused command line prints clap's reason
+/// and its hints as one short block (see [`error_block`]) and exits 2.
+fn clap_error(e: &clap::Error, args: &[OsString]) -> ExitCode {
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    fail(&error_block(e, args))
+}
+
+/// clap's reason and its hints (the valid values, "a similar argument exists"), without the
+/// usage and "For more information" lines that would bury them; the reason says when the
+/// value came from a `SOCKET_*` variable, and `-h` without a value says what `-h` is (it is
+/// the host, as in the original relay, so it never shows help).
+fn error_block(e: &clap::Error, args: &[OsString]) -> String {
+    let text = e.to_string();
+    let mut lines = text
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty());
+    let first = lines
+        .next()
+        .unwrap_or("error: invalid arguments")
+        .to_string();
+    let mut block = vec![with_env_source(first.clone())];
+    block.extend(lines.map(|l| format!("  {}", l.trim_start())));
+    if first.contains("a value is required for '--host") && args.iter().any(|a| a == "-h") {
+        block.push("  tip: `-h` is the host; help is `--help`".to_string());
+    }
+    if first.starts_with("error: the subcommand 'check' cannot be used with") {
+        block.push("  tip: options go after `check`: `jssocket check -p 8080`".to_string());
+    }
+    block.join("\n")
 }
 
 /// clap names the flag even when the bad value came from its environment variable; say so.

@@ -32,7 +32,7 @@ use tower::ServiceExt;
 use tracing::{debug, error, info, warn};
 
 use crate::api;
-use crate::config::Config;
+use crate::config::{Config, Summary};
 use crate::connection::{self, PeerInfo};
 use crate::console;
 use crate::memory::{self, Counted};
@@ -135,6 +135,7 @@ pub async fn serve(
     relay: Relay,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    log_start(&relay.config, listener.local_addr()?);
     if relay.config.auth_is_default {
         warn!(
             "SOCKET_AUTH is not set: using the well-known default admin password 12345678. \
@@ -651,10 +652,36 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     has_token(header::CONNECTION, "upgrade") && has_token(header::UPGRADE, "websocket")
 }
 
+/// The first line of a start: version, the bound address, auth, cluster and console (see
+/// [`Summary`]), before anything else the server logs, so an operator reads it first.
+fn log_start(config: &Config, addr: SocketAddr) {
+    let summary = Summary::new(config, &addr.to_string());
+    info!(
+        version = %summary.version,
+        addr = %summary.addr,
+        auth = summary.auth.as_str(),
+        cluster = %summary.cluster,
+        redis_url = summary.redis_url.as_deref().map(tracing::field::display),
+        console = %summary.console,
+        "jssocket started"
+    );
+}
+
 /// `--allowed-origins` guards against other web pages opening sockets in a user's browser.
 /// Browsers always send `Origin`; backends (Jaseci's socket client, tungstenite, Python
 /// `websockets`) send none, and a non-browser peer could send any, so a request without
 /// `Origin` is let through rather than locking backends out.
+///
+/// A same-origin upgrade (an `http`/`https` Origin whose host:port is the request's `Host`)
+/// is allowed too: it is our own console page, which the list would otherwise lock out. This
+/// does not weaken the policy: a browser sets both headers, so a page elsewhere cannot claim
+/// our host; the only page that can is one its browser believes is served by this server,
+/// i.e. served by us, or by DNS rebinding (a hostile name resolving to us), and such a page
+/// already reaches every HTTP route as same-origin, so a WebSocket gives it nothing new. No
+/// cookie or other ambient credential rides on an upgrade here (tokens are explicit).
+///
+/// A refused Origin is logged at warn, at most one line per 10 s (with the number left out),
+/// so a misconfigured list is visible in the logs without a flood filling them.
 pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     if allowed.is_empty() {
         return true;
@@ -662,10 +689,38 @@ pub(crate) fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
-    origin.to_str().is_ok_and(|origin| {
-        let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-        allowed.contains(&origin)
-    })
+    let origin = String::from_utf8_lossy(origin.as_bytes());
+    let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+    if allowed.contains(&origin) || same_origin(&origin, headers) {
+        return true;
+    }
+    // Bounded and `?`-escaped: the Origin is the peer's text (see session.rs).
+    let shown: String = origin.chars().take(200).collect();
+    crate::warn_throttled!(
+        origin = ?shown,
+        "refused (403): Origin is not in --allowed-origins"
+    );
+    false
+}
+
+/// `origin` (lowercase, no trailing `/`) is `http://` or `https://` followed by exactly the
+/// request's `Host`, a scheme's default port (`:80`, `:443`) written or not on either side.
+fn same_origin(origin: &str, headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let (authority, default_port) = if let Some(rest) = origin.strip_prefix("http://") {
+        (rest, ":80")
+    } else if let Some(rest) = origin.strip_prefix("https://") {
+        (rest, ":443")
+    } else {
+        return false;
+    };
+    let host = host.trim().to_ascii_lowercase();
+    let normal = |a: &str| a.strip_suffix(default_port).unwrap_or(a).to_string();
+    !authority.is_empty()
+        && !authority.contains(['/', '@', '?', '#'])
+        && normal(authority) == normal(&host)
 }
 
 /// One counted WebSocket connection; the count drops with it.
