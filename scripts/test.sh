@@ -303,14 +303,14 @@ announce_installs() {
         command -v npm >/dev/null 2>&1 || missing+=("npm")
         if [ "$(node_major)" -lt 20 ] &&
             [ ! -d ".tools/node-$LOCAL_NODE_VERSION" ]; then
-            missing+=("Node.js $LOCAL_NODE_VERSION from npm into .tools/ (~60 MB; the console test needs 20+)")
+            missing+=("Node.js $LOCAL_NODE_VERSION from npm into .tools/ (~185 MB unpacked; the console test needs 20+)")
         fi
         command -v chromium >/dev/null 2>&1 || missing+=("chromium (~350 MB with its libraries)")
         local dir
         for dir in tests/console tests/signalr clients/js; do
             [ -d "$dir/node_modules" ] || missing+=("npm packages of $dir")
         done
-        [ -x "$KUBE_VALIDATE" ] || missing+=("kubernetes-validate $KUBE_VALIDATE_VERSION from PyPI into .tools/ (~5 MB)")
+        [ -x "$KUBE_VALIDATE" ] || missing+=("kubernetes-validate $KUBE_VALIDATE_VERSION from PyPI into .tools/ (~150 MB with its schemas)")
         command -v systemd-analyze >/dev/null 2>&1 || missing+=("systemd (for systemd-analyze)")
         command -v haproxy >/dev/null 2>&1 || missing+=("haproxy (to check deploy/haproxy.cfg)")
     fi
