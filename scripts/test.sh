@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need when it is missing, then runs the format
-# check, clippy (warnings are errors) and every test. Non-interactive; runs every check and
-# exits non-zero if any failed. Run from anywhere: `bash scripts/test.sh`.
+# check, clippy (warnings are errors), every test, and the checks of deploy/ (Kubernetes
+# schemas, systemd-analyze verify, compose and HAProxy config). Non-interactive; runs every
+# check and exits non-zero if any failed. Run from anywhere: `bash scripts/test.sh`.
 #
 # Extra arguments are passed to `cargo test` (e.g. `bash scripts/test.sh --test cli`).
 # TEST_TIMEOUT (seconds, default 900) bounds how long the tests may run once built.
@@ -295,6 +296,8 @@ elapsed() {
 # is not a surprise.
 announce_installs() {
     local full="$1" missing=()
+    cargo fmt --version >/dev/null 2>&1 || missing+=("the rustfmt component")
+    cargo clippy --version >/dev/null 2>&1 || missing+=("the clippy component")
     command -v cc >/dev/null 2>&1 || missing+=("build-essential")
     command -v redis-server >/dev/null 2>&1 || missing+=("redis-server")
     command -v redis-cli >/dev/null 2>&1 || missing+=("redis-tools")
