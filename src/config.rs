@@ -391,8 +391,8 @@ impl Config {
                     error = error.replace(&secret, "***");
                 }
                 ConfigError::RedisUrl(format!(
-                    "{shown}: {error} (expected redis://[[user]:password@]host[:port][/db], \
-                     rediss:// for TLS, or a comma-separated list of Redis Cluster nodes)"
+                    "{shown}: {error} (expected redis://[[user]:password@]host[:port][/db], or \
+                     a comma-separated list of Redis Cluster nodes)"
                 ))
             })?;
         }
