@@ -16,10 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{
-    Conn, LogCapture, Server, http, register, scrape, upgrade_refused,
-    upgrade_request,
-};
+use common::{Conn, LogCapture, Server, http, register, scrape, upgrade_refused, upgrade_request};
 use nodes::{CLUSTER_TIMEOUT, Node, POLL, Redis, RedisCluster, wait_cluster};
 use serde_json::json;
 
@@ -116,7 +113,10 @@ async fn readiness_follows_redis_down_up_down_and_back() {
     assert_eq!(metrics.get("jssocket_ready", &[]), Some(0.0));
     assert_eq!(metrics.get("jssocket_redis_connected", &[]), Some(0.0));
     let errors = metrics.value("jssocket_redis_errors_total", &[]);
-    assert!(errors >= 3.0, "3 s down: several failed attempts, got {errors}");
+    assert!(
+        errors >= 3.0,
+        "3 s down: several failed attempts, got {errors}"
+    );
     let port = format!("127.0.0.1:{}", redis.port);
     let unreachable = |logs: &LogCapture| {
         logs.text()
@@ -157,9 +157,7 @@ async fn readiness_follows_redis_down_up_down_and_back() {
         })
         .await;
         assert_eq!(
-            scrape(node.addr)
-                .await
-                .get("jssocket_redis_connected", &[]),
+            scrape(node.addr).await.get("jssocket_redis_connected", &[]),
             Some(0.0)
         );
     }
@@ -193,6 +191,123 @@ async fn readiness_follows_redis_down_up_down_and_back() {
         .await;
 }
 
+/// A TCP proxy to Redis that can go silent, as a partition does: while frozen it swallows
+/// every byte both ways and closes nothing (no RST, no FIN: nothing for the node to notice
+/// but silence); on thaw the connections that lived through it end, and new ones pass.
+struct Partition {
+    addr: SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl Partition {
+    async fn start(redis: &Redis) -> Partition {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = SocketAddr::from(([127, 0, 0, 1], redis.port));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the partition proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (frozen, watching) = tokio::sync::watch::channel(false);
+        async fn pump(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            mut frozen: tokio::sync::watch::Receiver<bool>,
+        ) {
+            let mut buf = vec![0u8; 16 * 1024];
+            // A clone starts from what its original saw: only changes from now on count.
+            frozen.borrow_and_update();
+            loop {
+                tokio::select! {
+                    read = from.read(&mut buf) => {
+                        let n = match read {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if *frozen.borrow() {
+                            continue;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    changed = frozen.changed() => {
+                        // Thawed: this connection lost bytes; it ends.
+                        if changed.is_err() || !*frozen.borrow() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let watching = watching.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    tokio::select! {
+                        () = pump(in_read, out_write, watching.clone()) => {}
+                        () = pump(out_read, in_write, watching) => {}
+                    }
+                });
+            }
+        });
+        Partition { addr, frozen }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    fn set_frozen(&self, frozen: bool) {
+        self.frozen.send_replace(frozen);
+    }
+}
+
+/// A partition that closes nothing: the node's connections to Redis look open but carry
+/// nothing. Readiness still turns 503 within a few seconds (its publishes fail), the silent
+/// subscription is given up and logged, and after the partition heals the node is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partition_is_noticed() {
+    let logs = logs();
+    let redis = Redis::start();
+    let partition = Partition::start(&redis).await;
+    let node = Node::start("partitioned", &partition.url());
+    wait_ready(node.addr, CLUSTER_TIMEOUT, "200 ready", |s, b| {
+        s == 200 && b == "ready\n"
+    })
+    .await;
+    partition.set_frozen(true);
+    let frozen = Instant::now();
+    let (_, body) = wait_ready(node.addr, READY_WITHIN, "503", |s, _| s == 503).await;
+    assert!(body.starts_with("redis"), "{body:?}");
+    // The subscription is given up after 10 s of silence, and said so.
+    let proxy = format!("127.0.0.1:{}", partition.addr.port());
+    while logs
+        .text()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains(&proxy))
+        .all(|l| !l.contains("silent"))
+    {
+        assert!(
+            frozen.elapsed() < Duration::from_secs(15),
+            "no warning about the silent connection:\n{}",
+            logs.text()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    // Still not ready while it lasts.
+    assert_eq!(get(node.addr, "/readyz").await.0, 503);
+    partition.set_frozen(false);
+    wait_ready(node.addr, CLUSTER_TIMEOUT, "200 ready", |s, b| {
+        s == 200 && b == "ready\n"
+    })
+    .await;
+}
+
 /// The password in `--redis-url` appears nowhere: not in the log, not in `/readyz`, not in
 /// `/metrics`, whether Redis refuses it or cannot be reached, in both URL forms.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +322,10 @@ async fn the_redis_password_is_never_shown() {
         format!("redis://:***@127.0.0.1:{}/0", redis.port),
         format!("redis://admin:***@127.0.0.1:{dead}/"),
     ];
-    let nodes = [Node::start("auth", &refused), Node::start("dead", &unreachable)];
+    let nodes = [
+        Node::start("auth", &refused),
+        Node::start("dead", &unreachable),
+    ];
     for (node, shown) in nodes.iter().zip(&shown) {
         let (_, body) = wait_ready(node.addr, READY_WITHIN, "503 redis unreachable", |s, b| {
             s == 503 && b.starts_with("redis unreachable: ")
@@ -217,7 +335,10 @@ async fn the_redis_password_is_never_shown() {
             body.starts_with(&format!("redis unreachable: {shown}: ")),
             "{body:?}"
         );
-        assert!(!body.contains(SECRET), "/readyz shows the password: {body:?}");
+        assert!(
+            !body.contains(SECRET),
+            "/readyz shows the password: {body:?}"
+        );
         let metrics = http(node.addr, "GET", "/metrics", &[], b"").await.text();
         assert!(!metrics.contains(SECRET), "/metrics shows the password");
         let start = Instant::now();
@@ -232,11 +353,15 @@ async fn the_redis_password_is_never_shown() {
     }
     let text = logs.text();
     assert!(
-        text.lines()
-            .any(|l| l.contains("WARN") && l.contains("redis unreachable") && l.contains(&shown[0])),
+        text.lines().any(|l| l.contains("WARN")
+            && l.contains("redis unreachable")
+            && l.contains(&shown[0])),
         "a warning names the redacted URL:\n{text}"
     );
-    assert!(!text.contains(SECRET), "the log shows the password:\n{text}");
+    assert!(
+        !text.contains(SECRET),
+        "the log shows the password:\n{text}"
+    );
 }
 
 /// A Redis Cluster (sharded subscriptions, other code in the transport): ready once
@@ -264,9 +389,12 @@ async fn draining_refuses_new_clients_then_closes_the_open_ones() {
     let mut open = server.admin("open").await;
     let signalled = Instant::now();
     server.signal_shutdown();
-    let (status, body) = wait_ready(server.addr, Duration::from_secs(1), "503 draining", |s, _| {
-        s == 503
-    })
+    let (status, body) = wait_ready(
+        server.addr,
+        Duration::from_secs(1),
+        "503 draining",
+        |s, _| s == 503,
+    )
     .await;
     assert_eq!((status, body.as_str()), (503, "draining\n"));
     assert_eq!(get(server.addr, "/healthz").await, (200, "OK\n".into()));
@@ -276,8 +404,11 @@ async fn draining_refuses_new_clients_then_closes_the_open_ones() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("draining"), "{body:?}");
     // An admin is refused too: this node takes no new connection.
-    let (status, _) =
-        upgrade_refused(upgrade_request(&server.url(), Some(common::PASSWORD)), "admin").await;
+    let (status, _) = upgrade_refused(
+        upgrade_request(&server.url(), Some(common::PASSWORD)),
+        "admin",
+    )
+    .await;
     assert_eq!(status, 503);
     // The open connection still works during the delay…
     open.ping(1, false).await;
@@ -372,6 +503,9 @@ fn a_mistyped_redis_url_fails_at_start() {
             stderr.starts_with("error: --redis-url: ") && stderr.contains("expected redis://"),
             "{url}: {stderr:?}"
         );
-        assert!(!stderr.contains(SECRET), "{url}: shows the password: {stderr}");
+        assert!(
+            !stderr.contains(SECRET),
+            "{url}: shows the password: {stderr}"
+        );
     }
 }

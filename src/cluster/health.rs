@@ -25,6 +25,10 @@ pub(super) struct Health {
     /// must never show; set when the node starts.
     url: OnceLock<Shown>,
     state: Mutex<State>,
+    /// The publisher's last failure (scrubbed) and when, cleared by its next success. A
+    /// failure after the subscription was made means the node is cut off even though its
+    /// subscription looks alive (a silent partition): not ready.
+    publish_error: Mutex<Option<(String, Instant)>>,
 }
 
 struct Shown {
@@ -39,8 +43,8 @@ enum State {
     Starting,
     /// Connected; subscribing.
     Connected,
-    /// Subscribed to everything this node needs: ready.
-    Subscribed,
+    /// Subscribed to everything this node needs (since then): ready.
+    Subscribed(Instant),
     /// The last attempt failed, or the subscription was lost.
     Down {
         error: String,
@@ -88,8 +92,18 @@ impl Health {
 
     /// Why this node cannot do its job as a cluster member now; `None` when subscribed.
     pub(super) fn not_ready(&self) -> Option<String> {
+        let publish_error = self
+            .publish_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         match &*self.state() {
-            State::Subscribed => None,
+            State::Subscribed(since) => match publish_error {
+                Some((error, at)) if at > *since => {
+                    Some(format!("redis: cannot publish to {}: {error}", self.url()))
+                }
+                _ => None,
+            },
             State::Starting => Some(format!("redis: connecting to {}", self.url())),
             State::Connected => Some("redis: not subscribed yet".into()),
             State::Down { error, .. } => {
@@ -118,7 +132,7 @@ impl Health {
 
     /// Subscribed to everything: ready.
     pub(super) fn subscribed(&self, node: &str) {
-        *self.state() = State::Subscribed;
+        *self.state() = State::Subscribed(Instant::now());
         info!(url = self.url(), node, "redis connected and subscribed");
     }
 
@@ -167,18 +181,37 @@ impl Health {
         }
     }
 
-    /// The connection (and every subscription with it) ended.
-    pub(super) fn lost(&self, metrics: &Metrics) {
+    /// The publisher failed to connect or publish.
+    pub(super) fn publish_failed(&self, metrics: &Metrics, error: &dyn Display) {
+        metrics.redis_errors.inc();
+        let error = self.scrub(error);
+        *self.publish_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((error, Instant::now()));
+    }
+
+    /// The publisher published.
+    pub(super) fn published(&self) {
+        let mut last = self.publish_error.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some() {
+            *last = None;
+        }
+    }
+
+    /// The connection (and every subscription with it) ended, or went silent (`why`).
+    pub(super) fn lost(&self, metrics: &Metrics, why: &str) {
         metrics.redis_errors.inc();
         metrics.redis_connected.set(0);
         let mut state = self.state();
         if matches!(&*state, State::Down { .. }) {
             return;
         }
-        warn!(url = self.url(), "redis connection lost; reconnecting");
+        warn!(
+            url = self.url(),
+            "redis connection lost ({why}); reconnecting"
+        );
         let now = Instant::now();
         *state = State::Down {
-            error: "connection lost".into(),
+            error: format!("connection lost ({why})"),
             since: now,
             failures: 1,
             logged: now,

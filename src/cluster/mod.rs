@@ -81,6 +81,11 @@ const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
 /// Longest wait for the transport to open a subscription: an address that drops packets
 /// (a firewall, a mistyped host) must show as a failure, not as a node forever connecting.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A subscription that brings nothing for this long (not even this node's own heartbeat,
+/// sent every [`HEARTBEAT`]) is taken for lost and made again. Above the longest quiet a live
+/// connection has: the publisher holding its backlog for [`RESUBSCRIBE_WAIT`] after a
+/// reconnection.
+const SILENT_LIMIT: Duration = Duration::from_secs(10);
 /// Topics subscribed per command when subscribing to everything again.
 const SUBSCRIBE_BATCH: usize = 500;
 /// Entries of the duplicate filter (sender, topic) before it is emptied.
@@ -851,12 +856,25 @@ async fn subscribe_once(shared: &Relay, cluster: &Cluster, backoff: &mut Backoff
     // applied, not piled up in the transport's buffers.
     let subscriptions = keep_subscribed(shared, cluster, &mut *control, backoff);
     tokio::pin!(subscriptions);
+    let silence = tokio::time::sleep(SILENT_LIMIT);
+    tokio::pin!(silence);
     loop {
         tokio::select! {
             message = messages.next() => match message {
-                Some((topic, payload)) => cluster.receive(shared, &topic, &payload),
-                None => return cluster.health.lost(&shared.metrics),
+                Some((topic, payload)) => {
+                    silence.as_mut().reset(tokio::time::Instant::now() + SILENT_LIMIT);
+                    cluster.receive(shared, &topic, &payload);
+                }
+                None => return cluster.health.lost(&shared.metrics, "closed"),
             },
+            () = &mut silence => {
+                // Subscribed, this node hears its own heartbeat every second; nothing at all
+                // for this long is a connection that died without a word (a partition).
+                if cluster.connected.load(Ordering::Relaxed) {
+                    return cluster.health.lost(&shared.metrics, "silent: not even this node's heartbeat came back");
+                }
+                silence.as_mut().reset(tokio::time::Instant::now() + SILENT_LIMIT);
+            }
             failed = &mut subscriptions => {
                 let Err(e) = failed;
                 return cluster.health.failed(&shared.metrics, "subscribe", &e);
@@ -982,7 +1000,7 @@ async fn publisher(shared: Arc<Relay>, cluster: Arc<Cluster>) {
                 }
                 Err(e) => {
                     // Logged by the subscriber, which fails the same way; counted here.
-                    shared.metrics.redis_errors.inc();
+                    cluster.health.publish_failed(&shared.metrics, &e);
                     debug!(error = %e, "cluster: cannot connect to publish");
                     if sleep_or_shutdown(&shared, backoff.next()).await {
                         return;
@@ -996,11 +1014,12 @@ async fn publisher(shared: Arc<Relay>, cluster: Arc<Cluster>) {
         };
         match conn.publish_batch(&batch).await {
             Ok(()) => {
+                cluster.health.published();
                 shared.metrics.cluster_published.inc_by(batch.len() as u64);
                 batch.clear();
             }
             Err(e) => {
-                shared.metrics.redis_errors.inc();
+                cluster.health.publish_failed(&shared.metrics, &e);
                 warn!(error = %e, "cluster: publish failed; will retry when the transport is back");
                 connection = None;
                 if sleep_or_shutdown(&shared, backoff.next()).await {
