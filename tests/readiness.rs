@@ -144,7 +144,7 @@ async fn readiness_follows_redis_down_up_down_and_back() {
         assert_eq!(metrics.get("jssocket_redis_connected", &[]), Some(1.0));
     }
     assert!(
-        logs.lines_with("redis reachable again") >= 2 && logs.lines_with(&port) >= 4,
+        logs.lines_with("redis reachable; subscribing") >= 2 && logs.lines_with(&port) >= 4,
         "the recovery is logged:\n{}",
         logs.text()
     );
@@ -378,6 +378,50 @@ async fn a_node_on_a_redis_cluster_is_ready_once_subscribed() {
     assert_eq!(metrics.get("jssocket_ready", &[]), Some(1.0));
     assert_eq!(metrics.get("jssocket_redis_connected", &[]), Some(1.0));
     assert_eq!(metrics.get("jssocket_cluster_connected", &[]), Some(1.0));
+}
+
+/// A Redis Cluster master dies and its replica takes over: the node's sharded subscription
+/// is lost (logged at warn, counted) and made again at the new master, and `/readyz` is 200
+/// again within a few seconds of the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_failover_is_logged_and_readiness_recovers() {
+    let logs = logs();
+    let mut cluster = RedisCluster::start_with_replicas(1);
+    let url = cluster.url();
+    let node = Node::start("failover", &url);
+    wait_ready(node.addr, CLUSTER_TIMEOUT, "200 ready", |s, b| {
+        s == 200 && b == "ready\n"
+    })
+    .await;
+    // The master of the topic every node reads (heartbeats): this node is subscribed there.
+    let (master, _) = cluster.owner_of("jssocket:all");
+    let before = scrape(node.addr)
+        .await
+        .value("jssocket_redis_errors_total", &[]);
+    // Returns once the replica has taken over.
+    tokio::task::block_in_place(|| cluster.kill(master));
+    let started = Instant::now();
+    let lost = |logs: &LogCapture| {
+        logs.text()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("redis connection lost") && l.contains(&url))
+    };
+    while !lost(logs) {
+        assert!(
+            started.elapsed() < CLUSTER_TIMEOUT,
+            "the lost subscription was not logged:\n{}",
+            logs.text()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    wait_ready(node.addr, CLUSTER_TIMEOUT, "200 ready", |s, b| {
+        s == 200 && b == "ready\n"
+    })
+    .await;
+    let after = scrape(node.addr)
+        .await
+        .value("jssocket_redis_errors_total", &[]);
+    assert!(after > before, "the loss is counted: {before} then {after}");
 }
 
 /// In-process shutdown with `--drain-delay 2`: draining at once (readyz 503, upgrades 503,

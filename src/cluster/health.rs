@@ -124,7 +124,7 @@ impl Health {
                 url = self.url(),
                 down_seconds = since.elapsed().as_secs(),
                 failures,
-                "redis reachable again; subscribing"
+                "redis reachable; subscribing"
             );
         }
         *state = State::Connected;
