@@ -96,6 +96,12 @@ pub trait Backplane: Send + Sync {
     /// acknowledged): it is not forwarded again.
     fn settled(&self, _client: &Peer) {}
 
+    /// Why this node cannot do its job through the backplane now (`/readyz` answers 503 with
+    /// it): `None` when it can. Read from state the backplane keeps, never a round trip.
+    fn not_ready(&self) -> Option<String> {
+        None
+    }
+
     /// The topics this node needs, kept by the hub; `None` on a single node.
     fn interest(&self) -> Option<Arc<Interest>> {
         None

@@ -168,6 +168,13 @@ pub struct Options {
     #[arg(long, env = "SOCKET_SHUTDOWN_TIMEOUT", default_value_t = 5)]
     pub shutdown_timeout: u64,
 
+    /// Seconds to keep serving after SIGTERM/SIGINT before closing connections: meanwhile
+    /// /readyz answers 503 `draining` and new WebSocket connections are refused, so a load
+    /// balancer polling /readyz stops sending clients here first. The process exits within
+    /// drain delay + shutdown timeout (size Kubernetes' terminationGracePeriodSeconds above it).
+    #[arg(long, env = "SOCKET_DRAIN_DELAY", default_value_t = 0)]
+    pub drain_delay: u64,
+
     /// Memory budget for all outbound queues and unfinished inbound messages together, in
     /// bytes or with a K/M/G suffix (512M, 2G). Over it, the biggest consumers are closed.
     /// Default: a quarter of the memory available (cgroup v2 memory.max if set, else
@@ -295,6 +302,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_timeout: Duration,
+    /// After the shutdown signal, how long to drain (see `server::drain`) before closing.
+    pub drain_delay: Duration,
     /// Bytes all outbound queues and partial inbound messages may hold together.
     pub max_memory: usize,
     /// `None`: derived from the open-file limit (see `server::TcpLimits`).
@@ -383,8 +392,18 @@ impl Config {
             return Err(ConfigError::HeaderBytes);
         }
         if let Some(url) = &o.redis_url {
-            crate::cluster::redis::transport(url)
-                .map_err(|e| ConfigError::RedisUrl(e.to_string()))?;
+            // The URL shown redacted: the error goes to the terminal and the service's logs.
+            crate::cluster::redis::transport(url).map_err(|e| {
+                let shown = crate::cluster::redis::redacted(url);
+                let mut error = e.to_string();
+                for secret in crate::cluster::redis::secrets(url) {
+                    error = error.replace(&secret, "***");
+                }
+                ConfigError::RedisUrl(format!(
+                    "{shown}: {error} (expected redis://[[user]:password@]host[:port][/db], or \
+                     a comma-separated list of Redis Cluster nodes)"
+                ))
+            })?;
         }
         let jwt = jwt_verifier(&o)?;
         let signalr_path = signalr_path(&o.signalr_path)?;
@@ -424,6 +443,7 @@ impl Config {
             handshake_timeout: Duration::from_secs(o.handshake_timeout),
             max_header_bytes: o.max_header_bytes,
             shutdown_timeout: Duration::from_secs(o.shutdown_timeout),
+            drain_delay: Duration::from_secs(o.drain_delay),
             max_memory: o.max_memory.unwrap_or_else(crate::memory::default_budget),
             max_tcp_connections: (o.max_tcp_connections > 0).then_some(o.max_tcp_connections),
             http_idle_timeout: Duration::from_secs(o.http_idle_timeout),
@@ -465,6 +485,7 @@ impl Default for Config {
             handshake_timeout: 10,
             max_header_bytes: 16 * 1024,
             shutdown_timeout: 5,
+            drain_delay: 0,
             max_memory: None,
             max_tcp_connections: 0,
             http_idle_timeout: 5,

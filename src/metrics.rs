@@ -72,6 +72,11 @@ pub struct Metrics {
     /// Cluster: subscribed to Redis (1) or not (0); live nodes including this one; messages
     /// published to / applied from other nodes; messages dropped on a full backlog.
     pub cluster_connected: Gauge,
+    /// Readiness as `/readyz` answers it (set when scraped); the backplane's connection to
+    /// Redis (1 while open); failed Redis connects, subscribes, publishes and lost connections.
+    pub ready: Gauge,
+    pub redis_connected: Gauge,
+    pub redis_errors: Counter,
     pub cluster_nodes: Gauge,
     /// Servers on the other live nodes, which this node's client connects may be forwarded to.
     pub cluster_remote_servers: Gauge,
@@ -248,6 +253,14 @@ impl Metrics {
             "cluster_connected",
             "1 when subscribed to Redis (cluster mode)",
         );
+        let ready = gauge(
+            "ready",
+            "1 when /readyz answers 200: listening, not draining, and (cluster mode) subscribed",
+        );
+        let redis_connected = gauge(
+            "redis_connected",
+            "1 while the connection to Redis is open (cluster mode)",
+        );
         let cluster_nodes = gauge("cluster_nodes", "Live cluster nodes, this one included");
         let cluster_remote_servers = gauge(
             "cluster_remote_servers",
@@ -322,6 +335,12 @@ impl Metrics {
             "Connections closed (biggest consumers first), or frames refused, because the memory budget was exceeded",
             memory_pressure_closes.clone(),
         );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Failed connections, subscriptions and publications to Redis, and lost connections",
+            redis_errors.clone(),
+        );
         let cluster_published = Counter::default();
         registry.register(
             "cluster_published",
@@ -388,6 +407,9 @@ impl Metrics {
             admins,
             fanout_seconds,
             cluster_connected,
+            ready,
+            redis_connected,
+            redis_errors,
             cluster_nodes,
             cluster_remote_servers,
             cluster_held_replies,

@@ -102,6 +102,9 @@ pub(crate) struct Gate {
     shed_idle: Notify,
     /// When idle connections were last shed (see [`SHED_EVERY`]).
     shed_at: Mutex<Option<Instant>>,
+    /// The shutdown signal came: `/readyz` answers 503 and upgrades are refused (see
+    /// [`drain`]). Set once, by `serve`.
+    draining: AtomicBool,
 }
 
 impl Gate {
@@ -114,12 +117,14 @@ impl Gate {
             admin_by_address: Mutex::new(HashMap::new()),
             shed_idle: Notify::new(),
             shed_at: Mutex::new(None),
+            draining: AtomicBool::new(false),
         }
     }
 }
 
-/// Serves on `listener` until `shutdown` resolves, then closes every connection with 1001
-/// and returns (within `--shutdown-timeout`).
+/// Serves on `listener` until `shutdown` resolves, drains for `--drain-delay` (see
+/// [`drain`]), then closes every connection with 1001 and returns (within
+/// `--shutdown-timeout`): at most drain delay + shutdown timeout after the signal.
 pub async fn run(
     listener: TcpListener,
     config: Config,
@@ -168,11 +173,12 @@ pub async fn serve(
         "TCP connection limit"
     );
 
-    tokio::pin!(shutdown);
+    let drained = drain(&shared, shutdown);
+    tokio::pin!(drained);
     let mut accept_errors = ErrorLog::default();
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut drained => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, addr)) => match TcpGuard::take(&shared, addr.ip()) {
                     Some(guard) => {
@@ -207,6 +213,32 @@ pub async fn serve(
     Ok(())
 }
 
+/// Resolves `--drain-delay` after `shutdown`. Meanwhile the node is draining: `/readyz`
+/// answers 503 `draining` and new WebSocket upgrades are refused, while HTTP (health checks,
+/// metrics, the API) and open connections are served as before, so a load balancer that
+/// polls `/readyz` stops sending clients here before their connections are closed.
+async fn drain(shared: &Relay, shutdown: impl Future<Output = ()>) {
+    shutdown.await;
+    shared.gate.draining.store(true, Ordering::Release);
+    let delay = shared.config.drain_delay;
+    info!(
+        drain_delay_seconds = delay.as_secs(),
+        shutdown_timeout_seconds = shared.config.shutdown_timeout.as_secs(),
+        "draining: /readyz answers 503 and new WebSocket connections are refused; open \
+         connections close after the drain delay"
+    );
+    tokio::time::sleep(delay).await;
+}
+
+/// Why this node should get no new clients now, for `/readyz` and `jssocket_ready`; `None`
+/// when ready.
+fn not_ready(shared: &Relay) -> Option<String> {
+    if shared.gate.draining.load(Ordering::Acquire) {
+        return Some("draining".into());
+    }
+    shared.backplane.not_ready()
+}
+
 /// The HTTP routes, and the router every WebSocket upgrade goes to whatever its path (so
 /// even `/healthz` or `/console` can be a client's WebSocket path, as SPEC §2 asks).
 #[derive(Clone)]
@@ -218,6 +250,7 @@ struct Routers {
 fn router(shared: Arc<Relay>) -> Routers {
     let mut http = Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/{event}", post(api::handle).get(api::handle))
         .merge(console::router());
@@ -350,6 +383,21 @@ async fn healthz() -> &'static str {
     "OK\n"
 }
 
+/// Readiness (SPEC §8): 200 `ready` when listening, not draining and (cluster mode)
+/// subscribed; else 503 with the reason on one line. Liveness stays with `/healthz`: a node
+/// cut off from Redis is not restarted, it is taken out of the load balancer's rotation.
+async fn readyz(State(shared): State<Arc<Relay>>) -> Response {
+    let (status, body) = match not_ready(&shared) {
+        None => (StatusCode::OK, "ready\n".to_string()),
+        // One line whatever the reason holds (an error from the Redis client).
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", reason.replace(['\r', '\n'], " ")),
+        ),
+    };
+    (status, [(header::CACHE_CONTROL, "no-store")], body).into_response()
+}
+
 async fn metrics(
     State(shared): State<Arc<Relay>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
@@ -362,6 +410,10 @@ async fn metrics(
     {
         return refusal;
     }
+    shared
+        .metrics
+        .ready
+        .set(i64::from(not_ready(&shared).is_none()));
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = Format::from_accept(accept);
     let body = shared.metrics.render(shared.hub.stats(), format);
@@ -428,8 +480,13 @@ async fn upgrade(
     if !origin_allowed(&shared.config.allowed_origins, headers) {
         return (StatusCode::FORBIDDEN, "403 Forbidden: Origin not allowed\n").into_response();
     }
-    if shared.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "503: shutting down\n").into_response();
+    if shared.shutdown.is_cancelled() || shared.gate.draining.load(Ordering::Acquire) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 Service Unavailable: draining: this node is shutting down; connect again \
+             (the load balancer sends you to another node)\n",
+        )
+            .into_response();
     }
     // Judged before a place is taken: a bad token costs the server nothing more.
     let identity = match (&shared.config.jwt, upgrade_token(request.uri(), headers)) {

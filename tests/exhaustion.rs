@@ -135,6 +135,16 @@ async fn the_reserve_serves_health_checks_and_admins_and_refuses_the_rest() {
     let health = http(server.addr, "GET", "/healthz", &[], b"").await;
     assert_eq!(health.status, 200, "GET /healthz when full");
     assert_eq!(health.text(), "OK\n");
+    // So is a readiness probe, with or without a query string (a full node is still ready:
+    // readiness is about this node's own state, not its load).
+    for path in ["/readyz", "/readyz?probe=lb"] {
+        let ready = http(server.addr, "GET", path, &[], b"").await;
+        assert_eq!(
+            (ready.status, ready.text().as_str()),
+            (200, "ready\n"),
+            "GET {path} when full"
+        );
+    }
 
     // An admin still gets in and can join the server pool.
     let mut admin = Conn::connect(&server.url(), Some(PASSWORD), "admin").await;

@@ -38,6 +38,7 @@
 //! [`nodes::MAX_ATTEMPTS`] the client gets `no_server`.
 
 mod backlog;
+mod health;
 pub mod history;
 mod nodes;
 pub mod redis;
@@ -50,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::backplane::{
@@ -65,6 +66,7 @@ use crate::protocol::ProtocolError;
 use crate::relay::Relay;
 use crate::warn_throttled;
 use backlog::{Backlog, Lane, Refused};
+use health::Health;
 use nodes::{InFlightTable, RemoteNode, SWEEP};
 pub use wire::Op;
 use wire::Wire;
@@ -76,6 +78,14 @@ pub const NODE_EXPIRY: Duration = Duration::from_millis(3500);
 /// After reconnecting, how long to wait for the other nodes to subscribe again before
 /// publishing what waited, so it is not lost on them.
 const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
+/// Longest wait for the transport to open a subscription: an address that drops packets
+/// (a firewall, a mistyped host) must show as a failure, not as a node forever connecting.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A subscription that brings nothing for this long (not even this node's own heartbeat,
+/// sent every [`HEARTBEAT`]) is taken for lost and made again. Above the longest quiet a live
+/// connection has: the publisher holding its backlog for [`RESUBSCRIBE_WAIT`] after a
+/// reconnection.
+const SILENT_LIMIT: Duration = Duration::from_secs(10);
 /// Topics subscribed per command when subscribing to everything again.
 const SUBSCRIBE_BATCH: usize = 500;
 /// Entries of the duplicate filter (sender, topic) before it is emptied.
@@ -111,6 +121,8 @@ pub struct Cluster {
     next_server: AtomicUsize,
     /// Subscribed to the transport right now.
     pub connected: AtomicBool,
+    /// The subscriber's connection as `/readyz`, the metrics and the logs report it.
+    health: Health,
     /// Sequence number of the next message this node publishes. A publish whose reply was
     /// lost is sent again with the same number, and receivers drop what they have seen.
     next_seq: AtomicU64,
@@ -182,6 +194,7 @@ impl Cluster {
             nodes: Mutex::new(BTreeMap::new()),
             next_server: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
+            health: Health::default(),
             next_seq: AtomicU64::new(0),
             last_seq: Mutex::new(SeqTable::default()),
             known_before_outage: AtomicUsize::new(0),
@@ -597,6 +610,7 @@ fn refusal(relay: &Relay, refused: Refused) -> ProtocolError {
 impl Backplane for Cluster {
     fn start(self: Arc<Self>, relay: &Arc<Relay>) {
         let _ = self.relay.set(Arc::downgrade(relay));
+        self.health.start(relay.config.redis_url.as_deref());
         // Tracked, so shutdown waits for its farewell to the other nodes.
         let task = publisher(Arc::clone(relay), Arc::clone(&self));
         relay.tracker.spawn(task);
@@ -796,6 +810,10 @@ impl Backplane for Cluster {
     fn as_cluster(&self) -> Option<&Cluster> {
         Some(self)
     }
+
+    fn not_ready(&self) -> Option<String> {
+        self.health.not_ready()
+    }
 }
 
 /// Subscribes, applies what arrives, follows the hub's groups and channels, and subscribes
@@ -808,7 +826,6 @@ async fn subscriber(shared: Arc<Relay>, cluster: Arc<Cluster>) {
             _ = subscribe_once(&shared, &cluster, &mut backoff) => {}
         }
         if cluster.connected.swap(false, Ordering::Relaxed) {
-            warn!("cluster: lost the subscription; reconnecting");
             let known = cluster.live_nodes();
             cluster.known_before_outage.store(known, Ordering::Relaxed);
         }
@@ -826,23 +843,41 @@ async fn subscribe_once(shared: &Relay, cluster: &Cluster, backoff: &mut Backoff
     let Subscription {
         mut control,
         mut messages,
-    } = match cluster.transport.subscriber().await {
-        Ok(subscription) => subscription,
-        Err(e) => return debug!(error = %e, "cluster: cannot subscribe"),
+    } = match tokio::time::timeout(CONNECT_TIMEOUT, cluster.transport.subscriber()).await {
+        Ok(Ok(subscription)) => subscription,
+        Ok(Err(e)) => return cluster.health.failed(&shared.metrics, "connect", &e),
+        Err(_) => {
+            let e = format!("no answer within {CONNECT_TIMEOUT:?}");
+            return cluster.health.failed(&shared.metrics, "connect", &e);
+        }
     };
+    cluster.health.connected(&shared.metrics);
     // Subscribing runs beside the reading, never instead of it: what arrives meanwhile is
     // applied, not piled up in the transport's buffers.
     let subscriptions = keep_subscribed(shared, cluster, &mut *control, backoff);
     tokio::pin!(subscriptions);
+    let silence = tokio::time::sleep(SILENT_LIMIT);
+    tokio::pin!(silence);
     loop {
         tokio::select! {
             message = messages.next() => match message {
-                Some((topic, payload)) => cluster.receive(shared, &topic, &payload),
-                None => return,
+                Some((topic, payload)) => {
+                    silence.as_mut().reset(tokio::time::Instant::now() + SILENT_LIMIT);
+                    cluster.receive(shared, &topic, &payload);
+                }
+                None => return cluster.health.lost(&shared.metrics, "closed"),
             },
+            () = &mut silence => {
+                // Subscribed, this node hears its own heartbeat every second; nothing at all
+                // for this long is a connection that died without a word (a partition).
+                if cluster.connected.load(Ordering::Relaxed) {
+                    return cluster.health.lost(&shared.metrics, "silent: not even this node's heartbeat came back");
+                }
+                silence.as_mut().reset(tokio::time::Instant::now() + SILENT_LIMIT);
+            }
             failed = &mut subscriptions => {
                 let Err(e) = failed;
-                return debug!(error = %e, "cluster: cannot subscribe");
+                return cluster.health.failed(&shared.metrics, "subscribe", &e);
             }
         }
     }
@@ -873,7 +908,7 @@ async fn keep_subscribed(
     *backoff = Backoff::default();
     cluster.connected.store(true, Ordering::Relaxed);
     shared.metrics.cluster_connected.set(1);
-    info!(node = %cluster.node, "cluster: subscribed");
+    cluster.health.subscribed(&cluster.node);
     cluster.announce(shared);
     loop {
         interest.touched.notified().await;
@@ -964,6 +999,8 @@ async fn publisher(shared: Arc<Relay>, cluster: Arc<Cluster>) {
                     backoff = Backoff::default();
                 }
                 Err(e) => {
+                    // Logged by the subscriber, which fails the same way; counted here.
+                    cluster.health.publish_failed(&shared.metrics, &e);
                     debug!(error = %e, "cluster: cannot connect to publish");
                     if sleep_or_shutdown(&shared, backoff.next()).await {
                         return;
@@ -977,10 +1014,12 @@ async fn publisher(shared: Arc<Relay>, cluster: Arc<Cluster>) {
         };
         match conn.publish_batch(&batch).await {
             Ok(()) => {
+                cluster.health.published();
                 shared.metrics.cluster_published.inc_by(batch.len() as u64);
                 batch.clear();
             }
             Err(e) => {
+                cluster.health.publish_failed(&shared.metrics, &e);
                 warn!(error = %e, "cluster: publish failed; will retry when the transport is back");
                 connection = None;
                 if sleep_or_shutdown(&shared, backoff.next()).await {

@@ -35,6 +35,76 @@ pub fn transport(url: &str) -> RedisResult<Arc<dyn Transport>> {
     }
 }
 
+/// `url` (one URL or a comma-separated list) as logs, `/readyz` and error messages show it:
+/// the password of each URL (`redis://:pw@host`, `redis://user:pw@host`, `rediss://…`; a
+/// user name alone may be a password too) and any `pass…` query parameter become `***`.
+/// Works on text that does not parse as a URL, so a mistyped one is shown safely too.
+pub fn redacted(url: &str) -> String {
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    // The last `@` ends the user information, even when the password holds a `/` or `?`.
+    let (authority, tail) = match rest.rfind('@') {
+        Some(at) => {
+            let (userinfo, after) = rest.split_at(at);
+            let hidden = match userinfo.split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_string(),
+            };
+            (hidden, after)
+        }
+        None => (String::new(), rest),
+    };
+    let tail = match tail.split_once('?') {
+        Some((before, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key.to_ascii_lowercase().contains("pass") => {
+                        format!("{key}=***")
+                    }
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{before}?{}", query.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}{authority}{tail}")
+}
+
+/// The secrets `url` holds (see [`redacted`]), to scrub from text that might echo them (an
+/// error message from the Redis client).
+pub fn secrets(url: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for one in url.split(',') {
+        let rest = one.split_once("://").map_or(one, |(_, rest)| rest);
+        if let Some(at) = rest.rfind('@') {
+            let userinfo = &rest[..at];
+            found.push(
+                userinfo
+                    .split_once(':')
+                    .map_or(userinfo, |(_, pw)| pw)
+                    .to_string(),
+            );
+        }
+        if let Some((_, query)) = rest.split_once('?') {
+            for (key, value) in query.split('&').filter_map(|pair| pair.split_once('=')) {
+                if key.to_ascii_lowercase().contains("pass") {
+                    found.push(value.to_string());
+                }
+            }
+        }
+    }
+    found.retain(|secret| !secret.is_empty());
+    found
+}
+
 /// One Redis: `PUBLISH`, and a dedicated Pub/Sub connection per subscription.
 pub struct Redis {
     client: redis::Client,
@@ -420,5 +490,45 @@ impl AsyncPushSender for Pushes {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_in_every_form() {
+        for (url, shown) in [
+            ("redis://:s3cret@host:6379/0", "redis://:***@host:6379/0"),
+            (
+                "redis://user:s3cret@host:6379/",
+                "redis://user:***@host:6379/",
+            ),
+            (
+                "rediss://default:s3cret@host/",
+                "rediss://default:***@host/",
+            ),
+            ("redis://s3cret@host", "redis://***@host"),
+            ("redis://:s3/c?r@t@host/", "redis://:***@host/"),
+            ("redis://host:6379/", "redis://host:6379/"),
+            (
+                "redis+unix:///run/r.sock?pass=s3cret&db=1",
+                "redis+unix:///run/r.sock?pass=***&db=1",
+            ),
+            (
+                "redis://:s3cret@a:7000,redis://:s3cret@b:7001",
+                "redis://:***@a:7000,redis://:***@b:7001",
+            ),
+            ("not a url :s3cret@", "not a url :***@"),
+        ] {
+            assert_eq!(redacted(url), shown, "{url}");
+            assert!(!redacted(url).contains("s3cret"));
+        }
+        assert_eq!(
+            secrets("redis://u:pw1@a,redis://:pw2@b?password=pw3"),
+            ["pw1", "pw2", "pw3"]
+        );
+        assert!(secrets("redis://host/").is_empty());
     }
 }
