@@ -612,7 +612,10 @@ impl Summary {
             addr: addr.to_string(),
             auth,
             cluster,
-            redis_url: config.redis_url.as_deref().map(redact_url),
+            redis_url: config
+                .redis_url
+                .as_deref()
+                .map(crate::cluster::redis::redacted),
             // The TLS options, when they exist, make this https.
             console: if config.console {
                 format!("http://{addr}/console")
@@ -636,49 +639,6 @@ impl std::fmt::Display for Summary {
         }
         write!(f, " console={}", self.console)
     }
-}
-
-/// A Redis URL (or a comma-separated list of them) fit for a log line: the password in the
-/// user-info (`redis://user:secret@host` → `redis://user:***@host`) and in a `password=` or
-/// `pass=` query parameter (unix sockets) is replaced by `***`. A user-info without `:` is
-/// redacted whole, since some clients read `redis://secret@host` as a password.
-pub fn redact_url(url: &str) -> String {
-    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
-}
-
-fn redact_one(url: &str) -> String {
-    let (scheme, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
-        None => ("", url),
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rfind('@') {
-        Some(at) => {
-            let (userinfo, host) = authority.split_at(at);
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{user}:***{host}"),
-                None => format!("***{host}"),
-            }
-        }
-        None => authority.to_string(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((name, _)) if name == "password" || name == "pass" => {
-                        format!("{name}=***")
-                    }
-                    _ => pair.to_string(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => tail.to_string(),
-    };
-    format!("{scheme}{authority}{tail}")
 }
 
 /// clap renders an error over several lines (usage, a hint); users get the reason alone.
@@ -715,7 +675,7 @@ mod tests {
             ),
             ("", ""),
         ] {
-            assert_eq!(redact_url(url), redacted, "{url}");
+            assert_eq!(crate::cluster::redis::redacted(url), redacted, "{url}");
         }
     }
 
