@@ -61,6 +61,10 @@ pub enum TlsError {
         path: String,
         error: pem::Error,
     },
+    #[error(
+        "--tls-cert {cert} with --tls-key {key}: the private key does not match the certificate"
+    )]
+    KeyMismatch { cert: String, key: String },
     #[error("--tls-cert {cert} with --tls-key {key}: {error}")]
     Rejected {
         cert: String,
@@ -170,10 +174,18 @@ impl Files {
         // The provider named here rather than the process default: nothing else in the
         // process may install one, and two linked providers would make the default ambiguous.
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let rejected = |error| TlsError::Rejected {
-            cert: cert_name.clone(),
-            key: key_name.clone(),
-            error,
+        let rejected = |error| match error {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TlsError::KeyMismatch {
+                    cert: cert_name.clone(),
+                    key: key_name.clone(),
+                }
+            }
+            error => TlsError::Rejected {
+                cert: cert_name.clone(),
+                key: key_name.clone(),
+                error,
+            },
         };
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
