@@ -153,7 +153,11 @@ pub async fn serve(
     crate::history::start(&shared);
     if let Some(tls) = &shared.config.tls {
         info!("TLS on: cert={}", tls.cert_path().display());
-        tokio::spawn(tls::watch(Arc::clone(tls), shared.shutdown.clone()));
+        tokio::spawn(tls::watch(
+            Arc::clone(tls),
+            shared.metrics.tls.clone(),
+            shared.shutdown.clone(),
+        ));
     }
     let router = router(Arc::clone(&shared));
     let limits = shared.gate.tcp_limits;
@@ -356,10 +360,12 @@ async fn tls_handshake(
             Ok(Ok(stream)) => Some(stream),
             Ok(Err(e)) => {
                 debug!(%addr, error = %e, "TLS handshake failed");
+                shared.metrics.tls.handshake_failures.inc();
                 None
             }
             Err(_) => {
                 debug!(%addr, "TLS handshake timed out");
+                shared.metrics.tls.handshake_failures.inc();
                 None
             }
         },

@@ -17,6 +17,8 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -227,6 +229,17 @@ fn read_bounded(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     Ok(bytes)
 }
 
+/// What `/metrics` shows of TLS (registered by `metrics::Metrics`).
+#[derive(Debug, Clone, Default)]
+pub struct TlsMetrics {
+    /// Handshakes that failed or timed out.
+    pub handshake_failures: Counter,
+    /// Changes of the files that were loaded.
+    pub reloads: Counter,
+    /// 1 while the files on disk cannot be loaded (the previous certificate is served).
+    pub reload_failing: Gauge,
+}
+
 /// Where a change of the files stands, so one change gives one log line however many ticks
 /// it lasts.
 enum Seen {
@@ -239,7 +252,7 @@ enum Seen {
 
 /// Re-reads the certificate files every [`POLL_EVERY`] until `shutdown`, and swaps the
 /// configuration when they change and parse (see the module doc).
-pub async fn watch(tls: Arc<Tls>, shutdown: CancellationToken) {
+pub async fn watch(tls: Arc<Tls>, metrics: TlsMetrics, shutdown: CancellationToken) {
     let mut seen = Seen::Settled(tls.loaded.clone());
     let mut tick = tokio::time::interval(POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -254,12 +267,12 @@ pub async fn watch(tls: Arc<Tls>, shutdown: CancellationToken) {
             Ok(files) => files,
             Err(_) => continue,
         };
-        seen = check(&tls, seen, files);
+        seen = check(&tls, &metrics, seen, files);
     }
 }
 
 /// One look at the files: what [`watch`] remembers afterwards.
-fn check(tls: &Tls, seen: Seen, files: Result<Files, TlsError>) -> Seen {
+fn check(tls: &Tls, metrics: &TlsMetrics, seen: Seen, files: Result<Files, TlsError>) -> Seen {
     let mut files = match files {
         Ok(files) => files,
         // Unreadable (mid-rename, removed): say so once while it lasts.
@@ -267,6 +280,7 @@ fn check(tls: &Tls, seen: Seen, files: Result<Files, TlsError>) -> Seen {
             if matches!(&seen, Seen::Settled(last) if !last.cert_pem.is_empty()) {
                 warn!(error = %e, "TLS certificate files unreadable: still serving the previous certificate");
             }
+            metrics.reload_failing.set(1);
             return Seen::Settled(Files {
                 cert_pem: Vec::new(),
                 key_digest: [0; 32],
@@ -286,12 +300,15 @@ fn check(tls: &Tls, seen: Seen, files: Result<Files, TlsError>) -> Seen {
     match result {
         Ok((config, fingerprint)) => {
             tls.replace(config);
+            metrics.reloads.inc();
+            metrics.reload_failing.set(0);
             info!(cert = %tls.cert.display(), sha256 = %fingerprint, "TLS certificate reloaded");
             Seen::Settled(files)
         }
         Err(e) => match seen {
             Seen::Failing(last) if last.same_as(&files) => {
                 warn!(error = %e, "TLS certificate not reloaded: still serving the previous certificate");
+                metrics.reload_failing.set(1);
                 Seen::Settled(files)
             }
             _ => Seen::Failing(files),

@@ -271,6 +271,15 @@ fn parse_response(response: &[u8], what: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+/// The value of the sample `name` (no labels) on `/metrics`, over https.
+async fn metric(ca: &Ca, addr: SocketAddr, name: &str) -> f64 {
+    let (status, body) = https(ca, addr, "GET /metrics HTTP/1.1", "").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} on /metrics:\n{body}"))
+}
+
 /// A WebSocket over TLS to `/ws` (`wss://`), with `auth:` when `password` is given.
 async fn wss(ca: &Ca, addr: SocketAddr, password: Option<&str>) -> Wss {
     let stream = tls_connect(ca, addr).await;
@@ -474,6 +483,7 @@ async fn broken_certificate_files_keep_the_old_certificate_serving() {
         "one warning for the change:\n{}",
         logs.text()
     );
+    assert_eq!(metric(&ca, addr, "jssocket_tls_reload_failing").await, 1.0);
 
     // A whole certificate, but the key is not its key.
     rewrite_in_place(&files.cert, &other.chain_pem);
@@ -485,6 +495,8 @@ async fn broken_certificate_files_keep_the_old_certificate_serving() {
     rewrite_in_place(&files.key, &other.key_pem);
     wait_until_served(&ca, addr, &other, "after mending").await;
     assert_eq!(warnings(), 2);
+    assert_eq!(metric(&ca, addr, "jssocket_tls_reload_failing").await, 0.0);
+    assert_eq!(metric(&ca, addr, "jssocket_tls_reloads_total").await, 1.0);
     server.shutdown().await.expect("clean shutdown");
 }
 
@@ -537,6 +549,10 @@ async fn silent_and_garbage_peers_are_closed_at_the_handshake_timeout_and_block_
         start.elapsed()
     );
 
+    // Each holds a TCP place meanwhile (and this scrape one more).
+    let open = metric(&ca, addr, "jssocket_tcp_connections").await;
+    assert!(open >= 52.0, "{open} TCP connections counted, 52 open");
+
     let waited = time_to_close(&mut stalled, Duration::from_secs(6)).await;
     assert!(
         waited >= Duration::from_millis(1000),
@@ -559,6 +575,12 @@ async fn silent_and_garbage_peers_are_closed_at_the_handshake_timeout_and_block_
     );
 
     assert_eq!(https(&ca, addr, "GET /healthz HTTP/1.1", "").await.0, 200);
+    // 50 silent, one stalled, one garbage: each counted once.
+    assert_eq!(
+        metric(&ca, addr, "jssocket_tls_handshake_failures_total").await,
+        52.0
+    );
+    assert_eq!(metric(&ca, addr, "jssocket_tcp_connections").await, 1.0);
     server.shutdown().await.expect("clean shutdown");
 }
 
