@@ -83,8 +83,8 @@ pub struct Tls {
     /// The configuration new handshakes use. Held only to clone or replace the `Arc`; a
     /// handshake in progress holds its own clone, so a swap never waits for one.
     current: RwLock<Arc<ServerConfig>>,
-    /// What was read at start, so [`watch`] does not reload the same files once.
-    loaded: Files,
+    /// What the files held when read at start, so [`watch`] does not load them again.
+    loaded: Look,
 }
 
 impl fmt::Debug for Tls {
@@ -99,14 +99,13 @@ impl fmt::Debug for Tls {
 impl Tls {
     /// Reads and checks both files (the key must match the certificate).
     pub fn load(cert: PathBuf, key: PathBuf) -> Result<Tls, TlsError> {
-        let mut files = Files::read(&cert, &key)?;
+        let files = Files::read(&cert, &key)?;
         let (config, _) = files.config(&cert, &key)?;
-        files.forget_key();
         Ok(Tls {
+            loaded: files.look(),
             cert,
             key,
             current: RwLock::new(Arc::new(config)),
-            loaded: files,
         })
     }
 
@@ -124,26 +123,33 @@ impl Tls {
     }
 }
 
-/// The contents of both files as last read: compared by digest, so any change is seen
-/// (a rename, a symlink swap, an in-place rewrite within the same second) and no second copy
-/// of the private key is kept.
-#[derive(Clone)]
+/// Both files as read, for one parse; dropped right after (no copy of the key is kept).
 struct Files {
     cert_pem: Vec<u8>,
-    key_digest: [u8; 32],
-    /// Only while parsing; cleared afterwards (see [`Files::forget_key`]).
     key_pem: Vec<u8>,
+}
+
+/// What one look at the files saw: their contents by digest, so any change is seen (a rename,
+/// a symlink swap, an in-place rewrite within the same second), or why they could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Look {
+    Read { cert: [u8; 32], key: [u8; 32] },
+    Unreadable(String),
 }
 
 impl Files {
     fn read(cert: &Path, key: &Path) -> Result<Files, TlsError> {
-        let cert_pem = read_bounded("--tls-cert", cert)?;
-        let key_pem = read_bounded("--tls-key", key)?;
         Ok(Files {
-            cert_pem,
-            key_digest: Sha256::digest(&key_pem).into(),
-            key_pem,
+            cert_pem: read_bounded("--tls-cert", cert)?,
+            key_pem: read_bounded("--tls-key", key)?,
         })
+    }
+
+    fn look(&self) -> Look {
+        Look::Read {
+            cert: Sha256::digest(&self.cert_pem).into(),
+            key: Sha256::digest(&self.key_pem).into(),
+        }
     }
 
     /// Parses both files into a server configuration; also returns the leaf certificate's
@@ -200,14 +206,6 @@ impl Files {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok((config, fingerprint))
     }
-
-    fn forget_key(&mut self) {
-        self.key_pem = Vec::new();
-    }
-
-    fn same_as(&self, other: &Files) -> bool {
-        self.cert_pem == other.cert_pem && self.key_digest == other.key_digest
-    }
 }
 
 fn read_bounded(flag: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -240,20 +238,26 @@ pub struct TlsMetrics {
     pub reload_failing: Gauge,
 }
 
-/// Where a change of the files stands, so one change gives one log line however many ticks
-/// it lasts.
-enum Seen {
-    /// What is serving (or, after a failure, the state reported last).
-    Settled(Files),
-    /// New contents that did not parse, seen once: a writer may be half-way (certbot repoints
-    /// the certificate's link, then the key's), so it is looked at once more before warning.
-    Failing(Files),
+/// The watcher's memory, so that one change gives one log line however many ticks it lasts.
+struct Watch {
+    /// What the served configuration was made from.
+    serving: Look,
+    /// The previous look, and why it did not load (`None`: it did, or it is `serving`).
+    last: Look,
+    failure: Option<String>,
+    /// The warning for `last` was given.
+    warned: bool,
 }
 
 /// Re-reads the certificate files every [`POLL_EVERY`] until `shutdown`, and swaps the
-/// configuration when they change and parse (see the module doc).
+/// configuration when they change and load (see the module doc).
 pub async fn watch(tls: Arc<Tls>, metrics: TlsMetrics, shutdown: CancellationToken) {
-    let mut seen = Seen::Settled(tls.loaded.clone());
+    let mut state = Watch {
+        serving: tls.loaded.clone(),
+        last: tls.loaded.clone(),
+        failure: None,
+        warned: false,
+    };
     let mut tick = tokio::time::interval(POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -263,56 +267,61 @@ pub async fn watch(tls: Arc<Tls>, metrics: TlsMetrics, shutdown: CancellationTok
         }
         let reader = Arc::clone(&tls);
         let read = tokio::task::spawn_blocking(move || Files::read(&reader.cert, &reader.key));
-        let files = match read.await {
-            Ok(files) => files,
-            Err(_) => continue,
-        };
-        seen = check(&tls, &metrics, seen, files);
+        let Ok(files) = read.await else { continue };
+        state.check(&tls, &metrics, files);
     }
 }
 
-/// One look at the files: what [`watch`] remembers afterwards.
-fn check(tls: &Tls, metrics: &TlsMetrics, seen: Seen, files: Result<Files, TlsError>) -> Seen {
-    let mut files = match files {
-        Ok(files) => files,
-        // Unreadable (mid-rename, removed): say so once while it lasts.
-        Err(e) => {
-            if matches!(&seen, Seen::Settled(last) if !last.cert_pem.is_empty()) {
-                warn!(error = %e, "TLS certificate files unreadable: still serving the previous certificate");
-            }
-            metrics.reload_failing.set(1);
-            return Seen::Settled(Files {
-                cert_pem: Vec::new(),
-                key_digest: [0; 32],
-                key_pem: Vec::new(),
-            });
-        }
-    };
-    let unchanged = match &seen {
-        Seen::Settled(last) => last.same_as(&files),
-        Seen::Failing(_) => false,
-    };
-    if unchanged {
-        return seen;
-    }
-    let result = files.config(&tls.cert, &tls.key);
-    files.forget_key();
-    match result {
-        Ok((config, fingerprint)) => {
-            tls.replace(config);
-            metrics.reloads.inc();
+impl Watch {
+    /// One look at the files.
+    ///
+    /// New contents are loaded at once. If they do not load, the next look decides: a writer
+    /// may be half-way (certbot repoints the certificate's link, then the key's; `cp` writes
+    /// a file in pieces), so only a failure that is still there a second later is warned
+    /// about, once.
+    fn check(&mut self, tls: &Tls, metrics: &TlsMetrics, files: Result<Files, TlsError>) {
+        let look = match &files {
+            Ok(files) => files.look(),
+            Err(e) => Look::Unreadable(e.to_string()),
+        };
+        if look == self.serving {
+            // Unchanged, or back to what is served after a failed change.
+            self.last = look;
+            self.failure = None;
             metrics.reload_failing.set(0);
-            info!(cert = %tls.cert.display(), sha256 = %fingerprint, "TLS certificate reloaded");
-            Seen::Settled(files)
+            return;
         }
-        Err(e) => match seen {
-            Seen::Failing(last) if last.same_as(&files) => {
-                warn!(error = %e, "TLS certificate not reloaded: still serving the previous certificate");
-                metrics.reload_failing.set(1);
-                Seen::Settled(files)
-            }
-            _ => Seen::Failing(files),
-        },
+        if look != self.last {
+            self.last = look.clone();
+            self.warned = false;
+            self.failure = match files {
+                Err(e) => Some(e.to_string()),
+                Ok(files) => match files.config(&tls.cert, &tls.key) {
+                    Ok((config, fingerprint)) => {
+                        tls.replace(config);
+                        self.serving = look;
+                        metrics.reloads.inc();
+                        metrics.reload_failing.set(0);
+                        info!(
+                            cert = %tls.cert.display(),
+                            sha256 = %fingerprint,
+                            "TLS certificate reloaded"
+                        );
+                        None
+                    }
+                    Err(e) => Some(e.to_string()),
+                },
+            };
+            return;
+        }
+        // The same failing contents a second time.
+        if let Some(error) = &self.failure
+            && !self.warned
+        {
+            warn!(%error, "TLS certificate not reloaded: still serving the previous certificate");
+            metrics.reload_failing.set(1);
+            self.warned = true;
+        }
     }
 }
 

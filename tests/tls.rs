@@ -456,6 +456,42 @@ async fn replaced_certificate_is_served_without_restart_and_old_connections_stay
     server.shutdown().await.expect("clean shutdown");
 }
 
+/// A Secret volume as the kubelet writes it: `tls.crt -> ..data/tls.crt`,
+/// `..data -> ..<timestamp>`; an update writes a new timestamped directory and renames a new
+/// `..data` link over the old one, so the files' own paths never change.
+#[tokio::test]
+async fn kubernetes_secret_volume_update_is_followed() {
+    use std::os::unix::fs::symlink;
+    let ca = Ca::new();
+    let first = ca.leaf("first", 1);
+    let second = ca.leaf("second", 2);
+    let dir = TempDir::new();
+    let version = |name: &str, leaf: &Leaf| {
+        let versioned = dir.path(name);
+        std::fs::create_dir(&versioned).expect("versioned directory");
+        std::fs::write(versioned.join("tls.crt"), &leaf.chain_pem).expect("write cert");
+        std::fs::write(versioned.join("tls.key"), &leaf.key_pem).expect("write key");
+    };
+    version("..2026_01", &first);
+    symlink("..2026_01", dir.path("..data")).expect("..data link");
+    symlink("..data/tls.crt", dir.path("tls.crt")).expect("tls.crt link");
+    symlink("..data/tls.key", dir.path("tls.key")).expect("tls.key link");
+    let cert = dir.path("tls.crt").to_string_lossy().into_owned();
+    let key = dir.path("tls.key").to_string_lossy().into_owned();
+    let server = Server::with_args(&["--tls-cert", &cert, "--tls-key", &key]).await;
+    let addr = server.addr;
+    let (mut backend, mut client) = backend_and_client(&ca, addr).await;
+    assert_eq!(served_now(&ca, addr).await, first.der);
+
+    version("..2026_02", &second);
+    symlink("..2026_02", dir.path("..data_tmp")).expect("new link");
+    std::fs::rename(dir.path("..data_tmp"), dir.path("..data")).expect("swap ..data");
+    std::fs::remove_dir_all(dir.path("..2026_01")).expect("remove the old version");
+    wait_until_served(&ca, addr, &second, "after the Secret's update").await;
+    round_trip(&mut backend, &mut client, 1).await;
+    server.shutdown().await.expect("clean shutdown");
+}
+
 #[tokio::test]
 async fn broken_certificate_files_keep_the_old_certificate_serving() {
     let logs = logs();
@@ -465,7 +501,13 @@ async fn broken_certificate_files_keep_the_old_certificate_serving() {
     let files = Files::write(&first);
     let server = tls_server(&files, &[]).await;
     let addr = server.addr;
-    let path = files.cert.to_string_lossy().into_owned();
+    // Every file of this test is in this directory (the log is the whole binary's).
+    let path = files
+        .cert
+        .parent()
+        .expect("directory")
+        .to_string_lossy()
+        .into_owned();
     let warnings = || {
         logs.text()
             .lines()
@@ -497,6 +539,23 @@ async fn broken_certificate_files_keep_the_old_certificate_serving() {
     assert_eq!(warnings(), 2);
     assert_eq!(metric(&ca, addr, "jssocket_tls_reload_failing").await, 0.0);
     assert_eq!(metric(&ca, addr, "jssocket_tls_reloads_total").await, 1.0);
+
+    // Removed (a botched deploy), then put back as it was: one warning, no reload.
+    std::fs::remove_file(&files.key).expect("remove the key");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(served_now(&ca, addr).await, other.der, "key file missing");
+    assert_eq!(
+        warnings(),
+        3,
+        "one warning for the missing file:\n{}",
+        logs.text()
+    );
+    assert_eq!(metric(&ca, addr, "jssocket_tls_reload_failing").await, 1.0);
+    std::fs::write(&files.key, &other.key_pem).expect("put the key back");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(metric(&ca, addr, "jssocket_tls_reload_failing").await, 0.0);
+    assert_eq!(metric(&ca, addr, "jssocket_tls_reloads_total").await, 1.0);
+    assert_eq!(warnings(), 3);
     server.shutdown().await.expect("clean shutdown");
 }
 
