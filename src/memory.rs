@@ -377,8 +377,8 @@ pub fn parse_bytes(text: &str) -> Result<usize, String> {
 /// a message is complete ([`Memory::message_complete`]). While it lives the connection is in
 /// the sweeper's registry; dropping it gives back whatever is still charged.
 ///
-/// It dereferences to the `TcpStream` underneath, so socket options (linger) and raw reads
-/// still work.
+/// It dereferences to the `TcpStream` underneath, for socket options (linger) and to see a
+/// hang-up (`peek`); reads go through it, never around it (under TLS they would be ciphertext).
 #[derive(Debug)]
 pub struct Counted {
     io: MaybeTls,

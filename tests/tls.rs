@@ -282,8 +282,12 @@ async fn metric(ca: &Ca, addr: SocketAddr, name: &str) -> f64 {
 
 /// A WebSocket over TLS to `/ws` (`wss://`), with `auth:` when `password` is given.
 async fn wss(ca: &Ca, addr: SocketAddr, password: Option<&str>) -> Wss {
+    wss_to(ca, addr, "/ws", password).await
+}
+
+async fn wss_to(ca: &Ca, addr: SocketAddr, path: &str, password: Option<&str>) -> Wss {
     let stream = tls_connect(ca, addr).await;
-    let mut request = format!("wss://localhost:{}/ws", addr.port())
+    let mut request = format!("wss://localhost:{}{path}", addr.port())
         .into_client_request()
         .expect("request");
     if let Some(password) = password {
@@ -404,6 +408,19 @@ async fn wss_and_https_serve_every_route_on_one_port() {
     .await;
     assert_eq!((status, body.as_str()), (200, r#"{"delivered":1}"#));
     assert_eq!(recv(&mut client).await, r#"{"via":"api"}"#);
+
+    // A SignalR client over wss (no negotiation): its handshake, then a notify_all.
+    let mut signalr = wss_to(&ca, addr, "/sockets", None).await;
+    send(&mut signalr, "{\"protocol\":\"json\",\"version\":1}\u{1e}").await;
+    assert_eq!(recv(&mut signalr).await, "{}\u{1e}");
+    round_trip(&mut backend, &mut client, 2).await;
+    assert_eq!(
+        recv(&mut signalr).await,
+        concat!(
+            r#"{"type":1,"target":"notify","arguments":["{\"n\":2}"]}"#,
+            "\u{1e}"
+        )
+    );
     server.shutdown().await.expect("clean shutdown");
 }
 
