@@ -85,6 +85,23 @@ impl Ca {
         }
     }
 
+    /// A leaf for an existing key (PKCS#8 PEM); the key PEM of the result is that one.
+    fn leaf_for_key(&self, name: &str, serial: u64, pkcs8_pem: &str) -> Leaf {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.serial_number = Some(SerialNumber::from(serial));
+        let key = KeyPair::from_pem(pkcs8_pem).expect("rcgen reads the PKCS#8 key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("leaf certificate");
+        Leaf {
+            der: cert.der().clone(),
+            chain_pem: format!("{}{}", cert.pem(), self.issuer.pem()),
+            key_pem: pkcs8_pem.to_string(),
+        }
+    }
+
     fn client(&self) -> TlsConnector {
         let mut roots = RootCertStore::empty();
         roots.add(self.issuer.der().clone()).expect("trust the CA");
@@ -422,6 +439,65 @@ async fn wss_and_https_serve_every_route_on_one_port() {
         )
     );
     server.shutdown().await.expect("clean shutdown");
+}
+
+/// Runs `openssl` (for key formats rcgen does not write); its stdout.
+fn openssl(args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run openssl ({e}): install it (Debian: apt-get install openssl)")
+        });
+    if let Some(input) = stdin
+        && let Some(mut pipe) = child.stdin.take()
+    {
+        pipe.write_all(input.as_bytes()).expect("write to openssl");
+    }
+    drop(child.stdin.take());
+    let output = child.wait_with_output().expect("openssl output");
+    assert!(
+        output.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("openssl prints PEM")
+}
+
+/// A key in PKCS#1 (`BEGIN RSA PRIVATE KEY`) or SEC1 (`BEGIN EC PRIVATE KEY`), as older tools
+/// and certbot's RSA keys write them, is read as well as PKCS#8.
+#[tokio::test]
+async fn pkcs1_and_sec1_keys_are_accepted() {
+    let ca = Ca::new();
+    for (genpkey, label) in [
+        (
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"][..],
+            "-----BEGIN RSA PRIVATE KEY-----",
+        ),
+        (
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"][..],
+            "-----BEGIN EC PRIVATE KEY-----",
+        ),
+    ] {
+        let pkcs8 = openssl(&[&["genpkey"][..], genpkey].concat(), None);
+        let traditional = openssl(&["pkey", "-traditional"], Some(&pkcs8));
+        assert!(
+            traditional.starts_with(label),
+            "openssl wrote {traditional}"
+        );
+        let mut leaf = ca.leaf_for_key(label, 7, &pkcs8);
+        leaf.key_pem = traditional;
+        let files = Files::write(&leaf);
+        let server = tls_server(&files, &[]).await;
+        assert_eq!(served_now(&ca, server.addr).await, leaf.der, "{label}");
+        let (status, _) = https(&ca, server.addr, "GET /healthz HTTP/1.1", "").await;
+        assert_eq!(status, 200, "{label}");
+        server.shutdown().await.expect("clean shutdown");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
