@@ -678,7 +678,7 @@ async fn time_to_close(stream: &mut TcpStream, within: Duration) -> Duration {
 async fn silent_and_garbage_peers_are_closed_at_the_handshake_timeout_and_block_nobody() {
     let ca = Ca::new();
     let files = Files::write(&ca.leaf("first", 1));
-    let server = tls_server(&files, &["--handshake-timeout", "2"]).await;
+    let server = tls_server(&files, &["--handshake-timeout", "3"]).await;
     let addr = server.addr;
 
     // Many peers that never send a ClientHello, and one that starts a record and stalls.
@@ -696,8 +696,8 @@ async fn silent_and_garbage_peers_are_closed_at_the_handshake_timeout_and_block_
     let (status, _) = https(&ca, addr, "GET /healthz HTTP/1.1", "").await;
     assert_eq!(status, 200);
     assert!(
-        start.elapsed() < Duration::from_secs(1),
-        "a healthz over TLS took {:?} beside silent peers",
+        start.elapsed() < Duration::from_secs(2),
+        "a healthz over TLS took {:?} beside silent peers (the handshake timeout is 3 s)",
         start.elapsed()
     );
 
@@ -707,7 +707,7 @@ async fn silent_and_garbage_peers_are_closed_at_the_handshake_timeout_and_block_
 
     let waited = time_to_close(&mut stalled, Duration::from_secs(6)).await;
     assert!(
-        waited >= Duration::from_millis(1000),
+        waited >= Duration::from_secs(2),
         "closed too early: {waited:?}"
     );
     for stream in &mut silent {
@@ -722,8 +722,8 @@ async fn silent_and_garbage_peers_are_closed_at_the_handshake_timeout_and_block_
         .expect("write garbage");
     let waited = time_to_close(&mut garbage, Duration::from_secs(6)).await;
     assert!(
-        waited < Duration::from_secs(1),
-        "garbage held for {waited:?}"
+        waited < Duration::from_secs(2),
+        "garbage held for {waited:?} (the handshake timeout is 3 s)"
     );
 
     assert_eq!(https(&ca, addr, "GET /healthz HTTP/1.1", "").await.0, 200);
