@@ -13,6 +13,7 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::{AuthError, PasswordHash};
 use crate::jwt::{KeyError, Verifier};
+use crate::tls::{Tls, TlsError};
 
 /// The command line. `-h` is the host, as in the original relay, so clap's own `-h` is turned
 /// off and help is `--help` only.
@@ -270,6 +271,15 @@ pub struct Options {
     /// channel's oldest publications are dropped first.
     #[arg(long, env = "SOCKET_HISTORY_MEMORY", value_parser = crate::memory::parse_bytes, default_value = "64M")]
     pub history_memory: usize,
+
+    /// PEM certificate chain (leaf first) to serve https:// and wss:// on the same port;
+    /// needs --tls-key. Re-read when the file changes.
+    #[arg(long, env = "SOCKET_TLS_CERT", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1). Re-read when the file changes.
+    #[arg(long, env = "SOCKET_TLS_KEY", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Validated configuration, shared read-only by every task.
@@ -323,6 +333,8 @@ pub struct Config {
     /// `--history`'s rules; empty: no channel has history.
     pub history: Vec<crate::history::Rule>,
     pub history_memory: usize,
+    /// `--tls-cert`/`--tls-key`, read and checked; `None`: plain TCP.
+    pub tls: Option<Arc<Tls>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -349,6 +361,10 @@ pub enum ConfigError {
     NotifyMethod,
     #[error("--history: {0}")]
     History(String),
+    #[error("{0} needs {1} (TLS takes a certificate and its key)")]
+    TlsPair(&'static str, &'static str),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
 }
 
 impl Config {
@@ -414,6 +430,12 @@ impl Config {
             None | Some("") => Vec::new(),
             Some(text) => crate::history::parse_rules(text).map_err(ConfigError::History)?,
         };
+        let tls = match (o.tls_cert, o.tls_key) {
+            (None, None) => None,
+            (Some(_), None) => return Err(ConfigError::TlsPair("--tls-cert", "--tls-key")),
+            (None, Some(_)) => return Err(ConfigError::TlsPair("--tls-key", "--tls-cert")),
+            (Some(cert), Some(key)) => Some(Arc::new(Tls::load(cert, key)?)),
+        };
         let allowed_origins = o
             .allowed_origins
             .iter()
@@ -456,6 +478,7 @@ impl Config {
             signalr_handshake_timeout: Duration::from_secs(o.signalr_handshake_timeout),
             history,
             history_memory: o.history_memory,
+            tls,
         })
     }
 }
@@ -502,6 +525,8 @@ impl Default for Config {
             signalr_handshake_timeout: 15,
             history: None,
             history_memory: crate::history::DEFAULT_BUDGET,
+            tls_cert: None,
+            tls_key: None,
         };
         match Config::from_options(options) {
             Ok(config) => config,

@@ -33,6 +33,8 @@
 //!   history's Redis I/O (`history.rs`).
 //! - [`signalr`]: SignalR clients (the JSON hub protocol over WebSockets), beside jssocket's
 //!   own protocol on the same hub.
+//! - [`tls`]: optional TLS (`--tls-cert`/`--tls-key`): the handshake, and the certificate
+//!   files re-read when they change.
 //! - [`log_throttle`]: `warn_throttled!`, for log lines a peer can trigger at will.
 
 pub mod api;
@@ -63,3 +65,4 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod signalr;
+pub mod tls;

@@ -33,6 +33,7 @@ use uuid::Uuid;
 use crate::metrics::Metrics;
 use crate::peer::{Close, Peer};
 use crate::relay::Relay;
+use crate::tls::MaybeTls;
 
 /// The sweeper runs at most this often, however hard it is woken: a scan visits every
 /// connection, so it must not run per message.
@@ -372,30 +373,31 @@ pub fn parse_bytes(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{text:?} is too large"))
 }
 
-/// A connection's TCP stream that charges what it reads to the budget until the reader says
+/// A connection's stream (TCP, or TLS over it: what is charged is the plaintext) that charges what it reads to the budget until the reader says
 /// a message is complete ([`Memory::message_complete`]). While it lives the connection is in
 /// the sweeper's registry; dropping it gives back whatever is still charged.
 ///
-/// It dereferences to the `TcpStream`, so socket options (linger) and raw reads still work.
+/// It dereferences to the `TcpStream` underneath, for socket options (linger) and to see a
+/// hang-up (`peek`); reads go through it, never around it (under TLS they would be ciphertext).
 #[derive(Debug)]
 pub struct Counted {
-    io: TcpStream,
+    io: MaybeTls,
     peer: Arc<Peer>,
     memory: Arc<Memory>,
 }
 
 impl Counted {
-    pub fn new(io: TcpStream, peer: Arc<Peer>, memory: Arc<Memory>) -> Counted {
+    pub fn new(io: MaybeTls, peer: Arc<Peer>, memory: Arc<Memory>) -> Counted {
         memory.register(&peer);
         Counted { io, peer, memory }
     }
 
     pub fn get_ref(&self) -> &TcpStream {
-        &self.io
+        self.io.tcp()
     }
 
     pub fn get_mut(&mut self) -> &mut TcpStream {
-        &mut self.io
+        self.io.tcp_mut()
     }
 
     /// The reader's buffers were dropped (the socket only drains now): nothing of a partial
@@ -410,13 +412,13 @@ impl std::ops::Deref for Counted {
     type Target = TcpStream;
 
     fn deref(&self) -> &TcpStream {
-        &self.io
+        self.io.tcp()
     }
 }
 
 impl std::ops::DerefMut for Counted {
     fn deref_mut(&mut self) -> &mut TcpStream {
-        &mut self.io
+        self.io.tcp_mut()
     }
 }
 

@@ -111,6 +111,8 @@ pub struct Metrics {
     /// Channel history (see `history`): bytes and channels kept, publications stamped,
     /// channels evicted for room.
     pub history: crate::history::HistoryMetrics,
+    /// TLS (`--tls-cert`): failed handshakes, certificate reloads, a reload failing.
+    pub tls: crate::tls::TlsMetrics,
     /// Mirrors of the hub's tables, set when scraped.
     clients: Gauge,
     acknowledged: Gauge,
@@ -389,8 +391,25 @@ impl Metrics {
             "Messages from non-admin connections that waited for the overload limiter",
             overload_throttled.clone(),
         );
+        let tls = crate::tls::TlsMetrics::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out (plain HTTP to the TLS port, scanners, silent peers)",
+            tls.handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Times the certificate files changed and were loaded",
+            tls.reloads.clone(),
+        );
+        registry.register(
+            "tls_reload_failing",
+            "1 while the certificate files on disk cannot be loaded and the previous certificate is served",
+            tls.reload_failing.clone(),
+        );
         Metrics {
             registry,
+            tls,
             received,
             sent,
             errors,

@@ -41,6 +41,7 @@ use crate::overload;
 use crate::peer::{Peer, Wire};
 use crate::relay::Relay;
 use crate::signalr;
+use crate::tls::{self, MaybeTls};
 
 /// Initial read buffer of a WebSocket. Most inbound messages are small (a token, a notify);
 /// larger ones grow it as needed. It is memory every idle connection keeps.
@@ -156,6 +157,14 @@ pub async fn serve(
     tokio::spawn(overload::monitor(Arc::clone(&shared)));
     Arc::clone(&shared.backplane).start(&shared);
     crate::history::start(&shared);
+    if let Some(tls) = &shared.config.tls {
+        info!("TLS on: cert={}", tls.cert_path().display());
+        tokio::spawn(tls::watch(
+            Arc::clone(tls),
+            shared.metrics.tls.clone(),
+            shared.shutdown.clone(),
+        ));
+    }
     let router = router(Arc::clone(&shared));
     let limits = shared.gate.tcp_limits;
     if let Some(configured) = limits.clamped_from {
@@ -283,6 +292,9 @@ async fn serve_http(
 ) {
     let _ = stream.set_nodelay(true);
     let reserved = tcp.reserved;
+    let Some(stream) = tls_handshake(stream, addr, reserved, &shared).await else {
+        return;
+    };
     // hyper's head timeout also runs while a keep-alive connection waits for its next
     // request, so it doubles as the idle timeout.
     let mut head_timeout = shared
@@ -357,6 +369,41 @@ async fn serve_http(
                 }
             }
         }
+    }
+}
+
+/// With `--tls-cert`, the TLS handshake (in the connection's own task, holding its TCP place):
+/// bounded by `--handshake-timeout` (a reserve place by [`RESERVE_HEADER_TIMEOUT`]) and by
+/// shutdown, so a peer that never sends its ClientHello costs one place until then. `None`:
+/// the handshake failed or timed out; the connection is dropped.
+async fn tls_handshake(
+    stream: TcpStream,
+    addr: SocketAddr,
+    reserved: bool,
+    shared: &Relay,
+) -> Option<MaybeTls> {
+    let Some(tls) = &shared.config.tls else {
+        return Some(MaybeTls::Plain(stream));
+    };
+    let mut limit = shared.config.handshake_timeout;
+    if reserved {
+        limit = limit.min(RESERVE_HEADER_TIMEOUT);
+    }
+    tokio::select! {
+        result = tokio::time::timeout(limit, tls::accept(tls, stream)) => match result {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                debug!(%addr, error = %e, "TLS handshake failed");
+                shared.metrics.tls.handshake_failures.inc();
+                None
+            }
+            Err(_) => {
+                debug!(%addr, "TLS handshake timed out");
+                shared.metrics.tls.handshake_failures.inc();
+                None
+            }
+        },
+        () = shared.shutdown.cancelled() => None,
     }
 }
 
@@ -572,9 +619,9 @@ async fn upgrade(
             Ok(upgraded) => upgraded,
             Err(e) => return debug!(%addr, error = %e, "upgrade failed"),
         };
-        // Back to the plain TcpStream we gave hyper: no boxed trait object per connection,
-        // and the socket itself stays reachable (a dead peer's socket is reset).
-        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+        // Back to the stream we gave hyper (TCP, or TLS over it): no boxed trait object per
+        // connection, and the socket itself stays reachable (a dead peer's socket is reset).
+        let Ok(parts) = upgraded.downcast::<TokioIo<MaybeTls>>() else {
             return error!(%addr, "upgraded connection is not a TCP stream");
         };
         // Counted: what it reads toward an unfinished message is charged to the budget.
