@@ -610,7 +610,7 @@ pub struct Summary {
     pub cluster: &'static str,
     /// `--redis-url` with its password redacted; `None` standalone.
     pub redis_url: Option<String>,
-    /// `http://<addr>/console`, or `off`.
+    /// `http://<addr>/console` (`https` with TLS), or `off`.
     pub console: String,
 }
 
@@ -641,9 +641,13 @@ impl Summary {
                 .redis_url
                 .as_deref()
                 .map(crate::cluster::redis::redacted),
-            // The TLS options, when they exist, make this https.
             console: if config.console {
-                format!("http://{addr}/console")
+                let scheme = if config.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{addr}/console")
             } else {
                 "off".to_string()
             },

@@ -942,4 +942,9 @@ async fn the_binary_serves_tls_from_the_environment_and_says_so() {
         stdout.contains(&expected),
         "no {expected:?} in the log:\n{stdout}"
     );
+    let first = stdout.lines().next().unwrap_or_default();
+    assert!(
+        first.contains(&format!("console=https://127.0.0.1:{port}/console")),
+        "the start-up line names the console's https URL: {first}"
+    );
 }
