@@ -9,8 +9,8 @@
 //! one command, `report`, on stdin (or its end: the parent is gone).
 
 use std::process::Stdio;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
@@ -71,6 +71,9 @@ struct Report {
     received: u64,
     #[serde(default)]
     last_ns: u64,
+    /// Wall-clock time each client received the bell (the parent makes latencies of them).
+    #[serde(default)]
+    times_ns: Vec<u64>,
 }
 
 struct Worker {
@@ -234,17 +237,31 @@ pub async fn run(ctx: &Arc<Ctx>, setup: &Setup, p: &Params) -> Result<(Value, bo
     let received: u64 = done.iter().map(|r| r.received).sum();
     let last_ns = done.iter().map(|r| r.last_ns).max().unwrap_or(0);
     let to_last = last_ns.saturating_sub(sent_ns) as f64 / 1e9;
+    let mut latencies: Vec<u64> = done
+        .iter()
+        .flat_map(|r| r.times_ns.iter().map(|&t| t.saturating_sub(sent_ns)))
+        .collect();
+    latencies.sort_unstable();
+    let quantile = |q: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i] as f64 / 1e6
+    };
+    let (p50, p99) = (quantile(0.50), quantile(0.99));
     let rss_after: u64 = cluster.samples()?.iter().map(|s| s.rss_kib).sum();
     println!();
     println!(
-        "| nodes | connections asked | acknowledged | received notify_all | to the last one | nodes' RSS |"
+        "| nodes | connections asked | acknowledged | received notify_all | p50 / p99 / last | nodes' RSS |"
     );
     println!("|---|---|---|---|---|---|");
     println!(
-        "| {} | {} | {acked} | {received} | {to_last:.2} s | {:.0} MiB |",
+        "| {} | {} | {acked} | {received} | {p50:.0} / {p99:.0} ms / {to_last:.2} s | {:.0} MiB ({:.2} KiB per connection) |",
         p.nodes,
         p.connections,
-        rss_after as f64 / 1024.0
+        rss_after as f64 / 1024.0,
+        rss_after as f64 / acked.max(1) as f64
     );
     let timed_out = ctx.stop.is_cancelled();
     let ok = !timed_out && acked == p.connections && received == acked;
@@ -259,6 +276,8 @@ pub async fn run(ctx: &Arc<Ctx>, setup: &Setup, p: &Params) -> Result<(Value, bo
         "acknowledged_per_node": conns_per_node,
         "received": received,
         "seconds_to_last": round3(to_last),
+        "latency_ms_p50": round3(p50),
+        "latency_ms_p99": round3(p99),
         "nodes_rss_kib_held": rss_held,
         "nodes_rss_kib_after": rss_after,
         "admin_errors": admins.iter().map(Admin::errors).sum::<u64>(),
@@ -268,7 +287,12 @@ pub async fn run(ctx: &Arc<Ctx>, setup: &Setup, p: &Params) -> Result<(Value, bo
 }
 
 /// Waits for the bell; then keeps reading (which answers the server's pings) until `done`.
-async fn bell(mut ws: Ws, got: Arc<AtomicU64>, last: Arc<AtomicU64>, done: CancellationToken) {
+async fn bell(
+    mut ws: Ws,
+    got: Arc<AtomicU64>,
+    times: Arc<Mutex<Vec<u64>>>,
+    done: CancellationToken,
+) {
     let mut rung = false;
     loop {
         let m = tokio::select! {
@@ -278,7 +302,8 @@ async fn bell(mut ws: Ws, got: Arc<AtomicU64>, last: Arc<AtomicU64>, done: Cance
         match m {
             Some(Ok(Message::Text(t))) if !rung && t.as_str().contains(BELL) => {
                 rung = true;
-                last.fetch_max(wall_ns(), Ordering::Relaxed);
+                let now = wall_ns();
+                times.lock().unwrap_or_else(|e| e.into_inner()).push(now);
                 got.fetch_add(1, Ordering::Relaxed);
             }
             Some(Ok(_)) => {}
@@ -299,11 +324,11 @@ pub async fn worker(ctx: &Arc<Ctx>, clients: usize) -> Result<(Value, bool)> {
                "failure_line": batch.failures.line()})
     );
     let got = Arc::new(AtomicU64::new(0));
-    let last = Arc::new(AtomicU64::new(0));
+    let times = Arc::new(Mutex::new(Vec::with_capacity(batch.clients.len())));
     let done = CancellationToken::new();
     let mut tasks = JoinSet::new();
     for c in batch.clients {
-        tasks.spawn(bell(c.ws, got.clone(), last.clone(), done.clone()));
+        tasks.spawn(bell(c.ws, got.clone(), times.clone(), done.clone()));
     }
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     loop {
@@ -319,10 +344,11 @@ pub async fn worker(ctx: &Arc<Ctx>, clients: usize) -> Result<(Value, bool)> {
         }
     }
     let received = got.load(Ordering::Relaxed);
+    let times_ns = std::mem::take(&mut *times.lock().unwrap_or_else(|e| e.into_inner()));
     println!(
         "{}",
         json!({"worker": "done", "acked": acked, "received": received,
-               "last_ns": last.load(Ordering::Relaxed)})
+               "last_ns": times_ns.iter().copied().max().unwrap_or(0), "times_ns": times_ns})
     );
     // Hold the sockets until the parent has read every report and kills us (or stdin ends).
     let _ = stdin.next_line().await;
