@@ -667,7 +667,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
             let params = c.params(g.timeout);
             let most = params.scenarios.iter().map(|s| match s {
                 compare::Scenario::Fanout1k => 1_000,
-                compare::Scenario::Rss19k => 19_000,
+                compare::Scenario::Rss19k => 18_900,
                 _ => 10_000,
             });
             (most.max().unwrap_or(0) as f64 * c.scale).round() as u64
@@ -709,11 +709,19 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         });
     }
     let name = cli.cmd.name();
-    println!(
-        "jssocket-bench {name}: {} (RLIMIT_NOFILE {nofile}, timeout {:.0} s)",
-        ctx.target.url,
-        timeout.as_secs_f64()
-    );
+    if compare {
+        println!(
+            "jssocket-bench {name}: servers started per run (RLIMIT_NOFILE {nofile}, timeout \
+             {:.0} s per run)",
+            g.timeout
+        );
+    } else {
+        println!(
+            "jssocket-bench {name}: {} (RLIMIT_NOFILE {nofile}, timeout {:.0} s)",
+            ctx.target.url,
+            timeout.as_secs_f64()
+        );
+    }
     let progress_done = CancellationToken::new();
     tokio::spawn(progress::report(
         Duration::from_secs_f64(g.progress),
