@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::baseline::wait_ready;
 use crate::cluster::{free_port, spawn_child};
 use crate::common::{Ctx, Target};
-use crate::stats::{round1, round3};
+use crate::stats::round3;
 use crate::{connect, fanout, p2p};
 
 /// Least server CPU (seconds) a throughput figure is computed from.
@@ -54,9 +54,14 @@ pub enum Scenario {
     /// jssocket admits 18,969 TCP connections (it keeps 5 % for health checks and admins).
     #[value(name = "rss-19k")]
     Rss19k,
+    /// Server CPU (% of a core) while 10,000 acknowledged clients sit idle for `--idle-hold`
+    /// seconds (default 30: longer than jssocket's 20 s ping interval). Not in the default list.
+    #[value(name = "idle-10k")]
+    Idle10k,
 }
 
 impl Scenario {
+    /// The default list: all but `idle-10k`.
     pub const ALL: [Scenario; 7] = [
         Scenario::Fanout1k,
         Scenario::Fanout10k,
@@ -76,6 +81,7 @@ impl Scenario {
             Scenario::P2p50k => "p2p-50k",
             Scenario::Rss10k => "rss-10k",
             Scenario::Rss19k => "rss-19k",
+            Scenario::Idle10k => "idle-10k",
         }
     }
 
@@ -84,10 +90,10 @@ impl Scenario {
     }
 
     fn unit(self) -> &'static str {
-        if self.is_rss() {
-            "bytes of RSS per idle acknowledged connection"
-        } else {
-            "deliveries per server-CPU-second"
+        match self {
+            Scenario::Rss10k | Scenario::Rss19k => "bytes of RSS per idle acknowledged connection",
+            Scenario::Idle10k => "% of a core while idle",
+            _ => "deliveries per server-CPU-second",
         }
     }
 }
@@ -105,6 +111,8 @@ pub struct Params {
     pub p2p_duration: Duration,
     /// How long the `rss-*` scenarios hold their connections.
     pub hold: Duration,
+    /// How long `idle-10k` holds them.
+    pub idle_hold: Duration,
     /// Bound on each run (not on the whole comparison).
     pub run_timeout: Duration,
     pub log_dir: PathBuf,
@@ -226,10 +234,8 @@ async fn run_once(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let run = result?;
     println!(
-        "compare: {label}: {} {}{}",
-        run.figure
-            .map(|f| format!("{f:.0}"))
-            .unwrap_or_else(|| "no figure".into()),
+        "compare: {label}: {} ({}){}",
+        show(run.figure, scenario),
         scenario.unit(),
         if run.ok {
             ""
@@ -313,6 +319,25 @@ async fn measure(ctx: &Arc<Ctx>, p: &Params, scenario: Scenario, label: &str) ->
             let (json, ok) = p2p::run(ctx, &p2p_rate(rate)).await?;
             throughput(json, ok)
         }
+        Scenario::Idle10k => {
+            let params = connect::Params {
+                clients: p.scaled(10_000, 1) as usize,
+                hold: p.idle_hold,
+                groups: 10,
+            };
+            let (json, ok) = connect::run(ctx, &params).await?;
+            let figure = json["idle_cpu_percent"].as_f64();
+            Run {
+                figure,
+                ok,
+                json: json!({
+                    "idle_cpu_percent": figure,
+                    "acknowledged": json["acknowledged"],
+                    "closed_during_hold": json["closed_during_hold"],
+                    "timed_out": json["timed_out"],
+                }),
+            }
+        }
         Scenario::Rss10k | Scenario::Rss19k => {
             let clients = if scenario == Scenario::Rss10k {
                 10_000
@@ -365,10 +390,11 @@ fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
-fn show(x: Option<f64>, rss: bool) -> String {
+fn show(x: Option<f64>, scenario: Scenario) -> String {
     match x {
         None => "–".into(),
-        Some(x) if rss => format!("{:.2} KiB", x / 1024.0),
+        Some(x) if scenario.is_rss() => format!("{:.2} KiB", x / 1024.0),
+        Some(x) if scenario == Scenario::Idle10k => format!("{x:.2} %"),
         Some(x) if x >= 1e6 => format!("{:.2}M", x / 1e6),
         Some(x) if x >= 1e3 => format!("{:.1}k", x / 1e3),
         Some(x) => format!("{x:.0}"),
@@ -437,7 +463,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
                 runs.push(json!({
                     "round": round + 1,
                     "server": server.name(),
-                    "figure": run.figure.map(round1),
+                    "figure": run.figure.map(round3),
                     "ok": run.ok,
                     "run": run.json,
                 }));
@@ -448,27 +474,29 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
             if let Some(j) = pair[1] {
                 jss.push(j);
             }
-            if let [Some(r), Some(j)] = pair {
-                ratios.push(j / r.max(1e-9));
+            // No ratio to nothing (the raw server's idle CPU is often 0 ticks).
+            if let [Some(r), Some(j)] = pair
+                && r > 0.0
+            {
+                ratios.push(j / r);
             }
         }
         all_ok &= ok;
         let (raw_median, jss_median, ratio_median) = (median(&raw), median(&jss), median(&ratios));
-        let rss = scenario.is_rss();
         table.push(format!(
             "{:<11} {:>11} {:>11} {:>6}   raw [{}]  jssocket [{}]  ratios [{}]{}",
             scenario.name(),
-            show(raw_median, rss),
-            show(jss_median, rss),
+            show(raw_median, scenario),
+            show(jss_median, scenario),
             ratio_median
                 .map(|r| format!("{r:.3}"))
                 .unwrap_or_else(|| "–".into()),
             raw.iter()
-                .map(|x| show(Some(*x), rss))
+                .map(|x| show(Some(*x), scenario))
                 .collect::<Vec<_>>()
                 .join(", "),
             jss.iter()
-                .map(|x| show(Some(*x), rss))
+                .map(|x| show(Some(*x), scenario))
                 .collect::<Vec<_>>()
                 .join(", "),
             ratios
@@ -481,11 +509,11 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         results.push(json!({
             "scenario": scenario.name(),
             "unit": scenario.unit(),
-            "raw": raw.iter().copied().map(round1).collect::<Vec<_>>(),
-            "jssocket": jss.iter().copied().map(round1).collect::<Vec<_>>(),
+            "raw": raw.iter().copied().map(round3).collect::<Vec<_>>(),
+            "jssocket": jss.iter().copied().map(round3).collect::<Vec<_>>(),
             "ratios": ratios.iter().copied().map(round3).collect::<Vec<_>>(),
-            "raw_median": raw_median.map(round1),
-            "jssocket_median": jss_median.map(round1),
+            "raw_median": raw_median.map(round3),
+            "jssocket_median": jss_median.map(round3),
             "ratio_median": ratio_median.map(round3),
             "ok": ok,
             "runs": runs,

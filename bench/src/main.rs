@@ -419,7 +419,7 @@ struct CompareArgs {
     /// Rounds: each is one run against each server, in alternating order.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
     rounds: u64,
-    /// Scenarios, comma-separated (default: all of them).
+    /// Scenarios, comma-separated (default: all but idle-10k).
     #[arg(long, value_enum, value_delimiter = ',')]
     scenarios: Vec<compare::Scenario>,
     /// Multiplies clients, messages and p2p rates: 1 is the table, less is a quick
@@ -432,6 +432,9 @@ struct CompareArgs {
     /// Seconds the rss scenarios hold their connections.
     #[arg(long, default_value_t = 2.0, value_parser = secs_range)]
     hold: f64,
+    /// Seconds idle-10k holds its connections (more than the server's ping interval).
+    #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
+    idle_hold: f64,
     /// Where the servers' logs go (default: a new directory under /tmp).
     #[arg(long)]
     log_dir: Option<std::path::PathBuf>,
@@ -451,6 +454,7 @@ impl CompareArgs {
             scale: self.scale,
             p2p_duration: Duration::from_secs_f64(self.p2p_duration),
             hold: Duration::from_secs_f64(self.hold),
+            idle_hold: Duration::from_secs_f64(self.idle_hold),
             run_timeout: Duration::from_secs_f64(run_timeout),
             log_dir: self.log_dir.clone().unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("jssocket-compare-{}", std::process::id()))
@@ -1001,6 +1005,30 @@ mod tests {
             _ => panic!("cluster-route --redis-cluster does not parse"),
         }
         assert!(Cli::try_parse_from(["b", "cluster-p2p", "--nodes", "3"]).is_err());
+        match Cli::try_parse_from([
+            "b",
+            "compare",
+            "--scenarios",
+            "fanout-10k,idle-10k",
+            "--server-arg=--max-queue-bytes=1024",
+        ])
+        .map(|c| c.cmd)
+        {
+            Ok(Cmd::Compare(c)) => {
+                let p = c.params(120.0);
+                assert_eq!(
+                    p.scenarios,
+                    [compare::Scenario::Fanout10k, compare::Scenario::Idle10k]
+                );
+                assert_eq!(p.server_args, ["--max-queue-bytes=1024"]);
+                assert_eq!(p.rounds, 3);
+            }
+            _ => panic!("compare does not parse"),
+        }
+        match Cli::try_parse_from(["b", "compare"]).map(|c| c.cmd) {
+            Ok(Cmd::Compare(c)) => assert_eq!(c.params(1.0).scenarios.len(), 7),
+            _ => panic!("compare does not parse"),
+        }
         assert!(Cli::try_parse_from(["b", "cluster-hold", "--per-worker", "16001"]).is_err());
     }
 }
