@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value, json};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::accept_hdr_async_with_config;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
@@ -91,38 +91,11 @@ fn bare(data: Option<&Value>) -> Utf8Bytes {
 /// Runs the reference server until killed (or, with `exit_with_parent`, until the process that
 /// started it goes away).
 pub async fn serve(host: &str, port: u16, auth: String, exit_with_parent: bool) -> Result<()> {
-    // An explicit backlog: std's (and so tokio's `TcpListener::bind`) is 128, which drops
-    // SYNs when a few hundred clients connect at once.
-    let addr = tokio::net::lookup_host((host, port))
-        .await
-        .with_context(|| format!("cannot resolve {host}"))?
-        .next()
-        .with_context(|| format!("{host} resolves to no address"))?;
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }?;
-    socket.set_reuseaddr(true)?;
-    socket
-        .bind(addr)
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    let listener = socket.listen(1024)?;
-    if !exit_with_parent {
-        eprintln!("baseline-server: listening on {addr}");
-    }
+    let listener = listen(host, port).await?;
     if exit_with_parent {
-        // SAFETY: getppid has no preconditions.
-        let parent = unsafe { libc::getppid() };
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                // SAFETY: as above.
-                if unsafe { libc::getppid() } != parent {
-                    std::process::exit(0);
-                }
-            }
-        });
+        exit_with_parent_watch();
+    } else {
+        eprintln!("baseline-server: listening on {}", listener.local_addr()?);
     }
     let state = Arc::new(State {
         auth,
@@ -143,6 +116,41 @@ pub async fn serve(host: &str, port: u16, auth: String, exit_with_parent: bool) 
             }
         }
     }
+}
+
+/// A listener on `host:port` with an explicit backlog: std's (and so tokio's
+/// `TcpListener::bind`) is 128, which drops SYNs when a few hundred clients connect at once.
+pub(crate) async fn listen(host: &str, port: u16) -> Result<TcpListener> {
+    let addr = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("cannot resolve {host}"))?
+        .next()
+        .with_context(|| format!("{host} resolves to no address"))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    Ok(socket.listen(1024)?)
+}
+
+/// Exits the process once the process that started it goes away (it is re-parented).
+pub(crate) fn exit_with_parent_watch() {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // SAFETY: as above.
+            if unsafe { libc::getppid() } != parent {
+                std::process::exit(0);
+            }
+        }
+    });
 }
 
 async fn connection(stream: TcpStream, st: Arc<State>) {
@@ -311,7 +319,7 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-async fn wait_ready(addr: SocketAddr) -> Result<()> {
+pub(crate) async fn wait_ready(addr: SocketAddr) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(10);
     loop {
         if TcpStream::connect(addr).await.is_ok() {

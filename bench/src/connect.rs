@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use futures_util::StreamExt;
@@ -46,6 +46,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
     let before = maybe_sample(ctx.server_pid);
     let batch = connect_many(ctx, 0..p.clients, |_| None, "connect").await;
     let after_ack = maybe_sample(ctx.server_pid);
+    let acked_at = Instant::now();
     println!("{}", batch.line("connect"));
     let connect_json = batch.json();
     let n = batch.clients.len();
@@ -70,6 +71,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         _ = ctx.stop.cancelled() => {}
     }
     let after_hold = maybe_sample(ctx.server_pid);
+    let held = acked_at.elapsed().as_secs_f64();
     done.cancel();
     let mut closed: BTreeMap<String, u64> = BTreeMap::new();
     while let Some(r) = set.join_next().await {
@@ -109,6 +111,14 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
     if !server_line.is_empty() {
         println!("connect: {server_line} (from before the first client to the end of the hold)");
     }
+    // The server's CPU while the acknowledged clients sat idle (keepalive pings and timers).
+    let idle_cpu_percent = after_ack
+        .zip(after_hold)
+        .filter(|_| held > 0.0)
+        .map(|(a, h)| (h.cpu_s - a.cpu_s) / held * 100.0);
+    if let Some(pct) = idle_cpu_percent {
+        println!("connect: server CPU during the {held:.1} s hold: {pct:.2} % of a core");
+    }
     let timed_out = ctx.stop.is_cancelled();
     if timed_out {
         println!("connect: TIMED OUT (--timeout): figures are partial");
@@ -123,6 +133,7 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         "connect": connect_json,
         "closed_during_hold": closed,
         "server_per_conn": per_conn,
+        "idle_cpu_percent": idle_cpu_percent.map(crate::stats::round3),
         "server": server_json,
         "admin": admin.json(),
         "timed_out": timed_out,

@@ -11,12 +11,14 @@ mod churn;
 mod client;
 mod cluster;
 mod common;
+mod compare;
 mod connect;
 mod fanout;
 mod membership;
 mod p2p;
 mod presence;
 mod progress;
+mod raw;
 mod recovery;
 mod stats;
 
@@ -195,6 +197,23 @@ enum Cmd {
     },
     /// fanout against a fresh baseline-server, then against --url; prints the ratio.
     Baseline(FanoutArgs),
+    /// Run the raw-frame baseline relay (hand-made upgrade and framing on tokio, no
+    /// WebSocket library) until killed (issue 16).
+    RawServer {
+        /// Port to listen on.
+        #[arg(long)]
+        port: u16,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Exit when the parent process goes away.
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
+    },
+    /// Issue 16's scenarios against a fresh raw-server and a fresh jssocket, alternately, for
+    /// R rounds: deliveries per server-CPU-second (RSS per connection) and the ratio.
+    /// --timeout bounds each run, not the whole comparison.
+    Compare(CompareArgs),
     /// One attack of issue 10 for a bounded time while a bystander measures its round trip
     /// (see scripts/attack.sh, which starts the servers).
     Attack(AttackArgs),
@@ -388,6 +407,66 @@ struct AttackArgs {
     conns: Option<u64>,
 }
 
+#[derive(Args)]
+struct CompareArgs {
+    /// The jssocket binary to start for each run (with `-h 127.0.0.1 -p <free port> --auth
+    /// <bcrypt hash of --auth>`).
+    #[arg(long, env = "JSSOCKET_BIN", default_value_os_t = cluster::default_server_bin())]
+    server_bin: std::path::PathBuf,
+    /// One more argument for jssocket (repeatable), e.g. --server-arg=--max-queue-bytes=…
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+    /// Rounds: each is one run against each server, in alternating order.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    rounds: u64,
+    /// Scenarios, comma-separated (default: all but idle-10k).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    scenarios: Vec<compare::Scenario>,
+    /// Multiplies clients, messages and p2p rates: 1 is the issue's table, less is a quick
+    /// check (whose figures are not the issue's).
+    #[arg(long, default_value_t = 1.0, value_parser = scale_range)]
+    scale: f64,
+    /// Seconds of sending in each p2p run.
+    #[arg(long, default_value_t = 10.0, value_parser = positive_secs)]
+    p2p_duration: f64,
+    /// Seconds the rss scenarios hold their connections.
+    #[arg(long, default_value_t = 2.0, value_parser = secs_range)]
+    hold: f64,
+    /// Seconds idle-10k holds its connections (more than the server's ping interval).
+    #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
+    idle_hold: f64,
+    /// Where the servers' logs go (default: a new directory under /tmp).
+    #[arg(long)]
+    log_dir: Option<std::path::PathBuf>,
+}
+
+impl CompareArgs {
+    fn params(&self, run_timeout: f64) -> compare::Params {
+        compare::Params {
+            server_bin: self.server_bin.clone(),
+            server_args: self.server_args.clone(),
+            rounds: self.rounds as usize,
+            scenarios: if self.scenarios.is_empty() {
+                compare::Scenario::ALL.to_vec()
+            } else {
+                self.scenarios.clone()
+            },
+            scale: self.scale,
+            p2p_duration: Duration::from_secs_f64(self.p2p_duration),
+            hold: Duration::from_secs_f64(self.hold),
+            idle_hold: Duration::from_secs_f64(self.idle_hold),
+            run_timeout: Duration::from_secs_f64(run_timeout),
+            log_dir: self.log_dir.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("jssocket-compare-{}", std::process::id()))
+            }),
+        }
+    }
+}
+
+fn scale_range(s: &str) -> Result<f64, String> {
+    parse_f64(s, 0.0001, 1.0)
+}
+
 #[derive(Args, Clone)]
 struct FanoutArgs {
     /// Receiving clients (acknowledged, checked for exactly-once in-order delivery).
@@ -478,6 +557,8 @@ impl Cmd {
             Cmd::MembershipChurn { .. } => "membership-churn",
             Cmd::BaselineServer { .. } => "baseline-server",
             Cmd::Baseline(_) => "baseline",
+            Cmd::RawServer { .. } => "raw-server",
+            Cmd::Compare(_) => "compare",
             Cmd::Attack(_) => "attack",
             Cmd::ClusterRoute { .. } => "cluster-route",
             Cmd::ClusterP2p { .. } => "cluster-p2p",
@@ -503,18 +584,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Cmd::BaselineServer {
-        port,
-        host,
-        exit_with_parent,
-    } = &cli.cmd
-    {
-        return match runtime.block_on(baseline::serve(
+    let server = match &cli.cmd {
+        Cmd::BaselineServer {
+            port,
+            host,
+            exit_with_parent,
+        } => Some(runtime.block_on(baseline::serve(
             host,
             *port,
             cli.global.auth.clone(),
             *exit_with_parent,
-        )) {
+        ))),
+        Cmd::RawServer {
+            port,
+            host,
+            exit_with_parent,
+        } => Some(runtime.block_on(raw::serve(
+            host,
+            *port,
+            cli.global.auth.clone(),
+            *exit_with_parent,
+        ))),
+        _ => None,
+    };
+    if let Some(result) = server {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -573,7 +667,19 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         Cmd::ClusterP2p { pairs, .. } => 2 * pairs,
         Cmd::HoldWorker { clients, .. } | Cmd::Presence { clients, .. } => *clients,
         Cmd::Recovery { clients, .. } => clients + 1,
-        Cmd::BaselineServer { .. } | Cmd::Attack(_) | Cmd::ClusterHold { .. } => 0,
+        Cmd::Compare(c) => {
+            let params = c.params(g.timeout);
+            let most = params.scenarios.iter().map(|s| match s {
+                compare::Scenario::Fanout1k => 1_000,
+                compare::Scenario::Rss19k => 18_900,
+                _ => 10_000,
+            });
+            (most.max().unwrap_or(0) as f64 * c.scale).round() as u64
+        }
+        Cmd::BaselineServer { .. }
+        | Cmd::RawServer { .. }
+        | Cmd::Attack(_)
+        | Cmd::ClusterHold { .. } => 0,
     };
     if wanted + 64 > nofile {
         bail!(
@@ -596,7 +702,9 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
     ctx.client_targets = client_targets;
     ctx.first_source = first_source;
     let ctx = Arc::new(ctx);
-    let timeout = Duration::from_secs_f64(g.timeout);
+    // `compare` bounds each of its runs with --timeout, not the whole comparison.
+    let compare = matches!(cli.cmd, Cmd::Compare(_));
+    let timeout = Duration::from_secs_f64(if compare { 86_400.0 } else { g.timeout });
     {
         let stop = ctx.stop.clone();
         tokio::spawn(async move {
@@ -605,11 +713,19 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
         });
     }
     let name = cli.cmd.name();
-    println!(
-        "jssocket-bench {name}: {} (RLIMIT_NOFILE {nofile}, timeout {:.0} s)",
-        ctx.target.url,
-        timeout.as_secs_f64()
-    );
+    if compare {
+        println!(
+            "jssocket-bench {name}: servers started per run (RLIMIT_NOFILE {nofile}, timeout \
+             {:.0} s per run)",
+            g.timeout
+        );
+    } else {
+        println!(
+            "jssocket-bench {name}: {} (RLIMIT_NOFILE {nofile}, timeout {:.0} s)",
+            ctx.target.url,
+            timeout.as_secs_f64()
+        );
+    }
     let progress_done = CancellationToken::new();
     tokio::spawn(progress::report(
         Duration::from_secs_f64(g.progress),
@@ -697,6 +813,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
                 churn::run(&ctx, &p).await
             }
             Cmd::Baseline(f) => baseline::compare(&ctx, &f.params(None)).await,
+            Cmd::Compare(c) => compare::run(&ctx, &c.params(g.timeout)).await,
             Cmd::Attack(a) => {
                 let p = attack_params(&ctx, g, a, nofile).await?;
                 attack::run(&ctx, &p).await
@@ -786,7 +903,9 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
                 };
                 recovery::run(&ctx, &p, "recovery").await
             }
-            Cmd::BaselineServer { .. } => bail!("baseline-server is not a scenario"),
+            Cmd::BaselineServer { .. } | Cmd::RawServer { .. } => {
+                bail!("a server is not a scenario")
+            }
         }
     };
     // The scenarios watch `stop` themselves; this is the backstop if one does not return.
@@ -886,6 +1005,30 @@ mod tests {
             _ => panic!("cluster-route --redis-cluster does not parse"),
         }
         assert!(Cli::try_parse_from(["b", "cluster-p2p", "--nodes", "3"]).is_err());
+        match Cli::try_parse_from([
+            "b",
+            "compare",
+            "--scenarios",
+            "fanout-10k,idle-10k",
+            "--server-arg=--max-queue-bytes=1024",
+        ])
+        .map(|c| c.cmd)
+        {
+            Ok(Cmd::Compare(c)) => {
+                let p = c.params(120.0);
+                assert_eq!(
+                    p.scenarios,
+                    [compare::Scenario::Fanout10k, compare::Scenario::Idle10k]
+                );
+                assert_eq!(p.server_args, ["--max-queue-bytes=1024"]);
+                assert_eq!(p.rounds, 3);
+            }
+            _ => panic!("compare does not parse"),
+        }
+        match Cli::try_parse_from(["b", "compare"]).map(|c| c.cmd) {
+            Ok(Cmd::Compare(c)) => assert_eq!(c.params(1.0).scenarios.len(), 7),
+            _ => panic!("compare does not parse"),
+        }
         assert!(Cli::try_parse_from(["b", "cluster-hold", "--per-worker", "16001"]).is_err());
     }
 }

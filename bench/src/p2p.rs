@@ -179,6 +179,8 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
     let mut rng = Rng::new(now_ns() ^ 0x5eed);
     let mut sent = 0u64;
     let mut enqueue_failed = 0u64;
+    // Server CPU of the sending and delivering only (not of the connects).
+    let cpu_before = maybe_sample(ctx.server_pid);
     let first_send_ns = now_ns();
     let t0 = Instant::now();
     let end = t0 + p.duration;
@@ -264,6 +266,14 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
     if !server_line.is_empty() {
         println!("p2p: {server_line}");
     }
+    let sending_cpu = cpu_before.zip(after).map(|(b, a)| a.cpu_s - b.cpu_s);
+    let per_cpu_s = sending_cpu.map(|cpu| delivered as f64 / cpu.max(1e-9));
+    if let (Some(cpu), Some(per)) = (sending_cpu, per_cpu_s) {
+        println!(
+            "p2p: server CPU from the first send to the end {cpu:.2} s = {per:.0} deliveries per \
+             server-CPU-second"
+        );
+    }
     if timed_out {
         println!("p2p: TIMED OUT (--timeout): figures are partial");
     }
@@ -289,6 +299,8 @@ pub async fn run(ctx: &Arc<Ctx>, p: &Params) -> Result<(Value, bool)> {
         "client_send_errors": send_errors + enqueue_failed,
         "clients_closed": closed,
         "server": server_json,
+        "server_cpu_s_sending": sending_cpu.map(round3),
+        "deliveries_per_server_cpu_s": per_cpu_s.map(round1),
         "admin": admin.json(),
         "timed_out": timed_out,
     });

@@ -15,7 +15,7 @@ use serde_json::Value;
 pub const BENCH: &str = env!("CARGO_BIN_EXE_jssocket-bench");
 
 /// The server binary: `JSSOCKET_BIN`, else `jssocket` in the bench binary's directory.
-fn server_bin() -> PathBuf {
+pub fn server_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("JSSOCKET_BIN") {
         return PathBuf::from(bin);
     }
@@ -49,10 +49,7 @@ impl Drop for Server {
 /// Starts the server on a free loopback port (default admin password) with `args`, and
 /// waits until it accepts connections.
 pub fn start_server(args: &[&str]) -> Server {
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port();
+    let port = free_port();
     let child = Command::new(server_bin())
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
@@ -62,7 +59,39 @@ pub fn start_server(args: &[&str]) -> Server {
         .stdout(Stdio::null())
         .spawn()
         .expect("starting the server");
-    let server = Server { child, port };
+    wait_listening(Server { child, port })
+}
+
+/// Starts the bench's own raw-frame baseline (`raw-server`, default admin password) on a free
+/// loopback port.
+pub fn start_raw_server() -> Server {
+    let port = free_port();
+    let child = Command::new(BENCH)
+        .args([
+            "raw-server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .env_remove("BENCH_AUTH")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the raw server");
+    wait_listening(Server { child, port })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+fn wait_listening(server: Server) -> Server {
+    let port = server.port;
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
         assert!(
