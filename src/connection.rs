@@ -432,10 +432,13 @@ async fn write_loop(
     // A peer that accepts no bytes for this long is as dead as one that doesn't answer pings
     // (which can't be sent while a write is stuck).
     let stuck = shared.config.ping_interval + shared.config.ping_timeout;
+    // Whether the queue may hold frames. Once a batch took fewer than it could, the queue was
+    // empty: the next push wakes `ready` (see `Outbox::push`), so no look is needed till then.
+    let mut more = true;
     loop {
-        if !peer.outbox.is_empty() {
+        if more {
             match timeout(stuck, write_batch(sink, peer, |_| {})).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(full)) => more = full,
                 Ok(Err(_)) => return End::Gone,
                 Err(_) => {
                     return End::Close {
@@ -447,7 +450,7 @@ async fn write_loop(
             continue;
         }
         tokio::select! {
-            _ = peer.outbox.ready() => {}
+            _ = peer.outbox.ready() => more = true,
             _ = ping.tick(), if pong_deadline.is_none() => {
                 alive.store(false, Ordering::Relaxed);
                 if sink.send(Message::Ping(Bytes::new())).await.is_err() {
@@ -469,20 +472,25 @@ async fn write_loop(
 /// Writes up to a batch of queued frames, then flushes once; `written` sees each frame (a
 /// SignalR connection counts its hub messages by kind). The frames stay counted (queue
 /// bytes and memory budget) until the flush is done: until then tungstenite's write buffer
-/// holds them, for as long as the socket is stalled.
+/// holds them, for as long as the socket is stalled. Returns whether the batch was full
+/// (more may be queued); otherwise the queue was empty when it was taken.
 pub(crate) async fn write_batch(
     sink: &mut Sink,
     peer: &Peer,
     mut written: impl FnMut(&Utf8Bytes),
-) -> Result<(), WsError> {
+) -> Result<bool, WsError> {
     // Bounded, so a busy connection still answers pings between batches. The frames stay
     // counted until the batch is dropped, after the flush.
     let batch = peer.outbox.take_batch(WRITE_BATCH);
+    if batch.is_empty() {
+        return Ok(false);
+    }
     for frame in batch.frames() {
         sink.feed(Message::Text(frame.clone())).await?;
         written(frame);
     }
-    sink.flush().await
+    sink.flush().await?;
+    Ok(batch.len() == WRITE_BATCH)
 }
 
 /// Writes the frames still queued when the connection decided to close (the answer to the

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::backplane::{CHANNEL_BUCKETS, Interest, Topic, channel_bucket};
 use crate::memory::Memory;
-use crate::outbox::SharedFrame;
+use crate::outbox::{Prepaid, SharedFrame};
 use crate::peer::{Outgoing, Peer, PeerState, Wire};
 use crate::pool::Pool;
 use crate::protocol::ProtocolError;
@@ -41,6 +41,8 @@ struct Broadcast<'a> {
     signalr: Option<Option<Arc<SharedFrame>>>,
     /// The labelled form ([`Wire::Labelled`]), made for the first connection that asked for it.
     labelled: Option<Arc<SharedFrame>>,
+    /// The queues' overhead, charged to the memory budget in chunks, not per recipient.
+    prepaid: Prepaid,
 }
 
 impl<'a> Broadcast<'a> {
@@ -52,6 +54,7 @@ impl<'a> Broadcast<'a> {
             shared: None,
             signalr: None,
             labelled: None,
+            prepaid: Prepaid::default(),
         }
     }
 
@@ -84,7 +87,7 @@ impl<'a> Broadcast<'a> {
                 })
             }
         };
-        peer.enqueue(Outgoing::Relay(Arc::clone(shared)))
+        peer.enqueue_prepaid(Outgoing::Relay(Arc::clone(shared)), &mut self.prepaid)
     }
 }
 

@@ -22,17 +22,22 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::memory::Memory;
 use crate::peer::Outgoing;
 
+/// In this field order (`repr(C)`): what every push reads (the queue, `in_flight`,
+/// `max_bytes`, `memory`) sits together, so a broadcast to thousands of queues, which finds
+/// none of them in the cache, touches as few lines of each as it can; `ready` comes last, as
+/// only a push into an empty queue touches it.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Outbox {
     queue: Mutex<Queue>,
-    /// Wakes the connection's writer after a push.
-    ready: Notify,
+    /// Bytes of frames taken from the queue and not yet written ([`Taken`]).
+    in_flight: AtomicUsize,
     /// Most bytes queued at once; one more and the push is refused.
     max_bytes: usize,
     /// The server's budget, charged with what this queue holds.
     memory: Arc<Memory>,
-    /// Bytes of frames taken from the queue and not yet written ([`Taken`]).
-    in_flight: AtomicUsize,
+    /// Wakes the connection's writer after a push.
+    ready: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -100,6 +105,51 @@ impl Drop for SharedFrame {
     }
 }
 
+/// The per-queue overhead of one broadcast's items, charged to the budget in advance for
+/// [`Prepaid::CHUNK`] queues at a time: the budget's gauge is shared by every connection, so
+/// one update of it per recipient was the costly part of queueing a broadcast. The budget is
+/// charged at most a chunk more than the queues hold, never less; what is left over goes
+/// back when the broadcast is done (dropped).
+#[derive(Debug, Default)]
+pub struct Prepaid {
+    memory: Option<Arc<Memory>>,
+    /// Items paid for and not yet queued.
+    credit: usize,
+}
+
+impl Prepaid {
+    const CHUNK: usize = 64;
+
+    /// Queues one shared frame (`Outgoing::Relay`) on `outbox`, as [`Outbox::push`] does.
+    pub fn push(&mut self, outbox: &Outbox, item: Outgoing, exempt: bool) -> Push {
+        let memory = self
+            .memory
+            .get_or_insert_with(|| Arc::clone(outbox.memory()));
+        if !matches!(item, Outgoing::Relay(_)) || !Arc::ptr_eq(memory, outbox.memory()) {
+            return outbox.push(item, exempt);
+        }
+        if self.credit == 0 {
+            memory.charge_outbound(Prepaid::CHUNK * ITEM_OVERHEAD);
+            self.credit = Prepaid::CHUNK;
+        }
+        let pushed = outbox.push_prepaid(item, exempt);
+        if pushed == Push::Queued {
+            self.credit -= 1;
+        }
+        pushed
+    }
+}
+
+impl Drop for Prepaid {
+    fn drop(&mut self) {
+        if let Some(memory) = &self.memory
+            && self.credit > 0
+        {
+            memory.release_outbound(self.credit * ITEM_OVERHEAD);
+        }
+    }
+}
+
 /// What `item` counts against the queue's byte limit.
 fn size(item: &Outgoing) -> usize {
     item.frame().len() + ITEM_OVERHEAD
@@ -161,6 +211,14 @@ pub struct Batch<'a> {
 }
 
 impl Batch<'_> {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
     pub fn frames(&self) -> impl Iterator<Item = &Utf8Bytes> {
         self.items.iter().map(Outgoing::frame)
     }
@@ -203,13 +261,27 @@ impl Outbox {
     /// Queues `item`. `exempt` (an admin's queue) is never refused for the memory budget,
     /// only for its own byte limit: the budget's pressure is for the peers that cause it.
     pub fn push(&self, item: Outgoing, exempt: bool) -> Push {
-        let len = size(&item);
         let charge = charge(&item);
+        self.push_charged(item, exempt, charge)
+    }
+
+    /// Queues one item of a broadcast whose per-queue overhead ([`ITEM_OVERHEAD`]) the caller
+    /// has already charged to the budget ([`Prepaid`]): one update of the shared gauge per
+    /// many recipients instead of one per recipient.
+    fn push_prepaid(&self, item: Outgoing, exempt: bool) -> Push {
+        self.push_charged(item, exempt, 0)
+    }
+
+    /// [`Outbox::push`], charging the budget `charge_now` of what the item counts in this
+    /// queue's `charged` (the rest was charged before).
+    fn push_charged(&self, item: Outgoing, exempt: bool, charge_now: usize) -> Push {
+        let len = size(&item);
+        let charge = self::charge(&item);
         let error = match item {
             Outgoing::Error(_) => len,
             _ => 0,
         };
-        {
+        let wake = {
             let mut queue = self.lock();
             if queue.closed {
                 return Push::Closed;
@@ -220,17 +292,26 @@ impl Outbox {
             // Far over the budget, only a queue that holds little (its reader keeps up) may
             // take one more frame: the sweeper is about to close the biggest consumers, and
             // until it has, the memory is not allowed to grow with the slow ones.
-            if !exempt && queue.bytes >= SPARE && self.memory.far_over(charge) {
+            if !exempt && queue.bytes >= SPARE && self.memory.far_over(charge_now) {
                 self.memory.refused();
                 return Push::Full;
             }
             queue.bytes += len;
             queue.charged += charge;
             queue.errors += error;
+            // Only a push into an empty queue wakes the writer: it waits only after it saw
+            // the queue empty (`is_empty`, under this lock), so items pushed behind others
+            // are taken in the same round, and a wake-up for them would be a spurious one.
+            let wake = queue.items.is_empty();
             queue.items.push_back(item);
-            self.memory.charge_outbound(charge);
+            if charge_now > 0 {
+                self.memory.charge_outbound(charge_now);
+            }
+            wake
+        };
+        if wake {
+            self.ready.notify_one();
         }
-        self.ready.notify_one();
         Push::Queued
     }
 
@@ -253,10 +334,10 @@ impl Outbox {
     /// Takes up to `max` of the oldest frames to write them, counted as [`Outbox::take`]'s are
     /// until the [`Batch`] is dropped.
     pub fn take_batch(&self, max: usize) -> Batch<'_> {
-        let mut items = Vec::new();
         let (mut size, mut queued) = (0, 0);
-        {
+        let items = {
             let mut queue = self.lock();
+            let mut items = Vec::with_capacity(queue.items.len().min(max));
             while items.len() < max {
                 let Some(item) = queue.items.pop_front() else {
                     break;
@@ -275,7 +356,8 @@ impl Outbox {
                 queue.items = VecDeque::new();
             }
             self.in_flight.fetch_add(size, Ordering::Relaxed);
-        }
+            items
+        };
         // Charged in full while being written (see `taken`).
         if size > queued {
             self.memory.charge_outbound(size - queued);
@@ -363,5 +445,73 @@ impl Drop for Outbox {
     fn drop(&mut self) {
         let queue = self.lock();
         self.memory.release_outbound(queue.charged);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory() -> Arc<Memory> {
+        Arc::new(Memory::new(usize::MAX / 4, &crate::metrics::Metrics::new()))
+    }
+
+    /// A broadcast's prepaid overhead: the budget is never charged less than the queues hold
+    /// while it runs, and exactly what they hold once it is done and once they are drained.
+    #[test]
+    fn prepaid_broadcast_charges_the_budget_exactly_once_done() {
+        let memory = memory();
+        let outboxes: Vec<Outbox> = (0..100)
+            .map(|_| Outbox::new(1 << 20, Arc::clone(&memory)))
+            .collect();
+        let frame = SharedFrame::new(Utf8Bytes::from("x".repeat(100)), &memory);
+        {
+            let mut prepaid = Prepaid::default();
+            for (i, outbox) in outboxes.iter().enumerate() {
+                let pushed = prepaid.push(outbox, Outgoing::Relay(Arc::clone(&frame)), false);
+                assert_eq!(pushed, Push::Queued);
+                assert!(memory.used() >= 100 + (i + 1) * ITEM_OVERHEAD);
+            }
+        }
+        assert_eq!(memory.used(), 100 + 100 * ITEM_OVERHEAD);
+        let charged: usize = outboxes.iter().map(Outbox::charged).sum();
+        assert_eq!(charged, 100 * ITEM_OVERHEAD);
+        // A closed queue refuses, and nothing stays paid for it.
+        outboxes[0].close();
+        {
+            let mut prepaid = Prepaid::default();
+            let pushed = prepaid.push(&outboxes[0], Outgoing::Relay(Arc::clone(&frame)), false);
+            assert_eq!(pushed, Push::Closed);
+        }
+        assert_eq!(memory.used(), 100 + 99 * ITEM_OVERHEAD);
+        for outbox in &outboxes {
+            drop(outbox.take_batch(64));
+        }
+        drop(frame);
+        assert_eq!(memory.used(), 0);
+    }
+
+    /// Only a push into an empty queue wakes the writer; the writer takes what was pushed
+    /// behind it in the same batch.
+    #[tokio::test]
+    async fn only_a_push_into_an_empty_queue_wakes_the_writer() {
+        let outbox = Outbox::new(1 << 20, memory());
+        for _ in 0..3 {
+            assert_eq!(outbox.push(Outgoing::Text("a".into()), false), Push::Queued);
+        }
+        // One wake-up is stored for the first push.
+        tokio::time::timeout(std::time::Duration::from_secs(1), outbox.ready())
+            .await
+            .expect("the first push wakes the writer");
+        assert_eq!(outbox.take_batch(64).len(), 3);
+        let second = tokio::time::timeout(std::time::Duration::from_millis(50), outbox.ready());
+        assert!(
+            second.await.is_err(),
+            "no wake-up left over for the pushes behind it"
+        );
+        outbox.push(Outgoing::Text("b".into()), false);
+        tokio::time::timeout(std::time::Duration::from_secs(1), outbox.ready())
+            .await
+            .expect("a push into the emptied queue wakes the writer");
     }
 }

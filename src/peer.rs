@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use uuid::Uuid;
 
 use crate::memory::Memory;
-use crate::outbox::{Outbox, Push, SharedFrame};
+use crate::outbox::{Outbox, Prepaid, Push, SharedFrame};
 
 /// Why the server closes a connection, as sent in the close frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,7 +240,19 @@ impl Peer {
     }
 
     pub(crate) fn enqueue(&self, item: Outgoing) -> bool {
-        match self.outbox.push(item, self.is_admin()) {
+        let pushed = self.outbox.push(item, self.is_admin());
+        self.pushed(pushed)
+    }
+
+    /// Queues one item of a broadcast, as [`Peer::enqueue`] does, its queue overhead paid
+    /// for in advance by `prepaid`.
+    pub(crate) fn enqueue_prepaid(&self, item: Outgoing, prepaid: &mut Prepaid) -> bool {
+        let pushed = prepaid.push(&self.outbox, item, self.is_admin());
+        self.pushed(pushed)
+    }
+
+    fn pushed(&self, pushed: Push) -> bool {
+        match pushed {
             Push::Queued => true,
             Push::Full => {
                 self.close(Close::SLOW_CONSUMER);

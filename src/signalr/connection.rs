@@ -517,7 +517,7 @@ async fn write_loop(
         if !peer.outbox.is_empty() {
             let written = |frame: &Utf8Bytes| shared.metrics.signalr_sent(HubKind::of_sent(frame));
             match timeout(client_timeout, write_batch(sink, peer, written)).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(_)) => {}
                 Ok(Err(_)) => return Stop::gone(),
                 Err(_) => return timed_out(),
             }
