@@ -477,6 +477,7 @@ async fn upgrade(
     // The socket outlives this HTTP exchange: keep it counted until the WebSocket ends.
     let tcp = request.extensions().get::<Arc<TcpGuard>>().cloned();
     let slot = Arc::new(slot);
+    let password_given = password.is_some();
     let info = PeerInfo {
         addr,
         password,
@@ -484,7 +485,8 @@ async fn upgrade(
         admin_only: slot.admin_only || tcp.as_ref().is_some_and(|tcp| tcp.reserved),
         // A verified admin no longer counts against its address's share of the reserve (nor
         // of the admins' places), so a backend's many workers can all come in through it.
-        on_admin: Some({
+        // Only an upgrade with a password can prove to be an admin: no closure for the others.
+        on_admin: password_given.then(|| {
             let tcp = tcp.clone();
             let slot = Arc::clone(&slot);
             Box::new(move || {
@@ -508,9 +510,8 @@ async fn upgrade(
         .write_buffer_size(WRITE_BUFFER);
     let shared = Arc::clone(&shared);
     tokio::spawn(async move {
-        let _slot = slot;
-        let _tcp = tcp;
-        let _token = token;
+        // Kept until the connection ends (by the connection's own task once it has one).
+        let held = (slot, tcp, token);
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => return debug!(%addr, error = %e, "upgrade failed"),
@@ -554,8 +555,9 @@ async fn upgrade(
         // Boxed so the task holds only the connection's own state, not also the
         // (larger, finished) upgrade state beside it.
         match signalr {
-            None => Box::pin(connection::serve(socket, shared, info, peer)).await,
+            None => Box::pin(connection::serve(socket, shared, info, peer, held)).await,
             Some(_) => {
+                let _held = held;
                 let identity = info.identity;
                 Box::pin(signalr::connection::serve(
                     socket, shared, peer, addr, identity,
