@@ -482,12 +482,16 @@ async fn write_loop(
     alive: &AtomicBool,
     waiting: &AtomicBool,
 ) -> End {
-    let interval = shared.config.ping_interval;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    let mut pong_deadline: Option<tokio::time::Instant> = None;
+    let config = &shared.config;
+    // One timer for the keepalive, held in the task (an `Interval` boxes its own, and a
+    // second one for the answer's deadline would double it): until the next ping, then,
+    // once it is sent, until the answer's deadline.
+    let timer = tokio::time::sleep(config.ping_interval);
+    tokio::pin!(timer);
+    let mut pinged = false;
     // A peer that accepts no bytes for this long is as dead as one that doesn't answer pings
     // (which can't be sent while a write is stuck).
-    let stuck = shared.config.ping_interval + shared.config.ping_timeout;
+    let stuck = config.ping_interval + config.ping_timeout;
     loop {
         if !peer.outbox.is_empty() {
             match timeout(stuck, write_batch(sink, peer, |_| {})).await {
@@ -504,19 +508,22 @@ async fn write_loop(
         }
         tokio::select! {
             _ = peer.outbox.ready() => {}
-            _ = ping.tick(), if pong_deadline.is_none() => {
-                alive.store(false, Ordering::Relaxed);
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
-                    return End::Gone;
+            () = &mut timer => {
+                let now = tokio::time::Instant::now();
+                if pinged {
+                    if !alive.load(Ordering::Relaxed) && !waiting.load(Ordering::Relaxed) {
+                        return End::Close { close: Close::PING_TIMEOUT, flush: false };
+                    }
+                    pinged = false;
+                    timer.as_mut().reset(now + config.ping_interval);
+                } else {
+                    alive.store(false, Ordering::Relaxed);
+                    if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                        return End::Gone;
+                    }
+                    pinged = true;
+                    timer.as_mut().reset(tokio::time::Instant::now() + config.ping_timeout);
                 }
-                pong_deadline = Some(tokio::time::Instant::now() + shared.config.ping_timeout);
-            }
-            _ = sleep_until(pong_deadline.unwrap_or_else(tokio::time::Instant::now)), if pong_deadline.is_some() => {
-                if !alive.load(Ordering::Relaxed) && !waiting.load(Ordering::Relaxed) {
-                    return End::Close { close: Close::PING_TIMEOUT, flush: false };
-                }
-                pong_deadline = None;
-                ping.reset();
             }
         }
     }
