@@ -14,7 +14,7 @@ use std::time::Instant;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::{Duration, sleep_until, timeout};
+use tokio::time::{Duration, timeout};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -181,6 +181,7 @@ async fn establish(
 /// (closing, flushing) are boxed.
 // Not an `async fn`: its arguments would be stored twice in its future (once as given, once
 // moved into its body); an `async move` block uses them in place.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 fn run<H: Send>(
     mut sink: Sink,
     mut stream: Stream,
@@ -324,6 +325,7 @@ pub(crate) fn held_back(session: &Session) -> bool {
 }
 
 // Not an `async fn`, for the reason given at [`run`].
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 fn read_loop<'a>(
     stream: &'a mut Stream,
     session: &'a mut Session,
