@@ -561,8 +561,9 @@ async fn upgrade(
                     .await
             }
         };
-        // Boxed so the task holds only the connection's own state, not also the
-        // (larger, finished) upgrade state beside it.
+        // Boxed so this task does not also carry room for them beside the upgrade's state. A
+        // jssocket connection then goes on in a task of its own (`connection::serve`); a
+        // SignalR one stays in this task.
         match signalr {
             None => Box::pin(connection::serve(socket, shared, info, peer, held)).await,
             Some(_) => {
