@@ -43,9 +43,15 @@ use crate::relay::Relay;
 use crate::signalr;
 use crate::tls::{self, MaybeTls};
 
-/// Initial read buffer of a WebSocket. Most inbound messages are small (a token, a notify);
-/// larger ones grow it as needed. It is memory every idle connection keeps.
-const READ_BUFFER: usize = 1024;
+/// Read buffer of a client's WebSocket, and the most it reads at once. A client's messages
+/// are small (a token, a notify: one read each); larger ones grow the buffer as needed,
+/// read this much at a time. It is memory every idle connection keeps (tungstenite fills
+/// all of it), so it is small: 1 KiB made a fifth of an idle connection's cost.
+const CLIENT_READ_BUFFER: usize = 256;
+
+/// Read buffer of an upgrade with an admin password: a backend sends most of the traffic,
+/// in bursts, and there are few of them.
+const ADMIN_READ_BUFFER: usize = 1024;
 
 /// Frames are gathered up to this many bytes before a write to the socket, so a batch of
 /// queued frames costs one syscall instead of one each. A flush writes whatever is gathered.
@@ -581,6 +587,7 @@ async fn upgrade(
     // The socket outlives this HTTP exchange: keep it counted until the WebSocket ends.
     let tcp = request.extensions().get::<Arc<TcpGuard>>().cloned();
     let slot = Arc::new(slot);
+    let password_given = password.is_some();
     let info = PeerInfo {
         addr,
         password,
@@ -588,7 +595,8 @@ async fn upgrade(
         admin_only: slot.admin_only || tcp.as_ref().is_some_and(|tcp| tcp.reserved),
         // A verified admin no longer counts against its address's share of the reserve (nor
         // of the admins' places), so a backend's many workers can all come in through it.
-        on_admin: Some({
+        // Only an upgrade with a password can prove to be an admin: no closure for the others.
+        on_admin: password_given.then(|| {
             let tcp = tcp.clone();
             let slot = Arc::clone(&slot);
             Box::new(move || {
@@ -608,13 +616,15 @@ async fn upgrade(
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(shared.config.max_message_size))
         .max_frame_size(Some(shared.config.max_message_size))
-        .read_buffer_size(READ_BUFFER)
+        .read_buffer_size(match password_given {
+            true => ADMIN_READ_BUFFER,
+            false => CLIENT_READ_BUFFER,
+        })
         .write_buffer_size(WRITE_BUFFER);
     let shared = Arc::clone(&shared);
     tokio::spawn(async move {
-        let _slot = slot;
-        let _tcp = tcp;
-        let _token = token;
+        // Kept until the connection ends (by the connection's own task once it has one).
+        let held = (slot, tcp, token);
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => return debug!(%addr, error = %e, "upgrade failed"),
@@ -655,11 +665,13 @@ async fn upgrade(
                     .await
             }
         };
-        // Boxed so the task holds only the connection's own state, not also the
-        // (larger, finished) upgrade state beside it.
+        // Boxed so this task does not also carry room for them beside the upgrade's state. A
+        // jssocket connection then goes on in a task of its own (`connection::serve`); a
+        // SignalR one stays in this task.
         match signalr {
-            None => Box::pin(connection::serve(socket, shared, info, peer)).await,
+            None => Box::pin(connection::serve(socket, shared, info, peer, held)).await,
             Some(_) => {
+                let _held = held;
                 let identity = info.identity;
                 Box::pin(signalr::connection::serve(
                     socket, shared, peer, addr, identity,

@@ -64,7 +64,8 @@ pub struct Session {
     pub(crate) invokes: crate::invoke::RateWindow,
     /// Who the connection's token says it is (SPEC §11): the upgrade's, replaced by each
     /// valid JWT in `client_connect`. `None` without one, or without a JWT key configured.
-    pub(crate) identity: Option<Identity>,
+    /// Boxed: most connections have none, and every idle connection's task carries this.
+    pub(crate) identity: Option<Box<Identity>>,
     /// When that token expires: the reader closes the connection then with
     /// [`Close::TOKEN_EXPIRED`]. A newer token sent in `client_connect` moves it.
     token_deadline: Option<tokio::time::Instant>,
@@ -93,7 +94,7 @@ impl Session {
         self.token_deadline = identity
             .expires_in()
             .map(|left| tokio::time::Instant::now() + left);
-        self.identity = Some(identity);
+        self.identity = Some(Box::new(identity));
     }
 
     /// When the connection's token expires (see [`Session::remember_token`]).

@@ -67,7 +67,7 @@ impl<'a> ClientConnect<'a> {
                 .verify(&token)
                 .map(Some)
                 .map_err(ProtocolError::InvalidToken),
-            None => Ok(session.identity.clone()),
+            None => Ok(session.identity.as_deref().cloned()),
         }
     }
 }

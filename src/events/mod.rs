@@ -92,8 +92,11 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
     };
     let data = envelope.data;
     let result = match event {
+        // The events that wait are boxed: a connection's task is as large as the largest
+        // future it may hold, and an idle connection must not carry room for a presence
+        // query or a history recovery that only admins or a few subscribers make.
         Event::ServerConnect => match ServerConnect::parse(data) {
-            Ok(event) => event.apply(session).await,
+            Ok(event) => Box::pin(event.apply(session)).await,
             Err(e) => Err(e),
         },
         Event::ClientConnect => ClientConnect::parse(data).and_then(|e| e.apply(session)),
@@ -103,11 +106,11 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         Event::NotifyGroup => NotifyGroup::parse(data).and_then(|e| e.apply(session)),
         Event::NotifyAll => NotifyAll::parse(data).and_then(|e| e.apply(session)),
         Event::Subscribe => match Subscribe::parse(data, false) {
-            Ok(event) => event.apply(session).await,
+            Ok(event) => Box::pin(event.apply(session)).await,
             Err(e) => Err(e),
         },
         Event::Unsubscribe => match Subscribe::parse(data, true) {
-            Ok(event) => event.apply(session).await,
+            Ok(event) => Box::pin(event.apply(session)).await,
             Err(e) => Err(e),
         },
         Event::Publish => Publish::parse(data).and_then(|e| e.apply(session)),
@@ -119,7 +122,7 @@ pub async fn handle(session: &mut Session, message: &[u8]) -> Flow {
         | Event::Channels
         | Event::Membership
         | Event::Disconnect
-        | Event::History => answered(session, event, data).await,
+        | Event::History => Box::pin(answered(session, event, data)).await,
     };
     if event.fans_out() {
         let metrics = &session.shared.metrics;
