@@ -3,6 +3,7 @@
 //! its bytes on a raw TCP stream itself: that is not what a client does.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -50,7 +51,7 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> HttpResponse {
-    http_exchange(addr, None, method, path, headers, body).await
+    http_exchange(addr, None, method, path, headers, body, RECV_TIMEOUT).await
 }
 
 /// [`http`] from the local address `source` (see [`super::Conn::connect_from`]).
@@ -62,7 +63,31 @@ pub async fn http_from(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> HttpResponse {
-    http_exchange(addr, Some(source), method, path, headers, body).await
+    http_exchange(
+        addr,
+        Some(source),
+        method,
+        path,
+        headers,
+        body,
+        RECV_TIMEOUT,
+    )
+    .await
+}
+
+/// [`http_from`] with a longer bound, for a request that waits its turn behind others on
+/// purpose (a password queued behind a flood's bcrypt checks: seconds on a loaded machine).
+#[allow(dead_code)]
+pub async fn http_from_within(
+    limit: Duration,
+    addr: SocketAddr,
+    source: IpAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    http_exchange(addr, Some(source), method, path, headers, body, limit).await
 }
 
 async fn http_exchange(
@@ -72,6 +97,7 @@ async fn http_exchange(
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
+    limit: Duration,
 ) -> HttpResponse {
     let mut connector = HttpConnector::new();
     connector.set_local_address(source);
@@ -109,11 +135,9 @@ async fn http_exchange(
             body: body.to_bytes(),
         })
     };
-    timeout(RECV_TIMEOUT, exchange)
+    timeout(limit, exchange)
         .await
-        .unwrap_or_else(|_| {
-            panic!("HTTP {method} {path}: no complete answer within {RECV_TIMEOUT:?}")
-        })
+        .unwrap_or_else(|_| panic!("HTTP {method} {path}: no complete answer within {limit:?}"))
         .unwrap_or_else(|e| panic!("HTTP {method} {path}: no answer: {e}"))
 }
 
