@@ -18,6 +18,8 @@ use tokio_tungstenite::tungstenite::{Bytes, Utf8Bytes};
 
 /// Most slices given to one vectored write (two per frame).
 const MAX_SLICES: usize = 128;
+/// Slices for a short queue (the usual case: a few frames per wake-up).
+const FEW_SLICES: usize = 16;
 
 /// Frames built and not yet (wholly) written to the socket, in order.
 #[derive(Debug, Default)]
@@ -65,7 +67,7 @@ impl Raw {
     }
 
     /// What is left to write of it, as one or two slices.
-    fn slices<'a>(&'a self, out: &mut [IoSlice<'a>; MAX_SLICES], at: &mut usize) {
+    fn slices<'a>(&'a self, out: &mut [IoSlice<'a>], at: &mut usize) {
         let head_len = usize::from(self.head_len);
         if self.done < head_len {
             out[*at] = IoSlice::new(&self.head[self.done..head_len]);
@@ -86,7 +88,10 @@ impl Unwritten {
 
     /// Adds text frames (their payloads are shared, not copied), in order.
     pub fn push_text<'a>(&self, frames: impl IntoIterator<Item = &'a Utf8Bytes>) {
+        let frames = frames.into_iter();
         let mut queue = self.lock();
+        // One allocation for the batch, not one per doubling.
+        queue.reserve(frames.size_hint().0);
         for frame in frames {
             queue.push_back(Raw::text(frame));
         }
@@ -123,15 +128,13 @@ impl Unwritten {
     ) -> Poll<io::Result<()>> {
         let mut queue = self.lock();
         while !queue.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut count = 0;
-            for raw in queue.iter() {
-                if count + 2 > MAX_SLICES {
-                    break;
-                }
-                raw.slices(&mut slices, &mut count);
-            }
-            let written = match io.as_mut().poll_write_vectored(cx, &slices[..count]) {
+            // A few slices for the usual few frames: the array is filled in, whatever its size.
+            let written = if queue.len() <= FEW_SLICES / 2 {
+                write_some::<W, FEW_SLICES>(&queue, io.as_mut(), cx)
+            } else {
+                write_some::<W, MAX_SLICES>(&queue, io.as_mut(), cx)
+            };
+            let mut left = match written {
                 Poll::Ready(Ok(0)) => {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -139,7 +142,6 @@ impl Unwritten {
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             };
-            let mut left = written;
             while left > 0 {
                 let Some(front) = queue.front_mut() else {
                     break;
@@ -169,6 +171,20 @@ impl Unwritten {
         ready!(self.poll_write_to(io.as_mut(), cx))?;
         io.poll_write(cx, buf)
     }
+}
+
+/// One vectored write of the frames at the front of `queue`, at most `N / 2` of them.
+fn write_some<W: AsyncWrite + Unpin, const N: usize>(
+    queue: &VecDeque<Raw>,
+    io: Pin<&mut W>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    let mut slices = [IoSlice::new(&[]); N];
+    let mut count = 0;
+    for raw in queue.iter().take(N / 2) {
+        raw.slices(&mut slices, &mut count);
+    }
+    io.poll_write_vectored(cx, &slices[..count])
 }
 
 #[cfg(test)]
