@@ -46,7 +46,7 @@ const LINGER: Duration = Duration::from_secs(5);
 /// Each holds a descriptor and a full kernel send buffer, so past this many a stalled reader
 /// is reset at once, as a dead peer is.
 const MAX_LINGERING: usize = 1024;
-/// Most frames written before one flush.
+/// Most frames taken from the queue for one vectored write.
 const WRITE_BATCH: usize = 64;
 /// Most bytes read and thrown away after closing for what the peer sent, so the peer sees
 /// our close frame instead of a reset.
@@ -664,8 +664,8 @@ async fn drain(sink: Sink, stream: Stream) {
 }
 
 /// Closes a slow consumer so that it learns why. Its unsent frames were dropped with its
-/// queue; the close frame goes after what tungstenite's write buffer and the kernel already
-/// hold (tungstenite completes a half-written frame first, never cuts one), and the socket is
+/// queue (and the built frames not begun, see `run`); the close frame goes after what the
+/// kernel already holds and a frame half written (completed first, never cut), and the socket is
 /// kept up to [`LINGER`] so a reader that wakes up reads its way to the close frame and
 /// answers. No answer by then, too many lingering already, or shutdown: a reset, as for a
 /// dead peer.
