@@ -46,7 +46,7 @@ const LINGER: Duration = Duration::from_secs(5);
 /// Each holds a descriptor and a full kernel send buffer, so past this many a stalled reader
 /// is reset at once, as a dead peer is.
 const MAX_LINGERING: usize = 1024;
-/// Most frames written before one flush.
+/// Most frames taken from the queue for one vectored write.
 const WRITE_BATCH: usize = 64;
 /// Most bytes read and thrown away after closing for what the peer sent, so the peer sees
 /// our close frame instead of a reset.
@@ -218,6 +218,13 @@ fn run<H: Send>(
         shared.hub.remove(&peer);
         shared.invocations.forget(peer.id);
         let mut unsent = peer.outbox.close();
+        if let End::Close { close, .. } = end
+            && (close == Close::SLOW_CONSUMER || close == Close::PING_TIMEOUT)
+        {
+            // A peer that isn't reading: built frames not begun are dropped like the queue's,
+            // a frame half written is completed first (the close frame follows it).
+            peer.unwritten.drop_unstarted();
+        }
         if let End::Close { flush: true, .. } = end {
             unsent = Box::pin(flush(&mut sink, unsent)).await;
         }
@@ -534,26 +541,32 @@ async fn write_loop(
     }
 }
 
-/// Writes up to a batch of queued frames, then flushes once; `written` sees each frame (a
-/// SignalR connection counts its hub messages by kind). The frames stay counted (queue
-/// bytes and memory budget) until the flush is done: until then tungstenite's write buffer
-/// holds them, for as long as the socket is stalled. Returns whether the batch was full
-/// (more may be queued); otherwise the queue was empty when it was taken.
+/// Writes up to a batch of queued frames in one vectored write (or as few as the socket takes),
+/// built as WebSocket frames by [`crate::raw_write`], not fed through tungstenite one by one;
+/// `written` sees each frame (a SignalR connection counts its hub messages by kind). The
+/// frames stay counted (queue bytes and memory budget) until they are written, for as long
+/// as the socket is stalled. Returns whether the batch was full (more may be queued);
+/// otherwise the queue was empty when it was taken.
 pub(crate) async fn write_batch(
     sink: &mut Sink,
     peer: &Peer,
     mut written: impl FnMut(&Utf8Bytes),
 ) -> Result<bool, WsError> {
+    // tungstenite's own frames (a pong half written) go first: ours are added only when its
+    // buffer is empty, so the two never interleave inside a frame. Cheap when it is.
+    sink.flush().await?;
     // Bounded, so a busy connection still answers pings between batches. The frames stay
-    // counted until the batch is dropped, after the flush.
+    // counted until the batch is dropped, after the write.
     let batch = peer.outbox.take_batch(WRITE_BATCH);
     if batch.is_empty() {
         return Ok(false);
     }
+    // No await between the flush above and this: nothing of tungstenite's comes between.
+    peer.unwritten.push_text(batch.frames());
     for frame in batch.frames() {
-        sink.feed(Message::Text(frame.clone())).await?;
         written(frame);
     }
+    // Writes ours, then flushes the socket (TLS: rustls's buffer).
     sink.flush().await?;
     Ok(batch.len() == WRITE_BATCH)
 }
@@ -651,8 +664,8 @@ async fn drain(sink: Sink, stream: Stream) {
 }
 
 /// Closes a slow consumer so that it learns why. Its unsent frames were dropped with its
-/// queue; the close frame goes after what tungstenite's write buffer and the kernel already
-/// hold (tungstenite completes a half-written frame first, never cuts one), and the socket is
+/// queue (and the built frames not begun, see `run`); the close frame goes after what the
+/// kernel already holds and a frame half written (completed first, never cut), and the socket is
 /// kept up to [`LINGER`] so a reader that wakes up reads its way to the close frame and
 /// answers. No answer by then, too many lingering already, or shutdown: a reset, as for a
 /// dead peer.

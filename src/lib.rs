@@ -61,6 +61,7 @@ pub mod peer;
 pub mod pool;
 pub mod presence;
 pub mod protocol;
+pub mod raw_write;
 pub mod relay;
 pub mod server;
 pub mod session;

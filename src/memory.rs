@@ -427,6 +427,8 @@ impl Drop for Counted {
         self.memory.message_complete(&self.peer);
         self.memory.release_retained(&self.peer);
         self.memory.forget(&self.peer);
+        // Frames never written go with the socket (their payloads may be shared).
+        self.peer.unwritten.clear();
     }
 }
 
@@ -448,21 +450,38 @@ impl AsyncRead for Counted {
     }
 }
 
+// Writes go after the frames of the raw write path still held ([`crate::raw_write`]): a
+// frame of tungstenite's (a pong, a close frame) waits until they are all written.
 impl AsyncWrite for Counted {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.peer
+            .unwritten
+            .poll_write_after(Pin::new(&mut this.io), cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        std::task::ready!(
+            this.peer
+                .unwritten
+                .poll_write_to(Pin::new(&mut this.io), cx)
+        )?;
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        std::task::ready!(
+            this.peer
+                .unwritten
+                .poll_write_to(Pin::new(&mut this.io), cx)
+        )?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -470,7 +489,13 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        std::task::ready!(
+            this.peer
+                .unwritten
+                .poll_write_to(Pin::new(&mut this.io), cx)
+        )?;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

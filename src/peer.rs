@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::memory::Memory;
 use crate::outbox::{Outbox, Prepaid, Push, SharedFrame};
+use crate::raw_write::Unwritten;
 
 /// Why the server closes a connection, as sent in the close frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +183,9 @@ pub struct Peer {
     /// budget (a backend's queue of forwarded client connects is often the biggest, and
     /// closing it would let any crowd of clients cut the backend off).
     admin: AtomicBool,
+    /// Frames taken from `outbox` and built for the socket, not yet wholly written (see
+    /// [`crate::raw_write`]); empty between batches.
+    pub unwritten: Unwritten,
 }
 
 impl Peer {
@@ -215,6 +219,7 @@ impl Peer {
             state: Mutex::new(PeerState::default()),
             cluster_bytes: AtomicUsize::new(0),
             admin: AtomicBool::new(false),
+            unwritten: Unwritten::default(),
         };
         Arc::new(peer)
     }

@@ -53,8 +53,9 @@ const CLIENT_READ_BUFFER: usize = 256;
 /// in bursts, and there are few of them.
 const ADMIN_READ_BUFFER: usize = 1024;
 
-/// Frames are gathered up to this many bytes before a write to the socket, so a batch of
-/// queued frames costs one syscall instead of one each. A flush writes whatever is gathered.
+/// tungstenite gathers the frames it writes (pings, pongs, close frames, what is queued when a
+/// connection closes) up to this many bytes before a write to the socket; queued frames go
+/// around it (`raw_write`). A flush writes whatever is gathered.
 const WRITE_BUFFER: usize = 4 * 1024;
 
 /// File descriptors kept out of every TCP budget: the listener, log files, Redis, the
