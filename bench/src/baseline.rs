@@ -91,12 +91,6 @@ fn bare(data: Option<&Value>) -> Utf8Bytes {
 /// Runs the reference server until killed (or, with `exit_with_parent`, until the process that
 /// started it goes away).
 pub async fn serve(host: &str, port: u16, auth: String, exit_with_parent: bool) -> Result<()> {
-    let listener = listen(host, port).await?;
-    if exit_with_parent {
-        exit_with_parent_watch();
-    } else {
-        eprintln!("baseline-server: listening on {}", listener.local_addr()?);
-    }
     let state = Arc::new(State {
         auth,
         reg: RwLock::new(Registry::default()),
@@ -104,14 +98,36 @@ pub async fn serve(host: &str, port: u16, auth: String, exit_with_parent: bool) 
         rr: AtomicUsize::new(0),
         next: AtomicU64::new(0),
     });
+    accept_forever("baseline-server", host, port, exit_with_parent, |stream| {
+        tokio::spawn(connection(stream, state.clone()));
+    })
+    .await
+}
+
+/// The reference servers' accept loop: listens on `host:port` (see [`listen`]), says where
+/// unless started by the bench (`exit_with_parent`, then it also exits with its parent), and
+/// hands every accepted socket, with `TCP_NODELAY`, to `serve`.
+pub(crate) async fn accept_forever(
+    name: &str,
+    host: &str,
+    port: u16,
+    exit_with_parent: bool,
+    mut serve: impl FnMut(TcpStream),
+) -> Result<()> {
+    let listener = listen(host, port).await?;
+    if exit_with_parent {
+        exit_with_parent_watch();
+    } else {
+        eprintln!("{name}: listening on {}", listener.local_addr()?);
+    }
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(stream, state.clone()));
+                serve(stream);
             }
             Err(e) => {
-                eprintln!("baseline-server: accept: {e}");
+                eprintln!("{name}: accept: {e}");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -120,7 +136,7 @@ pub async fn serve(host: &str, port: u16, auth: String, exit_with_parent: bool) 
 
 /// A listener on `host:port` with an explicit backlog: std's (and so tokio's
 /// `TcpListener::bind`) is 128, which drops SYNs when a few hundred clients connect at once.
-pub(crate) async fn listen(host: &str, port: u16) -> Result<TcpListener> {
+async fn listen(host: &str, port: u16) -> Result<TcpListener> {
     let addr = tokio::net::lookup_host((host, port))
         .await
         .with_context(|| format!("cannot resolve {host}"))?
@@ -139,7 +155,7 @@ pub(crate) async fn listen(host: &str, port: u16) -> Result<TcpListener> {
 }
 
 /// Exits the process once the process that started it goes away (it is re-parented).
-pub(crate) fn exit_with_parent_watch() {
+fn exit_with_parent_watch() {
     // SAFETY: getppid has no preconditions.
     let parent = unsafe { libc::getppid() };
     tokio::spawn(async move {

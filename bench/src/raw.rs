@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-use crate::baseline::{exit_with_parent_watch, listen};
+use crate::baseline::accept_forever;
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -274,12 +274,6 @@ fn targeted(data: Option<&RawValue>) -> Option<Targeted<'_>> {
 /// Runs the raw-frame server until killed (or, with `exit_with_parent`, until the process that
 /// started it goes away).
 pub async fn serve(host: &str, port: u16, auth: String, exit_with_parent: bool) -> Result<()> {
-    let listener = listen(host, port).await?;
-    if exit_with_parent {
-        exit_with_parent_watch();
-    } else {
-        eprintln!("raw-server: listening on {}", listener.local_addr()?);
-    }
     let state = Arc::new(State {
         auth,
         reg: RwLock::new(Registry::default()),
@@ -287,18 +281,10 @@ pub async fn serve(host: &str, port: u16, auth: String, exit_with_parent: bool) 
         rr: AtomicUsize::new(0),
         next: AtomicU64::new(0),
     });
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(stream, state.clone()));
-            }
-            Err(e) => {
-                eprintln!("raw-server: accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-        }
-    }
+    accept_forever("raw-server", host, port, exit_with_parent, |stream| {
+        tokio::spawn(connection(stream, state.clone()));
+    })
+    .await
 }
 
 /// What one connection is to the relay.
