@@ -452,6 +452,17 @@ impl AsyncRead for Counted {
 
 // Writes go after the frames of the raw write path still held ([`crate::raw_write`]): a
 // frame of tungstenite's (a pong, a close frame) waits until they are all written.
+impl Counted {
+    /// Writes the frames built by hand and not yet written (see `raw_write`): whatever goes
+    /// to the socket after them (tungstenite's flush, shutdown, own frames) must wait, or it
+    /// would land inside one of them.
+    fn write_unwritten(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.peer
+            .unwritten
+            .poll_write_to(Pin::new(&mut self.io), cx)
+    }
+}
+
 impl AsyncWrite for Counted {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -466,21 +477,13 @@ impl AsyncWrite for Counted {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        std::task::ready!(
-            this.peer
-                .unwritten
-                .poll_write_to(Pin::new(&mut this.io), cx)
-        )?;
+        std::task::ready!(this.write_unwritten(cx))?;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        std::task::ready!(
-            this.peer
-                .unwritten
-                .poll_write_to(Pin::new(&mut this.io), cx)
-        )?;
+        std::task::ready!(this.write_unwritten(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
 
@@ -490,11 +493,7 @@ impl AsyncWrite for Counted {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        std::task::ready!(
-            this.peer
-                .unwritten
-                .poll_write_to(Pin::new(&mut this.io), cx)
-        )?;
+        std::task::ready!(this.write_unwritten(cx))?;
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 

@@ -26,19 +26,29 @@ use crate::stats::{round1, round3};
 
 type Tx = mpsc::UnboundedSender<Message>;
 
-struct Client {
-    tx: Tx,
-    group: Option<String>,
+/// A registered client of a reference server: `T` is how frames reach its connection.
+pub(crate) struct Client<T> {
+    pub(crate) tx: T,
+    pub(crate) group: Option<String>,
 }
 
-#[derive(Default)]
-struct Registry {
-    clients: HashMap<String, Client>,
-    groups: HashMap<String, HashMap<String, Tx>>,
+/// Clients by id and groups by name, as the reference servers keep them.
+pub(crate) struct Registry<T> {
+    pub(crate) clients: HashMap<String, Client<T>>,
+    pub(crate) groups: HashMap<String, HashMap<String, T>>,
 }
 
-impl Registry {
-    fn leave_group(&mut self, id: &str) {
+impl<T> Default for Registry<T> {
+    fn default() -> Self {
+        Registry {
+            clients: HashMap::new(),
+            groups: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Registry<T> {
+    pub(crate) fn leave_group(&mut self, id: &str) {
         if let Some(g) = self.clients.get_mut(id).and_then(|c| c.group.take())
             && let Some(members) = self.groups.get_mut(&g)
         {
@@ -50,12 +60,34 @@ impl Registry {
     }
 }
 
-struct State {
-    auth: String,
-    reg: RwLock<Registry>,
-    servers: Mutex<Vec<(u64, Tx)>>,
-    rr: AtomicUsize,
-    next: AtomicU64,
+/// A reference server's state: the admin password, the registry, the servers (numbered, for
+/// round robin) and the counters.
+pub(crate) struct State<T> {
+    pub(crate) auth: String,
+    reg: RwLock<Registry<T>>,
+    pub(crate) servers: Mutex<Vec<(u64, T)>>,
+    pub(crate) rr: AtomicUsize,
+    pub(crate) next: AtomicU64,
+}
+
+impl<T> State<T> {
+    pub(crate) fn new(auth: String) -> State<T> {
+        State {
+            auth,
+            reg: RwLock::new(Registry::default()),
+            servers: Mutex::new(Vec::new()),
+            rr: AtomicUsize::new(0),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn read(&self) -> std::sync::RwLockReadGuard<'_, Registry<T>> {
+        self.reg.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn write(&self) -> std::sync::RwLockWriteGuard<'_, Registry<T>> {
+        self.reg.write().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 fn is_falsy(v: Option<&Value>) -> bool {
@@ -66,16 +98,6 @@ fn is_falsy(v: Option<&Value>) -> bool {
         Some(Value::String(s)) => s.is_empty(),
         Some(Value::Array(a)) => a.is_empty(),
         Some(Value::Object(o)) => o.is_empty(),
-    }
-}
-
-impl State {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
-        self.reg.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
-        self.reg.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -91,13 +113,7 @@ fn bare(data: Option<&Value>) -> Utf8Bytes {
 /// Runs the reference server until killed (or, with `exit_with_parent`, until the process that
 /// started it goes away).
 pub async fn serve(host: &str, port: u16, auth: String, exit_with_parent: bool) -> Result<()> {
-    let state = Arc::new(State {
-        auth,
-        reg: RwLock::new(Registry::default()),
-        servers: Mutex::new(Vec::new()),
-        rr: AtomicUsize::new(0),
-        next: AtomicU64::new(0),
-    });
+    let state = Arc::new(State::<Tx>::new(auth));
     accept_forever("baseline-server", host, port, exit_with_parent, |stream| {
         tokio::spawn(connection(stream, state.clone()));
     })
@@ -169,7 +185,7 @@ fn exit_with_parent_watch() {
     });
 }
 
-async fn connection(stream: TcpStream, st: Arc<State>) {
+async fn connection(stream: TcpStream, st: Arc<State<Tx>>) {
     let admin_flag = Arc::new(AtomicBool::new(false));
     let flag = admin_flag.clone();
     let password = st.auth.clone();

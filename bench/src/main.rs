@@ -90,6 +90,20 @@ struct Global {
     progress: f64,
 }
 
+/// Where a reference server (`baseline-server`, `raw-server`) listens.
+#[derive(Args)]
+struct ServeArgs {
+    /// Port to listen on.
+    #[arg(long)]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Exit when the parent process goes away.
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Connect and acknowledge N clients, hold them: connect rate, failures, server memory.
@@ -184,32 +198,12 @@ enum Cmd {
         churn_user: Option<String>,
     },
     /// Run the minimal reference relay (tokio + tokio-tungstenite) until killed.
-    BaselineServer {
-        /// Port to listen on.
-        #[arg(long)]
-        port: u16,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// Exit when the parent process goes away.
-        #[arg(long, hide = true)]
-        exit_with_parent: bool,
-    },
+    BaselineServer(ServeArgs),
     /// fanout against a fresh baseline-server, then against --url; prints the ratio.
     Baseline(FanoutArgs),
     /// Run the raw-frame baseline relay (hand-made upgrade and framing on tokio, no
     /// WebSocket library) until killed (issue 16).
-    RawServer {
-        /// Port to listen on.
-        #[arg(long)]
-        port: u16,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// Exit when the parent process goes away.
-        #[arg(long, hide = true)]
-        exit_with_parent: bool,
-    },
+    RawServer(ServeArgs),
     /// Issue 16's scenarios against a fresh raw-server and a fresh jssocket, alternately, for
     /// R rounds: deliveries per server-CPU-second (RSS per connection) and the ratio.
     /// --timeout bounds each run, not the whole comparison.
@@ -555,9 +549,9 @@ impl Cmd {
             Cmd::P2p { .. } => "p2p",
             Cmd::Churn { .. } => "churn",
             Cmd::MembershipChurn { .. } => "membership-churn",
-            Cmd::BaselineServer { .. } => "baseline-server",
+            Cmd::BaselineServer(_) => "baseline-server",
             Cmd::Baseline(_) => "baseline",
-            Cmd::RawServer { .. } => "raw-server",
+            Cmd::RawServer(_) => "raw-server",
             Cmd::Compare(_) => "compare",
             Cmd::Attack(_) => "attack",
             Cmd::ClusterRoute { .. } => "cluster-route",
@@ -585,25 +579,17 @@ fn main() -> ExitCode {
         }
     };
     let server = match &cli.cmd {
-        Cmd::BaselineServer {
-            port,
-            host,
-            exit_with_parent,
-        } => Some(runtime.block_on(baseline::serve(
-            host,
-            *port,
+        Cmd::BaselineServer(a) => Some(runtime.block_on(baseline::serve(
+            &a.host,
+            a.port,
             cli.global.auth.clone(),
-            *exit_with_parent,
+            a.exit_with_parent,
         ))),
-        Cmd::RawServer {
-            port,
-            host,
-            exit_with_parent,
-        } => Some(runtime.block_on(raw::serve(
-            host,
-            *port,
+        Cmd::RawServer(a) => Some(runtime.block_on(raw::serve(
+            &a.host,
+            a.port,
             cli.global.auth.clone(),
-            *exit_with_parent,
+            a.exit_with_parent,
         ))),
         _ => None,
     };
@@ -676,10 +662,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
             });
             (most.max().unwrap_or(0) as f64 * c.scale).round() as u64
         }
-        Cmd::BaselineServer { .. }
-        | Cmd::RawServer { .. }
-        | Cmd::Attack(_)
-        | Cmd::ClusterHold { .. } => 0,
+        Cmd::BaselineServer(_) | Cmd::RawServer(_) | Cmd::Attack(_) | Cmd::ClusterHold { .. } => 0,
     };
     if wanted + 64 > nofile {
         bail!(
@@ -903,7 +886,7 @@ async fn run(cli: Cli, nofile: u64) -> Result<bool> {
                 };
                 recovery::run(&ctx, &p, "recovery").await
             }
-            Cmd::BaselineServer { .. } | Cmd::RawServer { .. } => {
+            Cmd::BaselineServer(_) | Cmd::RawServer(_) => {
                 bail!("a server is not a scenario")
             }
         }

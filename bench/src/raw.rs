@@ -6,9 +6,8 @@
 //! speaks just enough of the protocol for `fanout`, `group`, `p2p` and `connect` (the same
 //! subset as `baseline-server`), and answers pings and closes.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::Result;
 use base64::Engine;
@@ -21,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-use crate::baseline::accept_forever;
+use crate::baseline::{Client, accept_forever};
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -196,47 +195,7 @@ fn accept_key(key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha.finalize())
 }
 
-struct Client {
-    outbox: Arc<Outbox>,
-    group: Option<String>,
-}
-
-#[derive(Default)]
-struct Registry {
-    clients: HashMap<String, Client>,
-    groups: HashMap<String, HashMap<String, Arc<Outbox>>>,
-}
-
-impl Registry {
-    fn leave_group(&mut self, id: &str) {
-        if let Some(g) = self.clients.get_mut(id).and_then(|c| c.group.take())
-            && let Some(members) = self.groups.get_mut(&g)
-        {
-            members.remove(id);
-            if members.is_empty() {
-                self.groups.remove(&g);
-            }
-        }
-    }
-}
-
-struct State {
-    auth: String,
-    reg: RwLock<Registry>,
-    servers: Mutex<Vec<(u64, Arc<Outbox>)>>,
-    rr: AtomicUsize,
-    next: AtomicU64,
-}
-
-impl State {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
-        self.reg.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
-        self.reg.write().unwrap_or_else(|e| e.into_inner())
-    }
-}
+type State = crate::baseline::State<Arc<Outbox>>;
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -274,13 +233,7 @@ fn targeted(data: Option<&RawValue>) -> Option<Targeted<'_>> {
 /// Runs the raw-frame server until killed (or, with `exit_with_parent`, until the process that
 /// started it goes away).
 pub async fn serve(host: &str, port: u16, auth: String, exit_with_parent: bool) -> Result<()> {
-    let state = Arc::new(State {
-        auth,
-        reg: RwLock::new(Registry::default()),
-        servers: Mutex::new(Vec::new()),
-        rr: AtomicUsize::new(0),
-        next: AtomicU64::new(0),
-    });
+    let state = Arc::new(State::new(auth));
     accept_forever("raw-server", host, port, exit_with_parent, |stream| {
         tokio::spawn(connection(stream, state.clone()));
     })
@@ -391,7 +344,7 @@ fn handle(st: &State, conn: &mut Conn, message: &[u8]) {
                 st.write().clients.insert(
                     conn.id.clone(),
                     Client {
-                        outbox: conn.outbox.clone(),
+                        tx: conn.outbox.clone(),
                         group: None,
                     },
                 );
@@ -431,7 +384,7 @@ fn handle(st: &State, conn: &mut Conn, message: &[u8]) {
                 return;
             };
             client.group = Some(group.to_string());
-            let outbox = client.outbox.clone();
+            let outbox = client.tx.clone();
             reg.groups
                 .entry(group.to_string())
                 .or_default()
@@ -446,7 +399,7 @@ fn handle(st: &State, conn: &mut Conn, message: &[u8]) {
             let Some(t) = targeted(env.data) else { return };
             let reg = st.read();
             if let Some(c) = t.target.and_then(|id| reg.clients.get(id)) {
-                c.outbox.push(text(bare(t.data)));
+                c.tx.push(text(bare(t.data)));
             }
         }
         "notify_group" if conn.admin || conn.is_client => {
@@ -468,7 +421,7 @@ fn handle(st: &State, conn: &mut Conn, message: &[u8]) {
             let frame = text(bare(env.data));
             let reg = st.read();
             for c in reg.clients.values() {
-                c.outbox.push(frame.clone());
+                c.tx.push(frame.clone());
             }
         }
         _ => {}
